@@ -1,0 +1,129 @@
+"""Images from a folder, and the image preparation every diffax source shares.
+
+A folder is either flat (images at the top level, unlabeled) or holds one
+subfolder per class, the same convention as torchvision's `ImageFolder` and the
+`imagefolder` loader behind diffusers' training scripts:
+
+        flowers/                     pets/
+            0001.jpg                     cat/  a.png b.jpg ...
+            0002.png                     dog/  c.webp ...
+            ...                          (labels: cat=0, dog=1, sorted by name)
+
+Every image is center-cropped to a square and then resized to `image_size`,
+which is what diffusers' train scripts do with `--center_crop` (they resize the
+short side first and crop after; cropping first gives the same picture and
+resizes fewer pixels).
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+
+
+def prepare_image(image: Image.Image | np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """Center-crops to a square, resizes and converts to `channels`.
+
+    Args:
+        image: a PIL image in any mode, or a uint8 array [H, W], [H, W, 1], [H, W, 3]
+            or [H, W, 4].
+        image_size: side of the square output.
+        channels: 1 (grayscale) or 3 (RGB).
+
+    Returns:
+        uint8 array [image_size, image_size, channels].
+    """
+    if isinstance(image, np.ndarray):
+        if image.ndim == 3 and image.shape[-1] == 1:
+            image = image[..., 0]
+        image = Image.fromarray(np.asarray(image, np.uint8))
+    image = image.convert('L' if channels == 1 else 'RGB')
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != image_size:
+        # Bicubic: sharper strokes than bilinear when upsampling tiny images, less
+        # ringing than Lanczos; PIL widens the filter when downsampling, so large
+        # photos are antialiased rather than aliased.
+        image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, np.uint8)
+    return array[..., None] if channels == 1 else array  # [S, S, C]
+
+
+def _is_image(path: pathlib.Path) -> bool:
+    # Dot files are skipped: macOS litters folders with `._name.jpg` metadata.
+    return path.is_file() and not path.name.startswith('.') and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _list_images(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
+    paths = folder.rglob('*') if recursive else folder.iterdir()
+    return sorted(p for p in paths if _is_image(p))
+
+
+class FolderSource:
+    """A grain random-access source over the images in a folder.
+
+    Records are `{'image': uint8 [S, S, C], 'label': int64 scalar}`. Images are
+    decoded on access, so the folder may be far larger than memory.
+    """
+
+    def __init__(self, path: str | pathlib.Path, *, image_size: int, channels: int):
+        """Scans `path` for images.
+
+        Args:
+            path: the folder: flat (unlabeled, label 0) or one subfolder per class
+                (images found anywhere below a class subfolder; classes sorted by name).
+            image_size: side of the square output images.
+            channels: 1 or 3.
+
+        Raises:
+            ValueError: the folder does not exist, holds no images, or mixes loose
+                images with class subfolders.
+        """
+        self.path = pathlib.Path(path).expanduser()
+        self.image_size = image_size
+        self.channels = channels
+        if not self.path.is_dir():
+            raise ValueError(f'data folder {str(self.path)!r} does not exist or is not a directory')
+        loose = _list_images(self.path, recursive=False)
+        classes = {}
+        for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith('.')):
+            images = _list_images(sub, recursive=True)
+            if images:
+                classes[sub.name] = images
+        if loose and classes:
+            raise ValueError(
+                f'data folder {str(self.path)!r} mixes {len(loose)} loose images (e.g. {loose[0].name!r}) '
+                f'with class subfolders {sorted(classes)}; put every image in a class subfolder, '
+                'or use a flat folder')
+        if not loose and not classes:
+            raise ValueError(
+                f'data folder {str(self.path)!r} holds no images (looked for '
+                f'{", ".join(IMAGE_EXTENSIONS)}, any case, at the top level and in class subfolders)')
+        self.class_names: list[str] = list(classes)
+        self.num_classes: int = len(classes)
+        if classes:
+            self._items = [(p, label) for label, name in enumerate(classes) for p in classes[name]]
+        else:
+            self._items = [(p, 0) for p in loose]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        path, label = self._items[index]
+        try:
+            with Image.open(path) as image:
+                array = prepare_image(image, self.image_size, self.channels)
+        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
+            raise ValueError(f'cannot decode image file {str(path)!r}: {e}') from e
+        return {'image': array, 'label': np.int64(label)}
+
+    def __repr__(self) -> str:
+        return (f'FolderSource(path={str(self.path)!r}, num_records={len(self)}, '
+                f'num_classes={self.num_classes}, image_size={self.image_size}, channels={self.channels})')

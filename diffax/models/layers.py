@@ -1,0 +1,151 @@
+"""Building blocks shared by every diffax model: partitioned Dense/Conv, fp32 norms, timestep embeddings.
+
+Every parameter is created through `nn.with_logical_partitioning`, so a model's parameters carry logical
+axis names from the start (DESIGN: "sharding is configuration"). `diffax.parallel` maps those names to mesh
+axes; on a single device they are ignored. `nn.meta.unbox` turns the boxed tree into plain arrays.
+
+Logical axis names used across diffax:
+  'embed'    model width entering a layer (d_model / in channels of a linear layer)
+  'mlp'      hidden width of an MLP or the out features of a projection
+  'heads'    attention heads x head dim (q/k/v/out projections)
+  'conv_in', 'conv_out'  input / output channels of a conv kernel
+  'norm'     per-channel norm scale and bias
+  None       replicated (small vectors, kernel spatial dims)
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+
+def dense(features: int, *, axes: Axes = ("embed", "mlp"), use_bias: bool = True,
+          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal(),
+          name: str | None = None) -> nn.Dense:
+    """An `nn.Dense` whose kernel [in, out] carries logical axes `axes` and whose bias carries `axes[-1]`."""
+    return nn.Dense(
+        features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
+
+
+def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides: int = 1, padding: Any = "SAME",
+         axes: Axes = (None, None, "conv_in", "conv_out"), use_bias: bool = True,
+         dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal(),
+         name: str | None = None) -> nn.Conv:
+    """An NHWC `nn.Conv` with an HWIO kernel carrying logical axes.
+
+    `padding` follows flax; pass an int p for torch's symmetric `padding=p` (a stride-2 3x3 conv with p=1
+    differs from 'SAME' on even inputs, so parity with torch needs the explicit form).
+    """
+    ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+    if isinstance(padding, int):
+        padding = ((padding, padding), (padding, padding))
+    return nn.Conv(
+        features, ks, strides=(strides, strides), padding=padding, use_bias=use_bias,
+        dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the channel (last) axis computed in fp32, like torch.nn.GroupNorm.
+
+    Uses the two-pass variance (E[(x-mu)^2]) rather than flax's fast E[x^2]-mu^2, which loses precision
+    on activations with a large mean and would break parity with torch.
+    """
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    use_scale_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, ..., C]
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible by num_groups={self.num_groups}")
+        xf = x.astype(jnp.float32)
+        grouped = xf.reshape(x.shape[0], -1, self.num_groups, c // self.num_groups)  # [B, N, G, C/G]
+        mean = grouped.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(xf.shape)
+        if self.use_scale_bias:
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                               (c,), self.param_dtype)
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                              (c,), self.param_dtype)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis in fp32 (two-pass variance); `use_scale_bias=False` is torch's
+    `elementwise_affine=False`, as used before adaLN modulation."""
+    epsilon: float = 1e-5
+    use_scale_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., C]
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        if self.use_scale_bias:
+            c = x.shape[-1]
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                               (c,), self.param_dtype)
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                              (c,), self.param_dtype)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps, the formula of diffusers'
+    `get_timestep_embedding` (and of the DiT reference with flip_sin_to_cos=True, shift=0).
+
+    timesteps: [B] -> [B, dim] float32.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    args = scale * timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]  # [B, half]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """linear_1 -> SiLU -> linear_2: diffusers' `TimestepEmbedding` (names match its state dict)."""
+    features: int
+    out_features: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, C_in] -> [B, features]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=self.kernel_init)
+        x = dense(self.features, axes=("embed", "mlp"), name="linear_1", **kw)(x)
+        x = nn.silu(x)
+        return dense(self.out_features or self.features, axes=("mlp", "embed"), name="linear_2", **kw)(x)
+
+
+def unbox(tree: Any) -> Any:
+    """Plain arrays from a tree of `nn.Partitioned` boxes (a no-op on plain trees)."""
+    return nn.meta.unbox(tree)

@@ -1,0 +1,122 @@
+"""The sampling loop: every step, classifier-free guidance and img2img / refiner slicing in one `lax.scan`.
+
+`sample` is a pure, traceable function; callers jit it once around their model, e.g.
+
+    @jax.jit
+    def generate(params, noise, labels, key):
+        def denoise(x, t):                      # x: [2B, H, W, C] under CFG: [uncond; cond]
+            y = jnp.concatenate([jnp.full_like(labels, null_id), labels])
+            return model.apply({"params": params}, x, jnp.full(x.shape[:1], t), y)
+        return sample(scheduler, denoise, noise, num_inference_steps=50, key=key, guidance_scale=4.0)
+
+so the model, every sampler step and the guidance combine into one XLA program with no host round trip.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffax.schedulers.base import Scheduler, SchedulerState
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale: float) -> jax.Array:
+    """Lin et al. 2023 section 3.4: rescale the guided output to the std of the conditional one (per example,
+    over all other axes), then blend with weight `guidance_rescale`, against over-exposure at high scales."""
+    axes = tuple(range(1, guided.ndim))
+    std_cond = jnp.std(cond, axis=axes, keepdims=True)
+    std_guided = jnp.std(guided, axis=axes, keepdims=True)
+    rescaled = guided * (std_cond / std_guided)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+
+
+def loop_range(scheduler: Scheduler, state: SchedulerState, num_inference_steps: int, *,
+               strength: float = 1.0, denoising_start: float | None = None,
+               denoising_end: float | None = None) -> tuple[int, int]:
+    """Static [start, stop) loop indices into `state.timesteps`, as diffusers' pipelines slice them.
+
+    strength < 1 (img2img) skips the first (1 - strength) of the inference steps; denoising_start /
+    denoising_end (SDXL base -> refiner hand-off) keep the timesteps below / at-or-above
+    round(T * (1 - fraction)).
+    """
+    timesteps = np.asarray(state.timesteps)
+    start, stop = 0, len(timesteps)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    T = getattr(scheduler, "num_train_timesteps", 1000)
+    if denoising_start is not None:
+        if not 0.0 < denoising_start < 1.0:
+            raise ValueError(f"denoising_start must be in (0, 1), got {denoising_start}")
+        cutoff = int(round(T - denoising_start * T))
+        n = int((timesteps < cutoff).sum())
+        if scheduler.order == 2 and n % 2 == 0:
+            n += 1  # a second-order sampler must not start on the corrector half of a step
+        start = len(timesteps) - n
+    elif strength < 1.0:
+        init_steps = min(int(num_inference_steps * strength), num_inference_steps)
+        start = max(num_inference_steps - init_steps, 0) * scheduler.order
+    if denoising_end is not None:
+        if not 0.0 < denoising_end < 1.0:
+            raise ValueError(f"denoising_end must be in (0, 1), got {denoising_end}")
+        cutoff = int(round(T - denoising_end * T))
+        stop = int((timesteps >= cutoff).sum())
+    if start >= stop:
+        raise ValueError(f"no sampling steps left: loop indices [{start}, {stop}) "
+                         f"(strength={strength}, denoising_start={denoising_start}, denoising_end={denoising_end})")
+    return start, stop
+
+
+def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num_inference_steps: int,
+           key: jax.Array | None = None, guidance_scale: float | jax.Array | None = None,
+           guidance_rescale: float = 0.0, guided_channels: int | None = None,
+           init_sample: jax.Array | None = None, strength: float = 1.0,
+           denoising_start: float | None = None, denoising_end: float | None = None) -> jax.Array:
+    """Runs a whole sampling trajectory; returns x at the end, same shape as `noise` [B, ...].
+
+    noise: standard normal [B, ...]; scaled by the scheduler's initial sigma (text-to-image), or used to
+      noise `init_sample` to the starting level (img2img with `strength` < 1).
+    denoise_fn(x, t) -> model output, called with the scheduler-scaled input and the scalar timestep t.
+      With `guidance_scale` set it is called once per step on [x; x] (2B rows) and must return the
+      [unconditional; conditional] outputs, like diffusers' pipelines.
+    guided_channels: guide only the first channels (last axis) and take the rest (e.g. a learned variance)
+      from the conditional half; None guides every channel.
+    init_sample: x_0 for img2img (noised here to the first step's level), or, with `denoising_start`, an
+      already-noisy latent handed over by a base model (used as is).
+    key: PRNG key for stochastic samplers (required by them; ignored by deterministic ones).
+    """
+    state = scheduler.init(num_inference_steps)
+    start, stop = loop_range(scheduler, state, num_inference_steps, strength=strength,
+                             denoising_start=denoising_start, denoising_end=denoising_end)
+    if key is None:
+        key = jax.random.key(0)  # deterministic samplers never read it
+    if init_sample is None:
+        if strength < 1.0 or denoising_start is not None:
+            raise ValueError("strength < 1 and denoising_start need init_sample")
+        x = noise * jnp.asarray(scheduler.init_noise_sigma(state), noise.dtype)
+    elif denoising_start is not None:
+        x = init_sample
+    else:
+        x = scheduler.add_noise(state, init_sample, noise, start)
+
+    def model_output(x_in: jax.Array, t: jax.Array) -> jax.Array:
+        if guidance_scale is None:
+            return denoise_fn(x_in, t)
+        uncond, cond = jnp.split(denoise_fn(jnp.concatenate([x_in, x_in]), t), 2)
+        c = guided_channels if guided_channels is not None else cond.shape[-1]
+        guided = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
+        if guidance_rescale > 0:
+            guided = rescale_guidance(guided, cond[..., :c], guidance_rescale)
+        return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+
+    def body(carry, i):
+        x, state = carry
+        out = model_output(scheduler.scale_model_input(state, x, i), state.timesteps[i])
+        x, _, state = scheduler.step(state, out.astype(x.dtype), x, i, jax.random.fold_in(key, i))
+        return (x, state), None
+
+    (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(start, stop))
+    return x
