@@ -1,0 +1,65 @@
+"""Short sampler names for command lines and configs (`--sampler=dpm++2m_karras`), as the web UIs name them.
+
+    scheduler_for("euler_a", config.diffusion)   # EulerAncestralDiscreteScheduler on the run's schedule
+
+Each name is a diffusers scheduler class plus options; the run's noise schedule (the `diffusion` config
+block: num_train_timesteps, beta_*, prediction_type, rescale_betas_zero_snr) fills the rest.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from diffax.schedulers.base import Scheduler
+
+# name -> (diffusers class, options). The docs table (docs/samplers.md) lists the same names.
+SAMPLER_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m": ("DPMSolverMultistepScheduler", {}),
+    "dpm++2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpm++2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++2m_sde_karras": ("DPMSolverMultistepScheduler",
+                           {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++3m_sde_karras": ("DPMSolverMultistepScheduler",
+                           {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "use_karras_sigmas": True}),
+    "dpm_single": ("DPMSolverSinglestepScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "deis": ("DEISMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                 "rescale_betas_zero_snr")
+
+
+def scheduler_for(name: str, schedule: Mapping[str, Any] | Any, **options: Any) -> Scheduler:
+    """The sampler called `name` (a short name above or a diffusers class name) on the noise schedule in
+    `schedule` (a mapping or config block with the SCHEDULE_KEYS), with extra `options` on top."""
+    if name in SAMPLER_NAMES:
+        class_name, preset = SAMPLER_NAMES[name]
+    else:
+        class_name, preset = name, {}
+    from diffax.schedulers import scheduler_classes  # the package imports every sampler module
+
+    classes = scheduler_classes()
+    if class_name not in classes:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLER_NAMES)} "
+                         f"or a class from {sorted(classes)}")
+    cls = classes[class_name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: schedule[k] for k in SCHEDULE_KEYS if k in schedule and k in fields}
+    unknown = set(options) - fields
+    if unknown:
+        raise ValueError(f"{class_name} has no option(s) {sorted(unknown)}")
+    return cls(**{**kwargs, **preset, **options})

@@ -1,0 +1,64 @@
+"""The run config's shape: every key a recipe may set, its default and its type, and the checks.
+
+Recipes (configs/*.py) start from `base_config()` and override; `validate_config` rejects a key that is
+not here (a typo would otherwise be silently ignored) and a value of the wrong type, naming the key.
+The `model` block is family-specific and checked by `diffax.models.build_model`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+SAMPLERS_HINT = "see docs/samplers.md"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults for every block but `model`."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(
+        source="digits", image_size=16, channels=1, worker_count=0,
+        tfds_name="", split="train", image_key="image", label_key="label", tfds_data_dir="", path=""))
+    c.model = ml_collections.ConfigDict()
+    c.diffusion = ml_collections.ConfigDict(dict(
+        num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
+        prediction_type="epsilon", rescale_betas_zero_snr=False,
+        snr_gamma=0.0))  # 0: plain MSE; >0: min-SNR-gamma weighting
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, batch_size=64, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=100,
+        weight_decay=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
+        ema_decay=0.999, ema_warmup=True, label_dropout=0.1,
+        log_every=50, checkpoint_every=500, keep_checkpoints=3, sample_every=0))
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return c
+
+
+def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict, prefix: str) -> None:
+    for key in config.keys():
+        name = f"{prefix}{key}"
+        if key not in reference:
+            raise ValueError(f"unknown config key {name!r}; known keys here: {sorted(reference.keys())}")
+        value, want = config[key], reference[key]
+        if isinstance(want, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ValueError(f"config key {name!r} must be a block of keys, got {value!r}")
+            if key != "model":
+                _check(value, want, name + ".")
+        elif isinstance(want, bool) != isinstance(value, bool) or (
+                isinstance(want, (int, float)) and not isinstance(value, (int, float))) or (
+                isinstance(want, int) and not isinstance(want, bool) and isinstance(value, float)) or (
+                isinstance(want, str) and not isinstance(value, str)):
+            raise ValueError(f"config key {name!r} must be {type(want).__name__}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first unknown key or wrongly typed value."""
+    _check(config, base_config(), "")
+    if "name" not in config.model:
+        raise ValueError("config key 'model.name' is required ('unet2d' or 'dit')")
+    if config.train.steps < 1 or config.train.batch_size < 1:
+        raise ValueError("train.steps and train.batch_size must be positive")
+    for key in ("log_every", "checkpoint_every"):
+        if config.train[key] < 1:
+            raise ValueError(f"train.{key} must be >= 1, got {config.train[key]}")

@@ -1,0 +1,152 @@
+"""The training loop: build everything from a config, resume if a checkpoint exists, step, log, save, sample.
+
+    python train.py --config=configs/digits.py --workdir=runs/digits
+
+The loop is thin on purpose: the step is `diffax.train.step.make_train_step`, jitted once with shardings
+and a donated state; the loop only feeds batches, logs every `log_every` steps (the only host sync),
+saves asynchronous Orbax checkpoints and writes sample grids.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from diffax import parallel
+from diffax.data import make_source, make_train_iterator
+from diffax.image_io import save_grid
+from diffax.models import ModelSpec, build_model
+from diffax.pipelines.class_conditional import ClassConditionalPipeline
+from diffax.schedulers.names import scheduler_for
+from diffax.train import checkpoint
+from diffax.train.config import validate_config
+from diffax.train.state import TrainState, init_train_state, make_optimizer
+from diffax.train.step import Objective, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; the last checkpoint on disk is from before it."""
+
+
+def make_objective(config: ml_collections.ConfigDict, spec: ModelSpec) -> Objective:
+    """The training objective from `config.diffusion` and facts about the model."""
+    d = config.diffusion
+    return Objective(
+        alphas_cumprod=scheduler_for("ddpm", d).alphas_cumprod(),
+        prediction_type=d.prediction_type,
+        snr_gamma=d.snr_gamma if d.snr_gamma and d.snr_gamma > 0 else None,
+        learn_sigma=spec.learn_sigma,
+        null_class=spec.null_class,
+        label_dropout=config.train.label_dropout if spec.null_class is not None else 0.0)
+
+
+def create_train_state(spec: ModelSpec, tx, mesh, key: jax.Array) -> tuple[TrainState, Any]:
+    """A fresh TrainState laid out on `mesh` by the parameters' logical axes, and its shardings.
+
+    The optimizer state inherits the parameters' partitioning boxes (optax maps over them), so one
+    `nn.get_partition_spec` gives shardings for params, EMA and Adam moments alike.
+    """
+    def init(key):
+        return init_train_state(spec.init_boxed(key), tx)
+
+    abstract_boxed = jax.eval_shape(init, key)
+    shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh)
+    state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+    return state, shardings
+
+
+def write_samples(pipe: ClassConditionalPipeline, params: Any, config: ml_collections.ConfigDict, path: Path,
+                  key: jax.Array) -> None:
+    """A grid with one row per class (up to 10 classes, 10 samples each)."""
+    n = min(pipe.spec.num_classes, 10)
+    labels = np.repeat(np.arange(n), 10)
+    images = pipe(params, labels, key, num_inference_steps=config.sample.steps,
+                  guidance_scale=config.sample.guidance_scale)
+    if jax.process_index() == 0:  # every process ran the sharded program; one writes the file
+        save_grid(path, images, ncols=10, upscale=max(1, 64 // images.shape[1]))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
+    """Train (or resume) the run in `workdir` up to `config.train.steps`; returns the final state."""
+    validate_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = parallel.make_mesh(config.mesh.to_dict())
+    tc = config.train
+    if tc.batch_size % parallel.batch_divisor(mesh):
+        raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the number of batch shards "
+                         f"({parallel.batch_divisor(mesh)} = mesh data x fsdp)")
+
+    spec = build_model(config.model)
+    source = make_source(config.data)
+    if spec.num_classes and source.num_classes > spec.num_classes:
+        raise ValueError(f"data has {source.num_classes} classes but the model has {spec.num_classes} "
+                         f"(model.num_class_embeds / model.num_classes)")
+    data_shape = tuple(np.shape(source[0]["image"]))
+    if data_shape != spec.image_shape:
+        raise ValueError(f"data images are {data_shape} but the model takes {spec.image_shape} "
+                         f"(data.image_size / data.channels vs the model block)")
+    it = make_train_iterator(source, global_batch_size=tc.batch_size, seed=config.seed,
+                             worker_count=config.data.worker_count)
+
+    tx = make_optimizer(tc)
+    key = jax.random.key(config.seed)
+    init_key, step_key, sample_key = jax.random.split(key, 3)
+    state, shardings = create_train_state(spec, tx, mesh, init_key)
+    manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints)
+    if manager.latest_step() is not None:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+        state = checkpoint.restore_train_state(manager, abstract, it)
+        logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+
+    objective = make_objective(config, spec)
+    step_fn = jax.jit(make_train_step(spec.apply, tx, objective, ema_max_decay=tc.ema_decay,
+                                      ema_warmup=tc.ema_warmup),
+                      in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    pipe = ClassConditionalPipeline(spec, scheduler_for(config.sample.sampler, config.diffusion), mesh)
+
+    start = int(state.step)
+    bar = tqdm(total=tc.steps, initial=start, disable=not sys.stderr.isatty() or jax.process_index() != 0,
+               dynamic_ncols=True, desc="train")
+    t0, last_logged = time.perf_counter(), start
+    try:
+        for step in range(start, tc.steps):
+            batch = parallel.shard_batch(next(it), mesh)
+            state, metrics = step_fn(state, batch, step_key)
+            done = step + 1
+            saving = done % tc.checkpoint_every == 0 or done == tc.steps
+            if saving or done % tc.log_every == 0:  # check before saving: never checkpoint a NaN state
+                metrics = jax.device_get(metrics)  # the only host sync
+                if not np.isfinite(metrics["loss"]):
+                    manager.wait_until_finished()
+                    raise NonFiniteLossError(
+                        f"loss is {metrics['loss']} at step {done}; nothing was saved after it. The last checkpoint "
+                        f"is step {manager.latest_step()} in {manager.directory}. Lower train.learning_rate or "
+                        f"check the data.")
+                rate = (done - last_logged) * tc.batch_size / (time.perf_counter() - t0)
+                t0, last_logged = time.perf_counter(), done
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}")
+                bar.update(done - bar.n)
+                if bar.disable and jax.process_index() == 0:
+                    print(f"step {done}/{tc.steps} loss {metrics['loss']:.4f} "
+                          f"grad_norm {metrics['grad_norm']:.3f} img/s {rate:.0f}", flush=True)
+            if saving:
+                checkpoint.save(manager, state, config, it)
+            if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps) and spec.num_classes:
+                write_samples(pipe, state.ema_params, config, workdir / "samples" / f"step_{done:06d}.png",
+                              sample_key)
+    finally:  # an error mid-run still completes the checkpoint being written
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+    return state

@@ -1,0 +1,91 @@
+"""The pure train step: noise a batch, run the model, take one optimizer step, update the EMA.
+
+It is generic over the model (any `apply_fn(params, x_t, t, labels, rngs) -> output`), the objective
+(prediction type, loss weighting, learned-variance hybrid loss) and the trainable-parameter mask
+(`tx` decides what moves: a masked optax chain makes LoRA or scale-only training the same step).
+`make_train_step` closes over those choices and returns a function of (state, batch, key) that the loop
+jits with shardings and a donated state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from diffax import learned_variance, objectives
+from diffax.train.state import TrainState, ema_decay, update_ema
+
+ApplyFn = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What the model learns: the noise schedule, what it predicts, and how the loss is weighted."""
+    alphas_cumprod: np.ndarray          # [T] float64 training schedule
+    prediction_type: str = "epsilon"    # epsilon | v_prediction | sample
+    snr_gamma: float | None = None      # min-SNR-gamma weighting (Hang et al. 2023); None: plain MSE
+    learn_sigma: bool = False           # model outputs 2C channels: [prediction, variance interpolation]
+    null_class: int | None = None       # label id of the unconditional class (None: unconditional model)
+    label_dropout: float = 0.0          # probability of replacing a label by null_class (for CFG)
+
+    def variance_tables(self) -> learned_variance.VarianceTables:
+        """The learned-variance tables of this schedule (betas recovered from alpha_bar)."""
+        abar = self.alphas_cumprod
+        return learned_variance.variance_tables(1.0 - abar / np.append(1.0, abar[:-1]))
+
+    def __hash__(self) -> int:  # the table is a constant of the compiled step
+        return hash((self.alphas_cumprod.tobytes(), self.prediction_type, self.snr_gamma, self.learn_sigma,
+                     self.null_class, self.label_dropout))
+
+
+def drop_labels(labels: jax.Array, key: jax.Array, rate: float, null_class: int) -> jax.Array:
+    """Replace each label by `null_class` with probability `rate` (classifier-free guidance training)."""
+    if rate <= 0.0:
+        return labels
+    return jnp.where(jax.random.uniform(key, labels.shape) < rate, null_class, labels)
+
+
+def diffusion_loss(apply_fn: ApplyFn, params: Any, objective: Objective, batch: dict[str, jax.Array],
+                   key: jax.Array, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean loss over the batch and metrics. batch: {'image': [B, H, W, C], 'label': [B]}."""
+    x0 = batch["image"]
+    k_t, k_noise, k_label, k_dropout = jax.random.split(key, 4)
+    num_t = objective.alphas_cumprod.shape[0]
+    t = jax.random.randint(k_t, (x0.shape[0],), 0, num_t)  # [B]
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    x_t = objectives.q_sample(objective.alphas_cumprod, x0, noise, t)
+    labels = batch.get("label")
+    if labels is not None and objective.null_class is not None:
+        labels = drop_labels(labels, k_label, objective.label_dropout, objective.null_class)
+    out = apply_fn(params, x_t, t, labels, train=train, rngs={"dropout": k_dropout})
+    if objective.learn_sigma:
+        parts = learned_variance.hybrid_loss(objective.variance_tables(), out, x0, x_t, noise, t)
+        metrics = {k: v.mean() for k, v in parts.items()}
+        return metrics["loss"], metrics
+    loss = objectives.diffusion_loss(out, x0, noise, t, objective.alphas_cumprod, objective.prediction_type,
+                                     snr_gamma=objective.snr_gamma)
+    return loss, {"loss": loss}
+
+
+def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, objective: Objective, *,
+                    ema_max_decay: float = 0.9999, ema_warmup: bool = True
+                    ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
+    """(state, batch, key) -> (state, metrics); `key` is the run's base key, folded with the step so a
+    resumed run draws exactly the noise an uninterrupted one would."""
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
+        step_key = jax.random.fold_in(key, state.step)
+        grad_fn = jax.value_and_grad(
+            lambda p: diffusion_loss(apply_fn, p, objective, batch, step_key), has_aux=True)
+        (_, metrics), grads = grad_fn(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = update_ema(state.ema_params, params, ema_decay(state.step, ema_max_decay, ema_warmup))
+        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+        return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+
+    return train_step

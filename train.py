@@ -1,0 +1,37 @@
+"""Train a diffusion model from a config file.
+
+    python train.py --config=configs/digits.py --workdir=runs/digits [--config.train.steps=500 ...]
+
+Re-running the same command resumes from the latest checkpoint in the workdir.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffax import parallel
+from diffax.train.loop import train_and_evaluate
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/digits.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, samples and logs go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    parallel.initialize_distributed()
+    logging.set_verbosity(logging.WARNING)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+def run(argv):
+    """Bad input ends with one line naming the problem, not a traceback."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(run)
