@@ -58,6 +58,9 @@ class Scheduler:
     diffusers_class: ClassVar[str] = ""
     # Model evaluations per inference step, as diffusers' `scheduler.order` (used to start img2img part-way).
     order: ClassVar[int] = 1
+    # Fields diffusers passes to `step()` rather than keeping in its config (DDIM's eta, Euler's s_churn):
+    # to_diffusers_config stores them under "_diffax" so a config round-trips through diffusers.
+    diffax_extras: ClassVar[tuple[str, ...]] = ()
 
     def init(self, num_inference_steps: int) -> SchedulerState:
         """Tables and zeroed buffers for a run of `num_inference_steps` inference steps."""
