@@ -1,0 +1,159 @@
+"""Training: sharded step == single-device step, exact resume after a kill, NaN stop, bad config errors."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from diffax import parallel
+from diffax.models import build_model
+from diffax.train import checkpoint
+from diffax.train.config import validate_config
+from diffax.train.loop import NonFiniteLossError, create_train_state, make_objective, train_and_evaluate
+from diffax.train.state import make_optimizer
+from diffax.train.step import make_train_step
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from configs.digits import get_config  # noqa: E402
+
+
+def tiny_config(steps: int = 6) -> ml_collections.ConfigDict:
+    """The digits recipe shrunk until a step compiles and runs in well under a second."""
+    c = get_config()
+    c.model.block_out_channels = (8, 16)
+    c.model.down_block_types = ("DownBlock2D", "AttnDownBlock2D")
+    c.model.up_block_types = ("AttnUpBlock2D", "UpBlock2D")
+    c.model.attention_head_dim = 8
+    c.model.norm_num_groups = 4
+    c.train.steps = steps
+    c.train.batch_size = 16
+    c.train.warmup_steps = 2
+    c.train.log_every = 2
+    c.train.checkpoint_every = 3
+    c.train.sample_every = 0
+    c.sample.steps = 3
+    return c
+
+
+def _params(workdir: Path) -> list[np.ndarray]:
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    step = manager.latest_step()
+    import orbax.checkpoint as ocp
+    restored = manager.restore(step, args=ocp.args.Composite(train_state=ocp.args.StandardRestore()))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["train_state"]["params"])]
+
+
+def test_sharded_step_equals_single_device_step():
+    config = tiny_config()
+    spec = build_model(config.model)
+    tx = make_optimizer(config.train)
+    step = make_train_step(spec.apply, tx, make_objective(config, spec))
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),
+             "label": rng.integers(0, 10, (16,)).astype(np.int32)}
+    key = jax.random.key(1)
+
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()[:8]):
+        mesh = parallel.make_mesh({"data": -1}, devices)
+        state, shardings = create_train_state(spec, tx, mesh, jax.random.key(0))
+        fn = jax.jit(step, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+                     out_shardings=(shardings, parallel.replicated(mesh)))
+        sharded = parallel.shard_batch(batch, mesh)
+        assert len(sharded["image"].sharding.device_set) == len(devices)
+        state, metrics = fn(state, sharded, key)
+        results.append((jax.device_get(state.params), float(metrics["loss"])))
+    (p1, l1), (p8, l8) = results
+    # Only the order of the batch-mean reduction differs between layouts: fp32 rounding, ~1e-7 relative.
+    assert abs(l1 - l8) <= 1e-5 * abs(l1)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    """A run SIGKILLed after its step-3 checkpoint and resumed ends with the uninterrupted run's weights.
+
+    Both runs use the same 8 simulated devices (the child inherits XLA_FLAGS), so they are bit-identical
+    when resuming is exact; the tolerance only absorbs nothing-but-rounding."""
+    config = tiny_config(steps=12)
+    overrides = [f"--config.model.block_out_channels=(8, 16)",
+                 "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
+                 "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
+                 "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
+                 "--config.train.steps=12", "--config.train.batch_size=16", "--config.train.warmup_steps=2",
+                 "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.sample_every=0"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
+                             f"--workdir={killed}", *overrides], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (killed / "checkpoints" / "3" / "commit_success.txt").exists() and not (
+                killed / "checkpoints" / "3" / "_CHECKPOINT_METADATA").exists():
+            assert proc.poll() is None, "training exited before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    # The killed run left step 3 (maybe more, maybe one half-written save that Orbax ignores).
+    manager = checkpoint.make_manager(killed, read_only=True)
+    assert 3 <= manager.latest_step() < 12, "the kill must land mid-run"
+    train_and_evaluate(config, killed)
+    whole = tmp_path / "whole"
+    train_and_evaluate(tiny_config(steps=12), whole)
+    for a, b in zip(_params(killed), _params(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    config = tiny_config(steps=40)
+    config.train.learning_rate = 1e6  # Adam moves every weight by ~lr: the loss overflows within steps
+    config.train.grad_clip = 0.0
+    config.train.checkpoint_every = 1
+    config.train.log_every = 1
+    config.train.warmup_steps = 0
+    with pytest.raises(NonFiniteLossError, match="last checkpoint is step"):
+        train_and_evaluate(config, tmp_path)
+    manager = checkpoint.make_manager(tmp_path, read_only=True)
+    for leaf in _params(tmp_path):
+        assert np.all(np.isfinite(leaf)), f"checkpoint {manager.latest_step()} holds non-finite weights"
+
+
+@pytest.mark.parametrize("block, key, value, message", [
+    (None, "trian", 3, "unknown config key 'trian'"),
+    ("train", "stepz", 3, "unknown config key 'train.stepz'"),
+    ("train", "steps", "many", "'train.steps' must be int"),
+    ("data", "image_size", 1.5, "'data.image_size' must be int"),
+])
+def test_bad_config_is_named(block, key, value, message):
+    config = tiny_config()
+    target = config if block is None else config[block]
+    with target.unlocked(), target.ignore_type():
+        target[key] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
+def test_bad_override_on_command_line_is_named(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
+                             f"--workdir={tmp_path}", "--config.train.stepz=3"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "stepz" in result.stderr
+
+
+def test_model_data_mismatch_is_named(tmp_path):
+    config = tiny_config()
+    config.data.image_size = 32
+    with pytest.raises(ValueError, match="data images are .*32.* model takes"):
+        train_and_evaluate(config, tmp_path)
