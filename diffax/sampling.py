@@ -88,7 +88,7 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
       already-noisy latent handed over by a base model (used as is).
     key: PRNG key for stochastic samplers (required by them; ignored by deterministic ones).
     """
-    state = scheduler.init(num_inference_steps)
+    state = scheduler.init(num_inference_steps, noise)
     start, stop = loop_range(scheduler, state, num_inference_steps, strength=strength,
                              denoising_start=denoising_start, denoising_end=denoising_end)
     if key is None:

@@ -30,7 +30,7 @@ def denoise_torch(x: torch.Tensor, t) -> torch.Tensor:
 
 def step_noises(key: jax.Array, shape, n: int, dtype=jnp.float32) -> list[np.ndarray]:
     """The noise diffax's loop draws at loop index i, for i < n."""
-    return [np.asarray(jax.random.normal(jax.random.fold_in(key, i), shape, dtype)) for i in range(n)]
+    return [np.array(jax.random.normal(jax.random.fold_in(key, i), shape, dtype)) for i in range(n)]
 
 
 def run_diffax(scheduler, x_T: np.ndarray, num_inference_steps: int, key: jax.Array, **kw) -> np.ndarray:

@@ -4,7 +4,7 @@ A scheduler is a frozen, hashable dataclass whose fields are exactly its diffuse
 be a static argument of `jax.jit`, and `from_diffusers_config` is a field-by-field copy). It holds no
 arrays and no mutable state. Its methods are pure functions:
 
-    state = scheduler.init(num_inference_steps)          # tables and buffers, a pytree
+    state = scheduler.init(num_inference_steps, noise)   # tables and buffers, a pytree
     x = noise * scheduler.init_noise_sigma(state)
     for i in range(len(state.timesteps)):                # a lax.scan in diffax.sampling.sample
         t = state.timesteps[i]
@@ -62,8 +62,11 @@ class Scheduler:
     # to_diffusers_config stores them under "_diffax" so a config round-trips through diffusers.
     diffax_extras: ClassVar[tuple[str, ...]] = ()
 
-    def init(self, num_inference_steps: int) -> SchedulerState:
-        """Tables and zeroed buffers for a run of `num_inference_steps` inference steps."""
+    def init(self, num_inference_steps: int, sample: jax.Array | jax.ShapeDtypeStruct | None = None
+             ) -> SchedulerState:
+        """Tables and zeroed buffers for a run of `num_inference_steps` inference steps. `sample` (an array
+        or a ShapeDtypeStruct) gives history buffers their shape and dtype; samplers with no buffers ignore
+        it, the others raise without it."""
         raise NotImplementedError
 
     def init_noise_sigma(self, state: SchedulerState) -> jax.Array | float:

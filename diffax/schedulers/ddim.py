@@ -65,7 +65,8 @@ class DDIMScheduler(DiscreteScheduler):
             # Above 1, sigma^2 exceeds 1 - abar_t' and the noise direction's weight is the sqrt of a negative.
             raise ValueError(f"DDIMScheduler: eta must be in [0, 1], got {self.eta}")
 
-    def init(self, num_inference_steps: int) -> DDIMState:
+    def init(self, num_inference_steps: int, sample=None) -> DDIMState:
+        del sample  # no history buffers
         """Spaced timesteps, abar at t and t', and the step's noise and direction weights."""
         T = self.num_train_timesteps
         timesteps = spaced_timesteps(num_inference_steps, T, self.timestep_spacing, self.steps_offset)

@@ -108,7 +108,8 @@ class DDPMScheduler(DiscreteScheduler):
         """Whether the model predicts the variance in a second set of C channels."""
         return self.variance_type in ("learned", "learned_range")
 
-    def init(self, num_inference_steps: int) -> DDPMState:
+    def init(self, num_inference_steps: int, sample=None) -> DDPMState:
+        del sample  # no history buffers
         """Spaced timesteps and the posterior coefficients of each step."""
         T = self.num_train_timesteps
         timesteps = spaced_timesteps(num_inference_steps, T, self.timestep_spacing, self.steps_offset)
