@@ -69,7 +69,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset, blobs = 0, []
     for key in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[key])
+        arr = np.asarray(tensors[key], order="C")  # ascontiguousarray would make 0-d arrays 1-d
         if arr.dtype not in _ST_NAMES:
             raise CheckpointError(f"{path}: cannot store {key!r} of dtype {arr.dtype} in safetensors")
         blob = arr.tobytes()
@@ -90,7 +90,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
 
 def read_torch(path: str | os.PathLike) -> StateDict:
     """A torch pickle (.bin/.pt/.ckpt) as numpy arrays. Loads with `weights_only=True`, so a hostile
-    pickle cannot run code; unwraps the usual {'state_dict': ...} / {'model': ...} / {'ema': ...} nesting."""
+    pickle cannot run code; unwraps the usual {'ema': ...} / {'state_dict': ...} / {'model': ...} nesting, preferring the EMA weights."""
     try:
         import torch
     except ImportError:
@@ -100,7 +100,7 @@ def read_torch(path: str | os.PathLike) -> StateDict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad pickles; name the file either way.
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
-    for wrapper in ("state_dict", "model", "module", "ema"):
+    for wrapper in ("ema", "state_dict", "model", "module"):  # EMA weights are what sampling wants
         if isinstance(obj, dict) and wrapper in obj and isinstance(obj[wrapper], dict):
             obj = obj[wrapper]
     if not isinstance(obj, dict):

@@ -78,7 +78,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], *, embedding_keys: Itera
         node = params
         for seg in path:
             node = node.setdefault(seg, {})
-        node[leaf] = np.ascontiguousarray(value)
+        node[leaf] = np.asarray(value, order="C")  # keeps 0-d (ascontiguousarray does not)
     return params
 
 
@@ -93,7 +93,7 @@ def flax_to_torch(params: Params, *, literal_names: frozenset[str] = LITERAL_NAM
             leaf = "weight"
         elif leaf in ("scale", "embedding"):
             leaf = "weight"
-        out[path_to_key((*prefix, leaf), literal_names)] = np.ascontiguousarray(value)
+        out[path_to_key((*prefix, leaf), literal_names)] = np.asarray(value, order="C")
     return out
 
 

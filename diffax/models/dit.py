@@ -1,0 +1,445 @@
+"""DiT: the class-conditional Diffusion Transformer of Peebles & Xie (2023), "Scalable Diffusion Models
+with Transformers".
+
+Latents [B, H, W, C] are cut into p x p patches (a stride-p conv), given a fixed 2-D sin-cos position
+embedding, and run through N transformer blocks whose LayerNorms are modulated by the conditioning
+c = MLP(sincos(t)) + table[y] ("adaLN-Zero": each block regresses shift/scale/gate from c, and the
+regression is zero-initialised so a fresh block is the identity). A final adaLN layer and a linear map
+give p*p*C_out values per token, unpatchified back to [B, H, W, C_out]; with `learn_sigma` C_out = 2C
+(eps and the variance interpolation of improved DDPM, see `diffax.learned_variance`).
+
+Parameter names mirror diffusers' `DiTTransformer2DModel` (`transformer_blocks_3/attn1/to_q/kernel`,
+`pos_embed/proj/kernel`, `proj_out_1`), except that the timestep and label embedders live once at the
+top (`emb/timestep_embedder`, `emb/class_embedder`) as in the reference code: diffusers keeps an
+identical copy inside every block's `norm1` and only ever uses block 0's. `diffax.convert.dit` maps
+both layouts.
+
+Two details differ between the reference code and diffusers, so they are config fields:
+  freq_shift  the timestep frequencies are exp(-ln(1e4) * i / (128 - shift)); the reference uses 0,
+              diffusers' `CombinedTimestepLabelEmbeddings` hard-codes 1.
+  norm_eps    eps of the LayerNorm before the MLP; the reference uses 1e-6, diffusers its `norm_eps`
+              config key (default 1e-5). Every other adaLN LayerNorm uses 1e-6 in both.
+`DiTConfig.preset` follows the reference; `DiTConfig.from_diffusers` follows diffusers, so a converted
+model reproduces whichever code it came from.
+
+Label dropout for classifier-free guidance is NOT done here: the train step replaces labels by the null
+id `num_classes` (the table has num_classes + 1 rows when class_dropout_prob > 0), which keeps the module
+deterministic and the dropout visible in one place.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffax.convert.io import read_config
+from diffax.models.attention import dot_product_attention
+from diffax.models.layers import LayerNorm, TimestepEmbedding, conv, dense, timestep_embedding
+
+Dtype = Any
+
+FREQUENCY_DIM = 256  # width of the sinusoidal timestep features, fixed in the reference and diffusers
+
+# name -> (hidden_size, depth, num_heads), Table 1 of the paper.
+SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+PRESETS = tuple(f"DiT-{s}/{p}" for s in SIZES for p in (2, 4, 8))
+
+# Initialisers of the reference `DiT.initialize_weights`.
+_xavier = nn.initializers.xavier_uniform()
+# The reference's fused qkv Linear [3D, D] is xavier-initialised with fan_avg = 2D; split into three
+# [D, D] kernels (fan_avg = D) the same variance 1/(2D) needs scale 0.5.
+_qkv_init = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+# The patch conv is initialised like a Linear on the flattened [p*p*C, D] kernel.
+_patch_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=(0, 1, 2), out_axis=-1)
+_zeros = nn.initializers.zeros_init()
+_embed_init = nn.initializers.normal(0.02)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Hyper-parameters of a DiT. Defaults are DiT-XL/2 on 256x256 images (32x32x4 latents)."""
+    input_size: int = 32           # latent height = width the model was trained at (sets the pos-embed grid)
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # used by the train step; > 0 adds the null-class row to the table
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    freq_shift: float = 0.0        # timestep frequency shift: 0 reference, 1 diffusers (see module doc)
+    norm_eps: float = 1e-6         # eps of the pre-MLP LayerNorm: 1e-6 reference, diffusers' norm_eps
+    dtype: Dtype = jnp.float32     # compute dtype; norms and softmax run in fp32 regardless
+    param_dtype: Dtype = jnp.float32
+    attention_backend: str = "auto"
+    remat: bool = False            # rematerialise each block in the backward pass (saves activation memory)
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} must be divisible by 4 "
+                             f"(2-D sin-cos position embedding)")
+        if self.input_size % self.patch_size:
+            raise ValueError(f"DiTConfig: input_size {self.input_size} is not divisible by "
+                             f"patch_size {self.patch_size}")
+
+    @property
+    def out_channels(self) -> int:
+        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the label table: the classes plus the null class when label dropout is used."""
+        return self.num_classes + (self.class_dropout_prob > 0)
+
+    @property
+    def null_class(self) -> int:
+        """The label id the train step and CFG sampling use for "no class"."""
+        if self.class_dropout_prob <= 0:
+            raise ValueError("DiTConfig: class_dropout_prob is 0, so the label table has no null class")
+        return self.num_classes
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "DiTConfig":
+        """A named size of the paper, 'DiT-S/2' ... 'DiT-XL/8', with any field overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown DiT preset {name!r}; choose one of {', '.join(PRESETS)}")
+        size, patch = name[4:].split("/")
+        hidden, depth, heads = SIZES[size]
+        fields = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
+        return cls(**{**fields, **overrides})
+
+    @classmethod
+    def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> "DiTConfig":
+        """Config from diffusers' `DiTTransformer2DModel` (or the older `Transformer2DModel` with
+        norm_type 'ada_norm_zero') config.json keys: a dict, a config.json path or a model folder.
+
+        Absent keys take diffusers' defaults. A key this model cannot honour raises ValueError naming it.
+        """
+        if isinstance(config, Mapping):
+            source, cfg = "config", dict(config)
+        else:
+            path = Path(config)
+            path = path / "config.json" if path.is_dir() else path
+            source, cfg = str(path), read_config(path.parent, path.name)
+        return cls(**{**_fields_from_diffusers(cfg, source), **overrides})
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """config.json keys of the equivalent diffusers `DiTTransformer2DModel`.
+
+        diffusers cannot express `freq_shift != 1` (it hard-codes 1), so a reference-layout model exported
+        this way computes different timestep frequencies in diffusers (as diffusers' own conversion of the
+        released DiT checkpoints does); a warning says so.
+        """
+        problems = []
+        if self.mlp_ratio != 4.0:
+            problems.append(f"mlp_ratio={self.mlp_ratio} (diffusers' FeedForward is fixed at 4)")
+        if self.class_dropout_prob <= 0:
+            problems.append("class_dropout_prob=0 (diffusers' label table always has the null-class row)")
+        if problems:
+            raise ValueError("DiTConfig.to_diffusers: diffusers cannot represent " + "; ".join(problems))
+        if self.freq_shift != 1.0:
+            warnings.warn(f"DiTConfig.to_diffusers: freq_shift={self.freq_shift} but diffusers hard-codes "
+                          f"downscale_freq_shift=1 for DiT, so in diffusers this model's timestep frequencies "
+                          f"(and outputs) differ from diffax's and the reference code's", stacklevel=2)
+        return {
+            "_class_name": "DiTTransformer2DModel",
+            "num_attention_heads": self.num_heads,
+            "attention_head_dim": self.hidden_size // self.num_heads,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "num_layers": self.depth,
+            "dropout": 0.0,
+            "norm_num_groups": 32,
+            "attention_bias": True,
+            "sample_size": self.input_size,
+            "patch_size": self.patch_size,
+            "activation_fn": "gelu-approximate",
+            "num_embeds_ada_norm": self.num_classes,
+            "upcast_attention": False,
+            "norm_type": "ada_norm_zero",
+            "norm_elementwise_affine": False,
+            "norm_eps": self.norm_eps,
+        }
+
+
+# diffusers DiTTransformer2DModel.__init__ defaults, used for keys absent from a config.json.
+_DIFFUSERS_DEFAULTS = {
+    "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": None,
+    "num_layers": 28, "sample_size": 32, "patch_size": 2, "num_embeds_ada_norm": 1000, "norm_eps": 1e-5,
+}
+# Keys whose value must be the one DiT uses; Transformer2DModel configs carry the unused ones too.
+_DIFFUSERS_REQUIRED = {
+    "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
+    "norm_elementwise_affine": False, "dropout": 0.0, "cross_attention_dim": None,
+    "num_vector_embeds": None, "only_cross_attention": False, "double_self_attention": False,
+    "attention_type": "default", "caption_channels": None, "interpolation_scale": None,
+}
+# Keys that do not affect this model: group norms DiT does not have, the fp16 upcast (softmax is always
+# fp32 here), the linear-projection switch of the non-patched Transformer2DModel path.
+_DIFFUSERS_IGNORED = {"norm_num_groups", "upcast_attention", "use_linear_projection"}
+_CLASS_NAMES = {"DiTTransformer2DModel", "Transformer2DModel"}
+_T2D_MUST_STATE = ("attention_head_dim", "in_channels", "num_layers", "sample_size", "patch_size",
+                   "activation_fn", "num_embeds_ada_norm", "attention_bias", "norm_type", "norm_elementwise_affine")
+
+
+def _fields_from_diffusers(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    for key, value in cfg.items():
+        if key == "_class_name" and value not in _CLASS_NAMES:
+            raise ValueError(f"{source}: _class_name {value!r} is not a DiT ({' or '.join(sorted(_CLASS_NAMES))})")
+        if key.startswith("_") or key in _DIFFUSERS_DEFAULTS or key in _DIFFUSERS_IGNORED:
+            continue
+        if key not in _DIFFUSERS_REQUIRED:
+            raise ValueError(f"{source}: unknown DiT config key {key!r}")
+        want = _DIFFUSERS_REQUIRED[key]
+        if key == "interpolation_scale" and value in (None, 1, 1.0):
+            continue
+        if value != want:
+            raise ValueError(f"{source}: {key}={value!r} is not supported (DiT needs {want!r})")
+    if cfg.get("_class_name") == "Transformer2DModel":
+        # Its defaults are not DiT's (88-wide heads, 1 layer, geglu, no attention bias, affine norms...).
+        absent = [k for k in _T2D_MUST_STATE if k not in cfg]
+        if absent:
+            raise ValueError(f"{source}: a Transformer2DModel config must state {', '.join(absent)} "
+                             f"(its defaults differ from DiT's)")
+    c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in cfg.items() if k in _DIFFUSERS_DEFAULTS}}
+    if cfg.get("_class_name") == "Transformer2DModel" and cfg.get("interpolation_scale") is None \
+            and c["sample_size"] >= 128:
+        # Transformer2DModel then scales positions by sample_size // 64; DiTTransformer2DModel never does.
+        raise ValueError(f"{source}: Transformer2DModel with sample_size {c['sample_size']} uses "
+                         f"pos-embed interpolation_scale {c['sample_size'] // 64}, which DiT does not support")
+    in_ch, out_ch = c["in_channels"], c["out_channels"]
+    if out_ch not in (None, in_ch, 2 * in_ch):
+        raise ValueError(f"{source}: out_channels={out_ch} must be in_channels ({in_ch}) or twice it "
+                         f"(learned sigma)")
+    if c["num_embeds_ada_norm"] is None:
+        raise ValueError(f"{source}: num_embeds_ada_norm is null; DiT needs the number of classes")
+    return dict(
+        input_size=c["sample_size"], patch_size=c["patch_size"], in_channels=in_ch,
+        hidden_size=c["num_attention_heads"] * c["attention_head_dim"], depth=c["num_layers"],
+        num_heads=c["num_attention_heads"], num_classes=c["num_embeds_ada_norm"],
+        learn_sigma=out_ch == 2 * in_ch,
+        # diffusers' CombinedTimestepLabelEmbeddings hard-codes label dropout 0.1 and frequency shift 1.
+        class_dropout_prob=0.1, freq_shift=1.0, norm_eps=c["norm_eps"])
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position embedding [grid_h * grid_w, dim] (float32), tokens in row-major order.
+
+    The first half of the channels encodes the column, the second the row (the MAE/DiT convention), each as
+    [sin(pos * w), cos(pos * w)] with w = 10000^(-k / (dim/4)). Positions are scaled by base_size / grid,
+    diffusers' rule for running at a resolution other than the trained one; at the trained grid
+    (grid == base_size) this is exactly the reference table. Computed in float64 like both originals.
+    """
+    rows = np.arange(grid_h, dtype=np.float64) * (base_size / grid_h)
+    cols = np.arange(grid_w, dtype=np.float64) * (base_size / grid_w)
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))  # [dim/4]
+
+    def one_d(pos: np.ndarray) -> np.ndarray:  # [M] -> [M, dim/2]
+        out = pos[:, None] * omega[None]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    col_grid, row_grid = np.meshgrid(cols, rows)  # each [grid_h, grid_w]
+    emb = np.concatenate([one_d(col_grid.reshape(-1)), one_d(row_grid.reshape(-1))], axis=1)
+    return emb.astype(np.float32)
+
+
+def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    # A no-op unless diffax.parallel has set logical axis rules.
+    return nn.with_logical_constraint(x, axes)
+
+
+class PatchEmbed(nn.Module):
+    """Stride-p conv to tokens plus the fixed sin-cos position embedding (diffusers' `PatchEmbed`)."""
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, h*w, D]
+        cfg = self.config
+        p = cfg.patch_size
+        x = conv(cfg.hidden_size, p, strides=p, padding="VALID", axes=(None, None, None, "embed"),
+                 kernel_init=_patch_init, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="proj")(x)
+        b, h, w, d = x.shape
+        pos = sincos_pos_embed_2d(d, h, w, base_size=cfg.input_size // p)
+        return (x.reshape(b, h * w, d) + jnp.asarray(pos, x.dtype)[None]).astype(cfg.dtype)
+
+
+class LabelEmbedding(nn.Module):
+    """The class table, with the null class as row `num_classes` (diffusers' `LabelEmbedding`)."""
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, labels: jax.Array) -> jax.Array:  # [B] int -> [B, D]
+        cfg = self.config
+        table = nn.Embed(cfg.num_embeddings, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                         embedding_init=nn.with_logical_partitioning(_embed_init, (None, "embed")),
+                         name="embedding_table")
+        return table(labels)
+
+
+class ConditionEmbedding(nn.Module):
+    """c = MLP(sincos(t)) + table[y]: diffusers' `CombinedTimestepLabelEmbeddings`, stored once."""
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, timesteps: jax.Array, labels: jax.Array) -> jax.Array:  # [B], [B] -> [B, D]
+        cfg = self.config
+        freqs = timestep_embedding(timesteps, FREQUENCY_DIM, flip_sin_to_cos=True,
+                                   downscale_freq_shift=cfg.freq_shift)  # [B, 256] fp32
+        t_emb = TimestepEmbedding(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                  kernel_init=_embed_init, name="timestep_embedder")(freqs.astype(cfg.dtype))
+        return t_emb + LabelEmbedding(cfg, name="class_embedder")(labels)
+
+
+class AdaLNZero(nn.Module):
+    """Regresses the six modulation vectors of a block from silu(c); zero-initialised, so a fresh block is
+    the identity (its gates are 0). Named like diffusers' `AdaLayerNormZero.linear`."""
+    config: DiTConfig
+    num_chunks: int = 6
+
+    @nn.compact
+    def __call__(self, c: jax.Array) -> list[jax.Array]:  # [B, D] -> num_chunks x [B, 1, D]
+        cfg = self.config
+        mod = dense(self.num_chunks * cfg.hidden_size, axes=("embed", "mlp"), kernel_init=_zeros,
+                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="linear")(nn.silu(c))
+        return [m[:, None, :] for m in jnp.split(mod, self.num_chunks, axis=-1)]
+
+
+def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    return x * (1 + scale) + shift
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections (diffusers' names; the reference fuses
+    them as `qkv`, split on conversion)."""
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
+        cfg = self.config
+        b, n, d = x.shape
+        heads = cfg.num_heads
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+        q, k, v = (dense(d, axes=("embed", "heads"), kernel_init=_qkv_init, name=name, **kw)(x)
+                   .reshape(b, n, heads, d // heads) for name in ("to_q", "to_k", "to_v"))  # [B, L, H, Dh]
+        q, k, v = (_constrain(t, ("batch", "length", "heads", None)) for t in (q, k, v))
+        out = dot_product_attention(q, k, v, backend=cfg.attention_backend).reshape(b, n, d)
+        return dense(d, axes=("heads", "embed"), kernel_init=_xavier, name="to_out_0", **kw)(out)
+
+
+class GELUProj(nn.Module):
+    """Linear then tanh-approximate GELU: diffusers' `GELU` activation module (`ff.net.0.proj`)."""
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = dense(self.features, axes=("embed", "mlp"), kernel_init=_xavier, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name="proj")(x)
+        return nn.gelu(x, approximate=True)
+
+
+class FeedForward(nn.Module):
+    """D -> mlp_ratio*D -> D MLP (diffusers' `FeedForward`: net_0 = GELU with proj, net_2 = Linear)."""
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
+        cfg = self.config
+        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
+        x = GELUProj(hidden, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="net_0")(x)
+        x = _constrain(x, ("batch", "length", "mlp"))
+        return dense(cfg.hidden_size, axes=("mlp", "embed"), kernel_init=_xavier, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name="net_2")(x)
+
+
+class DiTBlock(nn.Module):
+    """x += gate_msa * attn(modulate(LN(x))); x += gate_mlp * mlp(modulate(LN(x)))."""
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:  # [B, L, D], [B, D] -> [B, L, D]
+        cfg = self.config
+        ln = dict(use_scale_bias=False, dtype=cfg.dtype)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNZero(cfg, name="norm1")(c)
+        h = _modulate(LayerNorm(epsilon=1e-6, **ln)(x), shift_msa, scale_msa)
+        x = x + gate_msa * Attention(cfg, name="attn1")(h)
+        h = _modulate(LayerNorm(epsilon=cfg.norm_eps, **ln)(x), shift_mlp, scale_mlp)
+        x = x + gate_mlp * FeedForward(cfg, name="ff")(h)
+        return _constrain(x, ("batch", "length", "embed"))
+
+
+class DiT(nn.Module):
+    """The DiT denoiser. Call with sample [B, H, W, C] (NHWC latents), timesteps [B] (int or float) and
+    class_labels [B] int32 (num_classes = the null class; None means all null); returns
+    [B, H, W, 2C if learn_sigma else C] in float32 (eps first, then the variance values).
+
+    `train` is accepted for the common diffax model signature; DiT has no dropout and does not drop labels
+    itself (the train step does), so the output does not depend on it.
+    """
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, class_labels: jax.Array | None, *,
+                 train: bool = False) -> jax.Array:
+        del train  # see the class docstring
+        cfg = self.config
+        b, height, width, channels = sample.shape
+        if class_labels is None:  # unconditional = the null class
+            class_labels = jnp.full((b,), cfg.null_class, jnp.int32)
+        p = cfg.patch_size
+        if channels != cfg.in_channels or height % p or width % p:
+            raise ValueError(f"DiT expects [B, H, W, {cfg.in_channels}] with H and W divisible by {p}; "
+                             f"got {sample.shape}")
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
+        x = PatchEmbed(cfg, name="pos_embed")(sample.astype(cfg.dtype))  # [B, L, D]
+        x = _constrain(x, ("batch", "length", "embed"))
+        c = ConditionEmbedding(cfg, name="emb")(timesteps, class_labels)  # [B, D]
+
+        block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
+        for i in range(cfg.depth):
+            x = block(cfg, name=f"transformer_blocks_{i}")(x, c)
+
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_zeros)
+        shift, scale = jnp.split(dense(2 * cfg.hidden_size, axes=("embed", "mlp"), name="proj_out_1", **kw)(
+            nn.silu(c))[:, None, :], 2, axis=-1)
+        x = _modulate(LayerNorm(epsilon=1e-6, use_scale_bias=False, dtype=cfg.dtype)(x), shift, scale)
+        x = dense(p * p * cfg.out_channels, axes=("embed", None), name="proj_out_2", **kw)(x)  # [B, L, p*p*Co]
+
+        h, w = height // p, width // p
+        x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)
+
+
+def init_shapes(config: DiTConfig, batch: int = 1) -> Any:
+    """The boxed parameter tree of `DiT(config)` as ShapeDtypeStructs (nothing is allocated)."""
+    model = DiT(config)
+    sample = jnp.zeros((batch, config.input_size, config.input_size, config.in_channels), jnp.float32)
+    labels = jnp.zeros((batch,), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), sample, jnp.zeros((batch,)), labels))["params"]
+
+
+def parameter_count(config: DiTConfig, *, include_pos_embed: bool = False) -> int:
+    """Number of parameters of `DiT(config)`, computed from shapes only.
+
+    `include_pos_embed` adds the fixed position table (num_patches x hidden_size), which the reference
+    code keeps as a frozen `nn.Parameter` and so counts in the paper's figures (DiT-XL/2: 675,129,632).
+    """
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(init_shapes(config))))
+    return n + (config.num_patches * config.hidden_size if include_pos_embed else 0)
