@@ -27,6 +27,7 @@ class PNDMState(SchedulerState):
     alphas_cumprod: jax.Array      # [T]
     final_alpha_cumprod: jax.Array  # alpha_bar "before" t = 0
     prk_timesteps: jax.Array       # [12] (or [1] unused with skip_prk_steps) the PRK table
+    step_ratio: jax.Array          # int32 T // N, the PLMS step in timesteps (PRK half-steps: half of it)
     counter: jax.Array             # int32 model evaluations so far
     ets: jax.Array                 # [4, ...] past noise predictions, oldest first
     num_ets: jax.Array             # int32 how many of `ets` are filled
@@ -102,7 +103,8 @@ class PNDMScheduler(DiscreteScheduler):
         return PNDMState(
             timesteps=timesteps, alphas_cumprod=alphas_cumprod,
             final_alpha_cumprod=np.float64(1.0 if self.set_alpha_to_one else alphas_cumprod[0]),
-            prk_timesteps=prk if len(prk) else np.zeros(1, np.int64), counter=np.zeros((), np.int32),
+            prk_timesteps=prk if len(prk) else np.zeros(1, np.int64),
+            step_ratio=np.int32(self.num_train_timesteps // N), counter=np.zeros((), np.int32),
             ets=jnp.zeros((PNDM_ORDER,) + tuple(sample.shape), sample.dtype), num_ets=np.zeros((), np.int32),
             cur_sample=zeros, cur_model_output=zeros)
 
@@ -127,7 +129,7 @@ class PNDMScheduler(DiscreteScheduler):
     def _prk(self, state: PNDMState, model_output: jax.Array, sample: jax.Array, t_in: jax.Array):
         """One of the four evaluations of an RK4 step over [t, t - h] (h = T // N)."""
         c = state.counter
-        half = self.num_train_timesteps // self._num_inference_steps(state) // 2
+        half = state.step_ratio // 2
         t_prev = t_in - jnp.where(c % 2 == 1, 0, half)
         t = state.prk_timesteps[c // 4 * 4]
         r = c % 4
@@ -144,7 +146,7 @@ class PNDMScheduler(DiscreteScheduler):
         """A linear multistep step over [t, t - h] with the last 1-4 noise predictions; with skip_prk_steps
         the second evaluation (counter 1) instead averages with the first and redoes that step (Heun)."""
         c = state.counter
-        ratio = self.num_train_timesteps // self._num_inference_steps(state)
+        ratio = state.step_ratio
         redo = c == 1
         t = jnp.where(redo, t_in + ratio, t_in)
         t_prev = jnp.where(redo, t_in, t_in - ratio)
@@ -160,9 +162,6 @@ class PNDMScheduler(DiscreteScheduler):
         state = state.replace(cur_sample=jnp.where((n == 1) & (c == 0), sample, state.cur_sample))
         prev, x0 = self._prev_sample(state, base, t, t_prev, combined)
         return prev, x0, state
-
-    def _num_inference_steps(self, state: PNDMState) -> int:
-        return state.timesteps.shape[0] - (1 if self.skip_prk_steps else 9)
 
     def step(self, state: PNDMState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
