@@ -28,8 +28,7 @@ venv-test: $(VENV)/.stamp-test
 
 demo: venv-demo
 	$(PY) train.py --config=configs/digits.py --workdir=runs/digits
-	$(PY) sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3.0 --out=runs/digits/samples.png
-	$(PY) sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3.0 --out=runs/digits/samples.npz
+	$(PY) sample.py --workdir=runs/digits --num_samples=100 --out=runs/digits/samples.png,runs/digits/samples.npz
 
 test: venv-test
 	$(PY) -m pytest -q -n 2 --durations=15 tests

@@ -2,8 +2,15 @@
 
     python sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3 --out=runs/digits/samples.png
     python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 --out=three.npz
+    python sample.py --workdir=runs/digits --out=grid.png,grid.npz      # the same samples, both forms
 
-Restores the EMA weights of the latest checkpoint (or --step). With no --labels, labels cycle through the
+    python sample.py --checkpoint=DiT-XL-2-256x256.pt --labels=207,360 --sampler=ddpm --steps=250 \
+        --guidance_scale=4 --reference_guidance --out=latents.npz
+
+Restores the EMA weights of the latest checkpoint (or --step) of a training workdir, or loads a converted
+DiT checkpoint (--checkpoint: a reference .pt/.safetensors file or a diffusers folder; DiT's linear
+schedule). A model whose images are not 1- or 3-channel (latent DiTs) writes `latents` float32 to .npz;
+decoding them needs the VAE. With no --labels, labels cycle through the
 classes. `.png` writes a grid with one row per class (for cycling labels); `.npz` writes `images`
 [N, H, W, C] uint8 and `labels` [N] int64.
 """
@@ -11,18 +18,22 @@ import sys
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from diffax import parallel
 from diffax.image_io import save_grid, save_npz
-from diffax.models import build_model
+from diffax.convert.dit import load_dit
+from diffax.models import build_model, model_spec
 from diffax.pipelines.class_conditional import ClassConditionalPipeline
 from diffax.schedulers.names import scheduler_for
 from diffax.train.checkpoint import restore_for_sampling
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A training workdir (holds checkpoints/).")
+flags.DEFINE_string("checkpoint", None, "Instead of --workdir: a DiT checkpoint (reference file or diffusers folder).")
+flags.DEFINE_bool("reference_guidance", False, "Guide only the first 3 of 4 latent channels, as the DiT reference.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
 flags.DEFINE_integer("num_samples", 100, "How many images.")
 flags.DEFINE_list("labels", None, "Class labels, e.g. 0,1,2; default cycles 0..num_classes-1.")
@@ -30,21 +41,35 @@ flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; defa
 flags.DEFINE_string("sampler", None, "Sampler name (docs/samplers.md); default the config's.")
 flags.DEFINE_integer("steps", None, "Inference steps; default the config's.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_string("out", None, "Output file: .png (grid) or .npz (arrays).")
-flags.mark_flags_as_required(["workdir", "out"])
+flags.DEFINE_list("out", None, "Output file(s): .png (grid) and/or .npz (arrays), comma-separated.")
+flags.mark_flags_as_required(["out"])
+
+
+def load(workdir: str | None, checkpoint: str | None):
+    """(ModelSpec, params, diffusion schedule, sample defaults, where) from a workdir or a DiT checkpoint."""
+    if (workdir is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --workdir and --checkpoint")
+    if workdir is not None:
+        config, params, step = restore_for_sampling(workdir, FLAGS.step)
+        return build_model(config.model), params, config.diffusion, config.sample, f"step {step}"
+    dit_config, params = load_dit(checkpoint)
+    schedule = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                    prediction_type="epsilon")  # what every DiT checkpoint was trained with
+    defaults = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, guidance_scale=4.0))
+    return model_spec(dit_config), params, schedule, defaults, checkpoint
 
 
 def main(argv):
     del argv
     parallel.initialize_distributed()
     logging.set_verbosity(logging.WARNING)
-    out = Path(FLAGS.out)
-    if out.suffix not in (".png", ".npz"):
-        raise app.UsageError(f"--out must end in .png or .npz, got {out}")
-    config, params, step = restore_for_sampling(FLAGS.workdir, FLAGS.step)
-    spec = build_model(config.model)
-    sampler = FLAGS.sampler or config.sample.sampler
-    scheduler = scheduler_for(sampler, config.diffusion)
+    outs = [Path(p) for p in FLAGS.out]
+    for out in outs:
+        if out.suffix not in (".png", ".npz"):
+            raise ValueError(f"--out must end in .png or .npz, got {out}")
+    spec, params, schedule, defaults, source = load(FLAGS.workdir, FLAGS.checkpoint)
+    sampler = FLAGS.sampler or defaults.sampler
+    scheduler = scheduler_for(sampler, schedule)
     n_cls = spec.num_classes
     if FLAGS.labels:
         labels = np.array([int(s) for s in FLAGS.labels])
@@ -52,18 +77,27 @@ def main(argv):
             labels = np.resize(labels, FLAGS.num_samples)
     else:
         labels = np.arange(FLAGS.num_samples) % max(n_cls, 1)
-    pipe = ClassConditionalPipeline(spec, scheduler, parallel.make_mesh({"data": -1}))
-    guidance = FLAGS.guidance_scale if FLAGS.guidance_scale is not None else config.sample.guidance_scale
-    images = pipe(params, labels, jax.random.key(FLAGS.seed),
-                  num_inference_steps=FLAGS.steps or config.sample.steps, guidance_scale=guidance)
+    channels = spec.image_shape[-1]
+    pixels = channels in (1, 3)
+    if not pixels and any(out.suffix == ".png" for out in outs):
+        raise ValueError(f"this model makes {channels}-channel latents: write them to .npz (a PNG needs the VAE)")
+    pipe = ClassConditionalPipeline(spec, scheduler, parallel.make_mesh({"data": -1}), output_uint8=pixels,
+                                    guide_first_channels=3 if FLAGS.reference_guidance else None)
+    guidance = FLAGS.guidance_scale if FLAGS.guidance_scale is not None else defaults.guidance_scale
+    steps = FLAGS.steps or defaults.steps
+    images = pipe(params, labels, jax.random.key(FLAGS.seed), num_inference_steps=steps,
+                  guidance_scale=guidance)
     if jax.process_index() == 0:
-        if out.suffix == ".png":
-            save_grid(out, images, ncols=min(n_cls, 10) if not FLAGS.labels else 10,
-                      upscale=max(1, 64 // images.shape[1]))
-        else:
-            save_npz(out, images, labels)
-        print(f"wrote {len(images)} samples from step {step} ({sampler}, {FLAGS.steps or config.sample.steps} "
-              f"steps, guidance {guidance}) to {out}")
+        for out in outs:
+            if out.suffix == ".png":
+                save_grid(out, images, ncols=min(n_cls, 10) if not FLAGS.labels else 10,
+                          upscale=max(1, 64 // images.shape[1]))
+            elif pixels:
+                save_npz(out, images, labels)
+            else:
+                np.savez(out, latents=images, labels=labels.astype(np.int64))
+        print(f"wrote {len(images)} samples from {source} ({sampler}, {steps} steps, guidance {guidance}) "
+              f"to {', '.join(map(str, outs))}")
 
 
 def run(argv):

@@ -3,8 +3,8 @@
     python train.py --config=configs/digits.py --workdir=runs/digits
     python sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3 --out=runs/digits/samples.png
 
-Sized to train in a few minutes on a 2-core CPU; every value can be overridden from the command line,
-e.g. `--config.train.steps=200 --config.model.block_out_channels='(32, 64)'`.
+Sized to train in about 8 minutes on a 2-core CPU (800 steps of 64 images, ~0.6 s a step). Every value
+can be overridden from the command line, e.g. `--config.train.steps=200 --config.model.block_out_channels='(32, 64)'`.
 """
 import ml_collections
 
@@ -26,16 +26,16 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.beta_schedule = "squaredcos_cap_v2"
     c.diffusion.prediction_type = "epsilon"
     c.diffusion.snr_gamma = 5.0
-    c.train.steps = 2000
-    c.train.batch_size = 128
+    c.train.steps = 800
+    c.train.batch_size = 64
     c.train.learning_rate = 2e-3
     c.train.warmup_steps = 100
     c.train.ema_decay = 0.995
     c.train.label_dropout = 0.1
     c.train.log_every = 100
-    c.train.checkpoint_every = 500
-    c.train.sample_every = 1000
+    c.train.checkpoint_every = 200
+    c.train.sample_every = 400
     c.sample.sampler = "ddim"
-    c.sample.steps = 50
+    c.sample.steps = 25
     c.sample.guidance_scale = 3.0
     return c

@@ -237,3 +237,17 @@ def test_read_config(tmp_path):
     (tmp_path / "config.json").write_text('{"in_channels": 3,}')
     with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
         read_config(tmp_path)
+
+
+def test_reference_training_checkpoint_reads_ema(tmp_path):
+    """DiT-reference training files hold model, ema, opt and an argparse.Namespace: read the EMA weights."""
+    import argparse
+
+    import torch
+
+    from diffax.convert.io import read_torch
+
+    path = tmp_path / "0050000.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.full((2,), 3.0)}, "opt": {},
+                "args": argparse.Namespace(model="DiT-XL/2")}, path)
+    np.testing.assert_array_equal(read_torch(path)["w"], [3.0, 3.0])

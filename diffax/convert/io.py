@@ -6,6 +6,7 @@ the offending key instead of a deep library traceback.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -97,7 +98,10 @@ def read_torch(path: str | os.PathLike) -> StateDict:
         raise CheckpointError(f"{path}: reading torch pickles needs PyTorch (`pip install torch==2.13.0`, "
                               f"extra `diffax[torch]`); safetensors files need no torch") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # Training checkpoints (the DiT reference's) carry their argparse.Namespace: a plain attribute bag,
+        # safe to allow; everything else stays under weights_only's allow-list.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for bad pickles; name the file either way.
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     for wrapper in ("ema", "state_dict", "model", "module"):  # EMA weights are what sampling wants

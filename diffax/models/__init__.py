@@ -52,20 +52,31 @@ def _dtype(name: str) -> jnp.dtype:
                          f"(use 'float32', 'bfloat16' or 'float16')") from None
 
 
+def model_spec(cfg: UNet2DConfig | DiTConfig) -> ModelSpec:
+    """The ModelSpec of a model config (e.g. one read from a converted checkpoint)."""
+    if isinstance(cfg, UNet2DConfig):
+        if cfg.sample_size is None:
+            raise ValueError("model.sample_size: required to sample or train a unet2d (the image side)")
+        side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        n = cfg.num_class_embeds
+        return ModelSpec(UNet2DModel(cfg), cfg, (side, side, cfg.in_channels),
+                         num_classes=0 if n is None else n - 1, null_class=None if n is None else n - 1,
+                         learn_sigma=cfg.out_channels == 2 * cfg.in_channels)
+    if isinstance(cfg, DiTConfig):
+        return ModelSpec(DiT(cfg), cfg, (cfg.input_size, cfg.input_size, cfg.in_channels),
+                         num_classes=cfg.num_classes,
+                         null_class=cfg.num_classes if cfg.class_dropout_prob > 0 else None,
+                         learn_sigma=cfg.learn_sigma)
+    raise TypeError(f"no ModelSpec for {type(cfg).__name__}")
+
+
 def build_model(config: ml_collections.ConfigDict | dict) -> ModelSpec:
     """A ModelSpec from the `model` block of a run config (also the JSON saved in a checkpoint)."""
     fields = dict(config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config)
     name = fields.pop("name", None)
     dtypes = {k: _dtype(fields.pop(k)) for k in ("dtype", "param_dtype") if k in fields}
     if name == "unet2d":
-        cfg = UNet2DConfig.from_diffusers(fields, **dtypes)
-        if cfg.sample_size is None:
-            raise ValueError("model.sample_size: required for a unet2d trained by diffax (the image side)")
-        side = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        n = cfg.num_class_embeds
-        return ModelSpec(UNet2DModel(cfg), cfg, (side, side, cfg.in_channels),
-                         num_classes=0 if n is None else n - 1, null_class=None if n is None else n - 1,
-                         learn_sigma=cfg.out_channels == 2 * cfg.in_channels)
+        return model_spec(UNet2DConfig.from_diffusers(fields, **dtypes))
     if name == "dit":
         preset = fields.pop("preset", None)
         for key in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
@@ -76,8 +87,5 @@ def build_model(config: ml_collections.ConfigDict | dict) -> ModelSpec:
             cfg = DiTConfig.preset(preset, **fields, **dtypes) if preset else DiTConfig(**fields, **dtypes)
         except TypeError as e:  # an unknown field
             raise ValueError(f"model: {e}") from None
-        return ModelSpec(DiT(cfg), cfg, (cfg.input_size, cfg.input_size, cfg.in_channels),
-                         num_classes=cfg.num_classes,
-                         null_class=cfg.num_classes if cfg.class_dropout_prob > 0 else None,
-                         learn_sigma=cfg.learn_sigma)
+        return model_spec(cfg)
     raise ValueError(f"model.name must be one of {FAMILIES}, got {name!r}")

@@ -41,6 +41,7 @@ class ClassConditionalPipeline:
     scheduler: Scheduler
     mesh: Mesh
     guide_first_channels: int | None = None  # the DiT reference guides 3 of 4 latent channels; None: all
+    output_uint8: bool = True                # False: return the model-space arrays (latents) as float32
 
     def check_labels(self, labels: Sequence[int]) -> np.ndarray:
         """Labels as int32 [N], with a clear error for one outside the model's classes."""
@@ -77,13 +78,14 @@ class ClassConditionalPipeline:
             x = sample(self.scheduler, denoise, noise, num_inference_steps=num_inference_steps,
                        key=sampler_key,
                        guidance_scale=guidance_scale if guided else None, guided_channels=guided_channels)
-            return to_uint8(x[..., :channels])
+            x = x[..., :channels]
+            return to_uint8(x) if self.output_uint8 else x.astype(jnp.float32)
 
         return jax.jit(generate, in_shardings=(rep, batch, rep, rep), out_shardings=batch)
 
     def __call__(self, params: Any, labels: Sequence[int], key: jax.Array, *, num_inference_steps: int = 50,
                  guidance_scale: float | None = None) -> np.ndarray:
-        """uint8 images [N, H, W, C] for `labels` [N]. guidance_scale None or 1: no guidance (one model
+        """uint8 images [N, H, W, C] (or float32 model-space arrays) for `labels` [N]. guidance_scale None or 1: no guidance (one model
         call per step); otherwise classifier-free guidance against the null class."""
         labels = self.check_labels(labels)
         guided = guidance_scale is not None and guidance_scale != 1.0
