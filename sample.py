@@ -14,7 +14,6 @@ decoding them needs the VAE. With no --labels, labels cycle through the
 classes. `.png` writes a grid with one row per class (for cycling labels); `.npz` writes `images`
 [N, H, W, C] uint8 and `labels` [N] int64.
 """
-import sys
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from diffax import parallel
+from diffax.cli import run_reporting_errors
 from diffax.image_io import save_grid, save_npz
 from diffax.convert.dit import load_dit
 from diffax.models import build_model, model_spec
@@ -100,13 +100,5 @@ def main(argv):
               f"to {', '.join(map(str, outs))}")
 
 
-def run(argv):
-    """Bad input ends with one line naming the problem, not a traceback."""
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    app.run(run)
+    app.run(run_reporting_errors(main))

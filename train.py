@@ -4,12 +4,11 @@
 
 Re-running the same command resumes from the latest checkpoint in the workdir.
 """
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffax import parallel
+from diffax.cli import run_reporting_errors
 from diffax.train.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -25,13 +24,5 @@ def main(argv):
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-def run(argv):
-    """Bad input ends with one line naming the problem, not a traceback."""
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-
-
 if __name__ == "__main__":
-    app.run(run)
+    app.run(run_reporting_errors(main))

@@ -56,6 +56,15 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides: int = 
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
 
 
+def _affine(norm: nn.Module, y: jax.Array, c: int) -> jax.Array:
+    """y * scale + bias in fp32 with per-channel params named as torch's weight / bias (-> scale / bias)."""
+    scale = norm.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (c,),
+                       norm.param_dtype)
+    bias = norm.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (c,),
+                      norm.param_dtype)
+    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over the channel (last) axis computed in fp32, like torch.nn.GroupNorm.
 
@@ -79,11 +88,7 @@ class GroupNorm(nn.Module):
         var = jnp.square(grouped - mean).mean(axis=(1, 3), keepdims=True)
         y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(xf.shape)
         if self.use_scale_bias:
-            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                               (c,), self.param_dtype)
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                              (c,), self.param_dtype)
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            y = _affine(self, y, c)
         return y.astype(self.dtype)
 
 
@@ -102,12 +107,7 @@ class LayerNorm(nn.Module):
         var = jnp.square(xf - mean).mean(-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_scale_bias:
-            c = x.shape[-1]
-            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                               (c,), self.param_dtype)
-            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                              (c,), self.param_dtype)
-            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+            y = _affine(self, y, x.shape[-1])
         return y.astype(self.dtype)
 
 
