@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at test ti
 # suite's time, so share one persistent cache across the session, its xdist workers and subprocesses.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "diffax-test-xla-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# XLA:CPU compiles each partitionable-threefry draw slowly (a tiny U-Net's init: ~50 s against ~13 s).
+# The tests compare runs made in the same configuration, never fixed random values, so the classic
+# threefry lowering changes no assertion; the library keeps jax's default.
+os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
