@@ -11,7 +11,7 @@ Restores the EMA weights of the latest checkpoint (or --step) of a training work
 DiT checkpoint (--checkpoint: a reference .pt/.safetensors file or a diffusers folder; DiT's linear
 schedule). A model whose images are not 1- or 3-channel (latent DiTs) writes `latents` float32 to .npz;
 decoding them needs the VAE. With no --labels, labels cycle through the
-classes. `.png` writes a grid with one row per class (for cycling labels); `.npz` writes `images`
+classes. `.png` writes a grid with one row per label; `.npz` writes `images`
 [N, H, W, C] uint8 and `labels` [N] int64.
 """
 from pathlib import Path
@@ -89,9 +89,10 @@ def main(argv):
                   guidance_scale=guidance)
     if jax.process_index() == 0:
         for out in outs:
-            if out.suffix == ".png":
-                save_grid(out, images, ncols=min(n_cls, 10) if not FLAGS.labels else 10,
-                          upscale=max(1, 64 // images.shape[1]))
+            if out.suffix == ".png":  # one row per label: images sorted by label, as many columns as repeats
+                order = np.argsort(labels, kind="stable")
+                ncols = -(-len(labels) // len(np.unique(labels)))
+                save_grid(out, images[order], ncols=ncols, upscale=max(1, 64 // images.shape[1]))
             elif pixels:
                 save_npz(out, images, labels)
             else:

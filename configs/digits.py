@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.label_dropout = 0.1
     c.train.log_every = 100
     c.train.checkpoint_every = 200
-    c.train.sample_every = 400
+    c.train.sample_every = 0  # sample.py writes the grid at the end; set e.g. 200 for grids while training
     c.sample.sampler = "ddim"
     c.sample.steps = 25
     c.sample.guidance_scale = 3.0

@@ -20,8 +20,15 @@ from test_train import tiny_config  # noqa: E402
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("run")
-    train_and_evaluate(tiny_config(steps=2), path)
+    config = tiny_config(steps=2)
+    config.train.sample_every = 2  # the loop's own grid, with the pipeline sample.py uses
+    train_and_evaluate(config, path)
     return path
+
+
+def test_training_writes_sample_grids(workdir):
+    grid = np.asarray(Image.open(workdir / "samples" / "step_000002.png"))
+    assert grid.shape == ((10 * 17 + 1) * 4, (10 * 17 + 1) * 4)  # 10 classes x 10 samples, 16 px tiles
 
 
 def _sample(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -38,11 +45,16 @@ def test_npz_and_png(workdir):
     np.testing.assert_array_equal(data["labels"], np.arange(13) % 10)  # no --labels: cycles the classes
 
     result = _sample(workdir, "--num_samples=20", "--labels=3,7", "--sampler=dpm++2m", "--guidance_scale=2",
-                     f"--out={workdir / 's.png'}")
+                     f"--out={workdir / 's.png'},{workdir / 's2.npz'}")
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(workdir / "s.png"))
-    # 10 columns x 2 rows of 16x16 tiles with 1-pixel gaps, each pixel shown 4x (64 // 16).
+    # One row per label (3s, then 7s), 10 columns of 16x16 tiles with 1-pixel gaps, pixels shown 4x (64 // 16).
     assert grid.shape == ((2 * 17 + 1) * 4, (10 * 17 + 1) * 4)
+    both = np.load(workdir / "s2.npz")
+    np.testing.assert_array_equal(both["labels"], [3, 7] * 10)
+    tile = lambda r, c: grid[4 * (1 + 17 * r):4 * (1 + 17 * r) + 64:4, 4 * (1 + 17 * c):4 * (1 + 17 * c) + 64:4]
+    np.testing.assert_array_equal(tile(0, 0), both["images"][0, ..., 0])  # first 3
+    np.testing.assert_array_equal(tile(1, 0), both["images"][1, ..., 0])  # first 7
 
 
 def test_same_seed_same_images_any_batch(workdir):
