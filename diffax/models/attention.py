@@ -35,6 +35,7 @@ def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Ar
 
 def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int) -> jax.Array:
     lq = q.shape[1]
+    chunk = min(chunk, lq)  # fewer queries than a chunk: one block, no padded work
     pad = -lq % chunk
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
     blocks = qp.reshape(q.shape[0], -1, chunk, *q.shape[2:]).swapaxes(0, 1)  # [n, B, chunk, H, D]
