@@ -19,7 +19,8 @@ NUM_CLASSES = 10
 
 
 @functools.lru_cache(maxsize=4)
-def _load(image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+def load_digits_arrays(image_size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """All digits as read-only arrays: images uint8 [1797, S, S, C] and labels int64 [1797] (cached)."""
     try:
         from sklearn.datasets import load_digits  # Optional: only the demo data needs scikit-learn.
     except ImportError as e:
@@ -52,7 +53,7 @@ class DigitsSource:
         self.channels = channels
         self.num_classes: int = NUM_CLASSES
         self.class_names: list[str] = [str(d) for d in range(NUM_CLASSES)]
-        self._images, self._labels = _load(image_size, channels)
+        self._images, self._labels = load_digits_arrays(image_size, channels)
 
     def __len__(self) -> int:
         return len(self._labels)

@@ -1,0 +1,1 @@
+"""Measuring what a trained model makes (class accuracy of digit samples)."""
