@@ -128,3 +128,32 @@ def test_linear_betas_and_bad_input():
     with pytest.raises(ValueError, match="twice the channels"):
         hybrid_loss(tables, jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3)), jnp.zeros((2, 4, 4, 3)),
                     jnp.zeros((2, 4, 4, 3)), jnp.zeros((2,), jnp.int32))
+
+
+def test_min_snr_weights_only_the_eps_term_in_training():
+    from diffax import objectives
+    from diffax.schedulers.names import scheduler_for
+    from diffax.train.step import Objective, diffusion_loss
+
+    abar = scheduler_for("ddpm", {"beta_schedule": "linear"}).alphas_cumprod()
+    out = jax.random.normal(jax.random.key(1), (1, 4, 4, 2))  # one example: its loss is the batch mean
+    seen = {}
+
+    def apply_fn(params, x_t, t, labels, **kwargs):
+        seen["t"] = t
+        return out
+
+    batch = {"image": jax.random.normal(jax.random.key(2), (1, 4, 4, 1))}
+    for seed in range(200):  # a key that draws a low-noise step, where min-SNR changes the weight
+        key = jax.random.key(seed)
+        _, plain = diffusion_loss(apply_fn, None, Objective(abar, learn_sigma=True), batch, key)
+        if int(seen["t"][0]) < 50:
+            break
+    weighted_loss, weighted = diffusion_loss(apply_fn, None, Objective(abar, learn_sigma=True, snr_gamma=5.0),
+                                             batch, key)
+    w = objectives.loss_weight("epsilon", abar, seen["t"], 5.0)[0]
+    assert float(w) < 0.5
+    np.testing.assert_allclose(weighted_loss, plain["mse"] * w + plain["vb"], rtol=1e-6)
+    np.testing.assert_allclose(weighted["mse"], plain["mse"], rtol=1e-6)  # the metric stays the plain MSE
+    with pytest.raises(ValueError, match="hybrid loss, which predicts epsilon.*v_prediction"):
+        Objective(abar, prediction_type="v_prediction", learn_sigma=True)

@@ -32,6 +32,11 @@ class Objective:
     null_class: int | None = None       # label id of the unconditional class (None: unconditional model)
     label_dropout: float = 0.0          # probability of replacing a label by null_class (for CFG)
 
+    def __post_init__(self):
+        if self.learn_sigma and self.prediction_type != "epsilon":
+            raise ValueError(f"a learn_sigma model trains with DiT's hybrid loss, which predicts epsilon; "
+                             f"diffusion.prediction_type is {self.prediction_type!r}")
+
     def variance_tables(self) -> learned_variance.VarianceTables:
         """The learned-variance tables of this schedule (betas recovered from alpha_bar)."""
         abar = self.alphas_cumprod
@@ -64,6 +69,9 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, objective: Objective, batch: 
     out = apply_fn(params, x_t, t, labels, train=train, rngs={"dropout": k_dropout})
     if objective.learn_sigma:
         parts = learned_variance.hybrid_loss(objective.variance_tables(), out, x0, x_t, noise, t)
+        if objective.snr_gamma is not None:  # min-SNR weights the eps term; the vb term keeps its own scale
+            weight = objectives.loss_weight("epsilon", objective.alphas_cumprod, t, objective.snr_gamma)
+            parts["loss"] = parts["mse"] * weight + parts["vb"]
         metrics = {k: v.mean() for k, v in parts.items()}
         return metrics["loss"], metrics
     loss = objectives.diffusion_loss(out, x0, noise, t, objective.alphas_cumprod, objective.prediction_type,
