@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH := torch==2.13.0
 
-.PHONY: demo test venv-test venv-demo bench clean
+.PHONY: demo demo-dit test venv-test venv-demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ venv-test: $(VENV)/.stamp-test
 demo: venv-demo
 	$(PY) train.py --config=configs/digits.py --workdir=runs/digits
 	$(PY) sample.py --workdir=runs/digits --num_samples=100 --out=runs/digits/samples.png,runs/digits/samples.npz
+	$(PY) -m diffax.evaluation.digits_classifier runs/digits/samples.npz
+
+# The same, with the small DiT of configs/dit_digits.py.
+demo-dit: venv-demo
+	$(PY) train.py --config=configs/dit_digits.py --workdir=runs/dit_digits
+	$(PY) sample.py --workdir=runs/dit_digits --num_samples=100 --out=runs/dit_digits/samples.png,runs/dit_digits/samples.npz
+	$(PY) -m diffax.evaluation.digits_classifier runs/dit_digits/samples.npz
 
 test: venv-test
 	$(PY) -m pytest -q -n 2 --durations=15 tests

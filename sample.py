@@ -3,6 +3,7 @@
     python sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3 --out=runs/digits/samples.png
     python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 --out=three.npz
     python sample.py --workdir=runs/digits --out=grid.png,grid.npz      # the same samples, both forms
+    python sample.py --workdir=runs/digits --sampler=dpm++2m --sampler_options=lambda_min_clipped=-5.1 --out=g.png
 
     python sample.py --checkpoint=DiT-XL-2-256x256.pt --labels=207,360 --sampler=ddpm --steps=250 \
         --guidance_scale=4 --reference_guidance --out=latents.npz
@@ -27,7 +28,7 @@ from diffax.image_io import save_grid, save_npz
 from diffax.convert.dit import load_dit
 from diffax.models import build_model, model_spec
 from diffax.pipelines.class_conditional import ClassConditionalPipeline
-from diffax.schedulers.names import scheduler_for
+from diffax.schedulers.names import parse_options, scheduler_for
 from diffax.train.checkpoint import restore_for_sampling
 
 FLAGS = flags.FLAGS
@@ -40,6 +41,7 @@ flags.DEFINE_list("labels", None, "Class labels, e.g. 0,1,2; default cycles 0..n
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; default the config's sample block.")
 flags.DEFINE_string("sampler", None, "Sampler name (docs/samplers.md); default the config's.")
 flags.DEFINE_integer("steps", None, "Inference steps; default the config's.")
+flags.DEFINE_list("sampler_options", [], "Sampler config fields as key=value, e.g. lambda_min_clipped=-5.1.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_list("out", None, "Output file(s): .png (grid) and/or .npz (arrays), comma-separated.")
 flags.mark_flags_as_required(["out"])
@@ -69,7 +71,7 @@ def main(argv):
             raise ValueError(f"--out must end in .png or .npz, got {out}")
     spec, params, schedule, defaults, source = load(FLAGS.workdir, FLAGS.checkpoint)
     sampler = FLAGS.sampler or defaults.sampler
-    scheduler = scheduler_for(sampler, schedule)
+    scheduler = scheduler_for(sampler, schedule, **parse_options(FLAGS.sampler_options))
     n_cls = spec.num_classes
     if FLAGS.labels:
         labels = np.array([int(s) for s in FLAGS.labels])

@@ -7,6 +7,7 @@ block: num_train_timesteps, beta_*, prediction_type, rescale_betas_zero_snr) fil
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 from typing import Any, Mapping
 
@@ -66,3 +67,21 @@ def scheduler_for(name: str, schedule: Mapping[str, Any] | Any, **options: Any) 
     if unknown:
         raise ValueError(f"{class_name} has no option(s) {sorted(unknown)}")
     return cls(**{**kwargs, **preset, **options})
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """Command-line sampler options, e.g. ['lambda_min_clipped=-5.1', 'timestep_spacing=leading'], as a dict.
+
+    Values are Python literals (numbers, True/False, None, quoted strings); anything else is a bare string.
+    """
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"sampler option {item!r} is not key=value")
+        try:
+            value = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        options[key.strip()] = value
+    return options
