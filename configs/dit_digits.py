@@ -2,15 +2,18 @@
 
     python train.py --config=configs/dit_digits.py --workdir=runs/dit_digits
     python sample.py --workdir=runs/dit_digits --num_samples=100 --out=runs/dit_digits/samples.png
-    python sample.py --workdir=runs/dit_digits --sampler=dpm++2m --steps=20 --out=runs/dit_digits/dpm.png
+    python sample.py --workdir=runs/dit_digits --sampler=dpm++2m --steps=20 --guidance_scale=3 \
+        --sampler_options=lambda_min_clipped=-5.1 --out=runs/dit_digits/dpm.png
 
 (`make demo-dit` runs the first two and scores the samples with diffax.evaluation.digits_classifier.)
 DiT-S-shaped but narrower and shallower: hidden 128, depth 6, 4 heads, patch 4, so a 16x16 digit is 16
 tokens of 4x4 pixels, each covering 2x2 pixels of the 8x8 original. With the reference's learned variance
-(learn_sigma) and hybrid loss on its linear schedule. 1500 steps of 64 images take about 8 minutes on a
-2-core CPU. Samples default to the reference's way: 'ddpm' with the learned variance (variance_type
-learned_range), guidance 4; any other sampler uses the eps channels. docs/dit.md has the measurements
-behind these choices.
+(learn_sigma) and hybrid loss, but improved DDPM's cosine schedule instead of DiT's linear one: the linear
+schedule spends half its timesteps below SNR 0.1, where a 16x16 digit is gone (class accuracy 92.5% vs
+99%). On cosine models the samplers that start at t = 999 need the options in docs/samplers.md, as in
+diffusers. 1500 steps of 64 images take about 9 minutes on a 2-core CPU. Samples default to the
+reference's way: 'ddpm' with the learned variance (variance_type learned_range), guidance 4; any other
+sampler uses the eps channels. docs/dit.md has the measurements behind these choices.
 """
 import ml_collections
 
@@ -25,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         name="dit", input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
         mlp_ratio=4.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=True, dtype="float32"))
-    c.diffusion.beta_schedule = "linear"  # the DiT / ADM schedule: 1e-4 .. 0.02 over 1000 steps
+    c.diffusion.beta_schedule = "squaredcos_cap_v2"
     c.diffusion.prediction_type = "epsilon"
     c.train.steps = 1500
     c.train.batch_size = 64
