@@ -140,6 +140,7 @@ def test_order_and_solver_name_mapping_match_diffusers():
     (UniPCMultistepScheduler, dict(use_beta_sigmas=True), "use_beta_sigmas"),
     (UniPCMultistepScheduler, dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
     (UniPCMultistepScheduler, dict(predict_x0=False, thresholding=True), "predict_x0"),
+    (UniPCMultistepScheduler, dict(predict_x0=False), "final_sigmas_type='sigma_min'"),
     (UniPCMultistepScheduler, dict(shift_terminal=0.1), "shift_terminal"),
     (UniPCMultistepScheduler, dict(solver_type="bh3"), "solver_type"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True), "use_flow_sigmas"),

@@ -133,6 +133,9 @@ class UniPCMultistepScheduler(DiscreteScheduler):
             raise ValueError(f"{name}: shift_terminal needs use_flow_sigmas=True")
         if not self.predict_x0 and (self.thresholding or self.prediction_type == "flow_prediction"):
             raise ValueError(f"{name}: thresholding and prediction_type='flow_prediction' need predict_x0=True")
+        if not self.predict_x0 and self.final_sigmas_type == "zero":
+            # The noise-prediction update ends on log(sigma = 0): 0 * inf, NaN images (also in diffusers).
+            raise ValueError(f"{name}: predict_x0=False cannot step to sigma 0; use final_sigmas_type='sigma_min'")
 
     def init(self, num_inference_steps: int,
              sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> UniPCMultistepState:
