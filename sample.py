@@ -1,9 +1,9 @@
 """Sample a trained class-conditional model into a PNG grid or an .npz file.
 
     python sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3 --out=runs/digits/samples.png
-    python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 --out=three.npz
+    python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 \
+        --sampler_options=lambda_min_clipped=-5.1 --out=three.npz   # cosine-schedule model: docs/samplers.md
     python sample.py --workdir=runs/digits --out=grid.png,grid.npz      # the same samples, both forms
-    python sample.py --workdir=runs/digits --sampler=dpm++2m --sampler_options=lambda_min_clipped=-5.1 --out=g.png
 
     python sample.py --checkpoint=DiT-XL-2-256x256.pt --labels=207,360 --sampler=ddpm --steps=250 \
         --guidance_scale=4 --reference_guidance --out=latents.npz
@@ -41,7 +41,8 @@ flags.DEFINE_list("labels", None, "Class labels, e.g. 0,1,2; default cycles 0..n
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; default the config's sample block.")
 flags.DEFINE_string("sampler", None, "Sampler name (docs/samplers.md); default the config's.")
 flags.DEFINE_integer("steps", None, "Inference steps; default the config's.")
-flags.DEFINE_list("sampler_options", [], "Sampler config fields as key=value, e.g. lambda_min_clipped=-5.1.")
+flags.DEFINE_list("sampler_options", [], "Sampler config fields as key=value,key=value (values without "
+                  "commas), e.g. lambda_min_clipped=-5.1.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_list("out", None, "Output file(s): .png (grid) and/or .npz (arrays), comma-separated.")
 flags.mark_flags_as_required(["out"])
