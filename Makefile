@@ -1,26 +1,28 @@
 # Two commands: `make demo` and `make test`. Both create or reuse .venv.
-# torch is installed first, pinned, because any other spec pulls the CUDA build
-# (gigabytes); with 2.13.0 present, the `torch` extra's range installs nothing more.
+# Every install takes the tested versions from constraints.txt (pyproject.toml holds the supported ranges).
+# torch is installed first, alone and pinned, because any other spec pulls the CUDA build (gigabytes);
+# with 2.13.0 present, the `torch` extra's range installs nothing more.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
+PIP_INSTALL := $(PIP) install -q -c constraints.txt
 TORCH := torch==2.13.0
 
-.PHONY: demo demo-dit test venv-test venv-demo bench clean
+.PHONY: demo demo-dit test test-slow venv-test venv-demo bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP_INSTALL) --upgrade pip setuptools wheel
 
-# A stamp per extra set, remade when the package metadata changes.
-$(VENV)/.stamp-demo: setup.cfg pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[demo]'
+# A stamp per extra set, remade when the package metadata or the tested versions change.
+$(VENV)/.stamp-demo: pyproject.toml constraints.txt | $(PY)
+	$(PIP_INSTALL) -e '.[demo]'
 	touch $@
 
-$(VENV)/.stamp-test: setup.cfg pyproject.toml | $(PY)
-	$(PIP) install -q $(TORCH)
-	$(PIP) install -q -e '.[torch,demo,test]'
+$(VENV)/.stamp-test: pyproject.toml constraints.txt | $(PY)
+	$(PIP_INSTALL) $(TORCH)
+	$(PIP_INSTALL) -e '.[torch,demo,test]'
 	touch $@
 
 venv-demo: $(VENV)/.stamp-demo
@@ -39,6 +41,10 @@ demo-dit: venv-demo
 
 test: venv-test
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# The full-size tests that `make test` leaves out (pyproject's addopts deselect `slow`).
+test-slow: venv-test
+	$(PY) -m pytest -q -m slow --durations=15 tests
 
 bench: venv-test
 	$(PY) -m bench.run_all

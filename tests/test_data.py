@@ -1,12 +1,19 @@
 """Tests for diffax.data: sources, shuffling, sharding and iterator checkpoints."""
 
+import sys
+
 import grain
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
+
+try:  # The optional extra diffax[tfds]; `make test` installs it (the test extra includes it).
+    import tensorflow_datasets as tfds
+except ModuleNotFoundError:
+    tfds = None
+needs_tfds = pytest.mark.skipif(tfds is None, reason="tensorflow-datasets is not installed (diffax[tfds])")
 
 from diffax import data
 
@@ -151,6 +158,7 @@ def test_orbax_checkpoint_manager_resumes_exactly(tmp_path):
     _assert_same_batches(_take(resumed, 2), expected)
 
 
+@needs_tfds
 def test_tfds_source_with_mock_data():
     with tfds.testing.mock_data(num_examples=12):
         source = data.make_source(_config(source='tfds', tfds_name='mnist', split='train', image_key='image',
@@ -164,10 +172,17 @@ def test_tfds_source_with_mock_data():
         assert unlabeled.num_classes == 0 and unlabeled[0]['label'] == 0
 
 
+@needs_tfds
 def test_tfds_missing_key_names_key_and_features():
     with tfds.testing.mock_data(num_examples=4):
         with pytest.raises(ValueError, match=r"no feature 'pixels'.*\['image', 'label'\]"):
             data.make_source(_config(source='tfds', tfds_name='mnist', image_key='pixels'))
+
+
+def test_tfds_source_without_tfds_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # `import tensorflow_datasets` now fails
+    with pytest.raises(ModuleNotFoundError, match=r"pip install 'diffax\[tfds\]'"):
+        data.make_source(_config(source='tfds', tfds_name='mnist'))
 
 
 def _save(path, size, color, mode='RGB'):

@@ -14,6 +14,24 @@ import numpy as np
 from diffax.data.folder import prepare_image
 
 
+def _import_tfds():
+    """tensorflow_datasets, imported on first use: it is the optional extra `diffax[tfds]`.
+
+    Imported here, not at module level, so that core diffax (digits, image folders) neither needs nor
+    pays for it.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ModuleNotFoundError as e:
+        if e.name != 'tensorflow_datasets':
+            raise  # tfds is there but one of its own dependencies is broken: show that error as it is.
+        raise ModuleNotFoundError(
+            "data.source='tfds' needs tensorflow-datasets, an optional extra of diffax: "
+            "pip install 'diffax[tfds]' (or pip install -e '.[tfds]' in a checkout)",
+            name='tensorflow_datasets') from e
+    return tfds
+
+
 class TfdsSource:
     """A grain random-access source over `tfds.data_source(name, split=split)`.
 
@@ -36,11 +54,11 @@ class TfdsSource:
             data_dir: tfds data directory; None uses tfds' default.
 
         Raises:
+            ImportError: tensorflow-datasets is not installed (the extra `diffax[tfds]`).
             ValueError: a configured key is not a feature of the data set, or the
                 label feature is not a `ClassLabel`.
         """
-        # Imported here so that users of the other sources don't pay for it.
-        import tensorflow_datasets as tfds
+        tfds = _import_tfds()
 
         self.name = name
         self.split = split
