@@ -26,7 +26,7 @@ from diffax import parallel
 from diffax.cli import run_reporting_errors
 from diffax.image_io import save_grid, save_npz
 from diffax.convert.dit import load_dit
-from diffax.models import build_model, model_spec
+from diffax.models import build_model, make_module
 from diffax.pipelines.class_conditional import ClassConditionalPipeline
 from diffax.schedulers.names import parse_options, scheduler_for
 from diffax.train.checkpoint import restore_for_sampling
@@ -49,7 +49,7 @@ flags.mark_flags_as_required(["out"])
 
 
 def load(workdir: str | None, checkpoint: str | None):
-    """(ModelSpec, params, diffusion schedule, sample defaults, where) from a workdir or a DiT checkpoint."""
+    """(model, params, diffusion schedule, sample defaults, where) from a workdir or a DiT checkpoint."""
     if (workdir is None) == (checkpoint is None):
         raise ValueError("give exactly one of --workdir and --checkpoint")
     if workdir is not None:
@@ -59,7 +59,7 @@ def load(workdir: str | None, checkpoint: str | None):
     schedule = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                     prediction_type="epsilon")  # what every DiT checkpoint was trained with
     defaults = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, guidance_scale=4.0))
-    return model_spec(dit_config), params, schedule, defaults, checkpoint
+    return make_module(dit_config), params, schedule, defaults, checkpoint
 
 
 def main(argv):
@@ -70,21 +70,21 @@ def main(argv):
     for out in outs:
         if out.suffix not in (".png", ".npz"):
             raise ValueError(f"--out must end in .png or .npz, got {out}")
-    spec, params, schedule, defaults, source = load(FLAGS.workdir, FLAGS.checkpoint)
+    model, params, schedule, defaults, source = load(FLAGS.workdir, FLAGS.checkpoint)
     sampler = FLAGS.sampler or defaults.sampler
     scheduler = scheduler_for(sampler, schedule, **parse_options(FLAGS.sampler_options))
-    n_cls = spec.num_classes
+    n_cls = model.config.num_classes
     if FLAGS.labels:
         labels = np.array([int(s) for s in FLAGS.labels])
         if len(labels) != FLAGS.num_samples:  # a short list repeats to fill num_samples
             labels = np.resize(labels, FLAGS.num_samples)
     else:
         labels = np.arange(FLAGS.num_samples) % max(n_cls, 1)
-    channels = spec.image_shape[-1]
+    channels = model.config.sample_shape[-1]
     pixels = channels in (1, 3)
     if not pixels and any(out.suffix == ".png" for out in outs):
         raise ValueError(f"this model makes {channels}-channel latents: write them to .npz (a PNG needs the VAE)")
-    pipe = ClassConditionalPipeline(spec, scheduler, parallel.make_mesh({"data": -1}), output_uint8=pixels,
+    pipe = ClassConditionalPipeline(model, scheduler, parallel.make_mesh({"data": -1}), output_uint8=pixels,
                                     guide_first_channels=3 if FLAGS.reference_guidance else None)
     guidance = FLAGS.guidance_scale if FLAGS.guidance_scale is not None else defaults.guidance_scale
     steps = FLAGS.steps or defaults.steps

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
 
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
-    base = DiTConfig.preset(args.preset, input_size=args.input_size, num_classes=args.num_classes,
+    base = DiTConfig.preset(args.preset, sample_size=args.input_size, num_embeds_ada_norm=args.num_classes,
                             freq_shift=1.0, norm_eps=1e-5)  # diffusers' values: exportable without a warning
     model = torch_dit(base).to(device)
     with tempfile.TemporaryDirectory() as folder:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     t = rng.integers(0, 1000, b).astype(np.int32)
     y = rng.integers(0, config.num_classes + 1, b).astype(np.int32)  # num_classes = the null class
     jx, jt, jy = jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)
-    program = common.compile_jax(lambda p, x, t, y: net.apply({"params": p}, x, t, y), params, jx, jt, jy)
+    program = common.compile_jax(lambda p, x, t, y: net.apply({"params": p}, x, t, class_labels=y), params, jx, jt, jy)
 
     tx = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
     tt, ty = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (t, y))
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     # The model's arithmetic, counted on the plain attention path: the chunked path pads queries to whole
     # chunks, and that extra work should show as a lower diffax rate, not as more work done by torch.
     plain = DiT(dataclasses.replace(config, attention_backend="xla"))
-    flops = common.count_flops(lambda p, x, t, y: plain.apply({"params": p}, x, t, y), params, jx, jt, jy)
+    flops = common.count_flops(lambda p, x, t, y: plain.apply({"params": p}, x, t, class_labels=y), params, jx, jt, jy)
     row = common.case_row(
         f"{args.preset} {side}x{side} forward b{b} ({args.attention})", diffax=timing["diffax"],
         torch=timing["torch"], program=program, flops=flops, peak=peak,

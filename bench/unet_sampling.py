@@ -118,7 +118,7 @@ def forward_case(args: argparse.Namespace, model: Any, config: UNet2DConfig, par
     t = rng.integers(0, 1000, args.batch).astype(np.int32)
     y = rng.integers(0, config.num_class_embeds, args.batch).astype(np.int32)
     jx, jt, jy = jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)
-    program = common.compile_jax(lambda p, x, t, y: net.apply({"params": p}, x, t, y), params, jx, jt, jy)
+    program = common.compile_jax(lambda p, x, t, y: net.apply({"params": p}, x, t, class_labels=y), params, jx, jt, jy)
     tx = _nchw(x, device)
     tt, ty = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (t, y))
     diffax_call = common.jax_blocking(program.compiled, params, jx, jt, jy)
@@ -150,7 +150,7 @@ def sampling_case(args: argparse.Namespace, model: Any, config: UNet2DConfig, pa
         cond = jnp.concatenate([jnp.full_like(labels, null), labels])  # [uncond; cond] rows
 
         def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
-            return net.apply({"params": p}, x, jnp.full(x.shape[:1], t), cond)
+            return net.apply({"params": p}, x, jnp.full(x.shape[:1], t), class_labels=cond)
 
         return sample(scheduler, denoise, noise, num_inference_steps=steps, guidance_scale=guidance)
 

@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 16
     c.data.channels = 1
     c.model = ml_collections.ConfigDict(dict(
-        name="unet2d", sample_size=16, in_channels=1, out_channels=1,
+        name="UNet2DModel", sample_size=16, in_channels=1, out_channels=1,
         block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),

@@ -6,7 +6,7 @@
         --sampler_options=lambda_min_clipped=-5.1 --out=runs/dit_digits/dpm.png
 
 (`make demo-dit` runs the first two and scores the samples with diffax.evaluation.digits_classifier.)
-DiT-S-shaped but narrower and shallower: hidden 128, depth 6, 4 heads, patch 4, so a 16x16 digit is 16
+DiT-S-shaped but narrower and shallower: hidden 128 (4 heads of 32), depth 6, patch 4, so a 16x16 digit is 16
 tokens of 4x4 pixels, each covering 2x2 pixels of the 8x8 original. With the reference's learned variance
 (learn_sigma) and hybrid loss, but improved DDPM's cosine schedule instead of DiT's linear one: the linear
 schedule spends half its timesteps below SNR 0.1, where a 16x16 digit is gone (class accuracy 92.5% vs
@@ -26,8 +26,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 16
     c.data.channels = 1
     c.model = ml_collections.ConfigDict(dict(
-        name="dit", input_size=16, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
-        mlp_ratio=4.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=True, dtype="float32"))
+        name="DiTTransformer2DModel", sample_size=16, patch_size=4, in_channels=1, out_channels=2,  # learned sigma
+        num_attention_heads=4, attention_head_dim=32, num_layers=6, num_embeds_ada_norm=10,
+        freq_shift=0.0, norm_eps=1e-6,  # the reference code's timestep frequencies and pre-MLP eps
+        class_dropout_prob=0.1, dtype="float32"))
     c.diffusion.beta_schedule = "squaredcos_cap_v2"
     c.diffusion.prediction_type = "epsilon"
     c.train.steps = 1500

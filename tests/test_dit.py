@@ -4,6 +4,7 @@ Parity is checked against diffusers' DiTTransformer2DModel built with random wei
 tensor randomised too, else adaLN-Zero would hide errors); the reference layout against an independent
 torch transcription of the reference forward pass and by round trips through the mapping.
 """
+import dataclasses
 import functools
 import json
 import math
@@ -42,7 +43,7 @@ def inputs(batch=3, size=8, seed=0):
 def random_params(config, seed=0):
     """Init, then replace every tensor (zero-initialised ones included) by random values of a sane scale."""
     x, t, y = inputs(1, config.input_size)
-    params = nn.meta.unbox(jax.eval_shape(DiT(config).init, jax.random.key(0), x, t, y)["params"])
+    params = nn.meta.unbox(jax.eval_shape(functools.partial(DiT(config).init, class_labels=y), jax.random.key(0), x, t)["params"])
     rng = np.random.default_rng(seed)
 
     def draw(path, leaf):
@@ -66,7 +67,7 @@ def _jitted_apply(config):
 
 
 def run(config, params, x, t, y):
-    return np.asarray(_jitted_apply(config)({"params": params}, x, t, y))
+    return np.asarray(_jitted_apply(config)({"params": params}, x, t, class_labels=y))
 
 
 # ----------------------------------------------------------------------------- model
@@ -89,7 +90,8 @@ def test_presets_shapes_and_counts(name):
     model = DiT(config)
     x = jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32)
     out, variables = jax.eval_shape(
-        lambda x: model.init_with_output(jax.random.key(0), x, jnp.zeros((2,)), jnp.zeros((2,), jnp.int32)), x)
+        lambda x: model.init_with_output(jax.random.key(0), x, jnp.zeros((2,)),
+                                         class_labels=jnp.zeros((2,), jnp.int32)), x)
     assert out.shape == (2, 32, 32, 8) and out.dtype == jnp.float32
     hidden, depth, patch = config.hidden_size, config.depth, config.patch_size
     n = sum(math.prod(v.shape) for v in jax.tree.leaves(nn.meta.unbox(variables)))
@@ -107,10 +109,10 @@ def test_xl2_parameter_count_matches_paper():
 
 
 def test_fresh_model_outputs_zeros_and_blocks_are_identity():
-    config = DiTConfig(**SMALL)
+    config = DiTConfig.from_reference(**SMALL)
     x, t, y = inputs()
-    variables = jax.jit(DiT(config).init)(jax.random.key(1), x, t, y)
-    out = _jitted_apply(config)(variables, x, t, y)
+    variables = jax.jit(functools.partial(DiT(config).init, class_labels=y))(jax.random.key(1), x, t)
+    out = _jitted_apply(config)(variables, x, t, class_labels=y)
     assert out.shape == (3, 8, 8, 8)
     np.testing.assert_array_equal(out, 0.0)  # adaLN-Zero: zero final layer and zero gates
     tokens = jax.random.normal(jax.random.key(2), (3, 16, 32))
@@ -120,40 +122,40 @@ def test_fresh_model_outputs_zeros_and_blocks_are_identity():
 
 
 def test_label_table_has_null_class():
-    config = DiTConfig(**SMALL)
+    config = DiTConfig.from_reference(**SMALL)
     params = random_params(config)
     assert params["emb"]["class_embedder"]["embedding_table"]["embedding"].shape == (11, 32)
     assert config.null_class == 10
     x, t, _ = inputs()
     np.testing.assert_array_equal(run(config, params, x, t, None), run(config, params, x, t, np.full(3, 10)))
-    assert DiTConfig(**{**SMALL, "class_dropout_prob": 0.0}).num_embeddings == 10
+    assert DiTConfig.from_reference(**{**SMALL, "class_dropout_prob": 0.0}).num_embeddings == 10
     with pytest.raises(ValueError, match="null class"):
-        DiTConfig(**{**SMALL, "class_dropout_prob": 0.0}).null_class
+        DiTConfig.from_reference(**{**SMALL, "class_dropout_prob": 0.0}).null_class
 
 
 def test_switches_keep_the_numbers():
-    config = DiTConfig(**SMALL)
+    config = DiTConfig.from_reference(**SMALL)
     params = random_params(config)
     x, t, y = inputs()
     want = run(config, params, x, t, y)
-    chunked = DiTConfig(**SMALL, attention_backend="chunked")
+    chunked = DiTConfig.from_reference(**SMALL, attention_backend="chunked")
     assert rel_err(run(chunked, params, x, t, y), want) < 1e-6
     # Non-square inputs work (diffusers assumes square); learn_sigma=False halves the channels.
-    no_sigma = DiTConfig(**{**SMALL, "learn_sigma": False})
+    no_sigma = DiTConfig.from_reference(**{**SMALL, "learn_sigma": False})
     out = run(no_sigma, random_params(no_sigma), np.zeros((1, 8, 12, 4), np.float32), t[:1], y[:1])
     assert out.shape == (1, 8, 12, 4)
     # remat changes memory, not gradients.
-    remat = DiTConfig(**SMALL, remat=True)
+    remat = DiTConfig.from_reference(**SMALL, remat=True)
 
     def grad(cfg):
-        return jax.jit(jax.grad(lambda p: DiT(cfg).apply({"params": p}, x, t, y).sum()))(params)
+        return jax.jit(jax.grad(lambda p: DiT(cfg).apply({"params": p}, x, t, class_labels=y).sum()))(params)
 
     # Whole-tree relative error: recomputation may fuse differently (fp32 rounding), and some leaves
     # (the key bias: softmax ignores it) have an exactly-zero gradient that is pure rounding noise.
     g, g_remat = (np.concatenate([np.ravel(v) for v in jax.tree.leaves(grad(c))]) for c in (config, remat))
     assert rel_err(g_remat, g) < 1e-5
     # bf16 compute: same function to bf16 precision (8 bits of mantissa, ~0.4% per op; 5% over the net).
-    bf16 = DiTConfig(**SMALL, dtype=jnp.bfloat16)
+    bf16 = DiTConfig.from_reference(**SMALL, dtype=jnp.bfloat16)
     assert rel_err(run(bf16, params, x, t, y), want) < 5e-2
 
 
@@ -165,17 +167,18 @@ def test_fsdp_and_tensor_parallel_are_configuration(num_devices):
     from diffax import parallel
     if num_devices < 8:
         pytest.skip("needs 8 (simulated) devices")
-    config = DiTConfig(**SMALL)
+    config = DiTConfig.from_reference(**SMALL)
     params = random_params(config)
     x, t, y = inputs(4)
     want = run(config, params, x, t, y)
     mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
-    boxed = jax.eval_shape(DiT(config).init, jax.random.key(0), x, t, y)["params"]
+    boxed = jax.eval_shape(functools.partial(DiT(config).init, class_labels=y), jax.random.key(0), x, t)["params"]
     sharded = jax.device_put(params, parallel.logical_shardings(nn.get_partition_spec(boxed), mesh))
     kernel = sharded["transformer_blocks_0"]["ff"]["net_0"]["proj"]["kernel"]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     with jax.set_mesh(mesh), nn.logical_axis_rules(parallel.DEFAULT_RULES):
-        got = jax.jit(DiT(config).apply)({"params": sharded}, jax.device_put(x, parallel.batch_sharding(mesh)), t, y)
+        got = jax.jit(DiT(config).apply)({"params": sharded}, jax.device_put(x, parallel.batch_sharding(mesh)), t,
+                                        class_labels=y)
     assert rel_err(got, want) < 1e-5  # fp32, only the reduction order changes
 
 
@@ -187,12 +190,12 @@ def test_pos_embed_matches_diffusers():
 
 
 def test_config_presets_and_errors(tmp_path):
-    assert DiTConfig.preset("DiT-B/4", num_classes=10).num_classes == 10
+    assert DiTConfig.preset("DiT-B/4", num_embeds_ada_norm=10).num_classes == 10
     with pytest.raises(ValueError, match="DiT-Z/2"):
         DiTConfig.preset("DiT-Z/2")
     with pytest.raises(ValueError, match="num_heads"):
-        DiTConfig(hidden_size=30, num_heads=4)
-    small = DiTConfig(**SMALL, freq_shift=1.0)
+        DiTConfig.from_reference(hidden_size=30, num_heads=4)
+    small = dataclasses.replace(DiTConfig.from_reference(**SMALL), freq_shift=1.0, norm_eps=1e-5)
     assert DiTConfig.from_diffusers(small.to_diffusers()) == small
     with pytest.warns(UserWarning, match="freq_shift"):
         DiTConfig.preset("DiT-XL/2").to_diffusers()
@@ -202,7 +205,7 @@ def test_config_presets_and_errors(tmp_path):
     with pytest.raises(ValueError, match="norm_type='ada_norm'"):
         DiTConfig.from_diffusers({**small.to_diffusers(), "norm_type": "ada_norm"})
     with pytest.raises(ValueError, match="mlp_ratio"):
-        DiTConfig(**SMALL, mlp_ratio=2.0).to_diffusers()
+        DiTConfig.from_reference(**SMALL, mlp_ratio=2.0).to_diffusers()
     # An older Transformer2DModel-style DiT config, with the keys DiT does not use, is accepted (diffusers
     # saved DiT that way before DiTTransformer2DModel existed); one that leaves a key to its defaults is not.
     hub = {"_class_name": "Transformer2DModel", "_diffusers_version": "0.12.0.dev0", "activation_fn":
@@ -257,7 +260,7 @@ def test_parity_with_diffusers(diffusers_folder, tmp_path):
     print(f"DiT diffusers parity: relative error {err:.2e}")
     assert err < RTOL
     # The two diffusers/reference differences are live in this test: flipping one breaks parity.
-    assert rel_err(run(DiTConfig(**{**SMALL, "freq_shift": 0.0, "norm_eps": 1e-5}), params, x, t, y), want) > 1e-3
+    assert rel_err(run(dataclasses.replace(config, freq_shift=0.0), params, x, t, y), want) > 1e-3
 
     # Export: diffusers loads our folder and its state dict is the original one.
     from diffusers import DiTTransformer2DModel
@@ -313,7 +316,7 @@ def reference_forward(sd, x, t, y, heads):
 
 
 def test_reference_layout_forward_and_round_trip(tmp_path):
-    config = DiTConfig(**SMALL)
+    config = DiTConfig.from_reference(**SMALL)
     params = random_params(config, seed=5)
     path = tmp_path / "dit.pt"
     convert.save_dit_reference(path, config, params)
@@ -345,6 +348,6 @@ def test_reference_route_equals_diffusers_route(diffusers_folder, tmp_path):
     ref_config, ref_params = convert.load_dit(tmp_path / "dit.safetensors", num_heads=2)
     assert_trees_equal(ref_params, params)
     # The reference layout carries no freq_shift / norm_eps: it takes the reference values.
-    assert ref_config == DiTConfig(**{**SMALL, "freq_shift": 0.0, "norm_eps": 1e-6})
+    assert ref_config == DiTConfig.from_reference(**SMALL)
     with pytest.raises(CheckpointError, match="pass the folder"):
         convert.load_dit(folder / "diffusion_pytorch_model.safetensors")

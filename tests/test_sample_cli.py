@@ -108,15 +108,14 @@ def test_every_short_name_builds(name):
 def test_converted_dit_checkpoint(tmp_path):
     """sample.py --checkpoint takes a converted DiT (here a diffusers folder of a tiny random latent DiT)."""
     import jax
-    import flax.linen as nn
 
     from diffax.convert.dit import save_dit_diffusers
-    from diffax.models import model_spec
+    from diffax.models import init_params
     from diffax.models.dit import DiTConfig
 
-    config = DiTConfig(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
-                       num_classes=5, freq_shift=1.0, norm_eps=1e-5)
-    params = nn.meta.unbox(model_spec(config).init_boxed(jax.random.key(0)))
+    config = DiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_attention_heads=2,
+                       attention_head_dim=16, num_layers=1, num_embeds_ada_norm=5)
+    params = init_params(config, jax.random.key(0))
     save_dit_diffusers(tmp_path / "dit", config, jax.device_get(params))
     args = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'dit'}", "--steps=3",
             "--num_samples=3", "--reference_guidance"]
@@ -133,18 +132,17 @@ def test_converted_dit_checkpoint(tmp_path):
 def test_dit_digits_recipe_learns_and_samples(tmp_path):
     """configs/dit_digits.py, shrunk, trains through the generic loop (loss falls) and sample.py samples
     its workdir with the learned variance (ddpm)."""
-    import flax.linen as nn
     import jax
 
     from configs.dit_digits import get_config
     from diffax.data import make_source, make_train_iterator
-    from diffax.models import build_model
+    from diffax.models import build_model, init_params
     from diffax.train.checkpoint import restore_for_sampling
-    from diffax.train.loop import make_objective
+    from diffax.train.loop import make_objective, model_apply_fn
     from diffax.train.step import diffusion_loss
 
     c = get_config()
-    c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 2, 2
+    c.model.attention_head_dim, c.model.num_layers, c.model.num_attention_heads = 16, 2, 2
     c.train.steps, c.train.batch_size, c.train.warmup_steps = 40, 32, 5
     c.train.log_every, c.train.checkpoint_every, c.train.sample_every = 20, 20, 0
     train_and_evaluate(c, tmp_path)
@@ -154,9 +152,9 @@ def test_dit_digits_recipe_learns_and_samples(tmp_path):
     batch = next(make_train_iterator(make_source(c.data), global_batch_size=256, seed=7))
 
     def eval_loss(params) -> float:  # the same images, timesteps and noise for both
-        return float(diffusion_loss(spec.apply, params, objective, batch, jax.random.key(0), train=False)[0])
+        return float(diffusion_loss(model_apply_fn(spec), params, objective, batch, jax.random.key(0), train=False)[0])
 
-    first = eval_loss(nn.meta.unbox(spec.init_boxed(jax.random.key(c.seed))))  # zero-init: outputs zeros
+    first = eval_loss(init_params(spec.config, jax.random.key(c.seed)))  # zero-init: outputs zeros
     last = eval_loss(restore_for_sampling(tmp_path)[1])
     assert last < 0.6 * first, (first, last)
 

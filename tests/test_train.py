@@ -16,7 +16,8 @@ from diffax import parallel
 from diffax.models import build_model
 from diffax.train import checkpoint
 from diffax.train.config import validate_config
-from diffax.train.loop import NonFiniteLossError, create_train_state, make_objective, train_and_evaluate
+from diffax.train.loop import (NonFiniteLossError, create_train_state, make_objective, model_apply_fn,
+                               train_and_evaluate)
 from diffax.train.state import make_optimizer
 from diffax.train.step import make_train_step
 
@@ -55,7 +56,7 @@ def test_sharded_step_equals_single_device_step():
     config = tiny_config()
     spec = build_model(config.model)
     tx = make_optimizer(config.train)
-    step = make_train_step(spec.apply, tx, make_objective(config, spec))
+    step = make_train_step(model_apply_fn(spec), tx, make_objective(config, spec))
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),
              "label": rng.integers(0, 10, (16,)).astype(np.int32)}

@@ -26,7 +26,8 @@ diffusers = pytest.importorskip("diffusers")
 from diffax.convert import rules  # noqa: E402
 from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors  # noqa: E402
 from diffax.convert.unet2d import load_unet2d, save_unet2d  # noqa: E402
-from diffax.models.unet2d import UNet2DConfig, UNet2DModel, abstract_params, init_params  # noqa: E402
+from diffax.models import abstract_params, init_params, logical_specs  # noqa: E402
+from diffax.models.unet2d import UNet2DConfig, UNet2DModel  # noqa: E402
 
 RTOL = 1e-4
 
@@ -51,7 +52,7 @@ def torch_forward(model, x: np.ndarray, t: np.ndarray, y: np.ndarray | None) -> 
 
 @functools.lru_cache
 def _jitted_forward(config: UNet2DConfig):
-    return jax.jit(lambda p, x, t, y: UNet2DModel(config).apply({"params": p}, x, t, y))
+    return jax.jit(lambda p, x, t, y: UNet2DModel(config).apply({"params": p}, x, t, class_labels=y))
 
 
 def apply(config: UNet2DConfig, params, x, t, y=None) -> np.ndarray:
@@ -166,7 +167,7 @@ def test_timestep_forms_agree(loaded, torch_model, inputs):
     config, params = loaded
     x, _, y = inputs
     model = UNet2DModel(config)
-    fn = jax.jit(lambda p, t: model.apply({"params": p}, x, t, y))
+    fn = jax.jit(lambda p, t: model.apply({"params": p}, x, t, class_labels=y))
     ints = np.asarray(fn(params, jnp.array([7, 7, 7], jnp.int32)))
     # Integer, float and scalar timesteps are the same embedding input: identical outputs.
     np.testing.assert_array_equal(ints, np.asarray(fn(params, jnp.array([7.0, 7.0, 7.0], jnp.float32))))
@@ -245,8 +246,8 @@ def test_shapes_specs_and_conditioning():
     # XLA:CPU takes ~0.5 s to compile each partitionable threefry draw (one per kernel, ~50 here); the
     # non-partitionable lowering compiles ~4x faster and changes only which random numbers come out.
     with jax.threefry_partitionable(False):
-        params, specs = init_params(config, jax.random.key(0))
-    shapes, _ = abstract_params(config)
+        params = init_params(config, jax.random.key(0))
+    shapes, specs = abstract_params(config), logical_specs(config)
     assert jax.tree.map(lambda a: (a.shape, a.dtype), params) == jax.tree.map(lambda a: (a.shape, a.dtype), shapes)
     # Every parameter has a logical spec of its own rank.
     flat_specs = rules.flatten(specs)
@@ -259,7 +260,7 @@ def test_shapes_specs_and_conditioning():
     assert params["up_blocks_0"]["attentions_1"]["to_q"]["kernel"].shape == (16, 16)  # one 16-wide head
     assert params["up_blocks_0"]["resnets_0"]["conv1"]["kernel"].shape == (3, 3, 32, 16)  # 16 + 16-ch skip
 
-    fn = jax.jit(lambda x, y: UNet2DModel(config).apply({"params": params}, x, 3, y))
+    fn = jax.jit(lambda x, y: UNet2DModel(config).apply({"params": params}, x, 3, class_labels=y))
     x = jnp.ones((2, 8, 12, 2))
     out = fn(x, jnp.array([0, 3]))
     assert out.shape == (2, 8, 12, 5) and out.dtype == jnp.float32
@@ -269,14 +270,14 @@ def test_shapes_specs_and_conditioning():
         fn(jnp.ones((2, 7, 12, 2)), jnp.array([0, 3]))
     no_class = UNet2DModel(dataclasses.replace(config, num_class_embeds=None))
     with pytest.raises(ValueError, match="no class embedding"):
-        jax.eval_shape(no_class.init, jax.random.key(0), x, 3, jnp.array([0, 3]))
+        jax.eval_shape(functools.partial(no_class.init, class_labels=jnp.array([0, 3])), jax.random.key(0), x, 3)
 
 
 def test_dropout(loaded, inputs):
     config, params = loaded
     model = UNet2DModel(dataclasses.replace(config, dropout=0.5))  # dropout adds no parameters
     x, t, y = inputs
-    train = jax.jit(lambda p, key: model.apply({"params": p}, x, t, y, train=True, rngs={"dropout": key}))
+    train = jax.jit(lambda p, key: model.apply({"params": p}, x, t, class_labels=y, train=True, rngs={"dropout": key}))
     a, b = np.asarray(train(params, jax.random.key(3))), np.asarray(train(params, jax.random.key(4)))
     assert not np.allclose(a, b)
     # train=False ignores the rate: identical to the dropout-free model.
@@ -288,7 +289,8 @@ def test_bf16(folders, inputs, reference):
     # allow 5e-2 of the output scale; a dtype bug (a norm or softmax run in bf16 input scale) exceeds it.
     config, params = load_unet2d(folders / "st", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert params["conv_in"]["kernel"].dtype == jnp.bfloat16
-    out = jax.jit(UNet2DModel(config).apply)({"params": params}, *inputs)
+    x, t, y = inputs
+    out = jax.jit(UNet2DModel(config).apply)({"params": params}, x, t, class_labels=y)
     assert out.dtype == jnp.bfloat16
     err = rel_err(np.asarray(out.astype(jnp.float32)), reference)
     print(f"UNet2DModel bf16 vs torch fp32: {err:.2e}")

@@ -27,9 +27,10 @@ from typing import Any, Mapping
 import flax.linen as nn
 import numpy as np
 
-from diffax.convert.io import CheckpointError, StateDict, read_config, read_state_dict, write_safetensors
+from diffax.convert.io import CheckpointError, StateDict, read_state_dict, write_safetensors
 from diffax.convert.rules import Params, apply_renames, check_against, flax_to_torch, torch_to_flax
-from diffax.models.dit import SIZES, DiTConfig, init_shapes, sincos_pos_embed_2d
+from diffax.models.dit import SIZES, DiTConfig, sincos_pos_embed_2d
+from diffax.models.registry import abstract_params
 
 EMBEDDING_KEYS = (r"embedding_table\.weight$",)
 
@@ -72,7 +73,7 @@ def _plain(params: Params) -> Params:
 
 def _load_into(config: DiTConfig, sd: StateDict, source: str) -> Params:
     params = torch_to_flax(sd, embedding_keys=EMBEDDING_KEYS, source=source)
-    return check_against(params, nn.meta.unbox(init_shapes(config)), source=source)
+    return check_against(params, abstract_params(config), source=source)
 
 
 # ----------------------------------------------------------------------------- reference layout
@@ -111,7 +112,7 @@ def reference_config(sd: Mapping[str, np.ndarray], *, source: str = "state dict"
     elif input_size is None:
         raise CheckpointError(f"{source}: no pos_embed buffer to read the training resolution from; pass "
                               f"input_size (latent size, e.g. 32 for 256x256 images)")
-    return DiTConfig(input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden,
+    return DiTConfig.from_reference(input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden,
                      depth=depth, num_heads=num_heads, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden,
                      class_dropout_prob=0.1, num_classes=sd["y_embedder.embedding_table.weight"].shape[0] - 1,
                      learn_sigma=out_ch == 2 * in_ch)
@@ -209,7 +210,7 @@ def load_dit(path: str | os.PathLike, *, input_size: int | None = None,
     if path.is_dir():
         if not (path / "config.json").exists() and (path / "transformer" / "config.json").exists():
             path = path / "transformer"
-        config = DiTConfig.from_diffusers(read_config(path))
+        config = DiTConfig.from_diffusers(path)
         return config, diffusers_to_params(config, read_state_dict(path), source=str(path))
     sd = read_state_dict(path)
     if "pos_embed.proj.weight" in sd:

@@ -17,7 +17,8 @@ from typing import Any
 from diffax.convert import rules
 from diffax.convert.io import WEIGHT_NAMES, CheckpointError, read_state_dict, write_safetensors
 from diffax.models.layers import unbox
-from diffax.models.unet2d import UNet2DConfig, abstract_params
+from diffax.models.registry import abstract_params
+from diffax.models.unet2d import UNet2DConfig
 
 # Regex renames on torch keys, applied before the generic rules (old attention names -> current ones).
 RENAMES = (
@@ -67,7 +68,7 @@ def load_unet2d(path: str | os.PathLike, config: UNet2DConfig | None = None,
         config = UNet2DConfig.from_diffusers(folder, **overrides)
     state_dict = rules.apply_renames(read_state_dict(weights), RENAMES)
     params = rules.torch_to_flax(state_dict, embedding_keys=EMBEDDING_KEYS, source=str(weights))
-    reference, _ = abstract_params(config)
+    reference = abstract_params(config)
     return config, rules.check_against(params, reference, source=str(weights))
 
 
@@ -77,10 +78,10 @@ def save_unet2d(folder: str | os.PathLike, config: UNet2DConfig, params: dict) -
     Returns the weight file's path."""
     folder = Path(folder)
     params = unbox(params)
-    reference, _ = abstract_params(config)
+    reference = abstract_params(config)
     # Only the check: the file keeps the dtype the caller's params have (cast them first for fp16 / bf16).
     rules.check_against(params, reference, source="params passed to save_unet2d")
-    config.to_diffusers(folder)
+    config.save_config(folder)
     state_dict = rules.flax_to_torch(params)
     path = folder / WEIGHTS_NAME
     write_safetensors(path, state_dict, metadata={"format": "pt"})

@@ -19,8 +19,9 @@ Two details differ between the reference code and diffusers, so they are config 
               diffusers' `CombinedTimestepLabelEmbeddings` hard-codes 1.
   norm_eps    eps of the LayerNorm before the MLP; the reference uses 1e-6, diffusers its `norm_eps`
               config key (default 1e-5). Every other adaLN LayerNorm uses 1e-6 in both.
-`DiTConfig.preset` follows the reference; `DiTConfig.from_diffusers` follows diffusers, so a converted
-model reproduces whichever code it came from.
+The config's fields are diffusers' config.json keys; `DiTConfig.preset` and `DiTConfig.from_reference`
+follow the reference code, `DiTConfig.from_diffusers` follows diffusers, so a converted model reproduces
+whichever code it came from. Registered as 'DiTTransformer2DModel' (alias 'dit').
 
 Label dropout for classifier-free guidance is NOT done here: the train step replaces labels by the null
 id `num_classes` (the table has num_classes + 1 rows when class_dropout_prob > 0), which keeps the module
@@ -30,19 +31,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import warnings
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.convert.io import read_config
 from diffax.models.attention import dot_product_attention
+from diffax.models.config_base import DiffusersConfig
 from diffax.models.layers import LayerNorm, TimestepEmbedding, conv, dense, timestep_embedding
+from diffax.models.registry import ModelFamily, abstract_params, register
 
 Dtype = Any
 
@@ -63,84 +63,136 @@ _zeros = nn.initializers.zeros_init()
 _embed_init = nn.initializers.normal(0.02)
 
 
+# The reference code's constructor arguments (facebookresearch/DiT `DiT.__init__`), for `from_reference`.
+REFERENCE_DEFAULTS = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                          mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True)
+# Keys of the older `Transformer2DModel` layout that DiT does not use, with the only value DiT accepts.
+_T2D_UNUSED = {
+    "cross_attention_dim": None, "num_vector_embeds": None, "only_cross_attention": False,
+    "double_self_attention": False, "attention_type": "default", "caption_channels": None,
+}
+# Transformer2DModel's defaults differ from DiT's, so such a config must state these.
+_T2D_MUST_STATE = ("attention_head_dim", "in_channels", "num_layers", "sample_size", "patch_size",
+                   "activation_fn", "num_embeds_ada_norm", "attention_bias", "norm_type", "norm_elementwise_affine")
+# Keys whose value must be the one DiT uses.
+_REQUIRED = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
+             "norm_elementwise_affine": False, "dropout": 0.0}
+
+
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
-    """Hyper-parameters of a DiT. Defaults are DiT-XL/2 on 256x256 images (32x32x4 latents)."""
-    input_size: int = 32           # latent height = width the model was trained at (sets the pos-embed grid)
-    patch_size: int = 2
+class DiTConfig(DiffusersConfig):
+    """diffusers' `DiTTransformer2DModel` config (same keys, same defaults), plus diffax's fields.
+
+    `preset('DiT-XL/2')` and `from_reference(hidden_size=..., depth=...)` build the reference code's
+    configs (learned sigma, freq_shift 0, pre-MLP eps 1e-6). `norm_num_groups` and `upcast_attention` are
+    kept for round trips only: DiT has no GroupNorm and its softmax always runs in fp32.
+    """
+    num_attention_heads: int = 16
+    attention_head_dim: int = 72
     in_channels: int = 4
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
+    out_channels: int | None = None  # None: in_channels; 2 * in_channels: learned sigma
+    num_layers: int = 28
+    dropout: float = 0.0
+    norm_num_groups: int = 32
+    attention_bias: bool = True
+    sample_size: int = 32            # latent side the model was trained at (sets the pos-embed grid)
+    patch_size: int = 2
+    activation_fn: str = "gelu-approximate"
+    num_embeds_ada_norm: int | None = 1000  # number of classes
+    upcast_attention: bool = False
+    norm_type: str = "ada_norm_zero"
+    norm_elementwise_affine: bool = False
+    norm_eps: float = 1e-5           # eps of the pre-MLP LayerNorm (the reference uses 1e-6)
+    # diffax-only, stored under "_diffax" in config.json
+    freq_shift: float = 1.0          # timestep frequency shift: 1 diffusers, 0 reference (module doc)
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1  # used by the train step; > 0 adds the null-class row to the table
-    num_classes: int = 1000
-    learn_sigma: bool = True
-    freq_shift: float = 0.0        # timestep frequency shift: 0 reference, 1 diffusers (see module doc)
-    norm_eps: float = 1e-6         # eps of the pre-MLP LayerNorm: 1e-6 reference, diffusers' norm_eps
-    dtype: Dtype = jnp.float32     # compute dtype; norms and softmax run in fp32 regardless
+    # runtime
+    dtype: Dtype = jnp.float32       # compute dtype; norms and softmax run in fp32 regardless
     param_dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
-    remat: bool = False            # rematerialise each block in the backward pass (saves activation memory)
+    remat: bool = False              # rematerialise each block in the backward pass (saves activation memory)
+
+    class_name: ClassVar[str] = "DiTTransformer2DModel"
+    accepted_class_names: ClassVar[tuple[str, ...]] = ("Transformer2DModel",)
+    runtime_fields: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend", "remat")
+    extra_fields: ClassVar[tuple[str, ...]] = ("freq_shift", "mlp_ratio", "class_dropout_prob")
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_heads {self.num_heads}")
+        for key, want in _REQUIRED.items():
+            if getattr(self, key) != want:
+                raise ValueError(f"{key}={getattr(self, key)!r} is not supported (DiT needs {want!r})")
+        for key in ("num_attention_heads", "attention_head_dim", "in_channels", "num_layers", "sample_size",
+                    "patch_size", "num_embeds_ada_norm"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{key}={value!r} is not supported (expected a positive int)")
+        if self.out_channels not in (None, self.in_channels, 2 * self.in_channels):
+            raise ValueError(f"out_channels={self.out_channels} must be in_channels ({self.in_channels}) or "
+                             f"twice it (learned sigma)")
         if self.hidden_size % 4:
-            raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} must be divisible by 4 "
-                             f"(2-D sin-cos position embedding)")
-        if self.input_size % self.patch_size:
-            raise ValueError(f"DiTConfig: input_size {self.input_size} is not divisible by "
-                             f"patch_size {self.patch_size}")
+            raise ValueError(f"num_attention_heads x attention_head_dim = {self.hidden_size} must be divisible "
+                             f"by 4 (2-D sin-cos position embedding)")
+        if self.sample_size % self.patch_size:
+            raise ValueError(f"sample_size {self.sample_size} is not divisible by patch_size {self.patch_size}")
 
-    @property
-    def out_channels(self) -> int:
-        return 2 * self.in_channels if self.learn_sigma else self.in_channels
+    @classmethod
+    def _translate(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
+        """Reads the older `Transformer2DModel` layout diffusers saved DiTs in (e.g. facebook/DiT-XL-2-256)."""
+        if cfg.get("_class_name") != "Transformer2DModel":
+            return cfg
+        absent = [k for k in _T2D_MUST_STATE if k not in cfg]
+        if absent:
+            raise ValueError(f"{source}: a Transformer2DModel config must state {', '.join(absent)} "
+                             f"(its defaults differ from DiT's)")
+        for key, want in _T2D_UNUSED.items():
+            if cfg.get(key, want) != want:
+                raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (DiT needs {want!r})")
+        scale = cfg.get("interpolation_scale")
+        if scale not in (None, 1, 1.0) or (scale is None and cfg["sample_size"] >= 128):
+            # Transformer2DModel scales positions by sample_size // 64 then; DiTTransformer2DModel never does.
+            raise ValueError(f"{source}: Transformer2DModel pos-embed interpolation_scale "
+                             f"{scale or cfg['sample_size'] // 64} is not supported by DiT")
+        dropped = {*_T2D_UNUSED, "interpolation_scale", "use_linear_projection"}
+        return {k: v for k, v in cfg.items() if k not in dropped}
 
-    @property
-    def num_embeddings(self) -> int:
-        """Rows of the label table: the classes plus the null class when label dropout is used."""
-        return self.num_classes + (self.class_dropout_prob > 0)
-
-    @property
-    def null_class(self) -> int:
-        """The label id the train step and CFG sampling use for "no class"."""
-        if self.class_dropout_prob <= 0:
-            raise ValueError("DiTConfig: class_dropout_prob is 0, so the label table has no null class")
-        return self.num_classes
-
-    @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
+    @classmethod
+    def from_reference(cls, **kwargs: Any) -> "DiTConfig":
+        """The config of the reference code's `DiT(input_size, patch_size, in_channels, hidden_size, depth,
+        num_heads, mlp_ratio, class_dropout_prob, num_classes, learn_sigma)`; runtime fields may be given too."""
+        unknown = sorted(kwargs.keys() - REFERENCE_DEFAULTS.keys() - set(cls.runtime_fields))
+        if unknown:
+            raise ValueError(f"DiTConfig.from_reference: unknown argument(s) {unknown}; the reference DiT takes "
+                             f"{sorted(REFERENCE_DEFAULTS)}")
+        r = {**REFERENCE_DEFAULTS, **kwargs}
+        if r["hidden_size"] % r["num_heads"]:
+            raise ValueError(f"DiTConfig: hidden_size {r['hidden_size']} is not divisible by num_heads {r['num_heads']}")
+        runtime = {k: r[k] for k in cls.runtime_fields if k in r}
+        return cls(num_attention_heads=r["num_heads"], attention_head_dim=r["hidden_size"] // r["num_heads"],
+                   in_channels=r["in_channels"], out_channels=r["in_channels"] * (2 if r["learn_sigma"] else 1),
+                   num_layers=r["depth"], sample_size=r["input_size"], patch_size=r["patch_size"],
+                   num_embeds_ada_norm=r["num_classes"], norm_eps=1e-6, freq_shift=0.0, mlp_ratio=r["mlp_ratio"],
+                   class_dropout_prob=r["class_dropout_prob"], **runtime)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "DiTConfig":
-        """A named size of the paper, 'DiT-S/2' ... 'DiT-XL/8', with any field overridden."""
+        """A named size of the paper, 'DiT-S/2' ... 'DiT-XL/8', in the reference's conventions; `overrides`
+        are config fields (diffusers keys, diffax extras or runtime fields)."""
         if name not in PRESETS:
             raise ValueError(f"unknown DiT preset {name!r}; choose one of {', '.join(PRESETS)}")
         size, patch = name[4:].split("/")
         hidden, depth, heads = SIZES[size]
-        fields = dict(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
-        return cls(**{**fields, **overrides})
-
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> "DiTConfig":
-        """Config from diffusers' `DiTTransformer2DModel` (or the older `Transformer2DModel` with
-        norm_type 'ada_norm_zero') config.json keys: a dict, a config.json path or a model folder.
-
-        Absent keys take diffusers' defaults. A key this model cannot honour raises ValueError naming it.
-        """
-        if isinstance(config, Mapping):
-            source, cfg = "config", dict(config)
-        else:
-            path = Path(config)
-            path = path / "config.json" if path.is_dir() else path
-            source, cfg = str(path), read_config(path.parent, path.name)
-        return cls(**{**_fields_from_diffusers(cfg, source), **overrides})
+        base = cls.from_reference(hidden_size=hidden, depth=depth, num_heads=heads, patch_size=int(patch))
+        if "in_channels" in overrides and "out_channels" not in overrides:  # keep the learned sigma
+            overrides["out_channels"] = 2 * overrides["in_channels"]
+        try:
+            return dataclasses.replace(base, **overrides)
+        except TypeError as e:  # an unknown field
+            raise ValueError(f"DiTConfig.preset: {e}") from None
 
     def to_diffusers(self) -> dict[str, Any]:
-        """config.json keys of the equivalent diffusers `DiTTransformer2DModel`.
+        """config.json keys of the equivalent diffusers `DiTTransformer2DModel` (diffax's extras under
+        "_diffax").
 
         diffusers cannot express `freq_shift != 1` (it hard-codes 1), so a reference-layout model exported
         this way computes different timestep frequencies in diffusers (as diffusers' own conversion of the
@@ -157,85 +209,68 @@ class DiTConfig:
             warnings.warn(f"DiTConfig.to_diffusers: freq_shift={self.freq_shift} but diffusers hard-codes "
                           f"downscale_freq_shift=1 for DiT, so in diffusers this model's timestep frequencies "
                           f"(and outputs) differ from diffax's and the reference code's", stacklevel=2)
-        return {
-            "_class_name": "DiTTransformer2DModel",
-            "num_attention_heads": self.num_heads,
-            "attention_head_dim": self.hidden_size // self.num_heads,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "num_layers": self.depth,
-            "dropout": 0.0,
-            "norm_num_groups": 32,
-            "attention_bias": True,
-            "sample_size": self.input_size,
-            "patch_size": self.patch_size,
-            "activation_fn": "gelu-approximate",
-            "num_embeds_ada_norm": self.num_classes,
-            "upcast_attention": False,
-            "norm_type": "ada_norm_zero",
-            "norm_elementwise_affine": False,
-            "norm_eps": self.norm_eps,
-        }
+        return super().to_diffusers()
 
+    # Names the model code uses (the reference's).
+    @property
+    def hidden_size(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
 
-# diffusers DiTTransformer2DModel.__init__ defaults, used for keys absent from a config.json.
-_DIFFUSERS_DEFAULTS = {
-    "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": None,
-    "num_layers": 28, "sample_size": 32, "patch_size": 2, "num_embeds_ada_norm": 1000, "norm_eps": 1e-5,
-}
-# Keys whose value must be the one DiT uses; Transformer2DModel configs carry the unused ones too.
-_DIFFUSERS_REQUIRED = {
-    "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", "attention_bias": True,
-    "norm_elementwise_affine": False, "dropout": 0.0, "cross_attention_dim": None,
-    "num_vector_embeds": None, "only_cross_attention": False, "double_self_attention": False,
-    "attention_type": "default", "caption_channels": None, "interpolation_scale": None,
-}
-# Keys that do not affect this model: group norms DiT does not have, the fp16 upcast (softmax is always
-# fp32 here), the linear-projection switch of the non-patched Transformer2DModel path.
-_DIFFUSERS_IGNORED = {"norm_num_groups", "upcast_attention", "use_linear_projection"}
-_CLASS_NAMES = {"DiTTransformer2DModel", "Transformer2DModel"}
-_T2D_MUST_STATE = ("attention_head_dim", "in_channels", "num_layers", "sample_size", "patch_size",
-                   "activation_fn", "num_embeds_ada_norm", "attention_bias", "norm_type", "norm_elementwise_affine")
+    @property
+    def depth(self) -> int:
+        return self.num_layers
 
+    @property
+    def num_heads(self) -> int:
+        return self.num_attention_heads
 
-def _fields_from_diffusers(cfg: dict[str, Any], source: str) -> dict[str, Any]:
-    for key, value in cfg.items():
-        if key == "_class_name" and value not in _CLASS_NAMES:
-            raise ValueError(f"{source}: _class_name {value!r} is not a DiT ({' or '.join(sorted(_CLASS_NAMES))})")
-        if key.startswith("_") or key in _DIFFUSERS_DEFAULTS or key in _DIFFUSERS_IGNORED:
-            continue
-        if key not in _DIFFUSERS_REQUIRED:
-            raise ValueError(f"{source}: unknown DiT config key {key!r}")
-        want = _DIFFUSERS_REQUIRED[key]
-        if key == "interpolation_scale" and value in (None, 1, 1.0):
-            continue
-        if value != want:
-            raise ValueError(f"{source}: {key}={value!r} is not supported (DiT needs {want!r})")
-    if cfg.get("_class_name") == "Transformer2DModel":
-        # Its defaults are not DiT's (88-wide heads, 1 layer, geglu, no attention bias, affine norms...).
-        absent = [k for k in _T2D_MUST_STATE if k not in cfg]
-        if absent:
-            raise ValueError(f"{source}: a Transformer2DModel config must state {', '.join(absent)} "
-                             f"(its defaults differ from DiT's)")
-    c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in cfg.items() if k in _DIFFUSERS_DEFAULTS}}
-    if cfg.get("_class_name") == "Transformer2DModel" and cfg.get("interpolation_scale") is None \
-            and c["sample_size"] >= 128:
-        # Transformer2DModel then scales positions by sample_size // 64; DiTTransformer2DModel never does.
-        raise ValueError(f"{source}: Transformer2DModel with sample_size {c['sample_size']} uses "
-                         f"pos-embed interpolation_scale {c['sample_size'] // 64}, which DiT does not support")
-    in_ch, out_ch = c["in_channels"], c["out_channels"]
-    if out_ch not in (None, in_ch, 2 * in_ch):
-        raise ValueError(f"{source}: out_channels={out_ch} must be in_channels ({in_ch}) or twice it "
-                         f"(learned sigma)")
-    if c["num_embeds_ada_norm"] is None:
-        raise ValueError(f"{source}: num_embeds_ada_norm is null; DiT needs the number of classes")
-    return dict(
-        input_size=c["sample_size"], patch_size=c["patch_size"], in_channels=in_ch,
-        hidden_size=c["num_attention_heads"] * c["attention_head_dim"], depth=c["num_layers"],
-        num_heads=c["num_attention_heads"], num_classes=c["num_embeds_ada_norm"],
-        learn_sigma=out_ch == 2 * in_ch,
-        # diffusers' CombinedTimestepLabelEmbeddings hard-codes label dropout 0.1 and frequency shift 1.
-        class_dropout_prob=0.1, freq_shift=1.0, norm_eps=c["norm_eps"])
+    @property
+    def input_size(self) -> int:
+        return self.sample_size
+
+    @property
+    def output_channels(self) -> int:
+        return self.in_channels if self.out_channels is None else self.out_channels
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.output_channels == 2 * self.in_channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.num_embeds_ada_norm
+
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the label table: the classes plus the null class when label dropout is used."""
+        return self.num_classes + (self.class_dropout_prob > 0)
+
+    @property
+    def null_class(self) -> int:
+        """The label id the train step and CFG sampling use for "no class"."""
+        if self.class_dropout_prob <= 0:
+            raise ValueError("DiTConfig: class_dropout_prob is 0, so the label table has no null class")
+        return self.num_classes
+
+    @property
+    def num_patches(self) -> int:
+        return (self.sample_size // self.patch_size) ** 2
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return self.sample_size, self.sample_size, self.in_channels
+
+    @property
+    def has_null_cond(self) -> bool:
+        return self.class_dropout_prob > 0
+
+    def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """Every class label replaced by the null class."""
+        return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}
+
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        sample = jnp.zeros((batch, self.sample_size, self.sample_size, self.in_channels), jnp.float32)
+        return sample, jnp.zeros((batch,)), {"class_labels": jnp.zeros((batch,), jnp.int32)}
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int) -> np.ndarray:
@@ -396,7 +431,7 @@ class DiT(nn.Module):
     config: DiTConfig
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, class_labels: jax.Array | None, *,
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, *, class_labels: jax.Array | None = None,
                  train: bool = False) -> jax.Array:
         del train  # see the class docstring
         cfg = self.config
@@ -420,19 +455,12 @@ class DiT(nn.Module):
         shift, scale = jnp.split(dense(2 * cfg.hidden_size, axes=("embed", "mlp"), name="proj_out_1", **kw)(
             nn.silu(c))[:, None, :], 2, axis=-1)
         x = _modulate(LayerNorm(epsilon=1e-6, use_scale_bias=False, dtype=cfg.dtype)(x), shift, scale)
-        x = dense(p * p * cfg.out_channels, axes=("embed", None), name="proj_out_2", **kw)(x)  # [B, L, p*p*Co]
+        out = cfg.output_channels
+        x = dense(p * p * out, axes=("embed", None), name="proj_out_2", **kw)(x)  # [B, L, p*p*Co]
 
         h, w = height // p, width // p
-        x = x.reshape(b, h, w, p, p, cfg.out_channels).transpose(0, 1, 3, 2, 4, 5)
-        return x.reshape(b, height, width, cfg.out_channels).astype(jnp.float32)
-
-
-def init_shapes(config: DiTConfig, batch: int = 1) -> Any:
-    """The boxed parameter tree of `DiT(config)` as ShapeDtypeStructs (nothing is allocated)."""
-    model = DiT(config)
-    sample = jnp.zeros((batch, config.input_size, config.input_size, config.in_channels), jnp.float32)
-    labels = jnp.zeros((batch,), jnp.int32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), sample, jnp.zeros((batch,)), labels))["params"]
+        x = x.reshape(b, h, w, p, p, out).transpose(0, 1, 3, 2, 4, 5)
+        return x.reshape(b, height, width, out).astype(jnp.float32)
 
 
 def parameter_count(config: DiTConfig, *, include_pos_embed: bool = False) -> int:
@@ -441,5 +469,8 @@ def parameter_count(config: DiTConfig, *, include_pos_embed: bool = False) -> in
     `include_pos_embed` adds the fixed position table (num_patches x hidden_size), which the reference
     code keeps as a frozen `nn.Parameter` and so counts in the paper's figures (DiT-XL/2: 675,129,632).
     """
-    n = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(init_shapes(config))))
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params(config)))
     return n + (config.num_patches * config.hidden_size if include_pos_embed else 0)
+
+
+register(ModelFamily("DiTTransformer2DModel", DiTConfig, DiT, aliases=("dit",)))

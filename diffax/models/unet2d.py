@@ -5,29 +5,29 @@ parameter names.
                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
                           num_class_embeds=11)
-    params, specs = init_params(config, jax.random.key(0))
-    eps = UNet2DModel(config).apply({"params": params}, x, t, labels)   # x [B, H, W, C]
+    params = init_params(config, jax.random.key(0))                      # diffax.models.registry
+    eps = UNet2DModel(config).apply({"params": params}, x, t, class_labels=labels)   # x [B, H, W, C]
 
 Class conditioning: with `num_class_embeds=N` the model holds an [N, time_embed_dim] table whose row
 is added to the time embedding. diffax reserves the last row, `N - 1`, for the null class of
 classifier-free guidance (see `null_class`); the model itself only looks rows up.
 
-`diffax.convert.unet2d` loads a diffusers UNet2DModel folder into this module and writes one back.
+Registered as 'UNet2DModel' (alias 'unet2d'); `diffax.convert.load` reads a diffusers UNet2DModel folder
+into this module and `diffax.convert.save` writes one back.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from diffax.models.attention import BACKENDS
-from diffax.models.layers import GroupNorm, TimestepEmbedding, conv, timestep_embedding, unbox
+from diffax.models.config_base import DiffusersConfig
+from diffax.models.layers import GroupNorm, TimestepEmbedding, conv, timestep_embedding
+from diffax.models.registry import ModelFamily, register
 from diffax.models.unet_blocks import (AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D,
                                        UpBlock2D)
 
@@ -36,14 +36,12 @@ Dtype = Any
 DOWN_BLOCKS = {"DownBlock2D": DownBlock2D, "AttnDownBlock2D": AttnDownBlock2D}
 UP_BLOCKS = {"UpBlock2D": UpBlock2D, "AttnUpBlock2D": AttnUpBlock2D}
 
-# diffax-only fields: they choose how the model runs, not what it is, so config.json never holds them.
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_backend")
 # Keys whose value diffusers stores as a JSON list and we hold as a (hashable) tuple.
 _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "sample_size")
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet2DConfig:
+class UNet2DConfig(DiffusersConfig):
     """diffusers' UNet2DModel config (same keys, same defaults) plus diffax's runtime fields.
 
     Only the values this module implements are accepted; anything else raises ValueError naming the key.
@@ -82,6 +80,8 @@ class UNet2DConfig:
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+
+    class_name: ClassVar[str] = "UNet2DModel"
 
     def __post_init__(self):
         for name in _TUPLE_FIELDS:  # JSON gives lists; a flax module attribute must be hashable.
@@ -122,53 +122,37 @@ class UNet2DConfig:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise bad(key, "a positive int or null")
 
-    @classmethod
-    def from_diffusers(cls, config: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> "UNet2DConfig":
-        """Config from a diffusers `config.json` (a folder holding it, the file, or the parsed dict).
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """[H, W, C] of the images the model is configured for (`sample_size`, `in_channels`)."""
+        if self.sample_size is None:
+            raise ValueError("UNet2DModel: sample_size is null; set it to train or sample (the image side)")
+        h, w = (self.sample_size, self.sample_size) if isinstance(self.sample_size, int) else self.sample_size
+        return h, w, self.in_channels
 
-        `_class_name`, if present, must be 'UNet2DModel'; other keys starting with '_' (`_diffusers_version`,
-        ...) are ignored; missing keys take diffusers' defaults; an unknown key or unsupported value raises
-        ValueError naming the key and the file. `overrides` set the diffax-only fields (dtype, param_dtype,
-        attention_backend).
-        """
-        source = "config"
-        if not isinstance(config, Mapping):
-            path = Path(config)
-            path = path / "config.json" if path.is_dir() else path
-            source = str(path)
-            try:
-                config = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise ValueError(f"{path}: missing (a diffusers model folder holds config.json)") from None
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-            raise ValueError(f"{source}: _class_name is {config['_class_name']!r}, not 'UNet2DModel'")
-        fields = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
-        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        unknown = sorted(kwargs.keys() - fields)
-        if unknown:
-            raise ValueError(f"{source}: unknown UNet2DModel config key(s) {unknown}; diffax supports {sorted(fields)}")
-        bad_overrides = sorted(overrides.keys() - set(_RUNTIME_FIELDS))
-        if bad_overrides:
-            raise ValueError(f"from_diffusers overrides may only set {_RUNTIME_FIELDS}, got {bad_overrides}")
-        try:
-            return cls(**kwargs, **overrides)
-        except (TypeError, ValueError) as e:  # TypeError: a JSON value of the wrong type
-            raise ValueError(f"{source}: {e}") from None
+    @property
+    def learn_sigma(self) -> bool:
+        """diffusers' learned-variance U-Nets output twice the input channels."""
+        return self.out_channels == 2 * self.in_channels
 
-    def to_diffusers(self, folder: str | os.PathLike | None = None) -> dict[str, Any]:
-        """The diffusers `config.json` dict (no diffax-only fields) that `UNet2DModel.from_config` accepts;
-        also written to `folder/config.json` when `folder` is given."""
-        out: dict[str, Any] = {"_class_name": "UNet2DModel"}
-        for f in dataclasses.fields(self):
-            if f.name not in _RUNTIME_FIELDS:
-                value = getattr(self, f.name)
-                out[f.name] = list(value) if isinstance(value, tuple) else value
-        if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-            (Path(folder) / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
-        return out
+    @property
+    def num_classes(self) -> int:
+        """Real classes: the class table minus diffax's null row; 0 without a class embedding."""
+        return 0 if self.num_class_embeds is None else self.num_class_embeds - 1
+
+    @property
+    def has_null_cond(self) -> bool:
+        return self.num_class_embeds is not None
+
+    def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """Every class label replaced by the null class (the last table row)."""
+        return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}
+
+    def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
+        """The smallest valid inputs: parameter shapes do not depend on the spatial size."""
+        side = 2 ** (len(self.block_out_channels) - 1)
+        cond = {} if self.num_class_embeds is None else {"class_labels": jnp.zeros((batch,), jnp.int32)}
+        return jnp.zeros((batch, side, side, self.in_channels), self.dtype), jnp.zeros((batch,)), cond
 
     @property
     def time_embed_dim(self) -> int:
@@ -188,8 +172,8 @@ class UNet2DModel(nn.Module):
     config: UNet2DConfig
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, class_labels: jax.Array | None = None,
-                 *, train: bool = False) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, *,
+                 class_labels: jax.Array | None = None, train: bool = False) -> jax.Array:
         """Predicts from a noisy `sample`.
 
         Args:
@@ -265,27 +249,4 @@ class UNet2DModel(nn.Module):
         return conv(cfg.out_channels, 3, padding=1, name="conv_out", **kw)(x)
 
 
-def _dummy_inputs(config: UNet2DConfig) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    # The smallest valid image: parameter shapes do not depend on the spatial size.
-    side = 2 ** (len(config.block_out_channels) - 1)
-    sample = jnp.zeros((1, side, side, config.in_channels), config.dtype)
-    labels = None if config.num_class_embeds is None else jnp.zeros((1,), jnp.int32)
-    return sample, jnp.zeros((1,), jnp.float32), labels
-
-
-def init_params(config: UNet2DConfig, rng: jax.Array) -> tuple[dict, Any]:
-    """Randomly initialised parameters and their logical PartitionSpec tree.
-
-    Returns (params, specs): params a plain nested dict of arrays; specs the same tree of
-    `PartitionSpec`s of logical axis names (`nn.get_partition_spec`), for `diffax.parallel` to map onto a mesh.
-    """
-    boxed = jax.jit(UNet2DModel(config).init)(rng, *_dummy_inputs(config))["params"]
-    return unbox(boxed), nn.get_partition_spec(boxed)
-
-
-def abstract_params(config: UNet2DConfig) -> tuple[dict, Any]:
-    """Like `init_params` but without computing anything: a tree of `jax.ShapeDtypeStruct` and the specs.
-    Used to check a converted checkpoint and to build shardings before any weight exists."""
-    boxed = jax.eval_shape(UNet2DModel(config).init, jax.random.key(0), *_dummy_inputs(config))["params"]
-    return unbox(boxed), nn.get_partition_spec(boxed)
-
+register(ModelFamily("UNet2DModel", UNet2DConfig, UNet2DModel, aliases=("unet2d",)))

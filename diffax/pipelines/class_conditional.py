@@ -1,6 +1,6 @@
 """Class-conditional generation (the digits U-Net, DiT): labels in, uint8 images out, one XLA program.
 
-    pipe = ClassConditionalPipeline(spec, scheduler, mesh)
+    pipe = ClassConditionalPipeline(model, scheduler, mesh)    # model: a diffax Flax module
     images = pipe(params, labels=[0, 1, 2], key=jax.random.key(0), num_inference_steps=50, guidance_scale=4.0)
 
 The batch is split over the mesh's data axes; a number of samples that does not divide by the device
@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffax import parallel
-from diffax.models import ModelSpec
+import flax.linen as nn
 from diffax.sampling import sample
 from diffax.schedulers.base import Scheduler
 
@@ -37,7 +37,7 @@ def _wants_variance(scheduler: Scheduler) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ClassConditionalPipeline:
-    spec: ModelSpec
+    model: nn.Module
     scheduler: Scheduler
     mesh: Mesh
     guide_first_channels: int | None = None  # the DiT reference guides 3 of 4 latent channels; None: all
@@ -46,7 +46,7 @@ class ClassConditionalPipeline:
     def check_labels(self, labels: Sequence[int]) -> np.ndarray:
         """Labels as int32 [N], with a clear error for one outside the model's classes."""
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        n = self.spec.num_classes
+        n = self.model.config.num_classes
         if n == 0:
             raise ValueError("this model is unconditional: it takes no labels")
         bad = labels[(labels < 0) | (labels >= n)]
@@ -57,8 +57,10 @@ class ClassConditionalPipeline:
     @functools.lru_cache(maxsize=8)
     def _generate(self, num_inference_steps: int, guided: bool):
         """The jitted program for one (steps, guided) choice; guidance scale and labels stay traced."""
-        spec, channels = self.spec, self.spec.image_shape[-1]
-        keep = 2 * channels if (spec.learn_sigma and _wants_variance(self.scheduler)) else channels
+        model, cfg = self.model, self.model.config
+        shape = cfg.sample_shape
+        channels = shape[-1]
+        keep = 2 * channels if (cfg.learn_sigma and _wants_variance(self.scheduler)) else channels
         batch = parallel.batch_sharding(self.mesh)
         rep = parallel.replicated(self.mesh)
 
@@ -66,12 +68,12 @@ class ClassConditionalPipeline:
             # labels: [N] int32 (padded to the device count), key: base PRNG key -> [N, H, W, C] uint8
             noise_key, sampler_key = jax.random.split(key)
             keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(jnp.arange(labels.shape[0]))
-            noise = jax.vmap(lambda k: jax.random.normal(k, spec.image_shape))(keys)  # [N, H, W, C]
-            null = jnp.full_like(labels, spec.null_class if spec.null_class is not None else 0)
+            noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)  # [N, H, W, C]
+            null = jnp.full_like(labels, cfg.null_class if cfg.has_null_cond else 0)
 
             def denoise(x, t):
                 y = jnp.concatenate([null, labels]) if guided else labels
-                out = spec.apply(params, x, jnp.full((x.shape[0],), t), y)
+                out = model.apply({"params": params}, x, jnp.full((x.shape[0],), t), class_labels=y)
                 return out[..., :keep]
 
             guided_channels = self.guide_first_channels if self.guide_first_channels is not None else channels
@@ -89,7 +91,7 @@ class ClassConditionalPipeline:
         call per step); otherwise classifier-free guidance against the null class."""
         labels = self.check_labels(labels)
         guided = guidance_scale is not None and guidance_scale != 1.0
-        if guided and self.spec.null_class is None:
+        if guided and not self.model.config.has_null_cond:
             raise ValueError("guidance_scale needs a model trained with a null class (label dropout)")
         n, d = len(labels), parallel.batch_divisor(self.mesh)
         padded = np.concatenate([labels, np.zeros(-n % d, np.int32)])

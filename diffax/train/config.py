@@ -56,7 +56,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first unknown key or wrongly typed value."""
     _check(config, base_config(), "")
     if "name" not in config.model:
-        raise ValueError("config key 'model.name' is required ('unet2d' or 'dit')")
+        raise ValueError("config key 'model.name' is required (a diffusers class name such as 'UNet2DModel' or "
+                         "'DiTTransformer2DModel', or its alias 'unet2d' / 'dit')")
     if config.train.steps < 1 or config.train.batch_size < 1:
         raise ValueError("train.steps and train.batch_size must be positive")
     for key in ("log_every", "checkpoint_every"):

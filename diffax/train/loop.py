@@ -24,7 +24,7 @@ from tqdm import tqdm
 from diffax import parallel
 from diffax.data import make_source, make_train_iterator
 from diffax.image_io import save_grid
-from diffax.models import ModelSpec, build_model
+from diffax.models import boxed_init, build_model
 from diffax.pipelines.class_conditional import ClassConditionalPipeline
 from diffax.schedulers.names import scheduler_for
 from diffax.train import checkpoint
@@ -37,26 +37,34 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last checkpoint on disk is from before it."""
 
 
-def make_objective(config: ml_collections.ConfigDict, spec: ModelSpec) -> Objective:
+def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objective:
     """The training objective from `config.diffusion` and facts about the model."""
     d = config.diffusion
     return Objective(
         alphas_cumprod=scheduler_for("ddpm", d).alphas_cumprod(),
         prediction_type=d.prediction_type,
         snr_gamma=d.snr_gamma if d.snr_gamma and d.snr_gamma > 0 else None,
-        learn_sigma=spec.learn_sigma,
-        null_class=spec.null_class,
-        label_dropout=config.train.label_dropout if spec.null_class is not None else 0.0)
+        learn_sigma=model.config.learn_sigma,
+        null_class=model.config.null_class if model.config.has_null_cond else None,
+        label_dropout=config.train.label_dropout if model.config.has_null_cond else 0.0)
 
 
-def create_train_state(spec: ModelSpec, tx, mesh, key: jax.Array) -> tuple[TrainState, Any]:
+def model_apply_fn(model: nn.Module):
+    """(params, x, t, labels, *, train, rngs) -> output, the form the train step calls."""
+    def apply_fn(params, x, t, labels, *, train=False, rngs=None):
+        cond = {"class_labels": labels} if model.config.num_classes else {}
+        return model.apply({"params": params}, x, t, **cond, train=train, rngs=rngs)
+    return apply_fn
+
+
+def create_train_state(model: nn.Module, tx, mesh, key: jax.Array) -> tuple[TrainState, Any]:
     """A fresh TrainState laid out on `mesh` by the parameters' logical axes, and its shardings.
 
     The optimizer state inherits the parameters' partitioning boxes (optax maps over them), so one
     `nn.get_partition_spec` gives shardings for params, EMA and Adam moments alike.
     """
     def init(key):
-        return init_train_state(spec.init_boxed(key), tx)
+        return init_train_state(boxed_init(model.config, key), tx)
 
     abstract_boxed = jax.eval_shape(init, key)
     shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh)
@@ -67,7 +75,7 @@ def create_train_state(spec: ModelSpec, tx, mesh, key: jax.Array) -> tuple[Train
 def write_samples(pipe: ClassConditionalPipeline, params: Any, config: ml_collections.ConfigDict, path: Path,
                   key: jax.Array) -> None:
     """A grid with one row per class (up to 10 classes, 10 samples each)."""
-    n = min(pipe.spec.num_classes, 10)
+    n = min(pipe.model.config.num_classes, 10)
     labels = np.repeat(np.arange(n), 10)
     images = pipe(params, labels, key, num_inference_steps=config.sample.steps,
                   guidance_scale=config.sample.guidance_scale)
@@ -86,14 +94,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the number of batch shards "
                          f"({parallel.batch_divisor(mesh)} = mesh data x fsdp)")
 
-    spec = build_model(config.model)
+    model = build_model(config.model)
+    spec = model.config
     source = make_source(config.data)
     if spec.num_classes and source.num_classes > spec.num_classes:
         raise ValueError(f"data has {source.num_classes} classes but the model has {spec.num_classes} "
                          f"(model.num_class_embeds / model.num_classes)")
     data_shape = tuple(np.shape(source[0]["image"]))
-    if data_shape != spec.image_shape:
-        raise ValueError(f"data images are {data_shape} but the model takes {spec.image_shape} "
+    if data_shape != spec.sample_shape:
+        raise ValueError(f"data images are {data_shape} but the model takes {spec.sample_shape} "
                          f"(data.image_size / data.channels vs the model block)")
     it = make_train_iterator(source, global_batch_size=tc.batch_size, seed=config.seed,
                              worker_count=config.data.worker_count)
@@ -101,19 +110,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx = make_optimizer(tc)
     key = jax.random.key(config.seed)
     init_key, step_key, sample_key = jax.random.split(key, 3)
-    state, shardings = create_train_state(spec, tx, mesh, init_key)
+    state, shardings = create_train_state(model, tx, mesh, init_key)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints)
     if manager.latest_step() is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         state = checkpoint.restore_train_state(manager, abstract, it)
         logging.info("resumed from %s at step %d", manager.directory, int(state.step))
 
-    objective = make_objective(config, spec)
-    step_fn = jax.jit(make_train_step(spec.apply, tx, objective, ema_max_decay=tc.ema_decay,
+    objective = make_objective(config, model)
+    step_fn = jax.jit(make_train_step(model_apply_fn(model), tx, objective, ema_max_decay=tc.ema_decay,
                                       ema_warmup=tc.ema_warmup),
                       in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    pipe = ClassConditionalPipeline(spec, scheduler_for(config.sample.sampler, config.diffusion), mesh)
+    pipe = ClassConditionalPipeline(model, scheduler_for(config.sample.sampler, config.diffusion), mesh)
 
     start = int(state.step)
     bar = tqdm(total=tc.steps, initial=start, disable=not sys.stderr.isatty() or jax.process_index() != 0,
