@@ -10,13 +10,17 @@ saves that state inside its Orbax checkpoint:
 
 and a resumed run then sees exactly the batches an uninterrupted run would have.
 
-Sharding: the shuffled stream of examples is dealt round-robin to the
-processes (process p takes positions p, p + P, p + 2P, ...). At every step the P
-per-process batches therefore make up one contiguous slice of the global
-stream: the same global batches as a single process with the global batch size,
-whatever the number of processes. (grain's `IndexSampler` instead gives each
-process a fixed contiguous block of the source, so with a class-sorted image
-folder a process would only ever see some of the classes.)
+Sharding: the shuffled stream is cut into blocks of b = global_batch / P
+examples, dealt round-robin to the P processes: at step s process p takes block
+s * P + p, i.e. rows [p * b, (p + 1) * b) of the global batch s. The global batch
+that `parallel.shard_batch` assembles (process p's rows land at rows p * b ...,
+since the mesh lists each process's devices together) is therefore the
+single-process batch row for row, whatever the number of processes, and the
+per-row noise the train step draws matches too. The iterator state counts
+steps, so it means the same thing under any process count. (grain's
+`IndexSampler` instead gives each process a fixed contiguous block of the
+source, so with a class-sorted image folder a process would only ever see some
+of the classes.)
 """
 
 from __future__ import annotations
@@ -103,8 +107,8 @@ def make_train_iterator(source: Source, *, global_batch_size: int, seed: int,
             last full global batch of `num_epochs` passes, so every process
             yields the same number of batches.
         worker_count: child processes decoding and batching (0: in this process).
-            Worker w batches the examples w, w + W, ... of this shard, so the
-            batches depend on the worker count (and are deterministic for each).
+            Worker w makes this shard's batches w, w + W, ...; they come out in
+            order, so the batches do not depend on the worker count.
 
     Returns:
         An iterator of `{'image': float32 [b, S, S, C] in [-1, 1], 'label': int32 [b]}`
@@ -133,9 +137,9 @@ def make_train_iterator(source: Source, *, global_batch_size: int, seed: int,
                 f'{num_epochs} epoch(s) of {len(source)} examples hold no full global batch of '
                 f'{global_batch_size}')
         ds = ds[:num_examples]
-    ds = ds[shard_index::shard_count]
-    ds = ds.to_iter_dataset().batch(global_batch_size // shard_count, drop_remainder=True)
-    ds = ds.map(_to_model_inputs)
+    # Blocks of b consecutive examples; block s * P + p is process p's part of global batch s.
+    ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
+    ds = ds.map(_to_model_inputs).to_iter_dataset()
     if worker_count > 0:
         # grain's worker processes read absl flags. Outside an absl app (a notebook,
         # a test) nobody parsed them, and the workers would fail: take the defaults.
