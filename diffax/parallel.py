@@ -13,6 +13,7 @@ Multi-host: call `initialize_distributed()` first; each process feeds its own ro
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Mapping, Sequence
 
@@ -84,22 +85,71 @@ def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
                         local_batch)
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
-    """Starts multi-host JAX when asked to (arguments, or the DIFFAX_COORDINATOR / DIFFAX_NUM_PROCESSES /
-    DIFFAX_PROCESS_ID variables); on TPU pods and SLURM/Kubernetes GPU clusters jax finds these itself, so
-    `jax.distributed.initialize()` with no arguments is used there. A single process does nothing.
+def _detected_cluster(environ: Mapping[str, str]) -> str | None:
+    """The multi-process cluster `jax.distributed.initialize()` can configure by itself here, or None.
 
-    On CPU (tests, two local processes) collectives go through gloo.
+    jax has no public "is a cluster present" query, and its private detectors have side effects (GCE
+    metadata requests, Kubernetes API clients) and say nothing of the process count. So this reads only
+    the variables jax 0.10's detectors (jax._src.clusters) read, and asks for more than one process where
+    the launcher says how many: a one-task `sbatch` script or a plain `mpirun -n 1` stays single-process.
     """
-    coordinator_address = coordinator_address or os.environ.get("DIFFAX_COORDINATOR")
-    if num_processes is None and "DIFFAX_NUM_PROCESSES" in os.environ:
-        num_processes = int(os.environ["DIFFAX_NUM_PROCESSES"])
-    if process_id is None and "DIFFAX_PROCESS_ID" in os.environ:
-        process_id = int(os.environ["DIFFAX_PROCESS_ID"])
-    if coordinator_address is None:
-        return
+    if environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    # A Cloud TPU VM (jax found libtpu and TPU chips when it was imported): jax reads the slice's workers
+    # from TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES (GKE), MEGASCALE_* (multislice) or the VM's
+    # metadata (GCE); one host is a cluster of one process.
+    from jax._src import cloud_tpu_init  # private: jax has no public query for this
+    if getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
+        return "Cloud TPU"
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(v in environ for v in slurm) and int(environ["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if int(environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        if "OMPI_MCA_orte_hnp_uri" not in environ:  # Open MPI 5 dropped ORTE, which jax reads
+            raise ValueError("Open MPI launched this process without OMPI_MCA_orte_hnp_uri (Open MPI >= 5), "
+                             "which jax cannot read: set DIFFAX_COORDINATOR=host:port, DIFFAX_NUM_PROCESSES "
+                             "and DIFFAX_PROCESS_ID (e.g. from OMPI_COMM_WORLD_RANK)")
+        return "Open MPI"
+    # An indexed Job (JobSet's workers): jax finds its peers through the Kubernetes API.
+    if "KUBERNETES_SERVICE_HOST" in environ and "JOB_COMPLETION_INDEX" in environ:
+        if importlib.util.find_spec("kubernetes") is None:
+            raise ValueError("a Kubernetes indexed Job needs the `kubernetes` package for jax to find its "
+                             "peers: pip install 'jax[k8s]', or set DIFFAX_COORDINATOR / DIFFAX_NUM_PROCESSES / "
+                             "DIFFAX_PROCESS_ID")
+        return "Kubernetes"
+    return None
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> str | None:
+    """Starts multi-host JAX when this process is one of several; returns what started it, or None.
+
+    Explicit values win: the arguments, else DIFFAX_COORDINATOR (host:port of process 0) /
+    DIFFAX_NUM_PROCESSES / DIFFAX_PROCESS_ID; jax fills in any left out from the cluster. Without them, a
+    cluster jax can configure by itself (Cloud TPU VMs, SLURM or Open MPI with more than one task, a
+    Kubernetes indexed Job, JAX_COORDINATOR_ADDRESS) gets `jax.distributed.initialize()` with no arguments.
+    A single process outside a cluster does nothing. On CPU, collectives go through gloo.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("DIFFAX_COORDINATOR") or None
+    for name, value in (("DIFFAX_NUM_PROCESSES", num_processes), ("DIFFAX_PROCESS_ID", process_id)):
+        if value is None and env.get(name) and not env[name].strip().isdigit():
+            raise ValueError(f"environment variable {name} must be a non-negative integer, got {env[name]!r}")
+    if num_processes is None and env.get("DIFFAX_NUM_PROCESSES"):
+        num_processes = int(env["DIFFAX_NUM_PROCESSES"])
+    if process_id is None and env.get("DIFFAX_PROCESS_ID"):
+        process_id = int(env["DIFFAX_PROCESS_ID"])
+    given = {"DIFFAX_COORDINATOR": coordinator_address, "DIFFAX_NUM_PROCESSES": num_processes,
+             "DIFFAX_PROCESS_ID": process_id}
+    missing = [k for k, v in given.items() if v is None]
+    cluster = _detected_cluster(env) if missing else "DIFFAX_* variables"
+    if cluster is None and len(missing) < len(given):
+        raise ValueError(f"multi-process start-up needs DIFFAX_COORDINATOR, DIFFAX_NUM_PROCESSES and "
+                         f"DIFFAX_PROCESS_ID together; {', '.join(missing)} not set")
+    if cluster is None:
+        return None
     # Only the CPU client reads this; querying the backend here would start it too early.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
+    return cluster
