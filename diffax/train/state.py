@@ -18,9 +18,8 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then constant or cosine decay, global-norm clipping, optional
-    accumulation over `grad_accum_steps` micro-batches (optax.MultiSteps)."""
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning rate at each optimizer update: linear warm-up, then constant or cosine decay."""
     lr = config.learning_rate
     if config.lr_schedule == "cosine":
         # decay_steps counts the warm-up too; a run shorter than its warm-up simply ends warming up.
@@ -33,6 +32,13 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             [config.warmup_steps])
     else:
         raise ValueError(f"train.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW on `make_schedule(config)`, global-norm clipping, optional accumulation over
+    `grad_accum_steps` micro-batches (optax.MultiSteps)."""
+    schedule = make_schedule(config)
     tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
