@@ -17,6 +17,7 @@ from typing import Any
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
@@ -59,18 +60,34 @@ def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.Conf
 def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any | None,
                         step: int | None = None) -> Any:
     """The TrainState at `step` (default: latest), placed with `abstract_state`'s shardings, and the data
-    iterator moved to where that step left it. `abstract_state` is a TrainState of ShapeDtypeStructs."""
+    iterator moved to where that step left it. `abstract_state` is a TrainState of ShapeDtypeStructs, each
+    with the sharding it should have now: the saving run's device and process count do not matter.
+
+    The data iterator's state is saved per process; a run resumed on another process count reads process
+    0's, which diffax.data's iterators make mean the same under any process count (it counts steps).
+    """
     step = manager.latest_step() if step is None else step
     if step is None:
         raise NoCheckpointError(f"{manager.directory}: no checkpoint to resume from")
+    if any(getattr(x, "sharding", None) is None for x in jax.tree.leaves(abstract_state)):
+        # Orbax would fall back to the saved shardings, which only exist on the saving topology.
+        raise ValueError("restore_train_state needs a sharding on every leaf of abstract_state")
     items = {
         "train_state": ocp.args.StandardRestore({"step": abstract_state.step, "params": abstract_state.params,
                                                  "opt_state": abstract_state.opt_state}),
         "ema_params": ocp.args.StandardRestore(abstract_state.ema_params),
     }
-    if data_iterator is not None:
+    data_dir = Path(manager.directory) / str(step) / "data"
+    index, count = jax.process_index(), jax.process_count()
+    same_topology = (data_dir / f"process_{index}-of-{count}.json").exists()  # grain's file name
+    if data_iterator is not None and same_topology:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None and not same_topology:
+        saved = sorted(data_dir.glob("process_0-of-*.json"))
+        if not saved:
+            raise NoCheckpointError(f"{data_dir}: no data iterator state to resume from")
+        data_iterator.set_state(json.loads(saved[0].read_text()))
     ts = restored["train_state"]
     return abstract_state.replace(step=ts["step"], params=ts["params"], opt_state=ts["opt_state"],
                                   ema_params=restored["ema_params"])
@@ -89,7 +106,17 @@ def restore_for_sampling(workdir: str | Path, step: int | None = None
         raise NoCheckpointError(f"{directory}: no complete checkpoint (a run killed before its first save?)")
     if step not in manager.all_steps():
         raise NoCheckpointError(f"{directory}: no checkpoint at step {step}; have {sorted(manager.all_steps())}")
+    # An explicit target on this process's devices: without one Orbax would rebuild the saving run's
+    # shardings, which fails on any other device or process count.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated_everywhere()),
+                          manager.item_metadata(step)["ema_params"])
     restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                             ema_params=ocp.args.StandardRestore()))
+                                                             ema_params=ocp.args.StandardRestore(target)))
     config = ml_collections.ConfigDict(restored["config"])
     return config, jax.device_get(restored["ema_params"]), step
+
+
+def replicated_everywhere() -> jax.sharding.NamedSharding:
+    """A full copy on every device of every process: a layout any topology can restore into and read."""
+    return jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",)),
+                                      jax.sharding.PartitionSpec())
