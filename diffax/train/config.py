@@ -27,7 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=64, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=100,
         weight_decay=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
         ema_decay=0.999, ema_warmup=True, label_dropout=0.1,
-        log_every=50, checkpoint_every=500, keep_checkpoints=3, sample_every=0))
+        log_every=50, checkpoint_every=500, keep_checkpoints=3, sample_every=0,
+        # Peak FLOP/s of one device (e.g. 989e12: an H100's dense bf16) for the logged model FLOP
+        # utilisation, mfu; 0: not logged.
+        peak_flops=0.0))
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     return c

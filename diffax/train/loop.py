@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from tqdm import tqdm
 
 from diffax import parallel
@@ -29,7 +28,8 @@ from diffax.pipelines.class_conditional import ClassConditionalPipeline
 from diffax.schedulers.names import scheduler_for
 from diffax.train import checkpoint
 from diffax.train.config import validate_config
-from diffax.train.state import TrainState, init_train_state, make_optimizer
+from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
+from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
 from diffax.train.step import Objective, make_train_step
 
 
@@ -115,7 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     if manager.latest_step() is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
         state = checkpoint.restore_train_state(manager, abstract, it)
-        logging.info("resumed from %s at step %d", manager.directory, int(state.step))
+        if jax.process_index() == 0:
+            print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
 
     objective = make_objective(config, model)
     step_fn = jax.jit(make_train_step(model_apply_fn(model), tx, objective, ema_max_decay=tc.ema_decay,
@@ -127,10 +128,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     start = int(state.step)
     bar = tqdm(total=tc.steps, initial=start, disable=not sys.stderr.isatty() or jax.process_index() != 0,
                dynamic_ncols=True, desc="train")
+    writer = MetricsWriter(workdir, resume_step=start)
+    schedule = make_schedule(tc)
+    step_flops = None
     t0, last_logged = time.perf_counter(), start
     try:
         for step in range(start, tc.steps):
             batch = parallel.shard_batch(next(it), mesh)
+            if step == start:  # compile ahead (the call reuses it) so throughput excludes compilation
+                step_flops = compiled_flops(step_fn, state, batch, step_key)
+                t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, step_key)
             done = step + 1
             saving = done % tc.checkpoint_every == 0 or done == tc.steps
@@ -142,13 +149,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                         f"loss is {metrics['loss']} at step {done}; nothing was saved after it. The last checkpoint "
                         f"is step {manager.latest_step()} in {manager.directory}. Lower train.learning_rate or "
                         f"check the data.")
-                rate = (done - last_logged) * tc.batch_size / (time.perf_counter() - t0)
+                scalars = step_scalars(metrics, steps=done - last_logged, seconds=time.perf_counter() - t0,
+                                       batch_size=tc.batch_size, step_flops=step_flops, peak_flops=tc.peak_flops,
+                                       learning_rate=schedule((done - 1) // tc.grad_accum_steps))
                 t0, last_logged = time.perf_counter(), done
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}")
+                rate, mfu = scalars["images_per_sec"], scalars.get("mfu")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
                 bar.update(done - bar.n)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    writer.write(done, scalars)
                 if bar.disable and jax.process_index() == 0:
                     print(f"step {done}/{tc.steps} loss {metrics['loss']:.4f} "
-                          f"grad_norm {metrics['grad_norm']:.3f} img/s {rate:.0f}", flush=True)
+                          f"grad_norm {metrics['grad_norm']:.3f} lr {scalars['learning_rate']:.3g} img/s {rate:.0f}"
+                          + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
             if saving:
                 checkpoint.save(manager, state, config, it)
             if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps) and spec.num_classes:
@@ -156,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                               sample_key)
     finally:  # an error mid-run still completes the checkpoint being written
         bar.close()
+        writer.close()
         manager.wait_until_finished()
         manager.close()
     return state
