@@ -34,6 +34,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "tensor"),
     ("conv_out", "tensor"),
     ("norm", None),
+    ("activation_channels", None),  # channels of NHWC feature maps: replicated, every conv reads them all
 )
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffax.convert import dit as convert
 from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors
 from diffax.convert.rules import flatten
-from diffax.models.dit import PRESETS, DiT, DiTBlock, DiTConfig, parameter_count, sincos_pos_embed_2d
+from diffax.models.dit import PRESETS, DiT, DiTConfig, dit_block, parameter_count, sincos_pos_embed_2d
 
 SMALL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
 # fp32 relative error budget (max-abs diff / max-abs output), DESIGN.md's parity bar.
@@ -117,8 +117,8 @@ def test_fresh_model_outputs_zeros_and_blocks_are_identity():
     np.testing.assert_array_equal(out, 0.0)  # adaLN-Zero: zero final layer and zero gates
     tokens = jax.random.normal(jax.random.key(2), (3, 16, 32))
     c = jax.random.normal(jax.random.key(3), (3, 32))
-    block_vars = jax.jit(DiTBlock(config).init)(jax.random.key(4), tokens, c)
-    np.testing.assert_array_equal(jax.jit(DiTBlock(config).apply)(block_vars, tokens, c), tokens)
+    block_vars = jax.jit(dit_block(config).init)(jax.random.key(4), tokens, None, c)
+    np.testing.assert_array_equal(jax.jit(dit_block(config).apply)(block_vars, tokens, None, c), tokens)
 
 
 def test_label_table_has_null_class():

@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.models.attention import dot_product_attention
 from diffax.models.config_base import DiffusersConfig
 from diffax.models.layers import LayerNorm, TimestepEmbedding, conv, dense, timestep_embedding
 from diffax.models.registry import ModelFamily, abstract_params, register
+from diffax.models.transformer import TOKEN_AXES, BasicTransformerBlock
 
 Dtype = Any
 
@@ -294,11 +294,6 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int) -> n
     return emb.astype(np.float32)
 
 
-def _constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    # A no-op unless diffax.parallel has set logical axis rules.
-    return nn.with_logical_constraint(x, axes)
-
-
 class PatchEmbed(nn.Module):
     """Stride-p conv to tokens plus the fixed sin-cos position embedding (diffusers' `PatchEmbed`)."""
     config: DiTConfig
@@ -341,83 +336,23 @@ class ConditionEmbedding(nn.Module):
         return t_emb + LabelEmbedding(cfg, name="class_embedder")(labels)
 
 
-class AdaLNZero(nn.Module):
-    """Regresses the six modulation vectors of a block from silu(c); zero-initialised, so a fresh block is
-    the identity (its gates are 0). Named like diffusers' `AdaLayerNormZero.linear`."""
-    config: DiTConfig
-    num_chunks: int = 6
-
-    @nn.compact
-    def __call__(self, c: jax.Array) -> list[jax.Array]:  # [B, D] -> num_chunks x [B, 1, D]
-        cfg = self.config
-        mod = dense(self.num_chunks * cfg.hidden_size, axes=("embed", "mlp"), kernel_init=_zeros,
-                    dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="linear")(nn.silu(c))
-        return [m[:, None, :] for m in jnp.split(mod, self.num_chunks, axis=-1)]
-
-
 def _modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     return x * (1 + scale) + shift
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections (diffusers' names; the reference fuses
-    them as `qkv`, split on conversion)."""
-    config: DiTConfig
+def dit_block(config: DiTConfig, *, name: str | None = None) -> BasicTransformerBlock:
+    """One DiT block: x += gate_msa * attn(modulate(LN(x))); x += gate_mlp * mlp(modulate(LN(x))).
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
-        cfg = self.config
-        b, n, d = x.shape
-        heads = cfg.num_heads
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        q, k, v = (dense(d, axes=("embed", "heads"), kernel_init=_qkv_init, name=name, **kw)(x)
-                   .reshape(b, n, heads, d // heads) for name in ("to_q", "to_k", "to_v"))  # [B, L, H, Dh]
-        q, k, v = (_constrain(t, ("batch", "length", "heads", None)) for t in (q, k, v))
-        out = dot_product_attention(q, k, v, backend=cfg.attention_backend).reshape(b, n, d)
-        return dense(d, axes=("heads", "embed"), kernel_init=_xavier, name="to_out_0", **kw)(out)
-
-
-class GELUProj(nn.Module):
-    """Linear then tanh-approximate GELU: diffusers' `GELU` activation module (`ff.net.0.proj`)."""
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = dense(self.features, axes=("embed", "mlp"), kernel_init=_xavier, dtype=self.dtype,
-                  param_dtype=self.param_dtype, name="proj")(x)
-        return nn.gelu(x, approximate=True)
-
-
-class FeedForward(nn.Module):
-    """D -> mlp_ratio*D -> D MLP (diffusers' `FeedForward`: net_0 = GELU with proj, net_2 = Linear)."""
-    config: DiTConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
-        cfg = self.config
-        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
-        x = GELUProj(hidden, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="net_0")(x)
-        x = _constrain(x, ("batch", "length", "mlp"))
-        return dense(cfg.hidden_size, axes=("mlp", "embed"), kernel_init=_xavier, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, name="net_2")(x)
-
-
-class DiTBlock(nn.Module):
-    """x += gate_msa * attn(modulate(LN(x))); x += gate_mlp * mlp(modulate(LN(x)))."""
-    config: DiTConfig
-
-    @nn.compact
-    def __call__(self, x: jax.Array, c: jax.Array) -> jax.Array:  # [B, L, D], [B, D] -> [B, L, D]
-        cfg = self.config
-        ln = dict(use_scale_bias=False, dtype=cfg.dtype)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = AdaLNZero(cfg, name="norm1")(c)
-        h = _modulate(LayerNorm(epsilon=1e-6, **ln)(x), shift_msa, scale_msa)
-        x = x + gate_msa * Attention(cfg, name="attn1")(h)
-        h = _modulate(LayerNorm(epsilon=cfg.norm_eps, **ln)(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp * FeedForward(cfg, name="ff")(h)
-        return _constrain(x, ("batch", "length", "embed"))
+    diffusers' `BasicTransformerBlock(norm_type='ada_norm_zero', activation_fn='gelu-approximate',
+    attention_bias=True, norm_elementwise_affine=False)` with the reference code's initialisers, called as
+    `block(x [B, L, D], None, c [B, D])`. Rematerialised in the backward pass when `config.remat`.
+    """
+    block = nn.remat(BasicTransformerBlock) if config.remat else BasicTransformerBlock
+    return block(config.num_heads, config.attention_head_dim, activation_fn="gelu-approximate", attention_bias=True,
+                 norm_elementwise_affine=False, norm_type="ada_norm_zero", norm_eps=config.norm_eps,
+                 ff_inner_dim=int(config.hidden_size * config.mlp_ratio), qkv_kernel_init=_qkv_init,
+                 out_kernel_init=_xavier, ff_kernel_init=_xavier, attention_backend=config.attention_backend,
+                 dtype=config.dtype, param_dtype=config.param_dtype, name=name)
 
 
 class DiT(nn.Module):
@@ -444,12 +379,11 @@ class DiT(nn.Module):
                              f"got {sample.shape}")
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (b,))
         x = PatchEmbed(cfg, name="pos_embed")(sample.astype(cfg.dtype))  # [B, L, D]
-        x = _constrain(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, TOKEN_AXES)
         c = ConditionEmbedding(cfg, name="emb")(timesteps, class_labels)  # [B, D]
 
-        block = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         for i in range(cfg.depth):
-            x = block(cfg, name=f"transformer_blocks_{i}")(x, c)
+            x = dit_block(cfg, name=f"transformer_blocks_{i}")(x, None, c)
 
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_zeros)
         shift, scale = jnp.split(dense(2 * cfg.hidden_size, axes=("embed", "mlp"), name="proj_out_1", **kw)(

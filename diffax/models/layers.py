@@ -1,16 +1,28 @@
 """Building blocks shared by every diffax model: partitioned Dense/Conv, fp32 norms, timestep embeddings.
 
+One layer for every weight: every projection and convolution in diffax/models is made by `dense` or `conv`
+here, never by `nn.Dense` / `nn.Conv` / a raw `self.param` kernel elsewhere, so that LoRA adapters and
+quantized (int8) weights hook in at these two functions once for every model (as MaxText threads
+quantization through its DenseGeneral). Embedding tables (`nn.Embed`) and norm scales are the only other
+parameters.
+
 Every parameter is created through `nn.with_logical_partitioning`, so a model's parameters carry logical
 axis names from the start (DESIGN: "sharding is configuration"). `diffax.parallel` maps those names to mesh
 axes; on a single device they are ignored. `nn.meta.unbox` turns the boxed tree into plain arrays.
 
-Logical axis names used across diffax:
+Logical axis names used across diffax, for parameters:
   'embed'    model width entering a layer (d_model / in channels of a linear layer)
   'mlp'      hidden width of an MLP or the out features of a projection
   'heads'    attention heads x head dim (q/k/v/out projections)
   'conv_in', 'conv_out'  input / output channels of a conv kernel
   'norm'     per-channel norm scale and bias
   None       replicated (small vectors, kernel spatial dims)
+and for activations (`nn.with_logical_constraint`, a no-op outside `nn.logical_axis_rules`):
+  'batch'    the batch axis
+  'length'   the token axis of [B, L, ...] activations; 'embed' / 'mlp' / 'heads' as above
+  IMAGE_AXES ('batch', None, None, 'activation_channels') for NHWC feature maps between U-Net blocks;
+             'activation_channels' is replicated by the default rules: a conv needs all its input
+             channels, so channel-sharded maps would be gathered again at every conv.
 """
 from __future__ import annotations
 
@@ -23,6 +35,8 @@ import jax.numpy as jnp
 
 Dtype = Any
 Axes = tuple[str | None, ...]
+
+IMAGE_AXES: Axes = ("batch", None, None, "activation_channels")  # [B, H, W, C] feature maps
 
 
 def dense(features: int, *, axes: Axes = ("embed", "mlp"), use_bias: bool = True,
@@ -108,6 +122,25 @@ class LayerNorm(nn.Module):
         y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
         if self.use_scale_bias:
             y = _affine(self, y, x.shape[-1])
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) over the last axis in fp32, times a per-channel `scale` (torch's `weight`)
+    unless `use_scale=False`: diffusers' `RMSNorm` (no bias)."""
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., C]
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.epsilon)
+        if self.use_scale:
+            scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                               (x.shape[-1],), self.param_dtype)
+            y = y * scale.astype(jnp.float32)
         return y.astype(self.dtype)
 
 

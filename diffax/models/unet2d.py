@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from diffax.models.attention import BACKENDS
 from diffax.models.config_base import DiffusersConfig
-from diffax.models.layers import GroupNorm, TimestepEmbedding, conv, timestep_embedding
+from diffax.models.layers import IMAGE_AXES, GroupNorm, TimestepEmbedding, conv, timestep_embedding
 from diffax.models.registry import ModelFamily, register
 from diffax.models.unet_blocks import (AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D,
                                        UpBlock2D)
@@ -222,7 +222,9 @@ class UNet2DModel(nn.Module):
         def head_dim(channels: int) -> int:  # diffusers: a null attention_head_dim means a single head
             return cfg.attention_head_dim or channels
 
-        x = conv(cfg.block_out_channels[0], 3, padding=1, name="conv_in", **kw)(sample)
+        # Feature maps are constrained to IMAGE_AXES at every block boundary (here and inside the blocks).
+        x = nn.with_logical_constraint(conv(cfg.block_out_channels[0], 3, padding=1, name="conv_in", **kw)(sample),
+                                       IMAGE_AXES)
         skips = [x]
         last = len(cfg.block_out_channels) - 1
         for i, (kind, channels) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):

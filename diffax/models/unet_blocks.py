@@ -8,6 +8,9 @@ from the arrays, which removes the `in_channels` / `prev_output_channel` bookkee
 The blocks take the time embedding `temb` as an argument and never own the time MLP, so the same blocks
 serve UNet2DModel, a text-conditioned U-Net (cross-attention blocks are added beside these) and, with
 `temb=None`, the VAE encoder / decoder.
+
+Every resnet, attention and resampler output is constrained to `layers.IMAGE_AXES` (batch over the data
+axes, channels by 'activation_channels'), a no-op outside `nn.logical_axis_rules`.
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffax.models.attention import dot_product_attention
-from diffax.models.layers import GroupNorm, conv, dense
+from diffax.models.layers import IMAGE_AXES, GroupNorm, conv, dense
+from diffax.models.transformer import Attention
 
 Dtype = Any
 
@@ -52,38 +55,25 @@ class ResnetBlock2D(nn.Module):
         h = conv(self.out_channels, 3, padding=1, name="conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
-        return (x + h) / self.output_scale_factor
+        return nn.with_logical_constraint((x + h) / self.output_scale_factor, IMAGE_AXES)
 
 
-class AttnBlock(nn.Module):
-    """Spatial self-attention over all H*W positions: group_norm -> to_q/k/v -> attention -> to_out_0,
-    plus the residual, divided by `rescale_output_factor`.
+def spatial_attention(channels: int, head_dim: int, groups: int, eps: float, rescale_output_factor: float,
+                      attention_backend: str, *, name: str, dtype: Dtype = jnp.float32,
+                      param_dtype: Dtype = jnp.float32) -> Attention:
+    """Self-attention over all H*W positions of a [B, H, W, channels] map: group_norm -> to_q/k/v ->
+    attention -> to_out_0, plus the residual, divided by `rescale_output_factor`.
 
-    diffusers builds this as `Attention(..., residual_connection=True, _from_deprecated_attn_block=True)`;
-    the head count is `channels // head_dim`, as there.
+    diffusers' `Attention(channels, heads=channels // head_dim, dim_head=head_dim, norm_num_groups=groups,
+    eps=eps, bias=True, residual_connection=True, _from_deprecated_attn_block=True)`, the attention of its
+    Attn*Block2D and mid blocks (parameters `group_norm`, `to_q`, `to_k`, `to_v`, `to_out_0`).
     """
-    head_dim: int
-    groups: int = 32
-    eps: float = 1e-6
-    rescale_output_factor: float = 1.0
-    attention_backend: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H, W, C]
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, height, width, c = x.shape
-        heads = c // self.head_dim
-        if heads < 1:
-            raise ValueError(f"AttnBlock: attention_head_dim={self.head_dim} exceeds the {c} channels")
-        inner = heads * self.head_dim
-        h = GroupNorm(self.groups, self.eps, name="group_norm", **kw)(x).reshape(b, height * width, c)
-        q, k, v = (dense(inner, axes=("embed", "heads"), name=name, **kw)(h).reshape(b, -1, heads, self.head_dim)
-                   for name in ("to_q", "to_k", "to_v"))  # each [B, L, heads, head_dim]
-        o = dot_product_attention(q, k, v, backend=self.attention_backend).reshape(b, -1, inner)
-        o = dense(c, axes=("heads", "embed"), name="to_out_0", **kw)(o).reshape(x.shape)
-        return (o + x) / self.rescale_output_factor
+    heads = channels // head_dim
+    if heads < 1:
+        raise ValueError(f"{name}: attention_head_dim={head_dim} exceeds the {channels} channels")
+    return Attention(heads, head_dim, bias=True, norm_num_groups=groups, eps=eps, residual_connection=True,
+                     rescale_output_factor=rescale_output_factor, attention_backend=attention_backend,
+                     dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class Downsample2D(nn.Module):
@@ -97,8 +87,9 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, H, W, C] -> [B, H/2, W/2, out_channels]
         pad = ((0, 1), (0, 1)) if self.padding == 0 else self.padding
-        return conv(self.out_channels, 3, strides=2, padding=pad, name="conv",
-                    dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = conv(self.out_channels, 3, strides=2, padding=pad, name="conv", dtype=self.dtype,
+                 param_dtype=self.param_dtype)(x)
+        return nn.with_logical_constraint(x, IMAGE_AXES)
 
 
 class Upsample2D(nn.Module):
@@ -112,12 +103,13 @@ class Upsample2D(nn.Module):
         b, h, w, c = x.shape
         # Exactly torch's F.interpolate(scale_factor=2, mode='nearest'): every pixel becomes a 2x2 tile.
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-        return conv(self.out_channels, 3, padding=1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = conv(self.out_channels, 3, padding=1, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return nn.with_logical_constraint(x, IMAGE_AXES)
 
 
 class DownBlock2D(nn.Module):
     """`num_layers` resnets (`resnets_i`), then an optional `downsamplers_0`; with `attention_head_dim`
-    set, each resnet is followed by an `AttnBlock` (`attentions_i`): diffusers' AttnDownBlock2D.
+    set, each resnet is followed by a `spatial_attention` (`attentions_i`): diffusers' AttnDownBlock2D.
 
     Returns the output and the skip activations the up path consumes: one per resnet, plus the
     downsampled map.
@@ -145,8 +137,10 @@ class DownBlock2D(nn.Module):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dropout, self.output_scale_factor,
                               name=f"resnets_{i}", **kw)(x, temb, train=train)
             if self.attention_head_dim is not None:
-                x = AttnBlock(self.attention_head_dim, self.groups, self.eps, self.output_scale_factor,
-                              self.attention_backend, name=f"attentions_{i}", **kw)(x)
+                x = spatial_attention(self.out_channels, self.attention_head_dim, self.groups, self.eps,
+                                      self.output_scale_factor, self.attention_backend, name=f"attentions_{i}",
+                                      **kw)(x)
+                x = nn.with_logical_constraint(x, IMAGE_AXES)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
@@ -162,7 +156,7 @@ class AttnDownBlock2D(DownBlock2D):
 class UpBlock2D(nn.Module):
     """`num_layers` resnets, each fed the running map concatenated (channels last) with one skip
     activation popped from the end of `skips`, then an optional `upsamplers_0`. With
-    `attention_head_dim` set, each resnet is followed by an `AttnBlock`: diffusers' AttnUpBlock2D."""
+    `attention_head_dim` set, each resnet is followed by a `spatial_attention`: diffusers' AttnUpBlock2D."""
     out_channels: int
     num_layers: int = 1
     add_upsample: bool = True
@@ -187,8 +181,10 @@ class UpBlock2D(nn.Module):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dropout, self.output_scale_factor,
                               name=f"resnets_{i}", **kw)(x, temb, train=train)
             if self.attention_head_dim is not None:
-                x = AttnBlock(self.attention_head_dim, self.groups, self.eps, self.output_scale_factor,
-                              self.attention_backend, name=f"attentions_{i}", **kw)(x)
+                x = spatial_attention(self.out_channels, self.attention_head_dim, self.groups, self.eps,
+                                      self.output_scale_factor, self.attention_backend, name=f"attentions_{i}",
+                                      **kw)(x)
+                x = nn.with_logical_constraint(x, IMAGE_AXES)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
@@ -229,7 +225,9 @@ class UNetMidBlock2D(nn.Module):
         x = resnet(0, x)
         for i in range(self.num_layers):
             if self.attention_head_dim is not None:
-                x = AttnBlock(self.attention_head_dim, self.attn_groups or self.groups, self.eps,
-                              self.output_scale_factor, self.attention_backend, name=f"attentions_{i}", **kw)(x)
+                x = spatial_attention(c, self.attention_head_dim, self.attn_groups or self.groups, self.eps,
+                                      self.output_scale_factor, self.attention_backend, name=f"attentions_{i}",
+                                      **kw)(x)
+                x = nn.with_logical_constraint(x, IMAGE_AXES)
             x = resnet(i + 1, x)
         return x
