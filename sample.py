@@ -25,8 +25,8 @@ from absl import app, flags, logging
 from diffax import parallel
 from diffax.cli import run_reporting_errors
 from diffax.image_io import save_grid, save_npz
-from diffax.convert.dit import load_dit
-from diffax.models import build_model, make_module
+from diffax import convert
+from diffax.models import build_model
 from diffax.pipelines.class_conditional import ClassConditionalPipeline
 from diffax.schedulers.names import parse_options, scheduler_for
 from diffax.train.checkpoint import restore_for_sampling
@@ -55,11 +55,11 @@ def load(workdir: str | None, checkpoint: str | None):
     if workdir is not None:
         config, params, step = restore_for_sampling(workdir, FLAGS.step)
         return build_model(config.model), params, config.diffusion, config.sample, f"step {step}"
-    dit_config, params = load_dit(checkpoint)
+    model, params = convert.load(checkpoint)
     schedule = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                     prediction_type="epsilon")  # what every DiT checkpoint was trained with
     defaults = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, guidance_scale=4.0))
-    return make_module(dit_config), params, schedule, defaults, checkpoint
+    return model, params, schedule, defaults, checkpoint
 
 
 def main(argv):

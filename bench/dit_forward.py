@@ -5,7 +5,7 @@
     python -m bench.dit_forward --preset=DiT-XL/2 --batch=32      # for a GPU
 
 The model is built as diffusers' `DiTTransformer2DModel` with random weights, saved as a diffusers folder
-and converted with `diffax.convert.dit.load_dit`, so both libraries run the same weights. It takes diffusers'
+and converted with `diffax.convert.load`, so both libraries run the same weights. It takes diffusers'
 conventions (timestep frequency shift 1, pre-MLP LayerNorm eps 1e-5), which the converted config carries.
 Outputs are compared before anything is timed.
 """
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common  # importing the bench package first sets OMP_WAIT_POLICY for torch
-from diffax.convert.dit import load_dit
+from diffax import convert
 from diffax.models.dit import PRESETS, DiT, DiTConfig
 
 
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     model = torch_dit(base).to(device)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        config, params = load_dit(folder)
-    config = dataclasses.replace(config, attention_backend=args.attention)
+        module, params = convert.load(folder)
+    config = dataclasses.replace(module.config, attention_backend=args.attention)
     params = jax.device_put(params)
     net = DiT(config)
 

@@ -5,7 +5,7 @@ classifier-free guidance.
     python -m bench.unet_sampling --size=large --batch=16          # SD-channel U-Net at 64x64, for a GPU
 
 The model is built in diffusers with random weights, saved as a diffusers folder and converted with
-`diffax.convert.unet2d.load_unet2d`, so both libraries run the same weights. Two cases, both with `--batch`
+`diffax.convert.load`, so both libraries run the same weights. Two cases, both with `--batch`
 rows per model evaluation:
   forward   one model call on [batch, H, W, C].
   sampling  `--steps` DDIM steps of batch/2 images with CFG: each step evaluates the model on the
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common  # importing the bench package first sets OMP_WAIT_POLICY for torch
-from diffax.convert.unet2d import load_unet2d
+from diffax import convert
 from diffax.models import build_model
 from diffax.models.unet2d import UNet2DConfig, UNet2DModel
 from diffax.sampling import sample
@@ -197,7 +197,8 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     model = torch_unet(base).to(device)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        config, params = load_unet2d(folder, attention_backend=args.attention)
+        module, params = convert.load(folder, attention_backend=args.attention)
+    config = module.config
     params = jax.device_put(params)
     rng = np.random.default_rng(0)
     rows = [forward_case(args, model, config, params, device, peak, rng)]

@@ -1,23 +1,32 @@
-"""Generic conversion pieces: key/tensor rules (diffax.convert.rules) and weight-file I/O (diffax.convert.io).
+"""Conversion: key/tensor rules (diffax.convert.rules), weight-file I/O (diffax.convert.io), and the one
+entry point `diffax.convert.load` / `save` / `python -m diffax.convert` for every family.
 
 Tensor rules are checked by running the torch layer and the flax layer on the same input: a wrong
 transpose gives O(1) differences, so fp32 agreement to 1e-5 of the output scale (summation order only)
-is a real check.
+is a real check. Family parity with diffusers lives in test_unet2d.py and test_dit.py; here tiny configs
+with random weights check dispatch, folders, the command line and error reports.
 """
 from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
+from diffax import convert
 from diffax.convert import rules
-from diffax.convert.io import (CheckpointError, read_config, read_safetensors, read_state_dict, read_torch,
+from diffax.convert.__main__ import main as convert_main
+from diffax.convert.io import (CheckpointError, open_tensors, read_safetensors, read_state_dict, read_torch,
                                write_safetensors)
+from diffax.models import DiT, DiTConfig, UNet2DConfig, UNet2DModel, abstract_params, make_module
 from diffax.models.layers import GroupNorm, conv, dense
 
 torch = pytest.importorskip("torch")
@@ -110,10 +119,10 @@ def test_check_against_messages_and_cast():
     bad = {"a": {"kernel": np.ones((3, 2), np.float32)}, "c": {"bias": np.ones(1)}}
     with pytest.raises(CheckpointError) as err:
         rules.check_against(bad, reference, source="x.safetensors")
-    msg = str(err.value)
-    assert msg.startswith("x.safetensors: checkpoint does not match the model")
-    assert "missing: a/bias, b/scale" in msg and "unexpected: c/bias" in msg
-    assert "shape mismatch: a/kernel: file (3, 2) vs model (2, 3)" in msg
+    # One line per kind, each naming the file.
+    assert str(err.value).splitlines() == ["x.safetensors: missing: a/bias, b/scale",
+                                           "x.safetensors: unexpected: c/bias",
+                                           "x.safetensors: shape mismatch: a/kernel: file (3, 2) vs model (2, 3)"]
 
     many = {f"k{i:02d}": {"w": jnp.zeros(1)} for i in range(12)}
     with pytest.raises(CheckpointError, match=r"missing: k00/w, .*k07/w, \.\.\. \(12 in all\)"):
@@ -164,6 +173,32 @@ def test_truncated_safetensors_names_file_and_key(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(struct.pack("<Q", 4) + b"\xff{{{" + b"\0" * 8)
     with pytest.raises(CheckpointError, match="junk.safetensors: corrupt safetensors header"):
         read_state_dict(tmp_path / "junk.safetensors")
+    (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 2**40) + b"{}")
+    with pytest.raises(CheckpointError, match="huge.safetensors: not a safetensors file \\(header length 1099511627776"):
+        read_state_dict(tmp_path / "huge.safetensors")
+
+
+def test_bad_offsets_name_file_and_key(tmp_path):
+    head = json.dumps({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}).encode()
+    (tmp_path / "odd.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 16)
+    with pytest.raises(CheckpointError, match=r"odd.safetensors: tensor 'w' has offsets \[0, 12\] that do not fit"):
+        read_state_dict(tmp_path / "odd.safetensors")
+    head = json.dumps({"w": {"dtype": "F32", "shape": [2]}}).encode()
+    (tmp_path / "noff.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 8)
+    with pytest.raises(CheckpointError, match="noff.safetensors: tensor 'w' has a corrupt header entry"):
+        read_state_dict(tmp_path / "noff.safetensors")
+
+
+def test_tensors_read_one_at_a_time(tmp_path):
+    # Names and shapes come from the header; each read is a fresh array in natural key order.
+    tensors = {f"blocks.{i}.w": np.full((2, i + 1), i, np.float32) for i in (10, 2, 1)}
+    write_safetensors(tmp_path / "m.safetensors", tensors)
+    with open_tensors(tmp_path / "m.safetensors") as t:
+        assert t.keys() == ["blocks.1.w", "blocks.2.w", "blocks.10.w"]
+        assert t.shape("blocks.10.w") == (2, 11)
+        a = t["blocks.2.w"]
+        a += 1  # a private copy: the file is unchanged
+        np.testing.assert_array_equal(t["blocks.2.w"], tensors["blocks.2.w"])
 
 
 # --- torch pickles ----------------------------------------------------------------------------------------
@@ -229,16 +264,6 @@ def test_folder_prefers_safetensors_and_reports_missing(tmp_path):
         read_state_dict(tmp_path / "nope.safetensors")
 
 
-def test_read_config(tmp_path):
-    (tmp_path / "config.json").write_text('{"in_channels": 3}')
-    assert read_config(tmp_path) == {"in_channels": 3}
-    with pytest.raises(CheckpointError, match="config.json: missing"):
-        read_config(tmp_path / "elsewhere")
-    (tmp_path / "config.json").write_text('{"in_channels": 3,}')
-    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
-        read_config(tmp_path)
-
-
 def test_reference_training_checkpoint_reads_ema(tmp_path):
     """DiT-reference training files hold model, ema, opt and an argparse.Namespace: read the EMA weights."""
     import argparse
@@ -251,3 +276,199 @@ def test_reference_training_checkpoint_reads_ema(tmp_path):
     torch.save({"model": {"w": torch.ones(2)}, "ema": {"w": torch.full((2,), 3.0)}, "opt": {},
                 "args": argparse.Namespace(model="DiT-XL/2")}, path)
     np.testing.assert_array_equal(read_torch(path)["w"], [3.0, 3.0])
+
+
+# --- diffax.convert.load / save -----------------------------------------------------------------------------
+
+TINY_UNET = UNet2DConfig(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                         up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, num_class_embeds=3)
+TINY_DIT = DiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_attention_heads=2,
+                     attention_head_dim=16, num_layers=2, num_embeds_ada_norm=10)
+REFERENCE_DIT = DiTConfig.from_reference(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2,
+                                         num_heads=2, num_classes=10)
+
+
+def random_params(config, seed: int = 0) -> dict:
+    """Random values in the model's parameter shapes (no init, nothing compiled)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (0.2 * rng.standard_normal(s.shape)).astype(s.dtype), abstract_params(config))
+
+
+def assert_same(a, b) -> None:
+    fa, fb = rules.flatten(a), rules.flatten(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg="/".join(k))
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("unet")
+    params = random_params(TINY_UNET)
+    convert.save(folder, UNet2DModel(TINY_UNET), params)
+    return folder, params
+
+
+@pytest.mark.parametrize("config, torch_class", [(TINY_UNET, "UNet2DModel"), (TINY_DIT, "DiTTransformer2DModel")])
+def test_load_save_dispatch_on_class_name(tmp_path, config, torch_class):
+    import diffusers
+    params = random_params(config)
+    weights = convert.save(tmp_path, make_module(config), params)
+    stored = json.loads((tmp_path / "config.json").read_text())
+    assert stored["_class_name"] == torch_class
+    # The file holds exactly the state dict of the diffusers class built from the written config.
+    torch_model = getattr(diffusers, torch_class).from_config(stored)
+    want = {k: tuple(v.shape) for k, v in torch_model.state_dict().items()}
+    with open_tensors(weights) as tensors:
+        assert {k: tensors.shape(k) for k in tensors.keys()} == want
+    module, back = convert.load(tmp_path)  # dispatched on config.json's _class_name
+    assert type(module) is type(make_module(config)) and module.config == config
+    assert_same(back, params)
+    module, half = convert.load(tmp_path, param_dtype="bfloat16", dtype="bfloat16")
+    assert module.config.dtype == jnp.bfloat16
+    assert {a.dtype for a in jax.tree.leaves(half)} == {np.dtype(jnp.bfloat16)}
+
+
+def test_pipeline_folder_subfolder_and_variant(tmp_path, unet_folder):
+    folder, params = unet_folder
+    pipe = tmp_path / "pipe"
+    (pipe / "scheduler").mkdir(parents=True)
+    convert.save(pipe / "unet", UNet2DModel(TINY_UNET), params)
+    index = {"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"],
+             "scheduler": ["diffusers", "DDPMScheduler"]}
+    (pipe / "model_index.json").write_text(json.dumps(index))
+    assert_same(convert.load(pipe, subfolder="unet")[1], params)
+    assert_same(convert.load(pipe)[1], params)  # the pipeline's one model is found
+    with pytest.raises(CheckpointError, match=r"pipe/vae: no such folder \(subfolder='vae'\)"):
+        convert.load(pipe, subfolder="vae")
+    (pipe / "model_index.json").write_text(json.dumps({**index, "unet_2": ["diffusers", "UNet2DModel"]}))
+    with pytest.raises(CheckpointError, match=r"model_index.json: a pipeline folder with several models .*"
+                                              r"pass subfolder= \(its components: unet, scheduler, unet_2\)"):
+        convert.load(pipe)
+
+    # A variant: diffusion_pytorch_model.fp16.safetensors, read (and cast to the params' fp32) on request.
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    (variant / "config.json").write_text((folder / "config.json").read_text())
+    half = {k: v.astype(np.float16) for k, v in read_state_dict(folder).items()}
+    write_safetensors(variant / "diffusion_pytorch_model.fp16.safetensors", half)
+    _, loaded = convert.load(variant, variant="fp16")
+    assert_same(loaded, jax.tree.map(lambda a: a.astype(np.float16).astype(np.float32), params))
+    with pytest.raises(CheckpointError, match="no weight file found"):
+        convert.load(variant)
+
+
+def test_unknown_class_name_names_the_file(tmp_path, unet_folder):
+    folder, _ = unet_folder
+    other = tmp_path / "vae"
+    other.mkdir()
+    (other / "diffusion_pytorch_model.safetensors").write_bytes(
+        (folder / "diffusion_pytorch_model.safetensors").read_bytes())
+    (other / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "in_channels": 3}))
+    with pytest.raises(CheckpointError, match=rf"{other / 'config.json'}: _class_name 'AutoencoderKL' is not a "
+                                              rf"model diffax converts \(it converts DiTTransformer2DModel, UNet2DModel\)"):
+        convert.load(other)
+    (other / "config.json").write_text(json.dumps({"in_channels": 3}))
+    with pytest.raises(CheckpointError, match=rf"{other / 'config.json'}: no _class_name"):
+        convert.load(other)
+    with pytest.raises(ValueError, match="num_heads only apply to reference-layout files"):
+        convert.load(folder, num_heads=2)
+
+
+def test_save_checks_params_and_layout(tmp_path, unet_folder):
+    _, params = unet_folder
+    with pytest.raises(ValueError, match="UNet2DModel has no reference layout"):
+        convert.save(tmp_path / "u.pt", UNet2DModel(TINY_UNET), params, layout="reference")
+    bad = {**params, "conv_in": {"kernel": np.zeros((3, 3, 1, 4), np.float32), "bias": params["conv_in"]["bias"]}}
+    with pytest.raises(CheckpointError, match=r"params passed to save for UNet2DModel: shape mismatch: "
+                                              r"conv_in/kernel: file \(3, 3, 1, 4\) vs model \(3, 3, 1, 8\)"):
+        convert.save(tmp_path / "bad", UNet2DModel(TINY_UNET), bad)
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_mismatch_report_and_allow_partial(tmp_path, unet_folder, capsys):
+    folder, params = unet_folder
+    sd = read_state_dict(folder)
+    del sd["conv_out.bias"]
+    sd["extra.weight"] = np.ones((2, 2), np.float32)
+    sd["class_embedding.weight"] = np.ones((5, 32), np.float32)  # 5 classes, the model has 3
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    weights = broken / "diffusion_pytorch_model.safetensors"
+    write_safetensors(weights, sd)
+
+    assert convert_main([str(broken), str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {weights}: missing: conv_out/bias",
+        f"error: {weights}: unexpected: extra/kernel",
+        f"error: {weights}: shape mismatch: class_embedding/embedding: file (5, 32) vs model (3, 32)"]
+    assert not (tmp_path / "out").exists()
+
+    # --allow_partial: unexpected tensors dropped, missing and mis-shaped parameters freshly initialised.
+    assert convert_main([str(broken), str(tmp_path / "out"), "--allow_partial"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {weights}: missing: conv_out/bias (--allow_partial" in err
+    _, out = convert.load(tmp_path / "out")  # a complete checkpoint now
+    assert out["conv_out"]["bias"].shape == (1,) and out["class_embedding"]["embedding"].shape == (3, 32)
+    assert not np.array_equal(out["class_embedding"]["embedding"], np.ones((3, 32)))
+    np.testing.assert_array_equal(out["conv_in"]["kernel"], params["conv_in"]["kernel"])
+    with pytest.warns(UserWarning, match="unexpected: extra/kernel"):
+        _, partial = convert.load(broken, allow_partial=True)
+    assert_same(partial, out)  # the same fresh initialisation (key 0) as the command line's
+
+
+def test_command_line_reference_to_diffusers(tmp_path):
+    """`python -m diffax.convert` turns a DiT reference .pt into a folder diffusers loads, with the same
+    weights: diffusers' forward equals diffax's with diffusers' timestep frequencies."""
+    import dataclasses
+
+    import diffusers
+    params = random_params(REFERENCE_DIT, seed=3)
+    ref = convert.save(tmp_path / "dit.pt", DiT(REFERENCE_DIT), params, layout="reference")
+    assert read_torch(ref)["blocks.0.attn.qkv.weight"].shape == (96, 32)
+    result = subprocess.run([sys.executable, "-m", "diffax.convert", str(ref), str(tmp_path / "out"),
+                             "--num_heads", "2"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert "warning: DiTConfig.to_diffusers: freq_shift=0.0" in result.stderr  # said, not hidden
+    assert "(reference) ->" in result.stdout and "DiTTransformer2DModel" in result.stdout
+
+    model = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t, y = np.array([999, 3]), np.array([1, 10])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                     torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    module, loaded = convert.load(tmp_path / "out")
+    assert module.config == REFERENCE_DIT  # freq_shift 0 travels under "_diffax"
+    assert_same(loaded, params)
+    as_diffusers = DiT(dataclasses.replace(REFERENCE_DIT, freq_shift=1.0))
+    got = np.asarray(jax.jit(as_diffusers.apply)({"params": loaded}, x, t, class_labels=y))
+    _close(got, want, tol=1e-4)
+
+
+def test_hub_id(tmp_path, unet_folder, monkeypatch):
+    folder, params = unet_folder
+    import huggingface_hub
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    module, loaded = convert.load("someone/tiny-unet")
+    assert module.config == TINY_UNET
+    assert_same(loaded, params)
+    # The JSON files first (config, pipeline index), then only the weights of the model.
+    assert calls == [("someone/tiny-unet", ["*.json"]), ("someone/tiny-unet", ["*.safetensors"])]
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
+    with pytest.raises(CheckpointError, match=r"someone/tiny-unet: no such file or folder here; .*"
+                                              r"pip install 'diffax\[hub\]'"):
+        convert.load("someone/tiny-unet")
+    with pytest.raises(CheckpointError, match="no/such/path: no such file or folder$"):
+        convert.load("no/such/path")  # not a hub id

@@ -109,14 +109,14 @@ def test_converted_dit_checkpoint(tmp_path):
     """sample.py --checkpoint takes a converted DiT (here a diffusers folder of a tiny random latent DiT)."""
     import jax
 
-    from diffax.convert.dit import save_dit_diffusers
-    from diffax.models import init_params
+    from diffax import convert
+    from diffax.models import init_params, make_module
     from diffax.models.dit import DiTConfig
 
     config = DiTConfig(sample_size=8, patch_size=2, in_channels=4, out_channels=8, num_attention_heads=2,
                        attention_head_dim=16, num_layers=1, num_embeds_ada_norm=5)
     params = init_params(config, jax.random.key(0))
-    save_dit_diffusers(tmp_path / "dit", config, jax.device_get(params))
+    convert.save(tmp_path / "dit", make_module(config), jax.device_get(params))
     args = [sys.executable, str(ROOT / "sample.py"), f"--checkpoint={tmp_path / 'dit'}", "--steps=3",
             "--num_samples=3", "--reference_guidance"]
     result = subprocess.run([*args, f"--out={tmp_path / 'lat.npz'}"], capture_output=True, text=True)

@@ -1,7 +1,7 @@
 """UNet2DModel: shapes, config handling, and parity with diffusers' UNet2DModel through the converter.
 
 The torch reference is built with random weights (no downloads), saved in diffusers' real on-disk
-formats, loaded with `diffax.convert.unet2d.load_unet2d`, and compared on random inputs.
+formats, loaded with `diffax.convert.load`, and compared on random inputs.
 
 Parity tolerance: max|diffax - torch| / max|torch| < 1e-4 in fp32 (DESIGN principle 4). Both sides
 compute in fp32 with different summation orders (XLA vs oneDNN convs, fused vs torch SDPA attention);
@@ -25,7 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffax.convert import rules  # noqa: E402
 from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors  # noqa: E402
-from diffax.convert.unet2d import load_unet2d, save_unet2d  # noqa: E402
+from diffax import convert  # noqa: E402
 from diffax.models import abstract_params, init_params, logical_specs  # noqa: E402
 from diffax.models.unet2d import UNet2DConfig, UNet2DModel  # noqa: E402
 
@@ -48,6 +48,12 @@ def torch_forward(model, x: np.ndarray, t: np.ndarray, y: np.ndarray | None) -> 
         out = model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
                     None if y is None else torch.from_numpy(y)).sample
     return out.permute(0, 2, 3, 1).numpy()
+
+
+def load_unet2d(path, config=None, **runtime):
+    """(config, params) through `diffax.convert.load`."""
+    module, params = convert.load(path, config=config, **runtime)
+    return module.config, params
 
 
 @functools.lru_cache
@@ -180,7 +186,7 @@ def test_timestep_forms_agree(loaded, torch_model, inputs):
 
 def test_export_round_trip(loaded, inputs, reference, tmp_path):
     config, params = loaded
-    save_unet2d(tmp_path, config, params)
+    convert.save(tmp_path, UNet2DModel(config), params)
     back = diffusers.UNet2DModel.from_pretrained(tmp_path).eval()
     assert back.config.num_class_embeds == 11 and tuple(back.config.block_out_channels) == (32, 64)
     # Same fp32 weights in, bit-identical torch outputs out.
@@ -188,7 +194,7 @@ def test_export_round_trip(loaded, inputs, reference, tmp_path):
     _, params2 = load_unet2d(tmp_path)  # and diffax reads its own export back unchanged
     assert jax.tree.all(jax.tree.map(np.array_equal, params, params2))
     # Exported tensors keep the params' dtype: bf16 params give a bf16 file diffusers loads as bf16.
-    save_unet2d(tmp_path / "bf16", config, jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params))
+    convert.save(tmp_path / "bf16", UNet2DModel(config), jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params))
     assert {v.dtype for v in read_state_dict(tmp_path / "bf16").values()} == {np.dtype(jnp.bfloat16)}
     half = diffusers.UNet2DModel.from_pretrained(tmp_path / "bf16", torch_dtype=torch.bfloat16)
     assert half.conv_in.weight.dtype == torch.bfloat16

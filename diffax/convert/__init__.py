@@ -1,0 +1,18 @@
+"""PyTorch <-> diffax weights, one way in and one way out for every model family.
+
+    import diffax.convert
+    module, params = diffax.convert.load("path/to/diffusers/folder")   # or a pipeline folder, a DiT .pt, a hub id
+    diffax.convert.save("exported", module, params)                    # diffusers' from_pretrained loads it
+
+    python -m diffax.convert SRC DST [--to diffusers|reference]         # the same from the command line
+
+Each family adds a table and hooks in its own file (unet2d.py, dit.py) to the converter registry
+(registry.py); the generic tensor rules are in rules.py and the weight-file I/O in io.py.
+"""
+from diffax.convert import dit, unet2d  # noqa: F401  (importing registers each family's converter)
+from diffax.convert.api import load, read_checkpoint, save
+from diffax.convert.io import CheckpointError
+from diffax.convert.registry import Converter, ReferenceLayout, converters, register
+
+__all__ = ["CheckpointError", "Converter", "ReferenceLayout", "converters", "load", "read_checkpoint", "register",
+           "save"]

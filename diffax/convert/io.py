@@ -1,17 +1,23 @@
 """Reading and writing PyTorch-side weight files: safetensors (no torch needed), .bin / .pt / .ckpt (torch).
 
-safetensors is parsed here directly (8-byte header length, JSON header, raw buffer) so that bf16 tensors
-load as `ml_dtypes.bfloat16` without torch, and a truncated or corrupt file is reported with its path and
-the offending key instead of a deep library traceback.
+Reading is tensor by tensor: `open_tensors(path)` gives the names and shapes of every tensor of a file, a
+sharded checkpoint (*.index.json) or a model folder, and reads one tensor per `tensors[key]`, so a converter
+that turns each tensor into its diffax form before reading the next holds one copy of the weights, not two.
+
+safetensors files are read through `safetensors.safe_open` (memory-mapped; bf16 comes back as
+`ml_dtypes.bfloat16` in safetensors >= 0.8). Its header is checked here first, so a truncated or corrupt
+file is reported with its path and the offending tensor instead of a library error.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import struct
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -23,6 +29,12 @@ _ST_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+# A real header is a few hundred bytes per tensor; a larger length field means a corrupt file.
+_MAX_HEADER = 100 * 2**20
+# safe_open maps the whole file and every page a read touches stays in the process's resident set until
+# the map is closed, so a file read in full through one map counts twice (the map plus the converted copy).
+# Re-opening the map after this many bytes keeps the resident set near one copy of the weights.
+_REMAP_BYTES = 64 * 2**20
 
 # File names diffusers / transformers write, in the order we look for them inside a model folder.
 WEIGHT_NAMES = (
@@ -37,71 +49,114 @@ class CheckpointError(ValueError):
     """A weight file is missing, corrupt, or does not match the model it is loaded into."""
 
 
-def read_safetensors(path: str | os.PathLike) -> StateDict:
-    """All tensors of one .safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
-    path = Path(path)
-    data = path.read_bytes()
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: not a safetensors file (only {len(data)} bytes)")
-    (n,) = struct.unpack("<Q", data[:8])
+def with_variant(name: str, variant: str | None) -> str:
+    """diffusers' variant file name: ('diffusion_pytorch_model.safetensors', 'fp16') ->
+    'diffusion_pytorch_model.fp16.safetensors' (an index: '...safetensors.index.fp16.json')."""
+    if not variant:
+        return name
+    parts = name.split(".")
+    return ".".join([*parts[:-1], variant, parts[-1]])
+
+
+def weight_file(folder: str | os.PathLike, variant: str | None = None) -> Path:
+    """The weight file (or shard index) of a model folder: the first of WEIGHT_NAMES (with `variant`)."""
+    folder = Path(folder)
+    names = [with_variant(n, variant) for n in WEIGHT_NAMES]
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(f"{folder}: no weight file found (looked for {', '.join(names)})")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _SafetensorsFile:
+    """One .safetensors file: header checked on open, tensors read one at a time through safe_open."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = _read_header(path)  # key -> (dtype, shape)
+        self._handle: Any = None
+        self._since_open = 0
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if self._handle is None:
+            from safetensors import safe_open
+            try:
+                self._handle = safe_open(str(self.path), framework="numpy")
+            except Exception as e:  # SafetensorError for layouts our header check lets through
+                raise CheckpointError(f"{self.path}: cannot be read as safetensors ({e})") from None
+        value = self._handle.get_tensor(key)  # a fresh host copy of this tensor alone
+        self._since_open += value.nbytes
+        if self._since_open >= _REMAP_BYTES:
+            self.close()
+        return value
+
+    def close(self) -> None:
+        self._handle, self._since_open = None, 0  # dropping the handle unmaps the file
+
+
+def _read_header(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {len(head)} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n} for a {size}-byte file)")
+        raw = f.read(n)
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    buf = memoryview(data)[8 + n:]
-    out: StateDict = {}
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    buffer = size - 8 - n
+    entries = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        if end > len(buf):
+        try:
+            dtype_name, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: tensor {key!r} has a corrupt header entry {info!r}") from None
+        if dtype_name not in _ST_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype_name}")
+        dtype = np.dtype(_ST_DTYPES[dtype_name])
+        if end > buffer:
             raise CheckpointError(f"{path}: tensor {key!r} runs past the end of the file (truncated?)")
-        dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        out[key] = np.frombuffer(buf[start:end], dtype=dtype).reshape(info["shape"]).copy()
-    return out
+        if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {key!r} has offsets [{start}, {end}] that do not fit its "
+                                  f"shape {list(shape)} of {dtype_name}")
+        entries[key] = (dtype, shape)
+    return entries
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors as one .safetensors file, atomically (temp file + rename)."""
-    path = Path(path)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset, blobs = 0, []
-    for key in sorted(tensors):
-        arr = np.asarray(tensors[key], order="C")  # ascontiguousarray would make 0-d arrays 1-d
-        if arr.dtype not in _ST_NAMES:
-            raise CheckpointError(f"{path}: cannot store {key!r} of dtype {arr.dtype} in safetensors")
-        blob = arr.tobytes()
-        header[key] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                       "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the buffer to 8 bytes
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for blob in blobs:
-            f.write(blob)
-    os.replace(tmp, path)
-
-
-def read_torch(path: str | os.PathLike) -> StateDict:
-    """A torch pickle (.bin/.pt/.ckpt) as numpy arrays. Loads with `weights_only=True`, so a hostile
-    pickle cannot run code; unwraps the usual {'ema': ...} / {'state_dict': ...} / {'model': ...} nesting, preferring the EMA weights."""
+def _torch_state_dict(path: Path) -> dict[str, Any]:
+    """The tensors of a torch pickle, memory-mapped where the file allows it. Loads with
+    `weights_only=True`, so a hostile pickle cannot run code; unwraps the usual {'ema': ...} /
+    {'state_dict': ...} / {'model': ...} nesting, preferring the EMA weights."""
     try:
         import torch
     except ImportError:
         raise CheckpointError(f"{path}: reading torch pickles needs PyTorch (`pip install torch==2.13.0`, "
                               f"extra `diffax[torch]`); safetensors files need no torch") from None
-    try:
+
+    def read(mmap: bool) -> Any:
         # Training checkpoints (the DiT reference's) carry their argparse.Namespace: a plain attribute bag,
         # safe to allow; everything else stays under weights_only's allow-list.
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+    try:
+        try:
+            obj = read(mmap=True)
+        except RuntimeError as e:  # files in torch's legacy (pre-zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            obj = read(mmap=False)
     except Exception as e:  # torch raises many types for bad pickles; name the file either way.
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     for wrapper in ("ema", "state_dict", "model", "module"):  # EMA weights are what sampling wants
@@ -109,45 +164,170 @@ def read_torch(path: str | os.PathLike) -> StateDict:
             obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    out: StateDict = {}
-    for key, value in obj.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        value = value.detach().cpu()
-        if value.dtype == torch.bfloat16:
-            out[key] = value.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        else:
-            out[key] = value.numpy()
-    return out
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
-def read_state_dict(path: str | os.PathLike) -> StateDict:
-    """Weights from a file (.safetensors / .bin / .pt / .ckpt / sharded *.index.json) or a model folder."""
+def _torch_to_numpy(value: Any) -> np.ndarray:
+    """A host numpy copy of a torch tensor (bf16 as ml_dtypes.bfloat16). A copy, because the tensor may
+    be a view of a memory-mapped file that a later save could replace."""
+    import torch
+    value = value.detach().cpu()
+    if value.dtype == torch.bfloat16:
+        return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return value.numpy().copy()
+
+
+class _TorchFile:
+    def __init__(self, path: Path):
+        self.path = path
+        self._tensors = _torch_state_dict(path)
+        self.entries = {k: (None, tuple(v.shape)) for k, v in self._tensors.items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return _torch_to_numpy(self._tensors[key])
+
+    def close(self) -> None:
+        pass
+
+
+def _natural(key: str) -> tuple:
+    """Sort key that puts 'blocks.2.' before 'blocks.10.'."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key))
+
+
+class Tensors:
+    """The tensors of one checkpoint (a file, or the shards of an index): names, shapes, and one tensor
+    read per `tensors[key]` as a fresh host numpy array. Use as a context manager, or call `close()`."""
+
+    def __init__(self, source: Path, files: Mapping[str, Any]):
+        self.source = source  # the path errors name: the weight file or the shard index
+        self._files = files   # key -> the file object holding it
+
+    def keys(self) -> list[str]:
+        """Every tensor name, in natural order (block 2 before block 10)."""
+        return sorted(self._files, key=_natural)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._files
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header: nothing is read."""
+        return self._files[key].entries[key][1]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._files:
+            raise CheckpointError(f"{self.source}: no tensor {key!r}")
+        return self._files[key][key]
+
+    def items(self) -> Iterator[tuple[str, np.ndarray]]:
+        """(key, tensor) in natural key order, each read when it is reached."""
+        for key in self.keys():
+            yield key, self[key]
+
+    def close(self) -> None:
+        """Releases the files' memory maps."""
+        for f in set(self._files.values()):
+            f.close()
+
+    def __enter__(self) -> "Tensors":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _open_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return _SafetensorsFile(path) if path.suffix == ".safetensors" else _TorchFile(path)
+
+
+def open_tensors(path: str | os.PathLike, variant: str | None = None) -> Tensors:
+    """The tensors of a weight file (.safetensors / .bin / .pt / .ckpt), a shard index (*.index.json), or a
+    model folder (its first WEIGHT_NAMES file, with `variant` e.g. 'fp16'); nothing is read yet."""
     path = Path(path)
     if path.is_dir():
-        for name in WEIGHT_NAMES:
-            if (path / name).exists():
-                return read_state_dict(path / name)
-        raise CheckpointError(f"{path}: no weight file found (looked for {', '.join(WEIGHT_NAMES)})")
-    if not path.exists():
+        path = weight_file(path, variant)
+    if not path.name.endswith(".json"):
+        f = _open_file(path)
+        return Tensors(path, {k: f for k in f.entries})
+    if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if path.name.endswith(".index.json"):
-        index = json.loads(path.read_text())
-        out: StateDict = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            out.update(read_state_dict(path.parent / shard))
-        return out
-    if path.suffix == ".safetensors":
-        return read_safetensors(path)
-    return read_torch(path)
-
-
-def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
-    """A diffusers / transformers `config.json` as a dict, with a clear error when it is missing."""
-    path = Path(folder) / name
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (a diffusers model folder holds config.json beside its weights)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+        weight_map = json.loads(path.read_text())["weight_map"]
+        shards = {name: _open_file(path.parent / name) for name in sorted(set(weight_map.values()))}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a shard index ({type(e).__name__}: {e})") from None
+    files = {}
+    for key, name in weight_map.items():
+        if key not in shards[name].entries:
+            raise CheckpointError(f"{path}: lists {key!r} in {name}, which does not hold it")
+        files[key] = shards[name]
+    return Tensors(path, files)
+
+
+def read_state_dict(path: str | os.PathLike, variant: str | None = None) -> StateDict:
+    """Every tensor of a file, shard index or model folder (see `open_tensors`) as numpy arrays."""
+    with open_tensors(path, variant) as tensors:
+        return dict(tensors.items())
+
+
+def read_safetensors(path: str | os.PathLike) -> StateDict:
+    """All tensors of one .safetensors file as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
+    f = _SafetensorsFile(Path(path))
+    try:
+        return {k: f[k] for k in sorted(f.entries, key=_natural)}
+    finally:
+        f.close()
+
+
+def read_torch(path: str | os.PathLike) -> StateDict:
+    """A torch pickle (.bin/.pt/.ckpt) as numpy arrays; see `_torch_state_dict` for what is accepted."""
+    return {k: _torch_to_numpy(v) for k, v in _torch_state_dict(Path(path)).items()}
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (numpy or jax arrays, views allowed) as one .safetensors file, atomically (temp file +
+    rename). Tensors are laid out by sorted key and made contiguous one at a time, so writing needs no
+    second copy of the weights."""
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    keys = sorted(tensors)
+    offset = 0
+    for key in keys:
+        arr = tensors[key]
+        dtype = np.dtype(arr.dtype) if hasattr(arr, "dtype") else np.asarray(arr).dtype
+        if dtype not in _ST_NAMES:
+            raise CheckpointError(f"{path}: cannot store {key!r} of dtype {dtype} in safetensors")
+        nbytes = math.prod(np.shape(arr)) * dtype.itemsize
+        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(np.shape(arr)), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the buffer to 8 bytes
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for key in keys:
+            f.write(np.asarray(tensors[key]).tobytes(order="C"))  # one tensor's copy at a time
+    os.replace(tmp, path)
+
+
+def write_torch(path: str | os.PathLike, tensors: Mapping[str, Any]) -> None:
+    """Write tensors as a torch .pt state dict (`torch.load` + `load_state_dict` read it)."""
+    import torch
+
+    def to_torch(a: Any) -> Any:
+        a = np.asarray(a, order="C")
+        if a.dtype == ml_dtypes.bfloat16:  # numpy has no bf16; reinterpret the bits
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
+
+    torch.save({k: to_torch(v) for k, v in tensors.items()}, path)

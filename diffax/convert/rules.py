@@ -10,11 +10,13 @@ A diffax parameter tree mirrors the diffusers state dict: `down_blocks.0.resnets
   <embedding>.weight [N, C]      <embedding>/embedding [N, C]   (keys matched by `embedding_keys`)
   *.bias                         */bias
 
-A family converter adds only its exceptions: `renames` (regex substitutions on torch keys applied before
-the generic rules, e.g. a fused qkv split or a reference-layout name) and the embedding key patterns.
+A family converter (`diffax.convert.registry.Converter`) adds only its exceptions: `renames` (regex
+substitutions on torch keys applied before the generic rules), the embedding key patterns, and hooks for
+what regexes cannot say (a fused qkv split, tensors repeated per block).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Any, Iterable, Mapping
 
@@ -52,6 +54,38 @@ def _matches(key: str, patterns: Iterable[str]) -> bool:
     return any(re.search(p, key) for p in patterns)
 
 
+def tensor_to_flax(key: str, value: np.ndarray, *, embedding_keys: Iterable[str] = (),
+                   source: str = "state dict") -> tuple[tuple[str, ...], np.ndarray]:
+    """(flax path, tensor) of one torch tensor by the generic rules; the tensor may be a transposed view."""
+    *path, leaf = key_to_path(key)
+    if leaf == "weight":
+        if _matches(key, embedding_keys):
+            leaf = "embedding"
+        elif value.ndim == 4:
+            leaf, value = "kernel", value.transpose(2, 3, 1, 0)
+        elif value.ndim == 2:
+            leaf, value = "kernel", value.T
+        elif value.ndim == 1:
+            leaf = "scale"
+        else:
+            raise CheckpointError(f"{source}: {key!r} has a {value.ndim}-d weight {value.shape}; "
+                                  f"no generic rule converts it")
+    return (*path, leaf), value
+
+
+def tensor_to_torch(path: Iterable[str], value: Any, *,
+                    literal_names: frozenset[str] = LITERAL_NAMES) -> tuple[str, np.ndarray]:
+    """(torch key, tensor) of one flax leaf; inverse of `tensor_to_flax` (the tensor may be a view)."""
+    *prefix, leaf = path
+    value = np.asarray(value)
+    if leaf == "kernel":
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+        leaf = "weight"
+    elif leaf in ("scale", "embedding"):
+        leaf = "weight"
+    return path_to_key((*prefix, leaf), literal_names), value
+
+
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], *, embedding_keys: Iterable[str] = (),
                   source: str = "state dict") -> Params:
     """Nested flax params from a torch state dict using the generic rules (see module docstring).
@@ -59,42 +93,18 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], *, embedding_keys: Itera
     `embedding_keys`: regexes for keys of nn.Embedding weights (kept [N, C], named 'embedding').
     `source` names the file in error messages.
     """
-    params: Params = {}
     embedding_keys = tuple(embedding_keys)
+    flat = {}
     for key, value in state_dict.items():
-        *path, leaf = key_to_path(key)
-        if leaf == "weight":
-            if _matches(key, embedding_keys):
-                leaf = "embedding"
-            elif value.ndim == 4:
-                leaf, value = "kernel", value.transpose(2, 3, 1, 0)
-            elif value.ndim == 2:
-                leaf, value = "kernel", value.T
-            elif value.ndim == 1:
-                leaf = "scale"
-            else:
-                raise CheckpointError(f"{source}: {key!r} has a {value.ndim}-d weight {value.shape}; "
-                                      f"no generic rule converts it")
-        node = params
-        for seg in path:
-            node = node.setdefault(seg, {})
-        node[leaf] = np.asarray(value, order="C")  # keeps 0-d (ascontiguousarray does not)
-    return params
+        path, value = tensor_to_flax(key, value, embedding_keys=embedding_keys, source=source)
+        flat[path] = np.asarray(value, order="C")  # keeps 0-d (ascontiguousarray does not)
+    return unflatten(flat)
 
 
 def flax_to_torch(params: Params, *, literal_names: frozenset[str] = LITERAL_NAMES) -> StateDict:
-    """A torch state dict (numpy values) from nested flax params; inverse of `torch_to_flax`."""
-    out: StateDict = {}
-    for path, value in flatten(params).items():
-        *prefix, leaf = path
-        value = np.asarray(value)
-        if leaf == "kernel":
-            value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-            leaf = "weight"
-        elif leaf in ("scale", "embedding"):
-            leaf = "weight"
-        out[path_to_key((*prefix, leaf), literal_names)] = np.asarray(value, order="C")
-    return out
+    """A torch state dict from nested flax params; inverse of `torch_to_flax`. Values are numpy views of
+    the params where a transpose suffices (writers make each contiguous as they write it)."""
+    return dict(tensor_to_torch(path, value, literal_names=literal_names) for path, value in flatten(params).items())
 
 
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
@@ -119,30 +129,58 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
     return out
 
 
+def rename(key: str, renames: Iterable[tuple[str, str]]) -> str:
+    """`key` after the regex substitutions `renames`, applied in order."""
+    for pattern, repl in renames:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
 def apply_renames(state_dict: Mapping[str, np.ndarray], renames: Iterable[tuple[str, str]]) -> StateDict:
     """Regex substitutions on every key, in order; the family-specific part of a conversion."""
     renames = tuple(renames)
-    out: StateDict = {}
-    for key, value in state_dict.items():
-        for pattern, repl in renames:
-            key = re.sub(pattern, repl, key)
-        out[key] = value
-    return out
+    return {rename(key, renames): value for key, value in state_dict.items()}
+
+
+@dataclasses.dataclass
+class Mismatch:
+    """How a checkpoint differs from a model: model parameters it lacks, tensors the model has no place
+    for, and tensors of the wrong shape (all as flax paths 'a/b/kernel')."""
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    shapes: list[str] = dataclasses.field(default_factory=list)  # 'path: file (..) vs model (..)'
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+    def lines(self, source: str) -> list[str]:
+        """One line per kind of mismatch, each naming `source` (up to eight keys shown per kind)."""
+        out = []
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected),
+                             ("shape mismatch", self.shapes)):
+            if items:
+                items = sorted(items)
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                out.append(f"{source}: {title}: {shown}")
+        return out
+
+
+def compare(shapes: Mapping[tuple[str, ...], tuple[int, ...]], reference: Params) -> Mismatch:
+    """The `Mismatch` of flat {path: shape} against a reference tree (arrays or `jax.ShapeDtypeStruct`s)."""
+    want = flatten(reference)
+    return Mismatch(
+        missing=["/".join(p) for p in want.keys() - shapes.keys()],
+        unexpected=["/".join(p) for p in shapes.keys() - want.keys()],
+        shapes=[f"{'/'.join(p)}: file {tuple(shapes[p])} vs model {tuple(want[p].shape)}"
+                for p in want.keys() & shapes.keys() if tuple(shapes[p]) != tuple(want[p].shape)])
 
 
 def check_against(params: Params, reference: Params, *, source: str) -> Params:
     """Checks converted `params` has exactly the keys and shapes of `reference` (initialised arrays or
-    `jax.eval_shape` structs) and casts to the reference dtypes. Errors name the file and every mismatched key."""
+    `jax.eval_shape` structs) and casts to the reference dtypes. The error names the file and, one line
+    per kind, every mismatched key."""
     got, want = flatten(params), flatten(reference)
-    missing = sorted("/".join(p) for p in want.keys() - got.keys())
-    unexpected = sorted("/".join(p) for p in got.keys() - want.keys())
-    shapes = [f"{'/'.join(p)}: file {tuple(np.shape(got[p]))} vs model {tuple(want[p].shape)}"
-              for p in sorted(want.keys() & got.keys()) if tuple(np.shape(got[p])) != tuple(want[p].shape)]
-    if missing or unexpected or shapes:
-        lines = [f"{source}: checkpoint does not match the model"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
+    mismatch = compare({p: np.shape(v) for p, v in got.items()}, reference)
+    if mismatch:
+        raise CheckpointError("\n".join(mismatch.lines(source)))
     return unflatten({p: np.asarray(got[p]).astype(want[p].dtype) for p in want})
