@@ -1,4 +1,4 @@
-"""Tests for the DiT model (diffax.models.dit) and its conversion (diffax.convert.dit).
+"""Tests for the DiT model (diffax.models.dit) and its conversion (diffax.convert, table in diffax.convert.dit).
 
 Parity is checked against diffusers' DiTTransformer2DModel built with random weights (every zero-initialised
 tensor randomised too, else adaLN-Zero would hide errors); the reference layout against an independent
@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffax.convert import dit as convert
+from diffax import convert
+from diffax.convert.__main__ import main as convert_main
 from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors
 from diffax.convert.rules import flatten
 from diffax.models.dit import PRESETS, DiT, DiTConfig, dit_block, parameter_count, sincos_pos_embed_2d
@@ -38,6 +39,12 @@ def inputs(batch=3, size=8, seed=0):
     t = np.array([999, 17, 0, 500][:batch])
     y = np.array([3, 10, 0, 7][:batch])  # 10 = the null class of SMALL
     return x, t, y
+
+
+def load_dit(path, **options):
+    """(config, params) through `diffax.convert.load`."""
+    module, params = convert.load(path, **options)
+    return module.config, params
 
 
 def random_params(config, seed=0):
@@ -249,7 +256,7 @@ def diffusers_folder(tmp_path_factory):
 
 def test_parity_with_diffusers(diffusers_folder, tmp_path):
     folder, model = diffusers_folder
-    config, params = convert.load_dit(folder)
+    config, params = load_dit(folder)
     assert (config.freq_shift, config.norm_eps, config.learn_sigma) == (1.0, 1e-5, True)
     x, t, y = inputs()
     with torch.no_grad():
@@ -264,7 +271,7 @@ def test_parity_with_diffusers(diffusers_folder, tmp_path):
 
     # Export: diffusers loads our folder and its state dict is the original one.
     from diffusers import DiTTransformer2DModel
-    convert.save_dit_diffusers(tmp_path / "out", config, params)
+    convert.save(tmp_path / "out", DiT(config), params)
     back = DiTTransformer2DModel.from_pretrained(tmp_path / "out").eval()
     original = model.state_dict()
     exported = back.state_dict()
@@ -277,7 +284,7 @@ def test_untied_embedder_copies_are_refused(tmp_path):
     model = _diffusers_model(tie=False)
     model.save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=r"transformer_blocks\.1\.norm1\.emb\.class_embedder"):
-        convert.load_dit(tmp_path)
+        load_dit(tmp_path)
 
 
 # ----------------------------------------------------------------------------- reference layout
@@ -319,7 +326,7 @@ def test_reference_layout_forward_and_round_trip(tmp_path):
     config = DiTConfig.from_reference(**SMALL)
     params = random_params(config, seed=5)
     path = tmp_path / "dit.pt"
-    convert.save_dit_reference(path, config, params)
+    convert.save(path, DiT(config), params, layout="reference")
     sd = read_state_dict(path)
     assert "blocks.1.attn.qkv.weight" in sd and sd["pos_embed"].shape == (1, 16, 32)
     x, t, y = inputs()
@@ -327,27 +334,27 @@ def test_reference_layout_forward_and_round_trip(tmp_path):
     print(f"DiT reference-layout forward: relative error {err:.2e}")
     assert err < RTOL
 
-    loaded_config, loaded = convert.load_dit(path, num_heads=2)
+    loaded_config, loaded = load_dit(path, num_heads=2)
     assert loaded_config == config
     assert_trees_equal(loaded, params)
 
     with pytest.raises(CheckpointError, match="num_heads"):
-        convert.load_dit(path)
+        load_dit(path)
     # Without the pos_embed buffer the resolution must be given.
     del sd["pos_embed"]
     write_safetensors(tmp_path / "nopos.safetensors", sd)
     with pytest.raises(CheckpointError, match="input_size"):
-        convert.load_dit(tmp_path / "nopos.safetensors", num_heads=2)
-    assert convert.load_dit(tmp_path / "nopos.safetensors", num_heads=2, input_size=8)[0] == config
+        load_dit(tmp_path / "nopos.safetensors", num_heads=2)
+    assert load_dit(tmp_path / "nopos.safetensors", num_heads=2, input_size=8)[0] == config
 
 
 def test_reference_route_equals_diffusers_route(diffusers_folder, tmp_path):
     folder, _ = diffusers_folder
-    config, params = convert.load_dit(folder)
-    convert.main([str(folder), str(tmp_path / "dit.safetensors"), "--to", "reference"])  # the command line
-    ref_config, ref_params = convert.load_dit(tmp_path / "dit.safetensors", num_heads=2)
+    config, params = load_dit(folder)
+    assert convert_main([str(folder), str(tmp_path / "dit.safetensors"), "--to", "reference"]) == 0  # the CLI
+    ref_config, ref_params = load_dit(tmp_path / "dit.safetensors", num_heads=2)
     assert_trees_equal(ref_params, params)
     # The reference layout carries no freq_shift / norm_eps: it takes the reference values.
     assert ref_config == DiTConfig.from_reference(**SMALL)
-    with pytest.raises(CheckpointError, match="pass the folder"):
-        convert.load_dit(folder / "diffusion_pytorch_model.safetensors")
+    # The weight file alone reads the config.json beside it.
+    assert_trees_equal(load_dit(folder / "diffusion_pytorch_model.safetensors")[1], params)
