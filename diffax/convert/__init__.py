@@ -10,9 +10,8 @@ Each family adds a table and hooks in its own file (unet2d.py, dit.py) to the co
 (registry.py); the generic tensor rules are in rules.py and the weight-file I/O in io.py.
 """
 from diffax.convert import dit, unet2d  # noqa: F401  (importing registers each family's converter)
-from diffax.convert.api import load, read_checkpoint, save
+from diffax.convert.api import load, save
 from diffax.convert.io import CheckpointError
 from diffax.convert.registry import Converter, ReferenceLayout, converters, register
 
-__all__ = ["CheckpointError", "Converter", "ReferenceLayout", "converters", "load", "read_checkpoint", "register",
-           "save"]
+__all__ = ["CheckpointError", "Converter", "ReferenceLayout", "converters", "load", "register", "save"]

@@ -134,8 +134,9 @@ def _read_header(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     return entries
 
 
-def _torch_state_dict(path: Path) -> dict[str, Any]:
-    """The tensors of a torch pickle, memory-mapped where the file allows it. Loads with
+def _torch_state_dict(path: Path) -> tuple[dict[str, Any], bool]:
+    """(the tensors of a torch pickle, whether they are memory-mapped: files in torch's zip format are,
+    legacy ones are read whole). Loads with
     `weights_only=True`, so a hostile pickle cannot run code; unwraps the usual {'ema': ...} /
     {'state_dict': ...} / {'model': ...} nesting, preferring the EMA weights."""
     try:
@@ -150,13 +151,14 @@ def _torch_state_dict(path: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
+    mapped = True
     try:
         try:
             obj = read(mmap=True)
         except RuntimeError as e:  # files in torch's legacy (pre-zip) format cannot be mapped
             if "mmap" not in str(e):
                 raise
-            obj = read(mmap=False)
+            obj, mapped = read(mmap=False), False
     except Exception as e:  # torch raises many types for bad pickles; name the file either way.
         raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {e})") from None
     for wrapper in ("ema", "state_dict", "model", "module"):  # EMA weights are what sampling wants
@@ -164,7 +166,7 @@ def _torch_state_dict(path: Path) -> dict[str, Any]:
             obj = obj[wrapper]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, mapped
 
 
 def _torch_to_numpy(value: Any) -> np.ndarray:
@@ -178,16 +180,26 @@ def _torch_to_numpy(value: Any) -> np.ndarray:
 
 
 class _TorchFile:
+    """One torch pickle. A memory-mapped one is re-loaded after every _REMAP_BYTES read, for the reason
+    safetensors files are (see _REMAP_BYTES): its tensors share one map of the file."""
+
     def __init__(self, path: Path):
         self.path = path
-        self._tensors = _torch_state_dict(path)
+        self._tensors, self._mapped = _torch_state_dict(path)
         self.entries = {k: (None, tuple(v.shape)) for k, v in self._tensors.items()}
+        self._since_open = 0
 
     def __getitem__(self, key: str) -> np.ndarray:
-        return _torch_to_numpy(self._tensors[key])
+        if self._tensors is None:
+            self._tensors, _ = _torch_state_dict(self.path)
+        value = _torch_to_numpy(self._tensors[key])
+        self._since_open += value.nbytes
+        if self._mapped and self._since_open >= _REMAP_BYTES:
+            self.close()
+        return value
 
     def close(self) -> None:
-        pass
+        self._tensors, self._since_open = None, 0
 
 
 def _natural(key: str) -> tuple:
@@ -286,7 +298,7 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
 
 def read_torch(path: str | os.PathLike) -> StateDict:
     """A torch pickle (.bin/.pt/.ckpt) as numpy arrays; see `_torch_state_dict` for what is accepted."""
-    return {k: _torch_to_numpy(v) for k, v in _torch_state_dict(Path(path)).items()}
+    return {k: _torch_to_numpy(v) for k, v in _torch_state_dict(Path(path))[0].items()}
 
 
 # ----------------------------------------------------------------------------- writing
