@@ -89,9 +89,8 @@ def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                     **family_options: Any) -> Loaded:
     """`load`, returning also what `allow_partial` let through, the file read and its layout."""
     local = _locate(path, subfolder, variant)
-    runtime = {k: jnp.dtype(v) if k != "attention_backend" and isinstance(v, str) else v
-               for k, v in dict(dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend).items()
-               if v is not None}
+    runtime = {k: v for k, v in dict(dtype=_dtype("dtype", dtype), param_dtype=_dtype("param_dtype", param_dtype),
+                                     attention_backend=attention_backend).items() if v is not None}
     with open_tensors(local, variant) as tensors:
         source = str(tensors.source)
         converter = None if local.is_dir() else _reference_converter(tensors)
@@ -183,11 +182,11 @@ def _locate(path: str | os.PathLike, subfolder: str | None, variant: str | None)
 def _pipeline_component(folder: Path) -> str:
     """The one component of a pipeline folder that is a model diffax converts (a DiT pipeline's transformer)."""
     index, where = read_config_json(folder / PIPELINE_INDEX)
-    found, models = [], []
+    found, components = [], []
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
             continue
-        models.append(name)
+        components.append(name)
         try:
             converter_for(spec[1], where)
             found.append(name)
@@ -196,7 +195,7 @@ def _pipeline_component(folder: Path) -> str:
     if len(found) == 1:
         return found[0]
     raise CheckpointError(f"{where}: a pipeline folder with {'several' if found else 'no'} models diffax converts; "
-                          f"pass subfolder= (its components: {', '.join(models)})")
+                          f"pass subfolder= (its components: {', '.join(components)})")
 
 
 def _download(repo_id: str, subfolder: str | None, variant: str | None) -> Path:
@@ -226,6 +225,15 @@ def _download(repo_id: str, subfolder: str | None, variant: str | None) -> Path:
     except CheckpointError:  # an older upload with .bin weights only
         fetch([f"{prefix}{stem}.bin"])
     return root
+
+
+def _dtype(key: str, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"{key}={value!r} is not a dtype (use 'float32', 'bfloat16' or 'float16')") from None
 
 
 def _reference_converter(tensors: Tensors) -> Converter | None:

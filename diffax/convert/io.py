@@ -87,7 +87,9 @@ class _SafetensorsFile:
                 self._handle = safe_open(str(self.path), framework="numpy")
             except Exception as e:  # SafetensorError for layouts our header check lets through
                 raise CheckpointError(f"{self.path}: cannot be read as safetensors ({e})") from None
-        value = self._handle.get_tensor(key)  # a fresh host copy of this tensor alone
+        # A fresh host copy of this tensor alone; safetensors >= 0.8 gives BF16 as ml_dtypes.bfloat16 with
+        # framework="numpy", so no np.memmap fallback is needed.
+        value = self._handle.get_tensor(key)
         self._since_open += value.nbytes
         if self._since_open >= _REMAP_BYTES:
             self.close()
@@ -119,7 +121,8 @@ def _read_header(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
         if key == "__metadata__":
             continue
         try:
-            dtype_name, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            dtype_name, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: tensor {key!r} has a corrupt header entry {info!r}") from None
         if dtype_name not in _ST_DTYPES:
