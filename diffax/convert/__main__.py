@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -34,7 +35,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--subfolder", help="pipeline component to read: unet, transformer, ...")
     parser.add_argument("--variant", help="weight-file variant to read, e.g. fp16")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="dtype of the written tensors (default: as read, converted to float32)")
+                        help="dtype of the written tensors (default float32)")
     parser.add_argument("--allow_partial", action="store_true",
                         help="drop unexpected tensors and initialise missing / mis-shaped parameters freshly")
     parser.add_argument("--input_size", type=int, help="DiT reference files without pos_embed: latent size")
@@ -44,6 +45,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def convert(args: argparse.Namespace) -> None:
     """Loads `args.src` and writes `args.dst`; prints one summary line and any allow_partial warnings."""
+    if args.to == "reference" and Path(args.dst).suffix not in (".pt", ".safetensors"):
+        raise ValueError(f"{args.dst}: --to reference writes one file, ending in .pt or .safetensors")
     options = {k: getattr(args, k) for k in ("input_size", "num_heads") if getattr(args, k) is not None}
     loaded = read_checkpoint(args.src, subfolder=args.subfolder, variant=args.variant, param_dtype=args.dtype,
                              allow_partial=args.allow_partial, **options)

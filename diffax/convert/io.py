@@ -322,7 +322,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any],
         if dtype not in _ST_NAMES:
             raise CheckpointError(f"{path}: cannot store {key!r} of dtype {dtype} in safetensors")
         nbytes = math.prod(np.shape(arr)) * dtype.itemsize
-        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(np.shape(arr)), "data_offsets": [offset, offset + nbytes]}
+        header[key] = {"dtype": _ST_NAMES[dtype], "shape": list(np.shape(arr)),
+                       "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)  # the format aligns the buffer to 8 bytes
