@@ -106,3 +106,139 @@ def test_detection_reads_the_variables_jax_reads():
                 "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
     assert (ompi_cluster._ORTE_URI, ompi_cluster._PROCESS_COUNT) == ("OMPI_MCA_orte_hnp_uri",
                                                                      "OMPI_COMM_WORLD_SIZE")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Two local processes (4 CPU devices each) through train.py's real start-up path.
+
+TINY = ["--config.model.block_out_channels=(8, 16)",
+        "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
+        "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
+        "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
+        "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.log_every=2",
+        "--config.train.checkpoint_every=2", "--config.sample.steps=2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFAX_") and k != "XLA_FLAGS"}
+    if devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return {**env, "JAX_PLATFORMS": "cpu", **extra}
+
+
+def _train(workdir: Path, steps: int, *more: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
+                             f"--workdir={workdir}", *TINY, f"--config.train.steps={steps}", *more],
+                            cwd=workdir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _finish(procs: list[subprocess.Popen]) -> list[str]:
+    outs = []
+    try:
+        for proc in procs:
+            outs.append(proc.communicate(timeout=300)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(procs, outs):
+        assert proc.returncode == 0, out[-3000:]
+    return outs
+
+
+def _tiny_config(steps: int):
+    """The in-process twin of train.py with TINY."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import tiny_config
+    config = tiny_config(steps)
+    config.train.checkpoint_every = 2
+    config.sample.steps = 2
+    return config
+
+
+def _params(workdir: Path) -> dict[str, np.ndarray]:
+    """Params and EMA params of the latest checkpoint, saved on whatever topology: path -> host array."""
+    import orbax.checkpoint as ocp
+    from diffax.train import checkpoint
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    step = manager.latest_step()
+    targets = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                                  sharding=checkpoint.replicated_everywhere()),
+                                  manager.item_metadata(step)[name]) for name in ("train_state", "ema_params")}
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(t) for name, t in targets.items()}))
+    trees = {"params": restored["train_state"]["params"], "ema": restored["ema_params"]}
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(trees)}
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    # Same global batches, noise and programs: only the order of the cross-device gradient sum may differ
+    # (gloo against XLA:CPU's in-process all-reduce), ~1e-8 after a few steps. Attention's key bias is left
+    # out: softmax ignores it, so its true gradient is 0 and Adam scales its rounding noise up to lr.
+    assert a.keys() == b.keys()
+    for name in a:
+        if not name.endswith("['to_k']['bias']"):
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_two_processes_train_like_one_and_restore_anywhere(tmp_path, capsys):
+    from diffax.train import checkpoint
+    from diffax.train.loop import create_train_state, train_and_evaluate
+    from diffax.models import build_model
+    from diffax.train.state import make_optimizer
+
+    assert jax.device_count() == 8  # tests/conftest.py
+    two, one = tmp_path / "two", tmp_path / "one"
+    port = _free_port()
+    procs = [_train(two, 4, env=_env(4, DIFFAX_COORDINATOR=f"127.0.0.1:{port}", DIFFAX_NUM_PROCESSES="2",
+                                      DIFFAX_PROCESS_ID=str(i)))
+             for i in range(2)]
+    try:
+        train_and_evaluate(_tiny_config(4), one)  # meanwhile: one process, 8 devices
+    finally:
+        out0, out1 = _finish(procs)
+    _assert_same(_params(two), _params(one))
+
+    # Process 0 alone logs and writes metrics and event files.
+    assert "step 4/4" in out0 and "step " not in out1
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert len(list((two / "tensorboard").iterdir())) == 1
+    # Each process saved its own data-iterator position.
+    assert sorted(p.name for p in (two / "checkpoints" / "4" / "data").glob("*.json")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+
+    # The two-process checkpoint samples on one device.
+    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={two}", "--num_samples=4",
+                          "--steps=2", f"--out={two / 's.png'}"], env=_env(None), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (two / "s.png").stat().st_size > 0
+
+    # It restores onto 4 devices with the layout asked for.
+    config = _tiny_config(4)
+    model = build_model(config.model)
+    tx = make_optimizer(config.train)
+    state, shardings = create_train_state(model, tx, parallel.make_mesh({"data": 4}, jax.devices()[:4]),
+                                          jax.random.key(1))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    restored = checkpoint.restore_train_state(checkpoint.make_manager(two, read_only=True), abstract, None)
+    assert all(len(x.sharding.device_set) == 4 for x in jax.tree.leaves(restored))
+    trees = {"params": restored.params, "ema": restored.ema_params}
+    _assert_same({jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(trees)},
+                 _params(two))
+
+    # Both resume in one process to the same weights: the data iterator continues where the two processes
+    # left it (their saved state means the same under one process).
+    capsys.readouterr()
+    for workdir in (two, one):
+        train_and_evaluate(_tiny_config(6), workdir)
+    assert capsys.readouterr().out.count("resumed from") == 2
+    _assert_same(_params(two), _params(one))
