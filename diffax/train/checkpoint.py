@@ -106,7 +106,7 @@ def restore_for_sampling(workdir: str | Path, step: int | None = None
         raise NoCheckpointError(f"{directory}: no complete checkpoint (a run killed before its first save?)")
     if step not in manager.all_steps():
         raise NoCheckpointError(f"{directory}: no checkpoint at step {step}; have {sorted(manager.all_steps())}")
-    # An explicit target on this process's devices: without one Orbax would rebuild the saving run's
+    # An explicit target, replicated on the current devices: without one Orbax would rebuild the saving run's
     # shardings, which fails on any other device or process count.
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated_everywhere()),
                           manager.item_metadata(step)["ema_params"])
