@@ -4,16 +4,17 @@
 
     @jax.jit
     def generate(params, noise, labels, key):
-        def denoise(x, t):                      # x: [2B, H, W, C] under CFG: [uncond; cond]
-            y = jnp.concatenate([jnp.full_like(labels, null_id), labels])
-            return model.apply({"params": params}, x, jnp.full(x.shape[:1], t), y)
-        return sample(scheduler, denoise, noise, num_inference_steps=50, key=key, guidance_scale=4.0)
+        def denoise(x, t, **cond):              # under CFG x is [x; x] and cond is [uncond; cond]
+            return model.apply({"params": params}, x, jnp.full(x.shape[:1], t), **cond)
+        cond = {"class_labels": labels}          # [B]: diffusers' keyword names
+        return sample(scheduler, denoise, noise, num_inference_steps=50, key=key, guidance_scale=4.0,
+                      cond=cond, uncond=model.config.null_cond(cond))
 
 so the model, every sampler step and the guidance combine into one XLA program with no host round trip.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ import numpy as np
 
 from diffax.schedulers.base import Scheduler, SchedulerState
 
-DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+DenoiseFn = Callable[..., jax.Array]  # denoise_fn(x, t, **cond) -> model output
 
 
 def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale: float) -> jax.Array:
@@ -71,7 +72,8 @@ def loop_range(scheduler: Scheduler, state: SchedulerState, num_inference_steps:
 
 
 def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num_inference_steps: int,
-           key: jax.Array | None = None, guidance_scale: float | jax.Array | None = None,
+           key: jax.Array | None = None, cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None,
+           guidance_scale: float | jax.Array | None = None,
            guidance_rescale: float = 0.0, guided_channels: int | None = None,
            init_sample: jax.Array | None = None, strength: float = 1.0,
            denoising_start: float | None = None, denoising_end: float | None = None) -> jax.Array:
@@ -79,15 +81,32 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
 
     noise: standard normal [B, ...]; scaled by the scheduler's initial sigma (text-to-image), or used to
       noise `init_sample` to the starting level (img2img with `strength` < 1).
-    denoise_fn(x, t) -> model output, called with the scheduler-scaled input and the scalar timestep t.
-      With `guidance_scale` set it is called once per step on [x; x] (2B rows) and must return the
-      [unconditional; conditional] outputs, like diffusers' pipelines.
+    denoise_fn(x, t, **cond) -> model output, called with the scheduler-scaled input, the scalar timestep t
+      and the conditioning inputs by keyword (a denoiser of (x, t) alone serves an empty `cond`).
+      With `guidance_scale` set it is called once per step on [x; x] (2B rows) with every leaf of `cond`
+      as [uncond; cond] and must return the [unconditional; conditional] outputs, like diffusers' pipelines.
+    cond: the model's keyword inputs, a pytree whose leaves have B leading rows (`class_labels` [B],
+      `encoder_hidden_states` [B, L, D], `added_cond_kwargs`, ...); default none.
+    uncond: the same structure for the unconditional half of classifier-free guidance (the model config's
+      `null_cond(cond)`); required when guiding a non-empty `cond`.
     guided_channels: guide only the first channels (last axis) and take the rest (e.g. a learned variance)
       from the conditional half; None guides every channel.
     init_sample: x_0 for img2img (noised here to the first step's level), or, with `denoising_start`, an
       already-noisy latent handed over by a base model (used as is).
     key: PRNG key for stochastic samplers (required by them; ignored by deterministic ones).
     """
+    cond = {} if cond is None else cond
+    guided = guidance_scale is not None
+    if guided and jax.tree.leaves(cond):
+        if uncond is None:
+            raise ValueError("classifier-free guidance of a conditional model needs `uncond` (the model config's "
+                             "null_cond(cond)) beside `cond`")
+        if jax.tree.structure(uncond) != jax.tree.structure(cond):
+            raise ValueError(f"uncond must have the structure of cond: {jax.tree.structure(uncond)} vs "
+                             f"{jax.tree.structure(cond)}")
+    # The model's keyword inputs for every step: under guidance [uncond; cond] rows, to match [x; x].
+    model_cond = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond) if (
+        guided and jax.tree.leaves(cond)) else cond
     state = scheduler.init(num_inference_steps, noise)
     start, stop = loop_range(scheduler, state, num_inference_steps, strength=strength,
                              denoising_start=denoising_start, denoising_end=denoising_end)
@@ -103,14 +122,14 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
         x = scheduler.add_noise(state, init_sample, noise, start)
 
     def model_output(x_in: jax.Array, t: jax.Array) -> jax.Array:
-        if guidance_scale is None:
-            return denoise_fn(x_in, t)
-        uncond, cond = jnp.split(denoise_fn(jnp.concatenate([x_in, x_in]), t), 2)
-        c = guided_channels if guided_channels is not None else cond.shape[-1]
-        guided = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
+        if not guided:
+            return denoise_fn(x_in, t, **model_cond)
+        out_u, out_c = jnp.split(denoise_fn(jnp.concatenate([x_in, x_in]), t, **model_cond), 2)
+        c = guided_channels if guided_channels is not None else out_c.shape[-1]
+        mixed = out_u[..., :c] + guidance_scale * (out_c[..., :c] - out_u[..., :c])
         if guidance_rescale > 0:
-            guided = rescale_guidance(guided, cond[..., :c], guidance_rescale)
-        return jnp.concatenate([guided, cond[..., c:]], axis=-1)
+            mixed = rescale_guidance(mixed, out_c[..., :c], guidance_rescale)
+        return jnp.concatenate([mixed, out_c[..., c:]], axis=-1)
 
     def body(carry, i):
         x, state = carry
