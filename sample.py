@@ -1,4 +1,4 @@
-"""Sample a trained class-conditional model into a PNG grid or an .npz file.
+"""Sample a trained model (class-conditional or unconditional) into a PNG grid or an .npz file.
 
     python sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3 --out=runs/digits/samples.png
     python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 \
@@ -13,7 +13,8 @@ DiT checkpoint (--checkpoint: a reference .pt/.safetensors file or a diffusers f
 schedule). A model whose images are not 1- or 3-channel (latent DiTs) writes `latents` float32 to .npz;
 decoding them needs the VAE. With no --labels, labels cycle through the
 classes. `.png` writes a grid with one row per label; `.npz` writes `images`
-[N, H, W, C] uint8 and `labels` [N] int64.
+[N, H, W, C] uint8 and `labels` [N] int64. An unconditional model takes no --labels (and no guidance): `.png`
+is a grid of 10 columns and `.npz` holds `images` only.
 """
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from diffax.cli import run_reporting_errors
 from diffax.image_io import save_grid, save_npz
 from diffax import convert
 from diffax.models import build_model
-from diffax.pipelines.class_conditional import ClassConditionalPipeline
+from diffax.pipelines.generation import GenerationPipeline
 from diffax.schedulers.names import parse_options, scheduler_for
 from diffax.train.checkpoint import restore_for_sampling
 
@@ -74,28 +75,38 @@ def main(argv):
     sampler = FLAGS.sampler or defaults.sampler
     scheduler = scheduler_for(sampler, schedule, **parse_options(FLAGS.sampler_options))
     n_cls = model.config.num_classes
-    if FLAGS.labels:
+    if not n_cls:
+        if FLAGS.labels:
+            raise ValueError("--labels: this model is unconditional: it takes no labels")
+        labels = None
+    elif FLAGS.labels:
         labels = np.array([int(s) for s in FLAGS.labels])
         if len(labels) != FLAGS.num_samples:  # a short list repeats to fill num_samples
             labels = np.resize(labels, FLAGS.num_samples)
     else:
-        labels = np.arange(FLAGS.num_samples) % max(n_cls, 1)
+        labels = np.arange(FLAGS.num_samples) % n_cls
     channels = model.config.sample_shape[-1]
     pixels = channels in (1, 3)
     if not pixels and any(out.suffix == ".png" for out in outs):
         raise ValueError(f"this model makes {channels}-channel latents: write them to .npz (a PNG needs the VAE)")
-    pipe = ClassConditionalPipeline(model, scheduler, parallel.make_mesh({"data": -1}), output_uint8=pixels,
-                                    guide_first_channels=3 if FLAGS.reference_guidance else None)
+    pipe = GenerationPipeline(model, scheduler, parallel.make_mesh({"data": -1}), output_uint8=pixels,
+                              guide_first_channels=3 if FLAGS.reference_guidance else None)
     guidance = FLAGS.guidance_scale if FLAGS.guidance_scale is not None else defaults.guidance_scale
+    if not model.config.has_null_cond and FLAGS.guidance_scale is None:
+        guidance = None  # the config's default scale is for a guidable model
     steps = FLAGS.steps or defaults.steps
-    images = pipe(params, labels, jax.random.key(FLAGS.seed), num_inference_steps=steps,
-                  guidance_scale=guidance)
+    images = pipe(params, jax.random.key(FLAGS.seed), labels=labels, num_samples=FLAGS.num_samples,
+                  num_inference_steps=steps, guidance_scale=guidance)
     if jax.process_index() == 0:
         for out in outs:
-            if out.suffix == ".png":  # one row per label: images sorted by label, as many columns as repeats
+            if out.suffix == ".png" and labels is None:
+                save_grid(out, images, ncols=min(10, len(images)), upscale=max(1, 64 // images.shape[1]))
+            elif out.suffix == ".png":  # one row per label: images sorted by label, as many columns as repeats
                 order = np.argsort(labels, kind="stable")
                 ncols = -(-len(labels) // len(np.unique(labels)))
                 save_grid(out, images[order], ncols=ncols, upscale=max(1, 64 // images.shape[1]))
+            elif labels is None:
+                np.savez(out, **{"images" if pixels else "latents": images})
             elif pixels:
                 save_npz(out, images, labels)
             else:

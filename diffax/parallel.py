@@ -4,29 +4,38 @@ Models name their parameter axes logically ('embed', 'mlp', 'heads', 'conv_out',
 diffax/models/layers.py). A rule table maps each logical name to a mesh axis, so data parallelism, FSDP
 and tensor parallelism are a choice of mesh shape and rules, not a code change:
 
-    mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})       # -1: all remaining devices
-    param_shardings = logical_shardings(logical_specs, mesh)   # NamedSharding per parameter
+    mesh, rules = mesh_from_config(config.mesh)               # {"data": -1, "fsdp": 1, "tensor": 1, "rules": ...}
+    param_shardings = logical_shardings(logical_specs, mesh, rules)  # NamedSharding per parameter
+    step = jit_with_rules(train_step, mesh, rules, in_shardings=...)  # activation constraints take effect
     batch = shard_batch(local_batch, mesh)                     # global jax.Array, rows over data x fsdp
+
+Parameters get their layout from `logical_shardings`; activations from the models' `nn.with_logical_constraint`
+calls, which only take effect while tracing under a mesh and the rules (`use_rules`; `jit_with_rules` enters
+both around every call and `.lower`). Outside them the constraints return x unchanged.
 
 Multi-host: call `initialize_distributed()` first; each process feeds its own rows (see diffax.data) and
 `shard_batch` assembles the global array with `jax.make_array_from_process_local_data`.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
+MeshAxes = str | tuple[str, ...] | None
+Rules = tuple[tuple[str, MeshAxes], ...]
 
 # Logical name -> mesh axes. Batch rows go over data and fsdp; FSDP shards weights on their input ('embed'
 # / 'conv_in') dimension; tensor parallelism splits the hidden / head / output-channel dimension.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("conv_in", "fsdp"),
@@ -38,30 +47,124 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
+class MeshConfigError(ValueError):
+    """A mesh shape or rule table that cannot work: the message names the config key."""
+
+
+def _mesh_axes(value: Any, where: str) -> MeshAxes:
+    names = [value] if value is None or isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not names:
+        raise MeshConfigError(f"{where} maps to {value!r}; expected null, a mesh axis name or a list of them")
+    for name in names:
+        if name is not None and name not in MESH_AXES:
+            raise MeshConfigError(f"{where} names unknown mesh axis {name!r}; the mesh axes are {MESH_AXES}")
+    if value is None or isinstance(value, str):
+        return value
+    if None in names:
+        raise MeshConfigError(f"{where} maps to {value!r}; null cannot be one of several mesh axes")
+    return tuple(names)
+
+
+def parse_rules(rules: Any, where: str = "config key 'mesh.rules'") -> Rules:
+    """The logical-axis rule table as a tuple of (logical name, mesh axes) pairs, checked.
+
+    Accepts what a config holds: a sequence of pairs (tuples, or lists after the JSON round trip of a saved
+    config) or a mapping {logical name: mesh axes}. Mesh axes are null (replicated), one of `MESH_AXES` or a
+    list of them. As in Flax, the first rule for a name whose mesh axes are still free in that array wins.
+    """
+    if hasattr(rules, "items"):  # a dict, or the ConfigDict a config makes of one (keeps the order)
+        items = list(rules.items())
+    elif isinstance(rules, (list, tuple)):
+        items = rules
+    else:
+        raise MeshConfigError(f"{where}: expected a list of (logical name, mesh axes) pairs, got {rules!r}")
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, (list, tuple)) or len(item) != 2 or not isinstance(item[0], str):
+            raise MeshConfigError(f"{where}: entry {i} is {item!r}, not a (logical name, mesh axes) pair")
+        out.append((item[0], _mesh_axes(item[1], f"{where}: rule {item[0]!r}")))
+    return tuple(out)
+
+
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all, across hosts) with axes `MESH_AXES`; one size may be -1."""
+    """A mesh over `devices` (default: all, across hosts) with axes `MESH_AXES`; one size may be -1 (all
+    remaining devices). Built by `jax.make_mesh`, which orders devices by the physical topology (TPU rings),
+    with Auto axes: shardings come from jit's in/out shardings and the logical constraints."""
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"mesh axes must be among {MESH_AXES}, got unknown {sorted(unknown)}")
+        raise MeshConfigError(f"mesh axes must be among {MESH_AXES}, got unknown {sorted(unknown)}")
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+    sizes = [shape.get(a, 1) for a in MESH_AXES]
+    for axis, size in zip(MESH_AXES, sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+            raise MeshConfigError(f"mesh.{axis} must be a positive int or -1, got {size!r}")
+    sizes = [int(s) for s in sizes]
     if sizes.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise MeshConfigError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
+            raise MeshConfigError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+        raise MeshConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                              f"have {len(devices)}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
-def logical_shardings(logical_specs: Any, mesh: Mesh,
-                      rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
-    """NamedShardings for a tree of logical PartitionSpecs (from `nn.get_partition_spec`)."""
-    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+def mesh_from_config(mesh_config: Mapping[str, Any]) -> tuple[Mesh, Rules]:
+    """(mesh, rules) from a run config's `mesh` block: the axis sizes and `rules` (default `DEFAULT_RULES`)."""
+    block = dict(mesh_config.to_dict() if hasattr(mesh_config, "to_dict") else mesh_config)
+    rules = parse_rules(block.pop("rules", DEFAULT_RULES))
+    return make_mesh(block), rules
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES):
+    """Within: `nn.with_logical_constraint` maps logical names through `rules` onto `mesh`. It must be
+    entered where jit traces (around the call of a jitted function), not inside the traced function."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def jit_with_rules(fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_RULES, **jit_kwargs: Any) -> Callable:
+    """`jax.jit(fn, **jit_kwargs)` traced (on call and on `.lower`) under `use_rules(mesh, rules)`, so the
+    models' activation constraints are part of the program."""
+    jitted = jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with use_rules(mesh, rules):
+            return jitted(*args, **kwargs)
+
+    def lower(*args, **kwargs):
+        with use_rules(mesh, rules):
+            return jitted.lower(*args, **kwargs)
+
+    call.lower = lower
+    return call
+
+
+def _fit(sharding: NamedSharding, shape: Sequence[int]) -> NamedSharding:
+    """`sharding` with every dimension that its mesh axes do not divide left whole (replicated)."""
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if shape[i] % int(np.prod([sharding.mesh.shape[a] for a in names])):
+            spec[i] = None
+    return NamedSharding(sharding.mesh, P(*spec))
+
+
+def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, shapes: Any = None) -> Any:
+    """NamedShardings for a tree of logical PartitionSpecs (from `nn.get_partition_spec`).
+
+    With `shapes` (the same tree of arrays or ShapeDtypeStructs), a dimension that its mesh axes do not
+    divide stays whole: an image model's 1- or 3-channel first and last convolutions, say, under FSDP.
+    """
+    shardings = nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+    if shapes is None:
+        return shardings
+    return jax.tree.map(lambda sharding, x: _fit(sharding, x.shape), shardings, shapes)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

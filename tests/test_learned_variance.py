@@ -139,17 +139,21 @@ def test_min_snr_weights_only_the_eps_term_in_training():
     out = jax.random.normal(jax.random.key(1), (1, 4, 4, 2))  # one example: its loss is the batch mean
     seen = {}
 
-    def apply_fn(params, x_t, t, labels, **kwargs):
-        seen["t"] = t
-        return out
+    class Model:  # stands in for a Flax module: what diffusion_loss calls
+        config = None
+
+        @staticmethod
+        def apply(variables, x_t, t, **kwargs):
+            seen["t"] = t
+            return out
 
     batch = {"image": jax.random.normal(jax.random.key(2), (1, 4, 4, 1))}
     for seed in range(200):  # a key that draws a low-noise step, where min-SNR changes the weight
         key = jax.random.key(seed)
-        _, plain = diffusion_loss(apply_fn, None, Objective(abar, learn_sigma=True), batch, key)
+        _, plain = diffusion_loss(Model, {}, Objective(abar, learn_sigma=True), batch, key)
         if int(seen["t"][0]) < 50:
             break
-    weighted_loss, weighted = diffusion_loss(apply_fn, None, Objective(abar, learn_sigma=True, snr_gamma=5.0),
+    weighted_loss, weighted = diffusion_loss(Model, {}, Objective(abar, learn_sigma=True, snr_gamma=5.0),
                                              batch, key)
     w = objectives.loss_weight("epsilon", abar, seen["t"], 5.0)[0]
     assert float(w) < 0.5

@@ -138,7 +138,7 @@ def test_dit_digits_recipe_learns_and_samples(tmp_path):
     from diffax.data import make_source, make_train_iterator
     from diffax.models import build_model, init_params
     from diffax.train.checkpoint import restore_for_sampling
-    from diffax.train.loop import make_objective, model_apply_fn
+    from diffax.train.loop import make_objective, model_batch
     from diffax.train.step import diffusion_loss
 
     c = get_config()
@@ -149,10 +149,10 @@ def test_dit_digits_recipe_learns_and_samples(tmp_path):
 
     spec = build_model(c.model)
     objective = make_objective(c, spec)
-    batch = next(make_train_iterator(make_source(c.data), global_batch_size=256, seed=7))
+    batch = model_batch(next(make_train_iterator(make_source(c.data), global_batch_size=256, seed=7)), spec)
 
     def eval_loss(params) -> float:  # the same images, timesteps and noise for both
-        return float(diffusion_loss(model_apply_fn(spec), params, objective, batch, jax.random.key(0), train=False)[0])
+        return float(diffusion_loss(spec, params, objective, batch, jax.random.key(0), train=False)[0])
 
     first = eval_loss(init_params(spec.config, jax.random.key(c.seed)))  # zero-init: outputs zeros
     last = eval_loss(restore_for_sampling(tmp_path)[1])
@@ -165,3 +165,27 @@ def test_dit_digits_recipe_learns_and_samples(tmp_path):
     data = np.load(tmp_path / "s.npz")
     assert data["images"].shape == (4, 16, 16, 1) and data["images"].dtype == np.uint8
     np.testing.assert_array_equal(data["labels"], [0, 1, 2, 3])
+
+
+def test_unconditional_model_trains_and_samples(tmp_path):
+    """A UNet2DModel without a class table trains on the digits (their labels ignored) and samples: the
+    loop's grid, and sample.py's N images without labels. Labels and guidance are refused, by name."""
+    config = tiny_config(steps=2)
+    config.model.num_class_embeds = None
+    config.train.sample_every = 2
+    train_and_evaluate(config, tmp_path)
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step_000002.png"))
+    assert grid.shape == ((10 * 17 + 1) * 4, (10 * 17 + 1) * 4)  # 100 samples, 10 columns
+
+    result = _sample(tmp_path, "--num_samples=5", f"--out={tmp_path / 'u.npz'},{tmp_path / 'u.png'}")
+    assert result.returncode == 0, result.stderr
+    data = np.load(tmp_path / "u.npz")
+    assert data.files == ["images"]
+    assert data["images"].shape == (5, 16, 16, 1) and data["images"].dtype == np.uint8
+    assert np.asarray(Image.open(tmp_path / "u.png")).shape == ((17 + 1) * 4, (5 * 17 + 1) * 4)  # one row
+
+    for args, message in [(["--labels=1,2"], "this model is unconditional: it takes no labels"),
+                          (["--guidance_scale=3"], "guidance_scale needs a model trained with null conditioning")]:
+        result = _sample(tmp_path, *args, f"--out={tmp_path / 'x.npz'}")
+        assert result.returncode != 0 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ from diffax import parallel
 from diffax.models import build_model
 from diffax.train import checkpoint
 from diffax.train.config import validate_config
-from diffax.train.loop import (NonFiniteLossError, create_train_state, make_objective, model_apply_fn,
+from diffax.train.loop import (NonFiniteLossError, create_train_state, make_objective, model_batch,
                                train_and_evaluate)
 from diffax.train.state import make_optimizer
 from diffax.train.step import make_train_step
@@ -56,10 +56,11 @@ def test_sharded_step_equals_single_device_step():
     config = tiny_config()
     spec = build_model(config.model)
     tx = make_optimizer(config.train)
-    step = make_train_step(model_apply_fn(spec), tx, make_objective(config, spec))
+    step = make_train_step(spec, tx, make_objective(config, spec))
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),
-             "label": rng.integers(0, 10, (16,)).astype(np.int32)}
+    batch = model_batch({"image": rng.uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),
+                         "label": rng.integers(0, 10, (16,)).astype(np.int32)}, spec)
+    assert set(batch["cond"]) == {"class_labels"}
     key = jax.random.key(1)
 
     results = []
@@ -158,3 +159,45 @@ def test_model_data_mismatch_is_named(tmp_path):
     config.data.image_size = 32
     with pytest.raises(ValueError, match="data images are .*32.* model takes"):
         train_and_evaluate(config, tmp_path)
+
+
+def test_label_dropout_replaces_whole_examples_of_any_cond_pytree():
+    """drop_cond works leaf by leaf on any pytree (class labels, text embeddings, nested dicts) with one draw
+    per example, so an example keeps or loses all of its conditioning together."""
+    from diffax.train.step import drop_cond
+
+    b = 512
+    cond = {"class_labels": np.arange(1, b + 1, dtype=np.int32),
+            "encoder_hidden_states": np.ones((b, 3, 4), np.float32),
+            "added_cond_kwargs": {"text_embeds": np.ones((b, 5), np.float32)}}
+    null = jax.tree.map(np.zeros_like, cond)
+    out = jax.device_get(drop_cond(cond, null, jax.random.key(0), 0.25))
+    dropped = out["class_labels"] == 0  # [B]
+    assert 0.15 < dropped.mean() < 0.35
+    for leaf in (out["encoder_hidden_states"], out["added_cond_kwargs"]["text_embeds"]):
+        per_example = leaf.reshape(b, -1)
+        assert np.all(per_example[dropped] == 0) and np.all(per_example[~dropped] == 1)
+    kept = jax.device_get(drop_cond(cond, null, jax.random.key(0), 0.0))
+    np.testing.assert_array_equal(kept["class_labels"], cond["class_labels"])
+
+
+def test_train_step_drops_conditioning_through_the_models_null_cond():
+    """With label_dropout 1 the loss is the loss of the model's null conditioning (here the null class)."""
+    import dataclasses
+
+    from diffax.models import init_params
+    from diffax.train.step import diffusion_loss
+
+    config = tiny_config()
+    model = build_model(config.model)
+    objective = make_objective(config, model)
+    params = init_params(model.config, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = model_batch({"image": rng.uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32),
+                         "label": np.array([1, 2, 3, 4], np.int32)}, model)
+    nulled = {**batch, "cond": model.config.null_cond(batch["cond"])}
+    loss = lambda obj, b: float(diffusion_loss(model, params, obj, b, jax.random.key(1))[0])  # noqa: E731
+    always = dataclasses.replace(objective, label_dropout=1.0)
+    never = dataclasses.replace(objective, label_dropout=0.0)
+    assert loss(always, batch) == pytest.approx(loss(never, nulled), rel=1e-6)
+    assert loss(never, batch) != pytest.approx(loss(never, nulled), rel=1e-6)  # the labels do matter

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from diffax import parallel
+
 SAMPLERS_HINT = "see docs/samplers.md"
 
 
@@ -32,7 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
         # utilisation, mfu; 0: not logged.
         peak_flops=0.0))
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Axis sizes (-1: all remaining devices) and the logical-axis rules, (logical name, mesh axes) pairs that
+    # lay out parameters and activations (docs/training.md): FSDP and tensor parallelism are set here.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=parallel.DEFAULT_RULES))
     return c
 
 
@@ -47,6 +51,8 @@ def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDi
                 raise ValueError(f"config key {name!r} must be a block of keys, got {value!r}")
             if key != "model":
                 _check(value, want, name + ".")
+        elif isinstance(want, tuple):  # the rule table: checked by parse_rules in validate_config
+            continue
         elif isinstance(want, bool) != isinstance(value, bool) or (
                 isinstance(want, (int, float)) and not isinstance(value, (int, float))) or (
                 isinstance(want, int) and not isinstance(want, bool) and isinstance(value, float)) or (
@@ -61,6 +67,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if "name" not in config.model:
         raise ValueError("config key 'model.name' is required (a diffusers class name such as 'UNet2DModel' or "
                          "'DiTTransformer2DModel', or its alias 'unet2d' / 'dit')")
+    parallel.parse_rules(config.mesh.rules)
     if config.train.steps < 1 or config.train.batch_size < 1:
         raise ValueError("train.steps and train.batch_size must be positive")
     for key in ("log_every", "checkpoint_every"):

@@ -24,7 +24,7 @@ from diffax import parallel
 from diffax.data import make_source, make_train_iterator
 from diffax.image_io import save_grid
 from diffax.models import boxed_init, build_model
-from diffax.pipelines.class_conditional import ClassConditionalPipeline
+from diffax.pipelines.generation import GenerationPipeline
 from diffax.schedulers.names import scheduler_for
 from diffax.train import checkpoint
 from diffax.train.config import validate_config
@@ -45,20 +45,20 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objec
         prediction_type=d.prediction_type,
         snr_gamma=d.snr_gamma if d.snr_gamma and d.snr_gamma > 0 else None,
         learn_sigma=model.config.learn_sigma,
-        null_class=model.config.null_class if model.config.has_null_cond else None,
         label_dropout=config.train.label_dropout if model.config.has_null_cond else 0.0)
 
 
-def model_apply_fn(model: nn.Module):
-    """(params, x, t, labels, *, train, rngs) -> output, the form the train step calls."""
-    def apply_fn(params, x, t, labels, *, train=False, rngs=None):
-        cond = {"class_labels": labels} if model.config.num_classes else {}
-        return model.apply({"params": params}, x, t, **cond, train=train, rngs=rngs)
-    return apply_fn
+def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any]:
+    """The data pipeline's {'image', 'label'} as the train step's {'image', 'cond'}: the labels become the
+    model's `class_labels` for a class-conditional model and are ignored by an unconditional one."""
+    cond = {"class_labels": batch["label"]} if model.config.num_classes else {}
+    return {"image": batch["image"], "cond": cond}
 
 
-def create_train_state(model: nn.Module, tx, mesh, key: jax.Array) -> tuple[TrainState, Any]:
-    """A fresh TrainState laid out on `mesh` by the parameters' logical axes, and its shardings.
+def create_train_state(model: nn.Module, tx, mesh, key: jax.Array,
+                       rules: parallel.Rules = parallel.DEFAULT_RULES) -> tuple[TrainState, Any]:
+    """A fresh TrainState laid out on `mesh` by the parameters' logical axes (through `rules`), and its
+    shardings.
 
     The optimizer state inherits the parameters' partitioning boxes (optax maps over them), so one
     `nn.get_partition_spec` gives shardings for params, EMA and Adam moments alike.
@@ -67,18 +67,32 @@ def create_train_state(model: nn.Module, tx, mesh, key: jax.Array) -> tuple[Trai
         return init_train_state(boxed_init(model.config, key), tx)
 
     abstract_boxed = jax.eval_shape(init, key)
-    shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh)
-    state = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)(key)
+    shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules,
+                                           shapes=nn.meta.unbox(abstract_boxed))
+    state = parallel.jit_with_rules(lambda k: nn.meta.unbox(init(k)), mesh, rules, out_shardings=shardings)(key)
     return state, shardings
 
 
-def write_samples(pipe: ClassConditionalPipeline, params: Any, config: ml_collections.ConfigDict, path: Path,
+def jit_train_step(model: nn.Module, tx, objective: Objective, mesh, rules: parallel.Rules, shardings: Any,
+                   train_config: ml_collections.ConfigDict):
+    """The train step jitted for `mesh`: state laid out by `shardings` and donated, batch rows over the data
+    axes, traced under `rules` so the models' activation constraints take effect."""
+    step = make_train_step(model, tx, objective, ema_max_decay=train_config.ema_decay,
+                           ema_warmup=train_config.ema_warmup)
+    return parallel.jit_with_rules(
+        step, mesh, rules, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def write_samples(pipe: GenerationPipeline, params: Any, config: ml_collections.ConfigDict, path: Path,
                   key: jax.Array) -> None:
-    """A grid with one row per class (up to 10 classes, 10 samples each)."""
+    """A grid with one row per class (up to 10 classes, 10 samples each), or 10 x 10 unconditional samples."""
     n = min(pipe.model.config.num_classes, 10)
-    labels = np.repeat(np.arange(n), 10)
-    images = pipe(params, labels, key, num_inference_steps=config.sample.steps,
-                  guidance_scale=config.sample.guidance_scale)
+    if n:
+        images = pipe(params, key, labels=np.repeat(np.arange(n), 10), num_inference_steps=config.sample.steps,
+                      guidance_scale=config.sample.guidance_scale)
+    else:
+        images = pipe(params, key, num_samples=100, num_inference_steps=config.sample.steps)
     if jax.process_index() == 0:  # every process ran the sharded program; one writes the file
         save_grid(path, images, ncols=10, upscale=max(1, 64 // images.shape[1]))
 
@@ -88,7 +102,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     validate_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    mesh = parallel.make_mesh(config.mesh.to_dict())
+    mesh, rules = parallel.mesh_from_config(config.mesh)
     tc = config.train
     if tc.batch_size % parallel.batch_divisor(mesh):
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of the number of batch shards "
@@ -110,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     tx = make_optimizer(tc)
     key = jax.random.key(config.seed)
     init_key, step_key, sample_key = jax.random.split(key, 3)
-    state, shardings = create_train_state(model, tx, mesh, init_key)
+    state, shardings = create_train_state(model, tx, mesh, init_key, rules)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints)
     if manager.latest_step() is not None:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
@@ -119,11 +133,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
 
     objective = make_objective(config, model)
-    step_fn = jax.jit(make_train_step(model_apply_fn(model), tx, objective, ema_max_decay=tc.ema_decay,
-                                      ema_warmup=tc.ema_warmup),
-                      in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    pipe = ClassConditionalPipeline(model, scheduler_for(config.sample.sampler, config.diffusion), mesh)
+    step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc)
+    pipe = GenerationPipeline(model, scheduler_for(config.sample.sampler, config.diffusion), mesh, rules)
 
     start = int(state.step)
     bar = tqdm(total=tc.steps, initial=start, disable=not sys.stderr.isatty() or jax.process_index() != 0,
@@ -134,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     t0, last_logged = time.perf_counter(), start
     try:
         for step in range(start, tc.steps):
-            batch = parallel.shard_batch(next(it), mesh)
+            batch = parallel.shard_batch(model_batch(next(it), model), mesh)
             if step == start:  # compile ahead (the call reuses it) so throughput excludes compilation
                 step_flops = compiled_flops(step_fn, state, batch, step_key)
                 t0 = time.perf_counter()
@@ -165,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
             if saving:
                 checkpoint.save(manager, state, config, it)
-            if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps) and spec.num_classes:
+            if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps):
                 write_samples(pipe, state.ema_params, config, workdir / "samples" / f"step_{done:06d}.png",
                               sample_key)
     finally:  # an error mid-run still completes the checkpoint being written

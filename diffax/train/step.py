@@ -1,16 +1,20 @@
 """The pure train step: noise a batch, run the model, take one optimizer step, update the EMA.
 
-It is generic over the model (any `apply_fn(params, x_t, t, labels, rngs) -> output`), the objective
-(prediction type, loss weighting, learned-variance hybrid loss) and the trainable-parameter mask
-(`tx` decides what moves: a masked optax chain makes LoRA or scale-only training the same step).
+It is generic over the model (any Flax module called as `module.apply({"params": p}, x_t, t, **cond,
+train=True, rngs=...)`, with `module.config.null_cond` for label dropout), the objective (prediction type,
+loss weighting, learned-variance hybrid loss) and the trainable-parameter mask: `tx` decides what moves, so
+full, LoRA and scale-only training are the same step with another mask (e.g. `optax.multi_transform` with
+`optax.set_to_zero()` on the frozen leaves).
 `make_train_step` closes over those choices and returns a function of (state, batch, key) that the loop
-jits with shardings and a donated state.
+jits with shardings and a donated state. A batch is `{"image": [B, H, W, C], "cond": {...}}`, `cond` holding
+the model's keyword inputs (`{"class_labels": [B]}`, `{}` for an unconditional model).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +22,6 @@ import optax
 
 from diffax import learned_variance, objectives
 from diffax.train.state import TrainState, ema_decay, update_ema
-
-ApplyFn = Callable[..., jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +31,7 @@ class Objective:
     prediction_type: str = "epsilon"    # epsilon | v_prediction | sample
     snr_gamma: float | None = None      # min-SNR-gamma weighting (Hang et al. 2023); None: plain MSE
     learn_sigma: bool = False           # model outputs 2C channels: [prediction, variance interpolation]
-    null_class: int | None = None       # label id of the unconditional class (None: unconditional model)
-    label_dropout: float = 0.0          # probability of replacing a label by null_class (for CFG)
+    label_dropout: float = 0.0          # probability of replacing an example's cond by the model's null_cond
 
     def __post_init__(self):
         if self.learn_sigma and self.prediction_type != "epsilon":
@@ -44,29 +45,38 @@ class Objective:
 
     def __hash__(self) -> int:  # the table is a constant of the compiled step
         return hash((self.alphas_cumprod.tobytes(), self.prediction_type, self.snr_gamma, self.learn_sigma,
-                     self.null_class, self.label_dropout))
+                     self.label_dropout))
 
 
-def drop_labels(labels: jax.Array, key: jax.Array, rate: float, null_class: int) -> jax.Array:
-    """Replace each label by `null_class` with probability `rate` (classifier-free guidance training)."""
-    if rate <= 0.0:
-        return labels
-    return jnp.where(jax.random.uniform(key, labels.shape) < rate, null_class, labels)
+def drop_cond(cond: Any, null: Any, key: jax.Array, rate: float) -> Any:
+    """Each example's conditioning replaced by `null` (same structure) with probability `rate`, for
+    classifier-free guidance training. One draw per example serves every leaf, so an example loses all of
+    its conditioning at once (a text prompt's hidden states and pooled embedding together)."""
+    leaves = jax.tree.leaves(cond)
+    if rate <= 0.0 or not leaves:
+        return cond
+    drop = jax.random.uniform(key, (leaves[0].shape[0],)) < rate  # [B]
+
+    def pick(c: jax.Array, n: jax.Array) -> jax.Array:
+        return jnp.where(drop.reshape(drop.shape + (1,) * (c.ndim - 1)), n, c)  # mask over trailing axes
+
+    return jax.tree.map(pick, cond, null)
 
 
-def diffusion_loss(apply_fn: ApplyFn, params: Any, objective: Objective, batch: dict[str, jax.Array],
+def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: dict[str, Any],
                    key: jax.Array, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean loss over the batch and metrics. batch: {'image': [B, H, W, C], 'label': [B]}."""
+    """Mean loss over the batch and metrics. batch: {'image': [B, H, W, C], 'cond': the model's keyword
+    inputs (optional: none)}."""
     x0 = batch["image"]
-    k_t, k_noise, k_label, k_dropout = jax.random.split(key, 4)
+    k_t, k_noise, k_cond, k_dropout = jax.random.split(key, 4)
     num_t = objective.alphas_cumprod.shape[0]
     t = jax.random.randint(k_t, (x0.shape[0],), 0, num_t)  # [B]
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = objectives.q_sample(objective.alphas_cumprod, x0, noise, t)
-    labels = batch.get("label")
-    if labels is not None and objective.null_class is not None:
-        labels = drop_labels(labels, k_label, objective.label_dropout, objective.null_class)
-    out = apply_fn(params, x_t, t, labels, train=train, rngs={"dropout": k_dropout})
+    cond = batch.get("cond", {})
+    if train and objective.label_dropout > 0 and jax.tree.leaves(cond):
+        cond = drop_cond(cond, model.config.null_cond(cond), k_cond, objective.label_dropout)
+    out = model.apply({"params": params}, x_t, t, **cond, train=train, rngs={"dropout": k_dropout})
     if objective.learn_sigma:
         parts = learned_variance.hybrid_loss(objective.variance_tables(), out, x0, x_t, noise, t)
         if objective.snr_gamma is not None:  # min-SNR weights the eps term; the vb term keeps its own scale
@@ -79,7 +89,7 @@ def diffusion_loss(apply_fn: ApplyFn, params: Any, objective: Objective, batch: 
     return loss, {"loss": loss}
 
 
-def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, objective: Objective, *,
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objective: Objective, *,
                     ema_max_decay: float = 0.9999, ema_warmup: bool = True
                     ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """(state, batch, key) -> (state, metrics); `key` is the run's base key, folded with the step so a
@@ -88,7 +98,7 @@ def make_train_step(apply_fn: ApplyFn, tx: optax.GradientTransformation, objecti
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
         grad_fn = jax.value_and_grad(
-            lambda p: diffusion_loss(apply_fn, p, objective, batch, step_key), has_aux=True)
+            lambda p: diffusion_loss(model, p, objective, batch, step_key), has_aux=True)
         (_, metrics), grads = grad_fn(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
