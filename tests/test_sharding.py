@@ -178,6 +178,26 @@ def test_train_step_and_pipeline_programs_carry_the_activation_constraints():
     assert ('[{"data", "fsdp"}, {}, {"tensor"}, {}]', "tensor<16x16x2x8xf32>") in found, found
 
 
+def test_unet_train_step_constrains_its_feature_maps():
+    """The digits U-Net's step, lowered by the loop on (data 2, fsdp 2, tensor 2): its NHWC feature maps are
+    pinned to batch rows with whole channels."""
+    c = digits_config()
+    c.model.block_out_channels = (8, 16)
+    c.model.down_block_types = ("DownBlock2D", "AttnDownBlock2D")
+    c.model.up_block_types = ("AttnUpBlock2D", "UpBlock2D")
+    c.model.attention_head_dim, c.model.norm_num_groups = 8, 4
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+    mesh, rules = parallel.mesh_from_config(c.mesh)
+    model = build_model(c.model)
+    tx = make_optimizer(c.train)
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(0), rules)
+    batch = {"image": jax.ShapeDtypeStruct((8, 16, 16, 1), jnp.float32),
+             "cond": {"class_labels": jax.ShapeDtypeStruct((8,), jnp.int32)}}
+    step = jit_train_step(model, tx, make_objective(c, model), mesh, rules, shardings, c.train)
+    found = set(_constraints(step.lower(state, batch, jax.random.key(1)).as_text()))
+    assert ('[{"data", "fsdp"}, {}, {}, {}]', "tensor<8x16x16x8xf32>") in found, found  # after conv_in
+
+
 def test_fsdp_and_tensor_parallel_step_equals_single_device_step():
     """One DiT train step on (fsdp 4, tensor 2), with the constraints in force, gives the single-device
     loss and parameters. Only reduction order differs: fp32 rounding, well inside 1e-5 relative / 1e-6."""
