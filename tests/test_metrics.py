@@ -84,6 +84,8 @@ def test_a_resumed_writer_drops_the_steps_after_the_checkpoint(tmp_path):
     for step in range(1, 6):
         writer.write(step, {"loss": step})
     writer.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # killed mid-line
     writer = metrics_lib.MetricsWriter(tmp_path, resume_step=3)  # the run died after a checkpoint at 3
     writer.write(4, {"loss": 40.0})
     writer.close()

@@ -36,8 +36,8 @@ class MetricsWriter:
         workdir = Path(workdir)
         path = workdir / METRICS_FILE
         if resume_step and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line in path.read_text().splitlines() if _step_of(line, default=resume_step + 1)
+                    <= resume_step]
             path.write_text("".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a" if resume_step else "w")
         self._tb = tensorboardX.SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR),
@@ -59,6 +59,14 @@ class MetricsWriter:
         if self.enabled:
             self._jsonl.close()
             self._tb.close()
+
+
+def _step_of(line: str, default: int) -> int:
+    """The step of a metrics.jsonl line; `default` for a line a killed run left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return default
 
 
 def compiled_flops(jitted: Any, *args: Any) -> float | None:
