@@ -1,4 +1,4 @@
-"""Noise-schedule tables: betas, alpha_bar, sigmas, timestep spacings, SNR helpers.
+"""Noise-schedule tables: betas, alpha_bar, sigmas, timestep spacings, SNR.
 
 Everything here is NumPy in float64 and runs once, outside any jitted function: the tables are constants
 of the sampling program, and their sizes depend only on Python ints, so a sampler's shapes stay static.
@@ -14,8 +14,14 @@ from typing import Sequence
 
 import numpy as np
 
+# The beta schedules of diffusers' schedulers. diffusers' HeunDiscreteScheduler (and diffax's sigma-space
+# samplers) also take "exp" (alpha_bar(t) = exp(-12 t)).
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+EXP_BETA_SCHEDULE = "exp"
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# alpha_bar_T of a zero-terminal-SNR schedule where a sampler needs a finite sigma_T and lambda_T (sigma_T
+# about 4096), as diffusers' sigma-space and exponential-integrator samplers set it.
+ZERO_SNR_ALPHA_BAR = 2.0 ** -24
 
 
 def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
@@ -27,6 +33,13 @@ def betas_for_alpha_bar(num_train_timesteps: int, max_beta: float = 0.999) -> np
     t = np.arange(num_train_timesteps)
     return np.array([min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps),
                          max_beta) for i in t], dtype=np.float64)
+
+
+def exp_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Betas discretising alpha_bar(t) = exp(-12 t), each clipped to `max_beta` (diffusers' 'exp' schedule)."""
+    t = np.arange(num_train_timesteps + 1) / num_train_timesteps
+    abar = np.exp(-12.0 * t)
+    return np.minimum(1 - abar[1:] / abar[:-1], max_beta)
 
 
 def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, beta_start: float = 1e-4,
@@ -44,7 +57,9 @@ def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, b
     if beta_schedule == "sigmoid":  # GeoDiff
         x = np.linspace(-6, 6, T, dtype=np.float64)
         return 1 / (1 + np.exp(-x)) * (beta_end - beta_start) + beta_start
-    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    if beta_schedule == EXP_BETA_SCHEDULE:
+        return exp_betas(T)
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES + (EXP_BETA_SCHEDULE,)}, got {beta_schedule!r}")
 
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -74,9 +89,16 @@ class NoiseSchedule:
                            self.trained_betas)
         return rescale_zero_terminal_snr(betas) if self.rescale_betas_zero_snr else betas
 
-    def alphas_cumprod(self) -> np.ndarray:
-        """alpha_bar_t = prod_{s<=t} (1 - beta_s): [T] float64."""
-        return np.cumprod(1.0 - self.betas())
+    def alphas_cumprod(self, finite_terminal_snr: bool = False) -> np.ndarray:
+        """alpha_bar_t = prod_{s<=t} (1 - beta_s): [T] float64.
+
+        finite_terminal_snr: with rescale_betas_zero_snr, end at ZERO_SNR_ALPHA_BAR instead of 0, for the
+        samplers that need a finite sigma at the first step.
+        """
+        alphas_cumprod = np.cumprod(1.0 - self.betas())
+        if finite_terminal_snr and self.rescale_betas_zero_snr:
+            alphas_cumprod[-1] = ZERO_SNR_ALPHA_BAR
+        return alphas_cumprod
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: np.ndarray) -> np.ndarray:
