@@ -29,9 +29,9 @@ import torch
 
 from diffax import schedules
 from diffax.sampling import sample
-from diffax.schedulers.edm import (DPMPP2MSDEScheduler, DPMPP2SAncestralScheduler, DPMPP3MSDEScheduler,
-                                   EDMDPMSolverMultistepScheduler, EDMEulerScheduler)
+from diffax.schedulers.edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffax.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, calculate_shift
+from diffax.schedulers.k_diffusion import DPMPP2MSDEScheduler, DPMPP2SAncestralScheduler, DPMPP3MSDEScheduler
 from tests.sampler_harness import denoise_jax, denoise_torch, run_diffax, run_diffusers, step_noises
 from tests.test_euler_family import SHAPE, WithSample, give_float64_tables, rel_err, x_T
 
@@ -368,7 +368,7 @@ def test_flow_match_float64_and_img2img(monkeypatch):
     assert rel_err(ours.add_noise(state, jnp.asarray(x0), jnp.asarray(noise), 3), want) < 1e-6
 
 
-def test_flow_match_dynamic_shift_helpers():
+def test_flow_match_dynamic_shift_mu():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift as flux_shift
     assert calculate_shift(1024) == pytest.approx(flux_shift(1024), rel=1e-12)
     sched = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).with_image_seq_len(1024)

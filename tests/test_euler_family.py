@@ -44,8 +44,8 @@ STEP_ARGS = {"s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax", "s_no
 
 
 class WithSample:
-    """Hands `init` a ShapeDtypeStruct of the sample, for samplers that keep history buffers, until
-    diffax.sampling.sample passes the sample to `init` itself (a lead-owned change)."""
+    """A scheduler whose `init` gets a ShapeDtypeStruct of the sample when called without one, so that the
+    tests can build the states of samplers that keep history buffers from the step count alone."""
 
     def __init__(self, scheduler, shape=SHAPE, dtype=jnp.float32):
         self.scheduler, self.spec = scheduler, jax.ShapeDtypeStruct(shape, dtype)
@@ -241,8 +241,9 @@ def test_img2img_matches_diffusers(cls_name, cfg, monkeypatch):
 
 
 def test_sample_prediction_where_diffusers_lacks_it():
-    """Euler a / DPM2 / DPM2 a take prediction_type='sample' (diffusers raises); they share x0_from_sigma, so
-    one check: a DPM2 model that predicts x_0 = x - sigma eps reproduces the epsilon trajectory."""
+    """Euler a / DPM2 / DPM2 a take prediction_type='sample' (diffusers raises); they share
+    SigmaScheduler.denoised, so one check: a DPM2 model that predicts x_0 = x - sigma eps reproduces the
+    epsilon trajectory."""
     eps_sched = WithSample(KDPM2DiscreteScheduler())
     x0_sched = WithSample(KDPM2DiscreteScheduler(prediction_type="sample"))
     state = eps_sched.init(6)

@@ -286,8 +286,8 @@ class OrderCase:
 # DPM-Solver++(3M) (diffusers' DPMSolverMultistepScheduler and EDMDPMSolverMultistepScheduler, k-diffusion's 3M
 # SDE with eta 0) weights its second divided difference D2 ~ h^2 D''/2 by -phi_3 where the exact integral needs
 # -2 phi_3: the update is not exact for a quadratic data prediction, so it converges at order 2. With 2 D2 it
-# measures 3.2, 3.1, 3.0 on the EDM grid (N 32 -> 256). diffax matches diffusers there, so these stay xfail
-# until the lead decides.
+# measures 3.2, 3.1, 3.0 on the EDM grid (N 32 -> 256). The default matches diffusers, so these are strict
+# xfails.
 THIRD_ORDER_MULTISTEP = pytest.mark.xfail(strict=True, reason="DPM-Solver++(3M) update is second order: its "
                                           "D2 term lacks a factor 2 (as in diffusers / k-diffusion)")
 ORDER_CASES = [

@@ -26,17 +26,15 @@ from diffax.schedulers.base import (DiscreteScheduler, Scheduler, SchedulerState
                                     add_noise_alpha_bar, predict_x0_eps, threshold_sample)
 from diffax.schedulers.ddim import DDIMScheduler, DDIMState
 from diffax.schedulers.ddpm import DDPMScheduler, DDPMState
-
-# ---- sampler families: the lead adds `from diffax.schedulers.<module> import <Class>` lines here ----
 from diffax.schedulers.deis import DEISMultistepScheduler
 from diffax.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
 from diffax.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
-from diffax.schedulers.edm import (DPMPP2MSDEScheduler, DPMPP2SAncestralScheduler, DPMPP3MSDEScheduler,
-                                   EDMDPMSolverMultistepScheduler, EDMEulerScheduler)
+from diffax.schedulers.edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffax.schedulers.euler import EulerDiscreteScheduler
 from diffax.schedulers.euler_ancestral import EulerAncestralDiscreteScheduler
 from diffax.schedulers.flow_match import FlowMatchEulerDiscreteScheduler
 from diffax.schedulers.heun import HeunDiscreteScheduler
+from diffax.schedulers.k_diffusion import DPMPP2MSDEScheduler, DPMPP2SAncestralScheduler, DPMPP3MSDEScheduler
 from diffax.schedulers.k_dpm2 import KDPM2DiscreteScheduler
 from diffax.schedulers.k_dpm2_ancestral import KDPM2AncestralDiscreteScheduler
 from diffax.schedulers.lcm import LCMScheduler
@@ -45,7 +43,6 @@ from diffax.schedulers.pndm import PNDMScheduler
 from diffax.schedulers.score_sde import (ScoreSdeVeScheduler, ScoreSdeVpPredictorCorrectorScheduler,
                                          ScoreSdeVpProbabilityFlowScheduler, ScoreSdeVpScheduler)
 from diffax.schedulers.unipc import UniPCMultistepScheduler
-# ---- end of sampler families ----
 
 CONFIG_NAME = "scheduler_config.json"
 EXTRAS_KEY = "_diffax"
@@ -56,7 +53,7 @@ EXTRAS_KEY = "_diffax"
 # that a class does not take is one diffusers ignores for it. tests/test_scheduler_config.py checks the set
 # against the installed diffusers.
 DIFFUSERS_SCHEDULER_KEYS = frozenset({
-    "algorithm_type", "base_image_seq_len", "base_shift", "beta_end", "beta_max", "beta_min", "beta_max", "beta_min", "beta_schedule",
+    "algorithm_type", "base_image_seq_len", "base_shift", "beta_end", "beta_max", "beta_min", "beta_schedule",
     "beta_start",
     "clip_sample", "clip_sample_range", "correct_steps", "corrector_order", "disable_corrector",
     "dynamic_thresholding_ratio", "euler_at_final", "final_sigmas_type", "flow_shift", "interpolation_type",
@@ -199,13 +196,14 @@ def to_diffusers_config(scheduler: Scheduler) -> dict[str, Any]:
 
 
 __all__ = [
-    "CONFIG_NAME", "DDIMScheduler", "DEISMultistepScheduler", "DPMPP2MSDEScheduler", "DPMPP2SAncestralScheduler",
-    "DPMPP3MSDEScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "CONFIG_NAME", "DDIMScheduler", "DDIMState", "DDPMScheduler", "DDPMState", "DEISMultistepScheduler",
+    "DIFFUSERS_SCHEDULER_KEYS", "DPMPP2MSDEScheduler", "DPMPP2SAncestralScheduler", "DPMPP3MSDEScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DiscreteScheduler",
     "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler",
     "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
-    "PNDMScheduler", "ScoreSdeVeScheduler", "ScoreSdeVpPredictorCorrectorScheduler",
-    "ScoreSdeVpProbabilityFlowScheduler", "ScoreSdeVpScheduler", "UniPCMultistepScheduler", "DDIMState", "DDPMScheduler", "DDPMState", "DIFFUSERS_SCHEDULER_KEYS",
-    "DiscreteScheduler", "Scheduler", "SchedulerState", "StepOutput", "add_noise_alpha_bar",
-    "from_diffusers_config", "predict_x0_eps", "scheduler_classes", "threshold_sample", "to_diffusers_config",
+    "PNDMScheduler", "Scheduler", "SchedulerState", "ScoreSdeVeScheduler", "ScoreSdeVpPredictorCorrectorScheduler",
+    "ScoreSdeVpProbabilityFlowScheduler", "ScoreSdeVpScheduler", "StepOutput", "UniPCMultistepScheduler",
+    "add_noise_alpha_bar", "from_diffusers_config", "predict_x0_eps", "scheduler_classes", "threshold_sample",
+    "to_diffusers_config",
 ]

@@ -22,20 +22,38 @@ reproduce diffusers' trajectories by handing it the same noise.
 
 Tables (`init`) are built in NumPy: they depend only on the config and Python ints, so their shapes and
 values are constants of the compiled program, and `denoising_end`-style slicing can look at them.
+
+Every sampler reads its tables with `at` and turns model outputs into x_0 (and eps) with `predict_x0_eps`;
+PREDICTION_TYPES lists the outputs, each class's `prediction_types` those it accepts.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Mapping, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedules import NoiseSchedule
+from diffax.schedules import BETA_SCHEDULES, NoiseSchedule
 
+# What a model can predict: the noise, v (Salimans & Ho 2022), x_0, or a flow model's velocity eps - x_0.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+
+
+def prediction_types_except(*excluded: str) -> tuple[str, ...]:
+    """PREDICTION_TYPES without `excluded`, for samplers whose model contract lacks some of them."""
+    return tuple(p for p in PREDICTION_TYPES if p not in excluded)
+
+
+def check_options(owner: str, config: Any, allowed: Mapping[str, tuple]) -> None:
+    """ValueError naming each config key whose value is not among those the sampler implements."""
+    for key, values in allowed.items():
+        value = getattr(config, key)
+        if value not in values:
+            raise ValueError(f"{owner}: {key}={value!r} is not supported by diffax (supported: "
+                             f"{', '.join(repr(v) for v in values)})")
 
 
 @flax.struct.dataclass
@@ -58,9 +76,15 @@ class Scheduler:
     diffusers_class: ClassVar[str] = ""
     # Model evaluations per inference step, as diffusers' `scheduler.order` (used to start img2img part-way).
     order: ClassVar[int] = 1
-    # Fields diffusers passes to `step()` rather than keeping in its config (DDIM's eta, Euler's s_churn):
-    # to_diffusers_config stores them under "_diffax" so a config round-trips through diffusers.
+    # Fields that are not keys of the diffusers class's config (`step()` arguments there, like DDIM's eta and
+    # Euler's s_churn): to_diffusers_config stores them under "_diffax" so a config round-trips through
+    # diffusers.
     diffax_extras: ClassVar[tuple[str, ...]] = ()
+    # The entries of PREDICTION_TYPES the sampler can turn into x_0.
+    prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES
+
+    def __post_init__(self):
+        """Config checks: subclasses and option mixins extend it, each calling super().__post_init__()."""
 
     def init(self, num_inference_steps: int, sample: jax.Array | jax.ShapeDtypeStruct | None = None
              ) -> SchedulerState:
@@ -89,7 +113,10 @@ class Scheduler:
 
 @dataclasses.dataclass(frozen=True)
 class DiscreteScheduler(Scheduler):
-    """Shared config and helpers of samplers on diffusers' discrete training schedule (alpha_bar_t)."""
+    """Shared config of samplers on diffusers' discrete training schedule (alpha_bar_t)."""
+    # The beta_schedule values the sampler's diffusers class accepts (trained_betas, when given, wins).
+    beta_schedules: ClassVar[tuple[str, ...]] = BETA_SCHEDULES
+
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
     beta_end: float = 0.02
@@ -99,10 +126,11 @@ class DiscreteScheduler(Scheduler):
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"{type(self).__name__}: prediction_type must be one of {PREDICTION_TYPES}, "
-                             f"got {self.prediction_type!r}")
-        if self.trained_betas is not None and not isinstance(self.trained_betas, tuple):
+        super().__post_init__()
+        check_options(type(self).__name__, self, {"prediction_type": self.prediction_types})
+        if self.trained_betas is None:
+            check_options(type(self).__name__, self, {"beta_schedule": self.beta_schedules})
+        elif not isinstance(self.trained_betas, tuple):
             object.__setattr__(self, "trained_betas", tuple(float(b) for b in self.trained_betas))
 
     @property
@@ -115,25 +143,88 @@ class DiscreteScheduler(Scheduler):
         return self.noise_schedule.alphas_cumprod()
 
 
+@dataclasses.dataclass(frozen=True)
+class ThresholdingOptions(Scheduler):
+    """diffusers' dynamic-thresholding config of x_0 (see `threshold_sample`)."""
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+
+    def threshold(self, x0: jax.Array) -> jax.Array:
+        """x_0 thresholded when the config asks for it."""
+        if self.thresholding:
+            return threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        return x0
+
+
+def at(table: np.ndarray | jax.Array, i: jax.Array | int, dtype: Any = None) -> jax.Array:
+    """table[i] (in `dtype` when given), for a NumPy table (a state fresh from `init`, which the loop can
+    slice on the host) or a traced one (carried through the sampling scan), and a traced or Python index."""
+    value = jnp.asarray(table)[i]
+    return value if dtype is None else value.astype(dtype)
+
+
+def table(values: Any) -> np.ndarray:
+    """A float64 NumPy table for a state: concrete, so the loop can slice by timestep outside jit; it becomes
+    a traced array (float32, or float64 under x64) once carried through the sampling scan."""
+    return np.asarray(values, dtype=np.float64)
+
+
+def compute_dtype(sample: jax.Array) -> jnp.dtype:
+    """The step arithmetic runs in at least float32, like diffusers' `sample.to(torch.float32)`."""
+    return jnp.promote_types(sample.dtype, jnp.float32)
+
+
+def gaussian(key: jax.Array | None, sample: jax.Array, owner: str) -> jax.Array:
+    """The step's standard normal draw, shaped like `sample`."""
+    if key is None:
+        raise ValueError(f"{owner}.step draws noise: pass a PRNG key")
+    return jax.random.normal(key, sample.shape, sample.dtype)
+
+
+def buffer(sample: jax.Array | jax.ShapeDtypeStruct | None, owner: str, *lead: int) -> jax.Array:
+    """A zeroed history buffer [*lead, *sample.shape] for the scan carry; `sample` is an array or a
+    jax.ShapeDtypeStruct shaped like x (the buffers must exist, with their final shape, before the loop)."""
+    if sample is None:
+        raise ValueError(f"{owner} keeps a history across loop indices: call init(num_inference_steps, sample) "
+                         "with an array (or jax.ShapeDtypeStruct) shaped like x")
+    return jnp.zeros(tuple(lead) + tuple(sample.shape), sample.dtype)
+
+
+def alpha_bar_coefficients(alpha_bar: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(alpha, sigma) = (sqrt(alpha_bar), sqrt(1 - alpha_bar)): x_t = alpha x_0 + sigma eps."""
+    return jnp.sqrt(alpha_bar), jnp.sqrt(1 - alpha_bar)
+
+
 def add_noise_alpha_bar(alphas_cumprod: jax.Array, original: jax.Array, noise: jax.Array,
                         t: jax.Array) -> jax.Array:
     """q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for a scalar or per-example t."""
-    abar = jnp.asarray(alphas_cumprod)[t].astype(original.dtype)
-    abar = abar.reshape(abar.shape + (1,) * (original.ndim - abar.ndim))
-    return jnp.sqrt(abar) * original + jnp.sqrt(1 - abar) * noise
+    abar = at(alphas_cumprod, t, original.dtype)
+    alpha, sigma = alpha_bar_coefficients(abar.reshape(abar.shape + (1,) * (original.ndim - abar.ndim)))
+    return alpha * original + sigma * noise
 
 
-def predict_x0_eps(prediction_type: str, model_output: jax.Array, sample: jax.Array,
-                   alpha_prod_t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x_0, eps) from a model output under the alpha_bar parameterisation x_t = a x_0 + s eps."""
-    a, s = jnp.sqrt(alpha_prod_t), jnp.sqrt(1 - alpha_prod_t)
+def predict_x0_eps(prediction_type: str, model_output: jax.Array, sample: jax.Array, alpha: jax.Array | float,
+                   sigma: jax.Array, input_variance: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
+    """(x_0, eps) from a model output at a noise level where x = alpha x_0 + sigma eps.
+
+    input_variance: alpha^2 + sigma^2, which the model input x / sqrt(input_variance) divides out: 1 for
+    the variance-preserving samplers (pass their (alpha, sigma) pair), sigma^2 + 1 for the variance-exploding
+    x of the sigma-space samplers (alpha = 1). v is defined on that input: v = (alpha eps - sigma x_0) /
+    sqrt(input_variance). flow_prediction is the velocity eps - x_0 of x = (1 - sigma) x_0 + sigma eps.
+    """
     if prediction_type == "epsilon":
-        return (sample - s * model_output) / a, model_output
+        return (sample - sigma * model_output) / alpha, model_output
     if prediction_type == "sample":
-        return model_output, (sample - a * model_output) / s
+        return model_output, (sample - alpha * model_output) / sigma
     if prediction_type == "v_prediction":
-        return a * sample - s * model_output, a * model_output + s * sample
-    raise ValueError(f"prediction_type {prediction_type!r} is not defined on an alpha_bar schedule")
+        scale = jnp.sqrt(input_variance)
+        x0 = alpha * sample / input_variance - sigma / scale * model_output
+        return x0, alpha / scale * model_output + sigma * sample / input_variance
+    if prediction_type == "flow_prediction":
+        x0 = sample - sigma * model_output
+        return x0, x0 + model_output
+    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
 def threshold_sample(x0: jax.Array, ratio: float, max_value: float) -> jax.Array:

@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import DiscreteScheduler, SchedulerState, StepOutput, add_noise_alpha_bar, predict_x0_eps
-from diffax.schedulers.ddpm import check_discrete_options, clip_x0, table_at
-from diffax.schedules import spaced_timesteps
+from diffax.schedulers.base import (SchedulerState, StepOutput, add_noise_alpha_bar, alpha_bar_coefficients, at,
+                                    gaussian, predict_x0_eps)
+from diffax.schedulers.ddpm import SpacedTimestepScheduler
 
 
 @flax.struct.dataclass
@@ -40,39 +40,28 @@ class DDIMState(SchedulerState):
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMScheduler(DiscreteScheduler):
+class DDIMScheduler(SpacedTimestepScheduler):
     """diffusers' DDIMScheduler config, plus `eta` and `use_clipped_model_output` (see the module doc)."""
     diffusers_class: ClassVar[str] = "DDIMScheduler"
     order: ClassVar[int] = 1
     # Fields that are not diffusers config keys (the registry stores them under "_diffax").
     diffax_extras: ClassVar[tuple[str, ...]] = ("eta", "use_clipped_model_output")
 
-    clip_sample: bool = True
     set_alpha_to_one: bool = True
-    steps_offset: int = 0
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"
     eta: float = 0.0
     use_clipped_model_output: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        check_discrete_options(self)
         if not 0.0 <= self.eta <= 1.0:
             # Above 1, sigma^2 exceeds 1 - abar_t' and the noise direction's weight is the sqrt of a negative.
             raise ValueError(f"DDIMScheduler: eta must be in [0, 1], got {self.eta}")
 
     def init(self, num_inference_steps: int, sample=None) -> DDIMState:
-        del sample  # no history buffers
-        """Spaced timesteps, abar at t and t', and the step's noise and direction weights."""
+        """Spaced timesteps, abar at t and t', and the step's noise and direction weights (no history:
+        `sample` unused)."""
         T = self.num_train_timesteps
-        timesteps = spaced_timesteps(num_inference_steps, T, self.timestep_spacing, self.steps_offset)
-        if timesteps.max() >= T or timesteps.min() < 0:
-            raise ValueError(f"DDIMScheduler: timesteps {timesteps.tolist()} leave [0, {T}) "
-                             f"(timestep_spacing={self.timestep_spacing!r}, steps_offset={self.steps_offset})")
+        timesteps = self.inference_timesteps(num_inference_steps)
         abar_table = self.alphas_cumprod()
         final = 1.0 if self.set_alpha_to_one else abar_table[0]
         # diffusers steps back by T // N even for 'linspace' / 'trailing', where t' is then not the next
@@ -96,18 +85,15 @@ class DDIMScheduler(DiscreteScheduler):
         if model_output.shape != sample.shape:
             raise ValueError(f"DDIMScheduler: model output shape {model_output.shape} != sample shape {sample.shape}")
         dtype = sample.dtype
-        abar = table_at(state.alpha_bar, i, dtype)
-        x0, eps = predict_x0_eps(self.prediction_type, model_output, sample, abar)
-        x0 = clip_x0(self, x0)
+        alpha, sigma = alpha_bar_coefficients(at(state.alpha_bar, i, dtype))
+        x0, eps = predict_x0_eps(self.prediction_type, model_output, sample, alpha, sigma)
+        x0 = self.clip_x0(x0)
         if self.use_clipped_model_output:
             # The noise consistent with the clipped x_0 (equal to eps when nothing was clipped).
-            eps = (sample - jnp.sqrt(abar) * x0) / jnp.sqrt(1 - abar)
-        prev_sample = (jnp.sqrt(table_at(state.alpha_bar_prev, i, dtype)) * x0
-                       + table_at(state.eps_coef, i, dtype) * eps)
+            _, eps = predict_x0_eps("sample", x0, sample, alpha, sigma)
+        prev_sample = jnp.sqrt(at(state.alpha_bar_prev, i, dtype)) * x0 + at(state.eps_coef, i, dtype) * eps
         if self.eta > 0:
-            if key is None:
-                raise ValueError(f"DDIMScheduler(eta={self.eta}) adds noise and needs a PRNG key")
-            prev_sample = prev_sample + table_at(state.sigma, i, dtype) * jax.random.normal(key, sample.shape, dtype)
+            prev_sample = prev_sample + at(state.sigma, i, dtype) * gaussian(key, sample, type(self).__name__)
         return StepOutput(prev_sample, x0, state)
 
     def add_noise(self, state: DDIMState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:

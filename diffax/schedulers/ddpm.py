@@ -23,45 +23,57 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import (DiscreteScheduler, SchedulerState, StepOutput, add_noise_alpha_bar,
-                                    predict_x0_eps, threshold_sample)
-from diffax.schedules import BETA_SCHEDULES, TIMESTEP_SPACINGS, spaced_timesteps
+from diffax.schedulers.base import (DiscreteScheduler, SchedulerState, StepOutput, ThresholdingOptions,
+                                    add_noise_alpha_bar, alpha_bar_coefficients, at, check_options, gaussian,
+                                    predict_x0_eps, prediction_types_except)
+from diffax.schedules import TIMESTEP_SPACINGS, spaced_timesteps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned",
                   "learned_range")
-ALPHA_BAR_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def check_discrete_options(scheduler: DiscreteScheduler) -> None:
-    """ValueErrors for the options DDPM-style samplers share: schedule, spacing, prediction type, clipping."""
-    name = type(scheduler).__name__
-    if scheduler.trained_betas is None and scheduler.beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"{name}: beta_schedule must be one of {BETA_SCHEDULES}, got {scheduler.beta_schedule!r}")
-    if scheduler.timestep_spacing not in TIMESTEP_SPACINGS:
-        raise ValueError(f"{name}: timestep_spacing must be one of {TIMESTEP_SPACINGS}, "
-                         f"got {scheduler.timestep_spacing!r}")
-    if scheduler.prediction_type not in ALPHA_BAR_PREDICTION_TYPES:
-        raise ValueError(f"{name}: prediction_type must be one of {ALPHA_BAR_PREDICTION_TYPES}, "
-                         f"got {scheduler.prediction_type!r}")
-    if not 0.0 < scheduler.dynamic_thresholding_ratio <= 1.0:
-        raise ValueError(f"{name}: dynamic_thresholding_ratio must be in (0, 1], "
-                         f"got {scheduler.dynamic_thresholding_ratio}")
-    if scheduler.clip_sample_range <= 0:
-        raise ValueError(f"{name}: clip_sample_range must be > 0, got {scheduler.clip_sample_range}")
+@dataclasses.dataclass(frozen=True)
+class ClipSampleOptions(ThresholdingOptions):
+    """diffusers' x_0 clipping config of DDPM, DDIM and LCM: dynamic thresholding if enabled, else clipping
+    to +-clip_sample_range if enabled (diffusers' order)."""
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+
+    def clip_x0(self, x0: jax.Array) -> jax.Array:
+        """x_0 thresholded or clipped as configured."""
+        if self.thresholding:
+            return self.threshold(x0)
+        if self.clip_sample:
+            return jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
+        return x0
 
 
-def clip_x0(scheduler: DiscreteScheduler, x0: jax.Array) -> jax.Array:
-    """Dynamic thresholding if enabled, else clipping to +-clip_sample_range if enabled (diffusers' order)."""
-    if scheduler.thresholding:
-        return threshold_sample(x0, scheduler.dynamic_thresholding_ratio, scheduler.sample_max_value)
-    if scheduler.clip_sample:
-        return jnp.clip(x0, -scheduler.clip_sample_range, scheduler.clip_sample_range)
-    return x0
+@dataclasses.dataclass(frozen=True)
+class SpacedTimestepScheduler(ClipSampleOptions, DiscreteScheduler):
+    """Config shared by DDPM and DDIM: integer timesteps spaced over the training range, x_0 clipping."""
+    prediction_types: ClassVar[tuple[str, ...]] = prediction_types_except("flow_prediction")
 
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
 
-def table_at(table: np.ndarray | jax.Array, i: jax.Array, dtype) -> jax.Array:
-    """table[i] in `dtype`, for a NumPy table (a state built by `init`) or a traced one, and a traced i."""
-    return jnp.asarray(table)[i].astype(dtype)
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        check_options(name, self, {"timestep_spacing": TIMESTEP_SPACINGS})
+        if not 0.0 < self.dynamic_thresholding_ratio <= 1.0:
+            raise ValueError(f"{name}: dynamic_thresholding_ratio must be in (0, 1], "
+                             f"got {self.dynamic_thresholding_ratio}")
+        if self.clip_sample_range <= 0:
+            raise ValueError(f"{name}: clip_sample_range must be > 0, got {self.clip_sample_range}")
+
+    def inference_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """The spaced timesteps [N] int64, descending; ValueError where the offset pushes them past T - 1."""
+        T = self.num_train_timesteps
+        timesteps = spaced_timesteps(num_inference_steps, T, self.timestep_spacing, self.steps_offset)
+        if timesteps.max() >= T or timesteps.min() < 0:
+            raise ValueError(f"{type(self).__name__}: timesteps {timesteps.tolist()} leave [0, {T}) "
+                             f"(timestep_spacing={self.timestep_spacing!r}, steps_offset={self.steps_offset})")
+        return timesteps
 
 
 @flax.struct.dataclass
@@ -77,7 +89,7 @@ class DDPMState(SchedulerState):
 
 
 @dataclasses.dataclass(frozen=True)
-class DDPMScheduler(DiscreteScheduler):
+class DDPMScheduler(SpacedTimestepScheduler):
     """diffusers' DDPMScheduler config; `step` is the ancestral sampler.
 
     With variance_type "learned" / "learned_range" the model output has 2C channels on the last axis
@@ -88,20 +100,10 @@ class DDPMScheduler(DiscreteScheduler):
     order: ClassVar[int] = 1
 
     variance_type: str = "fixed_small"
-    clip_sample: bool = True
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"
-    steps_offset: int = 0
 
     def __post_init__(self):
         super().__post_init__()
-        check_discrete_options(self)
-        if self.variance_type not in VARIANCE_TYPES:
-            raise ValueError(f"DDPMScheduler: variance_type must be one of {VARIANCE_TYPES}, "
-                             f"got {self.variance_type!r}")
+        check_options(type(self).__name__, self, {"variance_type": VARIANCE_TYPES})
 
     @property
     def learned_variance(self) -> bool:
@@ -109,13 +111,8 @@ class DDPMScheduler(DiscreteScheduler):
         return self.variance_type in ("learned", "learned_range")
 
     def init(self, num_inference_steps: int, sample=None) -> DDPMState:
-        del sample  # no history buffers
-        """Spaced timesteps and the posterior coefficients of each step."""
-        T = self.num_train_timesteps
-        timesteps = spaced_timesteps(num_inference_steps, T, self.timestep_spacing, self.steps_offset)
-        if timesteps.max() >= T or timesteps.min() < 0:
-            raise ValueError(f"DDPMScheduler: timesteps {timesteps.tolist()} leave [0, {T}) "
-                             f"(timestep_spacing={self.timestep_spacing!r}, steps_offset={self.steps_offset})")
+        """Spaced timesteps and the posterior coefficients of each step (no history: `sample` unused)."""
+        timesteps = self.inference_timesteps(num_inference_steps)
         abar_table = self.alphas_cumprod()
         abar = abar_table[timesteps]
         # The previous timestep is the next inference timestep; after the last one, abar = 1 (x_0 itself).
@@ -136,7 +133,7 @@ class DDPMScheduler(DiscreteScheduler):
     def _std(self, state: DDPMState, i: jax.Array, predicted_variance: jax.Array | None,
              dtype) -> jax.Array:
         """Standard deviation of the noise added at loop index i: a scalar or per pixel (learned)."""
-        log_small, log_beta = table_at(state.log_var_small, i, dtype), table_at(state.log_beta, i, dtype)
+        log_small, log_beta = at(state.log_var_small, i, dtype), at(state.log_beta, i, dtype)
         vt = self.variance_type
         if vt in ("fixed_small", "fixed_small_log"):
             return jnp.exp(0.5 * log_small)
@@ -162,16 +159,15 @@ class DDPMScheduler(DiscreteScheduler):
         elif model_output.shape != sample.shape:
             raise ValueError(f"DDPMScheduler: model output shape {model_output.shape} != sample shape "
                              f"{sample.shape} (variance_type={self.variance_type!r})")
-        if key is None:
-            raise ValueError("DDPMScheduler.step adds noise and needs a PRNG key")
+        noise = gaussian(key, sample, type(self).__name__)
         dtype = sample.dtype
-        x0, _ = predict_x0_eps(self.prediction_type, model_output, sample, table_at(state.alpha_bar, i, dtype))
-        x0 = clip_x0(self, x0)
-        mean = table_at(state.x0_coef, i, dtype) * x0 + table_at(state.sample_coef, i, dtype) * sample
+        alpha, sigma = alpha_bar_coefficients(at(state.alpha_bar, i, dtype))
+        x0, _ = predict_x0_eps(self.prediction_type, model_output, sample, alpha, sigma)
+        x0 = self.clip_x0(x0)
+        mean = at(state.x0_coef, i, dtype) * x0 + at(state.sample_coef, i, dtype) * sample
         std = self._std(state, i, predicted_variance, dtype)
-        noise = jax.random.normal(key, sample.shape, dtype)
         # where, not a product: a learned variance may be invalid at t == 0, where diffusers never reads it.
-        prev_sample = jnp.where(jnp.asarray(state.noise_mask)[i], mean + std * noise, mean)
+        prev_sample = jnp.where(at(state.noise_mask, i), mean + std * noise, mean)
         return StepOutput(prev_sample, x0, state)
 
     def add_noise(self, state: DDPMState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.schedulers import multistep_common as mc
-from diffax.schedulers.base import DiscreteScheduler, StepOutput
+from diffax.schedulers.base import StepOutput, at, check_options, predict_x0_eps
 
 
 @flax.struct.dataclass
@@ -34,7 +34,7 @@ def _lagrange_3(t, b, c, d):
 
 
 @dataclasses.dataclass(frozen=True)
-class DEISMultistepScheduler(DiscreteScheduler):
+class DEISMultistepScheduler(mc.TimestepSpacingOptions, mc.SolverScheduler):
     """diffusers' DEISMultistepScheduler config; fields and defaults are diffusers'.
 
     With Karras / exponential sigmas the final sigma repeats the last one, so the last step is the identity
@@ -43,23 +43,10 @@ class DEISMultistepScheduler(DiscreteScheduler):
     """
     diffusers_class: ClassVar[str] = "DEISMultistepScheduler"
     order: ClassVar[int] = 1
+    state_class: ClassVar[type] = DEISMultistepState
 
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     algorithm_type: str = "deis"
     solver_type: str = "logrho"
-    lower_order_final: bool = True
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    use_flow_sigmas: bool = False
-    flow_shift: float = 1.0
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
     def __post_init__(self):
         super().__post_init__()
@@ -68,57 +55,42 @@ class DEISMultistepScheduler(DiscreteScheduler):
             object.__setattr__(self, "algorithm_type", "deis")
         if self.solver_type in ("midpoint", "heun", "bh1", "bh2"):
             object.__setattr__(self, "solver_type", "logrho")
-        mc.check_options(type(self).__name__, self, {
-            "solver_order": (1, 2, 3), "algorithm_type": ("deis",), "solver_type": ("logrho",),
-            "timestep_spacing": ("linspace", "leading", "trailing"),
-            "use_beta_sigmas": (False,), "use_flow_sigmas": (False,), "use_dynamic_shifting": (False,),
-            "rescale_betas_zero_snr": (False,),
-        })
-        mc.check_sigma_spacing(type(self).__name__, self.use_karras_sigmas, self.use_exponential_sigmas,
-                               self.use_beta_sigmas)
+        check_options(type(self).__name__, self, {"algorithm_type": ("deis",), "solver_type": ("logrho",),
+                                                  "use_flow_sigmas": (False,), "rescale_betas_zero_snr": (False,)})
 
-    def init(self, num_inference_steps: int,
-             sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> DEISMultistepState:
-        """Timesteps and sigma tables for N steps, as diffusers' set_timesteps; `sample` (an array or
-        ShapeDtypeStruct shaped like x) sizes the history buffer."""
-        alphas_cumprod = mc.solver_alphas_cumprod(self.noise_schedule)
+    def timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Spaced timesteps, then Karras / exponential sigmas, whose last one the final sigma repeats; on the
+        training sigmas the final sigma is the least noisy one."""
         N = num_inference_steps
         timesteps = mc.solver_timesteps(N, self.num_train_timesteps, self.timestep_spacing, self.steps_offset)
-        if self.use_karras_sigmas or self.use_exponential_sigmas:
-            spacing = "karras" if self.use_karras_sigmas else "exponential"
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, spacing, self.use_karras_sigmas)
-            last_sigma = sigmas[-1]
-        else:
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N)
-            last_sigma = mc.vp_sigma_min(alphas_cumprod)
-        tables = mc.solver_state_tables(timesteps, np.append(sigmas, last_sigma))
-        return DEISMultistepState(**tables, model_outputs=mc.empty_history(self.solver_order, sample),
-                                  lower_order_nums=np.zeros((), np.int32))
+        timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, self.sigma_schedule)
+        last_sigma = mc.vp_sigma_min(alphas_cumprod) if self.sigma_schedule == "none" else sigmas[-1]
+        return timesteps, np.append(sigmas, last_sigma)
 
     def step(self, state: DEISMultistepState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
         """One multistep DEIS update from sigmas[i] to sigmas[i + 1]."""
         N = state.timesteps.shape[0]
-        alpha_s0, sigma_s0 = state.alpha_t[i], state.sigma_t[i]
-        x0 = mc.data_prediction(self.prediction_type, model_output, sample, alpha_s0, sigma_s0, state.sigmas[i])
-        x0 = mc.maybe_threshold(x0, self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value)
-        eps = (sample - alpha_s0 * x0) / sigma_s0
+        alpha_s0, sigma_s0, lambda_s0 = state.coefficients(i)
+        x0, _ = self.convert(state, model_output, sample, i, predict_x0=True)
+        _, eps = predict_x0_eps("sample", x0, sample, alpha_s0, sigma_s0)
         history = mc.push_history(state.model_outputs, eps)
 
         short = self.lower_order_final and N < 15
         nums = state.lower_order_nums
         order = jnp.where((self.solver_order == 1) | (nums < 1) | ((i == N - 1) & short), 1,
                           jnp.where((self.solver_order == 2) | (nums < 2) | ((i == N - 2) & short), 2, 3))
-        alpha_t, sigma_t, lambda_t = mc.table_at(state, i + 1)
+        alpha_t, sigma_t, lambda_t = state.coefficients(i + 1)
 
         def rho(j):  # the VE sigma at table index j, DEIS's time variable
-            return state.sigma_t[j] / state.alpha_t[j]
+            return at(state.sigma_t, j) / at(state.alpha_t, j)
 
         rho_t, rho_s0 = sigma_t / alpha_t, sigma_s0 / alpha_s0
 
         def first(history):
-            h = lambda_t - state.lambda_t[i]
-            return mc.dpm_solver_update("dpmsolver", sample, h, alpha_t, sigma_t, alpha_s0, sigma_s0, history[-1])
+            return mc.dpm_solver_update("dpmsolver", sample, lambda_t - lambda_s0, alpha_t, sigma_t, alpha_s0,
+                                        sigma_s0, history[-1])
 
         def second(history):
             rho_s1 = rho(i - 1)
@@ -135,9 +107,4 @@ class DEISMultistepScheduler(DiscreteScheduler):
                               + coef3 * history[-3])
 
         prev = jax.lax.switch(order - 1, [first, second, third][:self.solver_order], history)
-        state = state.replace(model_outputs=history,
-                              lower_order_nums=jnp.minimum(nums + 1, self.solver_order).astype(jnp.int32))
-        return StepOutput(prev.astype(sample.dtype), x0.astype(sample.dtype), state)
-
-    def add_noise(self, state: DEISMultistepState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
-        return mc.add_noise_sigma_table(state, original, noise, i)
+        return StepOutput(prev.astype(sample.dtype), x0.astype(sample.dtype), self.pushed(state, history))

@@ -9,7 +9,6 @@ The order is chosen from traced values with `lax.switch`, so one compiled progra
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import flax.struct
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.schedulers import multistep_common as mc
-from diffax.schedulers.base import DiscreteScheduler, StepOutput
+from diffax.schedulers.base import StepOutput, at, gaussian
 
 
 @flax.struct.dataclass
@@ -27,7 +26,7 @@ class DPMSolverMultistepState(mc.SolverState):
 
 
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistepScheduler(DiscreteScheduler):
+class DPMSolverMultistepScheduler(mc.TimestepSpacingOptions, mc.DPMSolverBase):
     """diffusers' DPMSolverMultistepScheduler config; fields and defaults are diffusers'.
 
     Not implemented (ValueError): use_beta_sigmas, use_dynamic_shifting (needs a per-call shift `mu`),
@@ -36,95 +35,46 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
     """
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
     order: ClassVar[int] = 1
+    algorithm_types: ClassVar[tuple[str, ...]] = mc.DPMSolverBase.algorithm_types + ("sde-dpmsolver",)
+    state_class: ClassVar[type] = DPMSolverMultistepState
 
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    algorithm_type: str = "dpmsolver++"
-    solver_type: str = "midpoint"
-    lower_order_final: bool = True
     euler_at_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False
-    use_flow_sigmas: bool = False
-    flow_shift: float = 1.0
-    final_sigmas_type: str = "zero"
-    lambda_min_clipped: float = -math.inf
-    variance_type: str | None = None
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
 
     def __post_init__(self):
         super().__post_init__()
         name = type(self).__name__
-        # diffusers maps the solver names of the sibling schedulers onto its own (config swapping).
-        if self.solver_type in ("logrho", "bh1", "bh2"):
-            object.__setattr__(self, "solver_type", "midpoint")
-        if self.algorithm_type == "deis":
-            object.__setattr__(self, "algorithm_type", "dpmsolver++")
-        mc.check_options(name, self, {
-            "solver_order": (1, 2, 3),
-            "algorithm_type": ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver"),
-            "solver_type": ("midpoint", "heun"),
-            "final_sigmas_type": mc.FINAL_SIGMAS_TYPES,
-            "timestep_spacing": ("linspace", "leading", "trailing"),
-            "use_beta_sigmas": (False,), "use_dynamic_shifting": (False,), "variance_type": (None,),
-        })
-        mc.check_sigma_spacing(name, self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas)
-        data_pred = self.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
-        if not data_pred and self.final_sigmas_type == "zero":
-            raise ValueError(f"{name}: final_sigmas_type='zero' needs algorithm_type dpmsolver++ or "
-                             f"sde-dpmsolver++, got {self.algorithm_type!r}; use final_sigmas_type='sigma_min'")
-        if not data_pred and self.prediction_type == "flow_prediction":
-            raise ValueError(f"{name}: prediction_type='flow_prediction' needs algorithm_type dpmsolver++ or "
-                             "sde-dpmsolver++")
         if self.algorithm_type == "sde-dpmsolver" and self.solver_order == 3:
             raise ValueError(f"{name}: algorithm_type='sde-dpmsolver' has no third-order update; use "
                              "solver_order <= 2 or 'sde-dpmsolver++'")
         if self.use_flow_sigmas and (self.use_karras_sigmas or self.use_exponential_sigmas or self.use_lu_lambdas):
             raise ValueError(f"{name}: use_flow_sigmas cannot be combined with Karras / exponential / Lu spacing")
 
-    def init(self, num_inference_steps: int,
-             sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> DPMSolverMultistepState:
-        """Timesteps and sigma tables for N steps, as diffusers' set_timesteps; `sample` (an array or a
-        ShapeDtypeStruct shaped like x) sizes the history buffer."""
-        alphas_cumprod = mc.solver_alphas_cumprod(self.noise_schedule)
+    def timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Spaced timesteps within lambda_min_clipped, then Karras / Lu / exponential / flow sigmas; the final
+        sigma is 0 or the least noisy training sigma."""
         T, N = self.num_train_timesteps, num_inference_steps
-        last = mc.lambda_clip_timestep(alphas_cumprod, self.lambda_min_clipped)
-        timesteps = mc.solver_timesteps(N, T, self.timestep_spacing, self.steps_offset, last)
-        round_ts = self.beta_schedule != "squaredcos_cap_v2"
-        if self.use_karras_sigmas:
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, "karras", round_ts)
-        elif self.use_lu_lambdas:
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, "lu", round_ts)
-        elif self.use_exponential_sigmas:
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, "exponential", False)
-        elif self.use_flow_sigmas:
+        timesteps = self.dpm_timesteps(N, alphas_cumprod, self.timestep_spacing, self.steps_offset)
+        if self.use_flow_sigmas:
             sigmas = mc.flow_sigmas(N, T, self.flow_shift)
             timesteps = (sigmas * T).astype(np.int64)
         else:
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N)
-        last_sigma = 0.0 if self.final_sigmas_type == "zero" else mc.vp_sigma_min(alphas_cumprod)
-        tables = mc.solver_state_tables(timesteps, np.append(sigmas, last_sigma), flow=self.use_flow_sigmas)
-        return DPMSolverMultistepState(**tables, model_outputs=mc.empty_history(self.solver_order, sample),
-                                       lower_order_nums=np.zeros((), np.int32))
+            # Lu's lambda spacing yields to Karras', and wins over the exponential one.
+            schedule = "lu" if self.use_lu_lambdas and not self.use_karras_sigmas else self.sigma_schedule
+            round_ts = self.beta_schedule != "squaredcos_cap_v2"
+            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, schedule, round_ts)
+        return timesteps, self.with_final_sigma(sigmas, alphas_cumprod)
 
     def step(self, state: DPMSolverMultistepState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
         """One multistep update from sigmas[i] to sigmas[i + 1]."""
         N = state.timesteps.shape[0]
-        converted, x0 = mc.convert_model_output(
-            state, model_output, sample, i, self.prediction_type, self.algorithm_type.endswith("++"),
-            self.thresholding, self.dynamic_thresholding_ratio, self.sample_max_value)
+        converted, x0 = self.convert(state, model_output, sample, i, self.predicts_x0)
         history = mc.push_history(state.model_outputs, converted)
         noise = None
         if self.algorithm_type.startswith("sde"):
-            noise = jax.random.normal(key, sample.shape, sample.dtype)
+            noise = gaussian(key, sample, type(self).__name__)
 
         # Which order this step runs at (diffusers' lower_order_final / lower_order_second rules).
         short = self.lower_order_final and N < 15
@@ -135,8 +85,8 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
         order = jnp.where((self.solver_order == 1) | (nums < 1) | lower_final, 1,
                           jnp.where((self.solver_order == 2) | (nums < 2) | lower_second, 2, 3))
 
-        alpha_t, sigma_t, lambda_t = mc.table_at(state, i + 1)
-        alpha_s0, sigma_s0, lambda_s0 = mc.table_at(state, i)
+        alpha_t, sigma_t, lambda_t = state.coefficients(i + 1)
+        alpha_s0, sigma_s0, lambda_s0 = state.coefficients(i)
         h = lambda_t - lambda_s0
         d1_rule = "midpoint" if self.solver_type == "midpoint" else "taylor"
 
@@ -149,12 +99,12 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
 
         def second(history):
             m0, m1 = history[-1], history[-2]
-            r0 = (lambda_s0 - state.lambda_t[i - 1]) / h
+            r0 = (lambda_s0 - at(state.lambda_t, i - 1)) / h
             return update(m0, (m0 - m1) / r0, d1_rule)
 
         def third(history):
             m0, m1, m2 = history[-1], history[-2], history[-3]
-            lambda_s1, lambda_s2 = state.lambda_t[i - 1], state.lambda_t[i - 2]
+            lambda_s1, lambda_s2 = at(state.lambda_t, i - 1), at(state.lambda_t, i - 2)
             r0, r1 = (lambda_s0 - lambda_s1) / h, (lambda_s1 - lambda_s2) / h
             d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
             d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
@@ -162,10 +112,4 @@ class DPMSolverMultistepScheduler(DiscreteScheduler):
             return update(m0, d1, "taylor", d2)
 
         prev = jax.lax.switch(order - 1, [first, second, third][:self.solver_order], history)
-        state = state.replace(model_outputs=history,
-                              lower_order_nums=jnp.minimum(nums + 1, self.solver_order).astype(jnp.int32))
-        return StepOutput(prev.astype(sample.dtype), x0.astype(sample.dtype), state)
-
-    def add_noise(self, state: DPMSolverMultistepState, original: jax.Array, noise: jax.Array,
-                  i: int) -> jax.Array:
-        return mc.add_noise_sigma_table(state, original, noise, i)
+        return StepOutput(prev.astype(sample.dtype), x0.astype(sample.dtype), self.pushed(state, history))

@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import StepOutput
-from diffax.schedulers.sigma_common import SigmaScheduler, SigmaState, at, compute_dtype, gaussian, table, x0_from_sigma
-
-
-@flax.struct.dataclass
-class EulerAncestralState(SigmaState):
-    sigmas: jax.Array  # [N + 1] sigma at each step, then 0
+from diffax.schedulers.base import StepOutput, at, compute_dtype, gaussian, table
+from diffax.schedulers.sigma_common import SigmaListState, SigmaScheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,18 +26,18 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
     diffusers_class = "EulerAncestralDiscreteScheduler"
     order = 1
 
-    def init(self, num_inference_steps: int, sample=None) -> EulerAncestralState:
+    def init(self, num_inference_steps: int, sample=None) -> SigmaListState:
         """Sigmas [N + 1] and timesteps [N]; no history (`sample` unused)."""
         sigmas, timesteps = self.inference_sigmas(num_inference_steps)
         sigmas = np.concatenate([sigmas, [0.0]])
-        return EulerAncestralState(timesteps=table(timesteps), sigma_in=table(sigmas[:-1]), sigmas=table(sigmas))
+        return SigmaListState(timesteps=table(timesteps), sigma_in=table(sigmas[:-1]), sigmas=table(sigmas))
 
-    def step(self, state: EulerAncestralState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
+    def step(self, state: SigmaListState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
         dtype = compute_dtype(sample)
         x = sample.astype(dtype)
         sigma, sigma_next = at(state.sigmas, i, dtype), at(state.sigmas, i + 1, dtype)
-        x0 = x0_from_sigma(self.prediction_type, model_output.astype(dtype), x, sigma)
+        x0 = self.denoised(model_output.astype(dtype), x, sigma)
         sigma_up = jnp.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2)
         sigma_down = jnp.sqrt(jnp.maximum(sigma_next ** 2 - sigma_up ** 2, 0.0))  # >= 0 despite rounding
         prev = x + (x - x0) / sigma * (sigma_down - sigma)

@@ -15,12 +15,12 @@ from typing import ClassVar
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from diffax import schedules
-from diffax.schedulers.base import Scheduler, SchedulerState, StepOutput
-from diffax.schedulers.sigma_common import compute_dtype, gaussian, sigma_schedule_name, table
+from diffax.schedulers.base import (SchedulerState, StepOutput, at, check_options, compute_dtype, gaussian,
+                                    predict_x0_eps, table)
+from diffax.schedulers.sigma_common import SigmaSpacingOptions
 
 
 def calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
@@ -37,7 +37,7 @@ class FlowMatchState(SchedulerState):
 
 
 @dataclasses.dataclass(frozen=True)
-class FlowMatchEulerDiscreteScheduler(Scheduler):
+class FlowMatchEulerDiscreteScheduler(SigmaSpacingOptions):
     """diffusers' FlowMatchEulerDiscreteScheduler (SD3, Flux, ...; ComfyUI "euler" on a flow model).
 
     Model contract: denoise_fn(x, sigma * num_train_timesteps) -> v = noise - x_0 (x is not rescaled).
@@ -58,19 +58,14 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
     max_image_seq_len: int = 4096
     invert_sigmas: bool = False
     shift_terminal: float | None = None
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     time_shift_type: str = "exponential"
     stochastic_sampling: bool = False
     mu: float | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         name = type(self).__name__
-        sigma_schedule_name(self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas, name)
-        if self.time_shift_type not in ("exponential", "linear"):
-            raise ValueError(f"{name}: time_shift_type must be 'exponential' or 'linear', "
-                             f"got {self.time_shift_type!r}")
+        check_options(name, self, {"time_shift_type": ("exponential", "linear")})
         if self.shift_terminal is not None and not 0 <= self.shift_terminal < 1:
             raise ValueError(f"{name}: shift_terminal must be in [0, 1), got {self.shift_terminal}")
 
@@ -103,11 +98,9 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
         if self.shift_terminal:
             one_minus = 1 - sigmas
             sigmas = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
-        schedule = sigma_schedule_name(self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas,
-                                       name)
-        if schedule == "karras":
+        if self.sigma_schedule == "karras":
             sigmas = schedules.karras_sigmas(sigmas[-1], sigmas[0], num_inference_steps)
-        elif schedule == "exponential":
+        elif self.sigma_schedule == "exponential":
             sigmas = schedules.exponential_sigmas(sigmas[-1], sigmas[0], num_inference_steps)
         if self.invert_sigmas:
             sigmas = np.concatenate([1.0 - sigmas, [1.0]])
@@ -119,9 +112,8 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
              key: jax.Array | None = None) -> StepOutput:
         dtype = compute_dtype(sample)
         x, v = sample.astype(dtype), model_output.astype(dtype)
-        sigmas = jnp.asarray(state.sigmas).astype(dtype)
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = x - sigma * v
+        sigma, sigma_next = at(state.sigmas, i, dtype), at(state.sigmas, i + 1, dtype)
+        x0, _ = predict_x0_eps("flow_prediction", v, x, 1 - sigma, sigma)
         if self.stochastic_sampling:
             noise = gaussian(key, sample, type(self).__name__).astype(dtype)
             prev = (1 - sigma_next) * x0 + sigma_next * noise
@@ -131,5 +123,5 @@ class FlowMatchEulerDiscreteScheduler(Scheduler):
 
     def add_noise(self, state: FlowMatchState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
         """diffusers' `scale_noise`: sigma noise + (1 - sigma) x_0 at the sigma of loop index i."""
-        sigma = jnp.asarray(state.sigmas)[i]
+        sigma = at(state.sigmas, i)
         return (sigma * noise + (1 - sigma) * original).astype(original.dtype)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.schedulers.base import (DiscreteScheduler, SchedulerState, StepOutput, add_noise_alpha_bar,
-                                    predict_x0_eps, threshold_sample)
+                                    alpha_bar_coefficients, at, gaussian, predict_x0_eps, prediction_types_except)
+from diffax.schedulers.ddpm import ClipSampleOptions
 
 SIGMA_DATA = 0.5  # the data standard deviation in the consistency-model boundary condition
 
@@ -45,7 +46,7 @@ def lcm_timesteps(num_inference_steps: int, original_inference_steps: int, num_t
 
 
 @dataclasses.dataclass(frozen=True)
-class LCMScheduler(DiscreteScheduler):
+class LCMScheduler(ClipSampleOptions, DiscreteScheduler):
     """diffusers' LCMScheduler config; fields and defaults are diffusers'.
 
     As in diffusers, timestep_spacing and steps_offset are accepted but do not change the schedule (the
@@ -54,26 +55,17 @@ class LCMScheduler(DiscreteScheduler):
     """
     diffusers_class: ClassVar[str] = "LCMScheduler"
     order: ClassVar[int] = 1
+    prediction_types: ClassVar[tuple[str, ...]] = prediction_types_except("flow_prediction")
 
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
     original_inference_steps: int = 50
     clip_sample: bool = False
-    clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
     steps_offset: int = 0
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"
     timestep_scaling: float = 10.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.prediction_type not in ("epsilon", "sample", "v_prediction"):
-            raise ValueError(f"LCMScheduler: prediction_type must be epsilon, sample or v_prediction, "
-                             f"got {self.prediction_type!r}")
 
     def init(self, num_inference_steps: int,
              sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> LCMState:
@@ -91,15 +83,13 @@ class LCMScheduler(DiscreteScheduler):
     def step(self, state: LCMState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
         """Consistency jump to x_0, then (except at the last step) re-noise to the next timestep."""
-        x0, _ = predict_x0_eps(self.prediction_type, model_output, sample, state.alpha_prod_t[i])
-        if self.thresholding:
-            x0 = threshold_sample(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
-        elif self.clip_sample:
-            x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
-        denoised = state.c_out[i] * x0 + state.c_skip[i] * sample
-        noise = jax.random.normal(key, sample.shape, sample.dtype)
-        a_prev = state.alpha_prod_prev[i]
-        renoised = jnp.sqrt(a_prev) * denoised + jnp.sqrt(1 - a_prev) * noise
+        alpha, sigma = alpha_bar_coefficients(at(state.alpha_prod_t, i))
+        x0, _ = predict_x0_eps(self.prediction_type, model_output, sample, alpha, sigma)
+        x0 = self.clip_x0(x0)
+        denoised = at(state.c_out, i) * x0 + at(state.c_skip, i) * sample
+        noise = gaussian(key, sample, type(self).__name__)
+        alpha_prev, sigma_prev = alpha_bar_coefficients(at(state.alpha_prod_prev, i))
+        renoised = alpha_prev * denoised + sigma_prev * noise
         prev = jnp.where(i == state.timesteps.shape[0] - 1, denoised, renoised)
         return StepOutput(prev.astype(sample.dtype), denoised.astype(sample.dtype), state)
 

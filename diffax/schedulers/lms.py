@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import StepOutput
-from diffax.schedulers.sigma_common import (SigmaScheduler, SigmaState, at, buffer, compute_dtype,
-                                            sigma_schedule_name, table, x0_from_sigma)
+from diffax.schedulers.base import StepOutput, at, buffer, compute_dtype, table
+from diffax.schedulers.sigma_common import SigmaListState, SigmaScheduler, SigmaSpacingOptions
 
 
 @flax.struct.dataclass
-class LMSState(SigmaState):
-    sigmas: jax.Array        # [N + 1] sigma at each step, then 0
+class LMSState(SigmaListState):
     coeffs: jax.Array        # [N, lms_order] coefficient of the j-th newest derivative at step k
     derivatives: jax.Array   # [lms_order, *sample] derivative history, newest first (zeros until filled)
 
@@ -50,7 +48,7 @@ def lms_coefficients(sigmas: np.ndarray, order: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMSDiscreteScheduler(SigmaScheduler):
+class LMSDiscreteScheduler(SigmaSpacingOptions, SigmaScheduler):
     """diffusers' LMSDiscreteScheduler ("LMS" in A1111 / ComfyUI; k-diffusion `sample_lms`).
 
     lms_order is diffusers' `step(..., order=4)` argument, a config field here.
@@ -60,23 +58,16 @@ class LMSDiscreteScheduler(SigmaScheduler):
     # lms_order is a step argument in diffusers; rescale_betas_zero_snr is not an LMS option there.
     diffax_extras: ClassVar[tuple[str, ...]] = ("rescale_betas_zero_snr", "lms_order")
 
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     lms_order: int = 4
 
     def __post_init__(self):
         super().__post_init__()
-        sigma_schedule_name(self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas,
-                            type(self).__name__)
         if self.lms_order < 1:
             raise ValueError(f"{type(self).__name__}: lms_order must be >= 1, got {self.lms_order}")
 
     def init(self, num_inference_steps: int, sample=None) -> LMSState:
         """Sigmas, the LMS coefficient table and a zeroed derivative history shaped like `sample`."""
-        schedule = sigma_schedule_name(self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas,
-                                       type(self).__name__)
-        sigmas, timesteps = self.inference_sigmas(num_inference_steps, schedule)
+        sigmas, timesteps = self.inference_sigmas(num_inference_steps, self.sigma_schedule)
         sigmas = np.concatenate([sigmas, [0.0]])
         return LMSState(timesteps=table(timesteps), sigma_in=table(sigmas[:-1]), sigmas=table(sigmas),
                         coeffs=table(lms_coefficients(sigmas, self.lms_order)),
@@ -87,7 +78,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
         dtype = compute_dtype(sample)
         x = sample.astype(dtype)
         sigma = at(state.sigmas, i, dtype)
-        x0 = x0_from_sigma(self.prediction_type, model_output.astype(dtype), x, sigma)
+        x0 = self.denoised(model_output.astype(dtype), x, sigma)
         derivative = (x - x0) / sigma
         history = jnp.concatenate([derivative[None], state.derivatives[:-1].astype(dtype)])  # newest first
         # Starting part-way (img2img), the history holds fewer derivatives than the coefficients expect; the

@@ -1,28 +1,31 @@
-"""Shared math of the exponential-integrator samplers: DPM-Solver (multistep and singlestep), UniPC, DEIS.
+"""Shared config and math of the exponential-integrator samplers: DPM-Solver (multistep and singlestep), UniPC, DEIS.
 
 These samplers all work in the (alpha_t, sigma_t, lambda_t = log(alpha_t / sigma_t)) view of a VP diffusion
 x_t = alpha_t x_0 + sigma_t eps, on a table of N + 1 sigmas (the VE view sigma = sigma_t / alpha_t, one per
-inference step plus the final one). This file builds those tables the way diffusers' `set_timesteps` does,
-converts model outputs to the data (x_0) or noise prediction the solvers integrate, holds the model-output
-history buffer, and has the DPM-Solver update shared by the multistep and singlestep schedulers.
+inference step plus the final one). This file holds their common config fields (option mixins and the
+`SolverScheduler` base), builds the tables the way diffusers' `set_timesteps` does, converts model outputs to
+the data (x_0) or noise prediction the solvers integrate, keeps the model-output history, and has the
+DPM-Solver update shared by the multistep and singlestep schedulers.
 
 Tables are NumPy float64 (a final sigma of 0 gives lambda = +inf, and the updates then reduce to x_0
 exactly, as in diffusers); they become constants of the compiled program.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import dataclasses
+import math
+from typing import ClassVar
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import SchedulerState, threshold_sample
-from diffax.schedules import (NoiseSchedule, TIMESTEP_SPACINGS, exponential_sigmas, karras_sigmas, sigma_to_t,
+from diffax.schedulers.base import (DiscreteScheduler, Scheduler, SchedulerState, ThresholdingOptions, at, buffer,
+                                    check_options, predict_x0_eps)
+from diffax.schedulers.sigma_common import FINAL_SIGMAS_TYPES, SigmaSpacingOptions
+from diffax.schedules import (TIMESTEP_SPACINGS, exponential_sigmas, karras_sigmas, sigma_to_t,
                               sigmas_from_alphas_cumprod)
-
-FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 
 
 @flax.struct.dataclass
@@ -35,32 +38,157 @@ class SolverState(SchedulerState):
     model_outputs: jax.Array    # [order, *sample.shape] converted outputs, oldest first, newest last
     lower_order_nums: jax.Array  # int32 scalar: steps taken so far, capped at the solver order
 
-
-def check_options(name: str, config: Any, allowed: Mapping[str, tuple]) -> None:
-    """ValueError naming each config key whose value is not among those this sampler implements."""
-    for key, values in allowed.items():
-        value = getattr(config, key)
-        if value not in values:
-            raise ValueError(f"{name}: {key}={value!r} is not supported by diffax (supported: "
-                             f"{', '.join(repr(v) for v in values)})")
+    def coefficients(self, j: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(alpha_t, sigma_t, lambda_t) at table index j."""
+        return at(self.alpha_t, j), at(self.sigma_t, j), at(self.lambda_t, j)
 
 
-def check_sigma_spacing(name: str, use_karras_sigmas: bool, use_exponential_sigmas: bool,
-                        use_beta_sigmas: bool = False) -> None:
-    """ValueError when more than one sigma spacing is switched on (diffusers' rule)."""
-    if use_karras_sigmas + use_exponential_sigmas + use_beta_sigmas > 1:
-        raise ValueError(f"{name}: only one of use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas "
-                         "can be set")
+@dataclasses.dataclass(frozen=True)
+class SolverOrderOptions(ThresholdingOptions):
+    """diffusers' solver-order and x_0-thresholding config of the multistep samplers (DPM-Solver, DEIS, UniPC,
+    EDM DPM-Solver): orders 1-3, lower orders on the last steps with lower_order_final."""
+    solver_order: int = 2
+    lower_order_final: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_options(type(self).__name__, self, {"solver_order": (1, 2, 3)})
 
 
-def solver_alphas_cumprod(noise_schedule: NoiseSchedule) -> np.ndarray:
-    """[T] alpha_bar. With zero terminal SNR it sets alpha_bar_T = 2^-24 instead of 0 so that sigma and
-    lambda stay finite at the first step (diffusers' DPM-Solver and UniPC do the same)."""
-    alphas_cumprod = noise_schedule.alphas_cumprod()
-    if noise_schedule.rescale_betas_zero_snr:
-        alphas_cumprod = alphas_cumprod.copy()
-        alphas_cumprod[-1] = 2.0 ** -24
-    return alphas_cumprod
+@dataclasses.dataclass(frozen=True)
+class SolverSigmaOptions(SigmaSpacingOptions):
+    """diffusers' sigma-schedule switches of DPM-Solver, DEIS and UniPC: Karras / exponential spacing, and
+    rectified-flow sigmas shifted by flow_shift. use_dynamic_shifting is not implemented (it needs a per-call
+    shift `mu`); time_shift_type only matters with it."""
+    use_flow_sigmas: bool = False
+    flow_shift: float = 1.0
+    use_dynamic_shifting: bool = False
+    time_shift_type: str = "exponential"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_options(type(self).__name__, self, {"use_dynamic_shifting": (False,)})
+
+
+@dataclasses.dataclass(frozen=True)
+class TimestepSpacingOptions(Scheduler):
+    """diffusers' timestep spacing of DPM-Solver multistep, DEIS and UniPC (see `solver_timesteps`)."""
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_options(type(self).__name__, self, {"timestep_spacing": TIMESTEP_SPACINGS})
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverScheduler(SolverSigmaOptions, SolverOrderOptions, DiscreteScheduler):
+    """Config and methods shared by DPM-Solver (multistep and singlestep), DEIS and UniPC. Subclasses give
+    their sigma tables (`timesteps_and_sigmas`) and their state's own fields (`state_class`, `extra_state`)."""
+    state_class: ClassVar[type] = SolverState
+
+    def init(self, num_inference_steps: int,
+             sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> SolverState:
+        """Timesteps and sigma tables for N steps, as diffusers' set_timesteps, and zeroed history buffers
+        shaped like `sample` (an array or a ShapeDtypeStruct)."""
+        timesteps, sigmas = self.timesteps_and_sigmas(num_inference_steps, self.solver_alphas_cumprod())
+        return self.state_class(**solver_state_tables(timesteps, sigmas, flow=self.use_flow_sigmas),
+                                model_outputs=buffer(sample, type(self).__name__, self.solver_order),
+                                lower_order_nums=np.zeros((), np.int32), **self.extra_state(timesteps, sample))
+
+    def timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps [N'] int64, sigmas [N' + 1]: the VE (or flow) sigma of each step, then the final one)."""
+        raise NotImplementedError
+
+    def extra_state(self, timesteps: np.ndarray, sample: jax.Array | jax.ShapeDtypeStruct | None) -> dict:
+        """The fields of `state_class` beyond SolverState's, for a run on `timesteps`."""
+        return {}
+
+    def solver_alphas_cumprod(self) -> np.ndarray:
+        """[T] alpha_bar. With zero terminal SNR alpha_bar_T is 2^-24 instead of 0, so that sigma and lambda
+        stay finite at the first step (diffusers' DPM-Solver and UniPC do the same)."""
+        return self.noise_schedule.alphas_cumprod(finite_terminal_snr=True)
+
+    def convert(self, state: SolverState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
+                predict_x0: bool) -> tuple[jax.Array, jax.Array]:
+        """(the quantity the solver integrates at loop index i: x_0 if `predict_x0` else eps, the x_0 estimate).
+
+        Thresholding clips the x_0 estimate; a noise-prediction solver then integrates the eps it implies.
+        The noise-prediction path goes eps -> x_0 -> eps, as diffusers does."""
+        alpha_t, sigma_t = at(state.alpha_t, i), at(state.sigma_t, i)
+        if predict_x0:
+            # diffusers converts a flow velocity with the table sigma (sigma_t itself on flow tables).
+            sigma = at(state.sigmas, i) if self.prediction_type == "flow_prediction" else sigma_t
+            x0, _ = predict_x0_eps(self.prediction_type, model_output, sample, alpha_t, sigma)
+            x0 = self.threshold(x0)
+            return x0, x0
+        _, eps = predict_x0_eps(self.prediction_type, model_output, sample, alpha_t, sigma_t)
+        x0, _ = predict_x0_eps("epsilon", eps, sample, alpha_t, sigma_t)
+        if self.thresholding:
+            x0 = self.threshold(x0)
+            _, eps = predict_x0_eps("sample", x0, sample, alpha_t, sigma_t)
+        return eps, x0
+
+    def pushed(self, state: SolverState, history: jax.Array, **fields) -> SolverState:
+        """The state after a step that pushed its converted output: the new history, one more step counted
+        (up to solver_order), and the subclass's `fields`."""
+        nums = jnp.minimum(state.lower_order_nums + 1, self.solver_order).astype(jnp.int32)
+        return state.replace(model_outputs=history, lower_order_nums=nums, **fields)
+
+    def add_noise(self, state: SolverState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
+        """alpha_t x_0 + sigma_t eps at loop index i (img2img's starting point)."""
+        return at(state.alpha_t, i, original.dtype) * original + at(state.sigma_t, i, original.dtype) * noise
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverBase(SolverScheduler):
+    """diffusers' DPM-Solver config shared by the multistep and singlestep schedulers.
+
+    algorithm_type: 'dpmsolver++' integrates the data prediction, 'dpmsolver' the noise prediction (it cannot
+    step to sigma 0 nor convert a flow velocity), 'sde-' variants add the SDE's fresh noise.
+    lambda_min_clipped: the noisiest timesteps whose lambda falls below it are never visited.
+    variance_type: only None (the learned-variance outputs are not implemented).
+    """
+    algorithm_types: ClassVar[tuple[str, ...]] = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver")
+
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    final_sigmas_type: str = "zero"
+    lambda_min_clipped: float = -math.inf
+    variance_type: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        name = type(self).__name__
+        # diffusers maps the solver names of the sibling schedulers onto its own (config swapping).
+        if self.solver_type in ("logrho", "bh1", "bh2"):
+            object.__setattr__(self, "solver_type", "midpoint")
+        if self.algorithm_type == "deis":
+            object.__setattr__(self, "algorithm_type", "dpmsolver++")
+        check_options(name, self, {"algorithm_type": self.algorithm_types, "solver_type": ("midpoint", "heun"),
+                                   "final_sigmas_type": FINAL_SIGMAS_TYPES, "variance_type": (None,)})
+        if not self.predicts_x0 and self.final_sigmas_type == "zero":
+            raise ValueError(f"{name}: final_sigmas_type='zero' needs algorithm_type dpmsolver++ or "
+                             f"sde-dpmsolver++, got {self.algorithm_type!r}; use final_sigmas_type='sigma_min'")
+        if not self.predicts_x0 and self.prediction_type == "flow_prediction":
+            raise ValueError(f"{name}: prediction_type='flow_prediction' needs algorithm_type dpmsolver++ or "
+                             "sde-dpmsolver++")
+
+    @property
+    def predicts_x0(self) -> bool:
+        """Whether the solver integrates the data prediction (the '++' algorithms)."""
+        return self.algorithm_type.endswith("++")
+
+    def dpm_timesteps(self, num_inference_steps: int, alphas_cumprod: np.ndarray, timestep_spacing: str,
+                      steps_offset: int) -> np.ndarray:
+        """The spaced timesteps [N'] within lambda_min_clipped."""
+        last = lambda_clip_timestep(alphas_cumprod, self.lambda_min_clipped)
+        return solver_timesteps(num_inference_steps, self.num_train_timesteps, timestep_spacing, steps_offset, last)
+
+    def with_final_sigma(self, sigmas: np.ndarray, alphas_cumprod: np.ndarray) -> np.ndarray:
+        """sigmas [N] followed by the final sigma: 0, or the least noisy training sigma."""
+        return np.append(sigmas, 0.0 if self.final_sigmas_type == "zero" else vp_sigma_min(alphas_cumprod))
 
 
 def lambda_clip_timestep(alphas_cumprod: np.ndarray, lambda_min_clipped: float) -> int:
@@ -96,30 +224,31 @@ def solver_timesteps(num_inference_steps: int, num_train_timesteps: int, spacing
 
 
 def solver_sigmas(alphas_cumprod: np.ndarray, timesteps: np.ndarray, num_inference_steps: int,
-                  sigma_spacing: str = "timesteps", round_timesteps: bool = True,
-                  sigma_min: float | None = None, sigma_max: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps [N] int64, sigmas [N] float64) for one of the sigma spacings:
+                  sigma_schedule: str = "none", round_timesteps: bool = True, sigma_min: float | None = None,
+                  sigma_max: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps [N] int64, sigmas [N] float64) for one of the sigma schedules:
 
-    'timesteps': the training sigmas interpolated at `timesteps`;
+    'none': the training sigmas interpolated at `timesteps`;
     'karras' (Karras et al. 2022, rho = 7) / 'exponential' (even in log sigma) between the training
     schedule's ends (or `sigma_min` / `sigma_max`), with timesteps mapped back by log-sigma interpolation;
-    'lu' (Lu et al. 2022, even in lambda): the exponential sigmas, timesteps rounded like Karras'.
-    Fractional timesteps are rounded when `round_timesteps`, else truncated, as diffusers' int64 cast does.
+    'lu' (Lu et al. 2022, even in lambda): the exponential sigmas, timesteps like Karras'.
+    Fractional Karras / Lu timesteps are rounded when `round_timesteps`, else truncated, as diffusers' int64
+    cast does; exponential ones are always truncated (diffusers never rounds them).
     """
     train_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod)  # [T] ascending in t
-    if sigma_spacing == "timesteps":
+    if sigma_schedule == "none":
         sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
         return np.asarray(timesteps, np.int64), sigmas
     lo = train_sigmas[0] if sigma_min is None else sigma_min
     hi = train_sigmas[-1] if sigma_max is None else sigma_max
-    if sigma_spacing == "karras":
+    if sigma_schedule == "karras":
         sigmas = karras_sigmas(lo, hi, num_inference_steps)
-    elif sigma_spacing in ("exponential", "lu"):
+    elif sigma_schedule in ("exponential", "lu"):
         sigmas = exponential_sigmas(lo, hi, num_inference_steps)
     else:
-        raise ValueError(f"unknown sigma spacing {sigma_spacing!r}")
+        raise ValueError(f"unknown sigma schedule {sigma_schedule!r}")
     ts = sigma_to_t(sigmas, np.log(train_sigmas))
-    if round_timesteps:
+    if round_timesteps and sigma_schedule != "exponential":
         ts = ts.round()
     return ts.astype(np.int64), sigmas
 
@@ -154,72 +283,9 @@ def solver_state_tables(timesteps: np.ndarray, sigmas: np.ndarray, flow: bool = 
                 lambda_t=lambda_t)
 
 
-def empty_history(solver_order: int, sample: Any) -> jax.Array:
-    """Zeroed model-output history [order, *sample.shape]; `sample` is an array or a ShapeDtypeStruct."""
-    if sample is None:
-        raise ValueError("multistep samplers keep a history of model outputs: call "
-                         "init(num_inference_steps, sample) with an array (or jax.ShapeDtypeStruct) shaped like x")
-    return jnp.zeros((solver_order,) + tuple(sample.shape), sample.dtype)
-
-
 def push_history(history: jax.Array, value: jax.Array) -> jax.Array:
     """Drops the oldest entry and appends `value` as the newest: [order, ...]."""
     return jnp.concatenate([history[1:], value[None].astype(history.dtype)])
-
-
-def data_prediction(prediction_type: str, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array,
-                    sigma_t: jax.Array, sigma: jax.Array) -> jax.Array:
-    """x_0 from a model output at a step with coefficients (alpha_t, sigma_t) and table sigma `sigma`."""
-    if prediction_type == "epsilon":
-        return (sample - sigma_t * model_output) / alpha_t
-    if prediction_type == "sample":
-        return model_output
-    if prediction_type == "v_prediction":
-        return alpha_t * sample - sigma_t * model_output
-    if prediction_type == "flow_prediction":  # velocity eps - x_0 on x = (1 - s) x_0 + s eps
-        return sample - sigma * model_output
-    raise ValueError(f"unknown prediction_type {prediction_type!r}")
-
-
-def noise_prediction(prediction_type: str, model_output: jax.Array, sample: jax.Array, alpha_t: jax.Array,
-                     sigma_t: jax.Array) -> jax.Array:
-    """eps from a model output (the noise-prediction solvers: DPM-Solver 'dpmsolver', UniPC predict_x0=False)."""
-    if prediction_type == "epsilon":
-        return model_output
-    if prediction_type == "sample":
-        return (sample - alpha_t * model_output) / sigma_t
-    if prediction_type == "v_prediction":
-        return alpha_t * model_output + sigma_t * sample
-    raise ValueError(f"prediction_type {prediction_type!r} has no noise-prediction form here")
-
-
-def maybe_threshold(x0: jax.Array, thresholding: bool, ratio: float, max_value: float) -> jax.Array:
-    """Dynamic thresholding of x_0 when the config asks for it."""
-    return threshold_sample(x0, ratio, max_value) if thresholding else x0
-
-
-def convert_model_output(state: SolverState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
-                         prediction_type: str, predict_x0: bool, thresholding: bool = False, ratio: float = 0.995,
-                         max_value: float = 1.0) -> tuple[jax.Array, jax.Array]:
-    """(the quantity the solver integrates at loop index i: x_0 if `predict_x0` else eps, the x_0 estimate).
-
-    Thresholding clips the x_0 estimate; a noise-prediction solver then integrates the eps it implies."""
-    alpha_t, sigma_t = state.alpha_t[i], state.sigma_t[i]
-    if predict_x0:
-        x0 = data_prediction(prediction_type, model_output, sample, alpha_t, sigma_t, state.sigmas[i])
-        x0 = maybe_threshold(x0, thresholding, ratio, max_value)
-        return x0, x0
-    eps = noise_prediction(prediction_type, model_output, sample, alpha_t, sigma_t)
-    x0 = (sample - sigma_t * eps) / alpha_t
-    if thresholding:
-        x0 = threshold_sample(x0, ratio, max_value)
-        eps = (sample - alpha_t * x0) / sigma_t
-    return eps, x0
-
-
-def table_at(state: SolverState, j: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(alpha_t, sigma_t, lambda_t) at table index j."""
-    return state.alpha_t[j], state.sigma_t[j], state.lambda_t[j]
 
 
 def dpm_solver_update(algorithm_type: str, sample: jax.Array, h: jax.Array, alpha_t: jax.Array,
@@ -263,10 +329,3 @@ def dpm_solver_update(algorithm_type: str, sample: jax.Array, h: jax.Array, alph
     if d2 is not None:
         x = x + c2 * d2
     return x
-
-
-def add_noise_sigma_table(state: SolverState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
-    """alpha_t x_0 + sigma_t eps at loop index i (img2img's starting point)."""
-    a = state.alpha_t[i].astype(original.dtype)
-    s = state.sigma_t[i].astype(original.dtype)
-    return a * original + s * noise

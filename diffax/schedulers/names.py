@@ -2,8 +2,9 @@
 
     scheduler_for("euler_a", config.diffusion)   # EulerAncestralDiscreteScheduler on the run's schedule
 
-Each name is a diffax scheduler class (named like its diffusers counterpart where it has one) plus options; the run's noise schedule (the `diffusion` config
-block: num_train_timesteps, beta_*, prediction_type, rescale_betas_zero_snr) fills the rest.
+Each name is a diffax scheduler class (named like its diffusers counterpart where it has one) plus options; the
+run's noise schedule (the `diffusion` config block: num_train_timesteps, beta_*, prediction_type,
+rescale_betas_zero_snr) fills the rest.
 """
 from __future__ import annotations
 

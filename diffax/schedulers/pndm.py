@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import DiscreteScheduler, SchedulerState, StepOutput, add_noise_alpha_bar
+from diffax.schedulers.base import (DiscreteScheduler, SchedulerState, StepOutput, add_noise_alpha_bar,
+                                    alpha_bar_coefficients, at, buffer, check_options, predict_x0_eps,
+                                    prediction_types_except)
 
 PNDM_ORDER = 4  # PLMS keeps the last four noise predictions; PRK warms up over the top four timesteps
 
@@ -66,6 +68,7 @@ class PNDMScheduler(DiscreteScheduler):
     'v_prediction'; rescale_betas_zero_snr is not a key of this diffusers class and must stay False."""
     diffusers_class: ClassVar[str] = "PNDMScheduler"
     order: ClassVar[int] = 1
+    prediction_types: ClassVar[tuple[str, ...]] = prediction_types_except("sample", "flow_prediction")
 
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
@@ -74,19 +77,13 @@ class PNDMScheduler(DiscreteScheduler):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"PNDMScheduler: prediction_type must be epsilon or v_prediction, "
-                             f"got {self.prediction_type!r}")
-        if self.rescale_betas_zero_snr:
-            raise ValueError("PNDMScheduler: rescale_betas_zero_snr is not supported (not a diffusers PNDM key)")
+        # Not a key of diffusers' PNDMScheduler.
+        check_options(type(self).__name__, self, {"rescale_betas_zero_snr": (False,)})
 
     def init(self, num_inference_steps: int,
              sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> PNDMState:
         """Timestep tables for N inference steps; `sample` (an array or ShapeDtypeStruct shaped like x) sizes
         the PLMS history."""
-        if sample is None:
-            raise ValueError("PNDMScheduler keeps a history of model outputs: call init(num_inference_steps, "
-                             "sample) with an array (or jax.ShapeDtypeStruct) shaped like x")
         N = num_inference_steps
         lowest = 1 if self.skip_prk_steps else PNDM_ORDER  # PRK warms up over the top four timesteps
         if not lowest <= N <= self.num_train_timesteps:
@@ -99,27 +96,28 @@ class PNDMScheduler(DiscreteScheduler):
             raise ValueError(f"PNDMScheduler: the PRK warm-up would evaluate timestep {timesteps.max()} >= "
                              f"num_train_timesteps with timestep_spacing={self.timestep_spacing!r} (diffusers "
                              "fails there too); use skip_prk_steps=True or timestep_spacing='leading'")
-        zeros = jnp.zeros(sample.shape, sample.dtype)
+        zeros = buffer(sample, type(self).__name__)
         return PNDMState(
             timesteps=timesteps, alphas_cumprod=alphas_cumprod,
             final_alpha_cumprod=np.float64(1.0 if self.set_alpha_to_one else alphas_cumprod[0]),
             prk_timesteps=prk if len(prk) else np.zeros(1, np.int64),
             step_ratio=np.int32(self.num_train_timesteps // N), counter=np.zeros((), np.int32),
-            ets=jnp.zeros((PNDM_ORDER,) + tuple(sample.shape), sample.dtype), num_ets=np.zeros((), np.int32),
+            ets=buffer(sample, type(self).__name__, PNDM_ORDER), num_ets=np.zeros((), np.int32),
             cur_sample=zeros, cur_model_output=zeros)
 
     def _prev_sample(self, state: PNDMState, sample: jax.Array, t: jax.Array, t_prev: jax.Array,
                      model_output: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(x at t_prev, x_0 estimate) from x at t (PNDM paper eq. 11: the DDIM transfer of the noise
         prediction)."""
-        a_t = state.alphas_cumprod[t]
-        a_prev = jnp.where(t_prev >= 0, state.alphas_cumprod[jnp.maximum(t_prev, 0)], state.final_alpha_cumprod)
+        a_t = at(state.alphas_cumprod, t)
+        a_prev = jnp.where(t_prev >= 0, at(state.alphas_cumprod, jnp.maximum(t_prev, 0)), state.final_alpha_cumprod)
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.prediction_type == "v_prediction":
-            model_output = jnp.sqrt(a_t) * model_output + jnp.sqrt(b_t) * sample
+        alpha, sigma = alpha_bar_coefficients(a_t)
+        # The transfer integrates the noise prediction; the x_0 estimate comes from it, as in diffusers.
+        _, eps = predict_x0_eps(self.prediction_type, model_output, sample, alpha, sigma)
+        x0, _ = predict_x0_eps("epsilon", eps, sample, alpha, sigma)
         denom = a_t * jnp.sqrt(b_prev) + jnp.sqrt(a_t * b_t * a_prev)
-        prev = jnp.sqrt(a_prev / a_t) * sample - (a_prev - a_t) * model_output / denom
-        return prev, (sample - jnp.sqrt(b_t) * model_output) / jnp.sqrt(a_t)
+        return jnp.sqrt(a_prev / a_t) * sample - (a_prev - a_t) * eps / denom, x0
 
     def _push(self, state: PNDMState, model_output: jax.Array, push: jax.Array) -> PNDMState:
         ets = jnp.where(push, jnp.concatenate([state.ets[1:], model_output[None]]), state.ets)
@@ -131,7 +129,7 @@ class PNDMScheduler(DiscreteScheduler):
         c = state.counter
         half = state.step_ratio // 2
         t_prev = t_in - jnp.where(c % 2 == 1, 0, half)
-        t = state.prk_timesteps[c // 4 * 4]
+        t = at(state.prk_timesteps, c // 4 * 4)
         r = c % 4
         weight = jnp.where((r == 1) | (r == 2), 1 / 3, 1 / 6)
         acc = state.cur_model_output + weight * model_output
@@ -166,7 +164,7 @@ class PNDMScheduler(DiscreteScheduler):
     def step(self, state: PNDMState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
         """One model evaluation: a PRK stage while counter < 12 (without skip_prk_steps), else PLMS."""
-        t_in = state.timesteps[i]
+        t_in = at(state.timesteps, i)
         if self.skip_prk_steps:
             prev, x0, state = self._plms(state, model_output, sample, t_in)
         else:

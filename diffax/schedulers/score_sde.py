@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.schedulers.base import Scheduler, SchedulerState, StepOutput
-from diffax.schedulers.sigma_common import at, compute_dtype, gaussian, table
+from diffax.schedulers.base import (Scheduler, SchedulerState, StepOutput, at, compute_dtype, gaussian, predict_x0_eps,
+                                    table)
 
 
 @flax.struct.dataclass
@@ -62,7 +62,25 @@ def pc_layout(num_inference_steps: int, correct_steps: int) -> tuple[np.ndarray,
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreSdeVeScheduler(Scheduler):
+class LangevinCorrectorOptions(Scheduler):
+    """Song et al.'s Langevin corrector: `correct_steps` corrector evaluations before each predictor step,
+    each with step size 2 (snr |z| / |score|)^2 (scaled by alpha_i on the VP SDE)."""
+    snr: float = 0.15
+    correct_steps: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.correct_steps < 0:
+            raise ValueError(f"{type(self).__name__}: correct_steps must be >= 0, got {self.correct_steps}")
+
+    @property
+    def order(self) -> int:
+        """Model evaluations per inference step: the correctors and the predictor."""
+        return self.correct_steps + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreSdeVeScheduler(LangevinCorrectorOptions):
     """diffusers' ScoreSdeVeScheduler, run as its ScoreSdeVePipeline runs it (see the module docstring).
 
     The model sees sigma_k = sigma_min (sigma_max / sigma_min)^{t_k}, t_k = linspace(1, sampling_eps, N);
@@ -72,20 +90,9 @@ class ScoreSdeVeScheduler(Scheduler):
     diffusers_class: ClassVar[str] = "ScoreSdeVeScheduler"
 
     num_train_timesteps: int = 2000
-    snr: float = 0.15
     sigma_min: float = 0.01
     sigma_max: float = 1348.0
     sampling_eps: float = 1e-5
-    correct_steps: int = 1
-
-    def __post_init__(self):
-        if self.correct_steps < 0:
-            raise ValueError(f"{type(self).__name__}: correct_steps must be >= 0, got {self.correct_steps}")
-
-    @property
-    def order(self) -> int:
-        """Model evaluations per inference step: the correctors and the predictor."""
-        return self.correct_steps + 1
 
     def init(self, num_inference_steps: int, sample=None) -> ScoreSdeState:
         """Per-entry tables for N (correct_steps + 1) model evaluations; no history (`sample` unused)."""
@@ -104,7 +111,7 @@ class ScoreSdeVeScheduler(Scheduler):
 
     def add_noise(self, state: ScoreSdeState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
         """x_0 + sigma noise at the model sigma of loop index i."""
-        return (original + jnp.asarray(state.timesteps)[i] * noise).astype(original.dtype)
+        return (original + at(state.timesteps, i) * noise).astype(original.dtype)
 
     def step(self, state: ScoreSdeState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
@@ -118,8 +125,8 @@ class ScoreSdeVeScheduler(Scheduler):
         sigma, adjacent = at(state.coef_a, i, dtype), at(state.coef_b, i, dtype)
         diffusion_sq = sigma ** 2 - adjacent ** 2
         mean = x + diffusion_sq * score
-        predicted = jnp.where(jnp.asarray(state.last)[i], mean, mean + jnp.sqrt(diffusion_sq) * noise)
-        prev = jnp.where(jnp.asarray(state.corrector)[i], corrected, predicted)
+        predicted = jnp.where(at(state.last, i), mean, mean + jnp.sqrt(diffusion_sq) * noise)
+        prev = jnp.where(at(state.corrector, i), corrected, predicted)
         sigma_model = at(state.timesteps, i, dtype)
         x0 = x + sigma_model ** 2 * score  # Tweedie's formula, for previews
         return StepOutput(prev.astype(sample.dtype), x0.astype(sample.dtype), state)
@@ -179,7 +186,8 @@ class ScoreSdeVpScheduler(Scheduler):
     def x0_preview(self, x: jax.Array, eps: jax.Array, t: jax.Array) -> jax.Array:
         """x_0 = (x - std eps) / alpha at time t."""
         std = self.std(t)
-        return (x - std * eps) / jnp.sqrt(1 - std ** 2)
+        x0, _ = predict_x0_eps("epsilon", eps, x, jnp.sqrt(1 - std ** 2), std)
+        return x0
 
     def step(self, state: ScoreSdeState, model_output: jax.Array, sample: jax.Array, i: jax.Array,
              key: jax.Array | None = None) -> StepOutput:
@@ -189,30 +197,20 @@ class ScoreSdeVpScheduler(Scheduler):
         num_steps = jnp.asarray(state.coef_a).shape[0]
         noise = gaussian(key, sample, type(self).__name__).astype(dtype)
         prev, mean = self.predictor(x, eps, t, num_steps, noise)
-        prev = jnp.where(jnp.asarray(state.last)[i], mean, prev)
+        prev = jnp.where(at(state.last, i), mean, prev)
         return StepOutput(prev.astype(sample.dtype), self.x0_preview(x, eps, t).astype(sample.dtype), state)
 
     def add_noise(self, state: ScoreSdeState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
         """alpha(t) x_0 + std(t) noise at the time of loop index i."""
-        std = self.std(jnp.asarray(state.coef_a)[i])
+        std = self.std(at(state.coef_a, i))
         return (jnp.sqrt(1 - std ** 2) * original + std * noise).astype(original.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class ScoreSdeVpPredictorCorrectorScheduler(ScoreSdeVpScheduler):
+class ScoreSdeVpPredictorCorrectorScheduler(LangevinCorrectorOptions, ScoreSdeVpScheduler):
     """Song et al.'s PC sampler for the VP SDE: `correct_steps` Langevin corrector updates (step size
     2 alpha_i (snr |z| / |score|)^2) before each Euler-Maruyama predictor step. No diffusers counterpart."""
     snr: float = 0.16
-    correct_steps: int = 1
-
-    def __post_init__(self):
-        if self.correct_steps < 0:
-            raise ValueError(f"{type(self).__name__}: correct_steps must be >= 0, got {self.correct_steps}")
-
-    @property
-    def order(self) -> int:
-        """Model evaluations per inference step: the correctors and the predictor."""
-        return self.correct_steps + 1
 
     def init(self, num_inference_steps: int, sample=None) -> ScoreSdeState:
         """Per-entry tables for N (correct_steps + 1) model evaluations; no history (`sample` unused)."""
@@ -229,8 +227,7 @@ class ScoreSdeVpPredictorCorrectorScheduler(ScoreSdeVpScheduler):
         size = langevin_step_size(score, noise, self.snr) * at(state.coef_b, i, dtype)
         corrected = x + size * score + jnp.sqrt(2 * size) * noise
         predicted, mean = self.predictor(x, eps, t, num_steps, noise)
-        prev = jnp.where(jnp.asarray(state.corrector)[i], corrected,
-                         jnp.where(jnp.asarray(state.last)[i], mean, predicted))
+        prev = jnp.where(at(state.corrector, i), corrected, jnp.where(at(state.last, i), mean, predicted))
         return StepOutput(prev.astype(sample.dtype), self.x0_preview(x, eps, t).astype(sample.dtype), state)
 
 

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.schedulers import multistep_common as mc
-from diffax.schedulers.base import DiscreteScheduler, StepOutput
+from diffax.schedulers.base import StepOutput, at, buffer, check_options
+from diffax.schedulers.sigma_common import FINAL_SIGMAS_TYPES
 
 
 @flax.struct.dataclass
@@ -80,7 +81,7 @@ def _solve(rks: list[jax.Array], b: jax.Array, size: int) -> list[jax.Array]:
 
 
 @dataclasses.dataclass(frozen=True)
-class UniPCMultistepScheduler(DiscreteScheduler):
+class UniPCMultistepScheduler(mc.TimestepSpacingOptions, mc.SolverScheduler):
     """diffusers' UniPCMultistepScheduler config; fields and defaults are diffusers'. `disable_corrector`
     is a tuple of step indices whose following step skips the corrector.
 
@@ -90,26 +91,13 @@ class UniPCMultistepScheduler(DiscreteScheduler):
     """
     diffusers_class: ClassVar[str] = "UniPCMultistepScheduler"
     order: ClassVar[int] = 1
+    state_class: ClassVar[type] = UniPCMultistepState
 
-    solver_order: int = 2
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
     predict_x0: bool = True
     solver_type: str = "bh2"
-    lower_order_final: bool = True
     disable_corrector: tuple[int, ...] = ()
     solver_p: Any = None
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    use_flow_sigmas: bool = False
-    flow_shift: float = 1.0
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
     final_sigmas_type: str = "zero"
-    use_dynamic_shifting: bool = False
-    time_shift_type: str = "exponential"
     sigma_min: float | None = None
     sigma_max: float | None = None
     shift_terminal: float | None = None
@@ -120,13 +108,9 @@ class UniPCMultistepScheduler(DiscreteScheduler):
         object.__setattr__(self, "disable_corrector", tuple(int(j) for j in self.disable_corrector))
         if self.solver_type in ("midpoint", "heun", "logrho"):  # diffusers' mapping when swapping configs
             object.__setattr__(self, "solver_type", "bh2")
-        mc.check_options(name, self, {
-            "solver_order": (1, 2, 3), "solver_type": ("bh1", "bh2"),
-            "final_sigmas_type": mc.FINAL_SIGMAS_TYPES,
-            "timestep_spacing": ("linspace", "leading", "trailing"),
-            "solver_p": (None,), "use_beta_sigmas": (False,), "use_dynamic_shifting": (False,),
+        check_options(name, self, {
+            "solver_type": ("bh1", "bh2"), "final_sigmas_type": FINAL_SIGMAS_TYPES, "solver_p": (None,),
         })
-        mc.check_sigma_spacing(name, self.use_karras_sigmas, self.use_exponential_sigmas, self.use_beta_sigmas)
         if self.use_flow_sigmas and self.use_exponential_sigmas:
             raise ValueError(f"{name}: use_flow_sigmas cannot be combined with use_exponential_sigmas")
         if self.shift_terminal is not None and not self.use_flow_sigmas:
@@ -137,43 +121,41 @@ class UniPCMultistepScheduler(DiscreteScheduler):
             # The noise-prediction update ends on log(sigma = 0): 0 * inf, NaN images (also in diffusers).
             raise ValueError(f"{name}: predict_x0=False cannot step to sigma 0; use final_sigmas_type='sigma_min'")
 
-    def init(self, num_inference_steps: int,
-             sample: jax.Array | jax.ShapeDtypeStruct | None = None) -> UniPCMultistepState:
-        """Timesteps and sigma tables for N steps, as diffusers' set_timesteps; `sample` (an array or
-        ShapeDtypeStruct shaped like x) sizes the history buffers."""
-        alphas_cumprod = mc.solver_alphas_cumprod(self.noise_schedule)
+    def timesteps_and_sigmas(self, num_inference_steps: int, alphas_cumprod: np.ndarray
+                             ) -> tuple[np.ndarray, np.ndarray]:
+        """Spaced timesteps, then Karras / exponential sigmas (mapped to flow sigmas with use_flow_sigmas),
+        flow sigmas, or the training sigmas; the final sigma is 0 or (sigma_min) the last respaced sigma, or
+        the least noisy training sigma."""
         T, N = self.num_train_timesteps, num_inference_steps
         timesteps = mc.solver_timesteps(N, T, self.timestep_spacing, self.steps_offset)
-        zero = self.final_sigmas_type == "zero"
-        if self.use_karras_sigmas or self.use_exponential_sigmas:
-            spacing = "karras" if self.use_karras_sigmas else "exponential"
-            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, spacing, self.use_karras_sigmas,
-                                                 self.sigma_min, self.sigma_max)
+        if self.sigma_schedule != "none":
+            timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N, self.sigma_schedule,
+                                                 sigma_min=self.sigma_min, sigma_max=self.sigma_max)
             if self.use_flow_sigmas:  # Karras spacing of the VE sigmas, mapped to flow sigmas
                 sigmas = sigmas / (sigmas + 1)
                 timesteps = (sigmas * T).astype(np.int64)
-            last_sigma = 0.0 if zero else sigmas[-1]
+            last_sigma = sigmas[-1]
         elif self.use_flow_sigmas:
             sigmas = unipc_flow_sigmas(N, T, self.flow_shift, self.shift_terminal)
             timesteps = (sigmas * T).astype(np.int64)
-            last_sigma = 0.0 if zero else sigmas[-1]
+            last_sigma = sigmas[-1]
         else:
             timesteps, sigmas = mc.solver_sigmas(alphas_cumprod, timesteps, N)
-            last_sigma = 0.0 if zero else mc.vp_sigma_min(alphas_cumprod)
-        tables = mc.solver_state_tables(timesteps, np.append(sigmas, last_sigma), flow=self.use_flow_sigmas)
-        n = len(timesteps)
-        enabled = np.array([j > 0 and (j - 1) not in self.disable_corrector for j in range(n)])
-        return UniPCMultistepState(
-            **tables, model_outputs=mc.empty_history(self.solver_order, sample),
-            lower_order_nums=np.zeros((), np.int32), last_sample=jnp.zeros(sample.shape, sample.dtype),
-            this_order=np.ones((), np.int32), corrector_enabled=enabled)
+            last_sigma = mc.vp_sigma_min(alphas_cumprod)
+        return timesteps, np.append(sigmas, 0.0 if self.final_sigmas_type == "zero" else last_sigma)
+
+    def extra_state(self, timesteps: np.ndarray, sample: jax.Array | jax.ShapeDtypeStruct | None) -> dict:
+        """The corrector's base sample and order, and where the corrector runs."""
+        enabled = np.array([j > 0 and (j - 1) not in self.disable_corrector for j in range(len(timesteps))])
+        return dict(last_sample=buffer(sample, type(self).__name__), this_order=np.ones((), np.int32),
+                    corrector_enabled=enabled)
 
     def _update(self, x: jax.Array, m0: jax.Array, D1s: list[jax.Array], rhos: list[jax.Array], t: jax.Array,
                 s0: jax.Array, state: UniPCMultistepState) -> jax.Array:
         """x_t = (first-order step from table index s0 to t) - B(h) * sum_k rho_k D1_k, in the solver's
         parameterisation (x_0 or eps); rhos and D1s have equal length."""
-        alpha_t, sigma_t, lambda_t = mc.table_at(state, t)
-        alpha_s0, sigma_s0, lambda_s0 = mc.table_at(state, s0)
+        alpha_t, sigma_t, lambda_t = state.coefficients(t)
+        alpha_s0, sigma_s0, lambda_s0 = state.coefficients(s0)
         h_phi_1, B_h, _ = _phi_coefficients(lambda_t - lambda_s0, 1, self.predict_x0, self.solver_type)
         if self.predict_x0:
             x_t, scale = sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0, alpha_t * B_h
@@ -191,7 +173,7 @@ class UniPCMultistepScheduler(DiscreteScheduler):
         m0 = history[-1]
         rks, D1s = [], []
         for k in range(1, order):
-            rk = (state.lambda_t[s0 - k] - state.lambda_t[s0]) / h
+            rk = (at(state.lambda_t, s0 - k) - at(state.lambda_t, s0)) / h
             rks.append(rk)
             D1s.append((history[-(k + 1)] - m0) / rk)
         rks.append(jnp.ones((), h.dtype))
@@ -200,7 +182,7 @@ class UniPCMultistepScheduler(DiscreteScheduler):
     def _predictor(self, order: int, history: jax.Array, sample: jax.Array, state: UniPCMultistepState,
                    i: jax.Array) -> jax.Array:
         """UniP-order: from sigmas[i] to sigmas[i + 1] with the last `order` converted outputs."""
-        h = state.lambda_t[i + 1] - state.lambda_t[i]
+        h = at(state.lambda_t, i + 1) - at(state.lambda_t, i)
         rks, D1s = self._differences(history, state, order, i, h)
         if order == 1:
             rhos = []
@@ -216,7 +198,7 @@ class UniPCMultistepScheduler(DiscreteScheduler):
         """UniC-order: redo the previous step (sigmas[i - 1] -> sigmas[i]) from last_sample, adding this
         step's converted output model_t to the previous step's history."""
         history = state.model_outputs
-        h = state.lambda_t[i] - state.lambda_t[i - 1]
+        h = at(state.lambda_t, i) - at(state.lambda_t, i - 1)
         rks, D1s = self._differences(history, state, order, i - 1, h)
         if order == 1:
             rhos = [jnp.asarray(0.5, h.dtype)]
@@ -230,12 +212,10 @@ class UniPCMultistepScheduler(DiscreteScheduler):
              key: jax.Array | None = None) -> StepOutput:
         """Correct the sample at index i (UniC), then predict index i + 1 (UniP)."""
         N = state.timesteps.shape[0]
-        converted, x0 = mc.convert_model_output(state, model_output, sample, i, self.prediction_type,
-                                                self.predict_x0, self.thresholding,
-                                                self.dynamic_thresholding_ratio, self.sample_max_value)
+        converted, x0 = self.convert(state, model_output, sample, i, self.predict_x0)
         orders = range(1, self.solver_order + 1)
 
-        use_corrector = state.corrector_enabled[i] & (state.lower_order_nums > 0)
+        use_corrector = at(state.corrector_enabled, i) & (state.lower_order_nums > 0)
         correctors = [lambda: sample] + [functools.partial(self._corrector, k, state, converted, sample, i)
                                          for k in orders]
         sample = jax.lax.switch(jnp.where(use_corrector, state.this_order, 0), correctors)
@@ -245,10 +225,5 @@ class UniPCMultistepScheduler(DiscreteScheduler):
         this_order = jnp.minimum(this_order, state.lower_order_nums + 1).astype(jnp.int32)
         predictors = [functools.partial(self._predictor, k, history, sample, state, i) for k in orders]
         prev = jax.lax.switch(this_order - 1, predictors)
-        state = state.replace(model_outputs=history, last_sample=sample, this_order=this_order,
-                              lower_order_nums=jnp.minimum(state.lower_order_nums + 1,
-                                                           self.solver_order).astype(jnp.int32))
+        state = self.pushed(state, history, last_sample=sample, this_order=this_order)
         return StepOutput(prev.astype(sample.dtype), x0.astype(sample.dtype), state)
-
-    def add_noise(self, state: UniPCMultistepState, original: jax.Array, noise: jax.Array, i: int) -> jax.Array:
-        return mc.add_noise_sigma_table(state, original, noise, i)
