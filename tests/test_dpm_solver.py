@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.integrate
 import torch
 from diffusers import DPMSolverMultistepScheduler as TorchMultistep
 from diffusers import DPMSolverSinglestepScheduler as TorchSinglestep
 
+from diffax.schedulers import from_diffusers_config, to_diffusers_config
+from diffax.schedulers import multistep_common as mc
 from diffax.schedulers.dpm_solver_multistep import DPMSolverMultistepScheduler
 from diffax.schedulers.dpm_solver_singlestep import DPMSolverSinglestepScheduler
 from sampler_harness import run_diffax, run_diffusers, step_noises
@@ -165,6 +168,49 @@ def test_order_and_solver_name_mapping_match_diffusers():
         # Configs of sibling schedulers (UniPC's bh2, DEIS's logrho) map onto midpoint, as in diffusers.
         for solver_type in ("bh2", "logrho"):
             assert ours(solver_type=solver_type).solver_type == theirs(solver_type=solver_type).config.solver_type
+
+
+def quadratic_update_error(algorithm_type: str, third_order_fix: bool) -> float:
+    """|order-3 multistep update - exact step| from lambda_s0 to lambda_t when the integrated prediction m
+    (x_0, or eps for 'dpmsolver') is quadratic in lambda, the SDE's noise left out. The exact step is
+    x_t = w_x x_s + integral of w(lambda) m(lambda) over [lambda_s0, lambda_t] (variation of constants)."""
+    lambdas = np.array([-1.3, -0.9, -0.55, -0.2])  # lambda_s2, lambda_s1, lambda_s0, lambda_t
+    alphas = 1 / np.sqrt(1 + np.exp(-2 * lambdas))
+    sigmas = alphas * np.exp(-lambdas)
+    (l2, l1, l0, lt), (a0, at), (s0, st) = lambdas, alphas[2:], sigmas[2:]
+    m = np.polynomial.Polynomial([0.7, -1.3, 2.1])
+    x_s, h = 0.4, lt - l0
+    if algorithm_type == "dpmsolver++":
+        x_weight, weight = st / s0, lambda lam: st * np.exp(lam)
+    elif algorithm_type == "dpmsolver":
+        x_weight, weight = at / a0, lambda lam: -at * np.exp(-lam)
+    else:  # sde-dpmsolver++
+        x_weight, weight = st / s0 * np.exp(-h), lambda lam: 2 * at * np.exp(2 * (lam - lt))
+    exact = x_weight * x_s + scipy.integrate.quad(lambda lam: weight(lam) * m(lam), l0, lt, epsabs=1e-14)[0]
+    r0, r1 = (l0 - l1) / h, (l1 - l2) / h
+    d1_0, d1_1 = (m(l0) - m(l1)) / r0, (m(l1) - m(l2)) / r1
+    d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+    d2 = (d1_0 - d1_1) / (r0 + r1)
+    with jax.enable_x64(True):
+        ours = mc.dpm_solver_update(algorithm_type, x_s, h, at, st, a0, s0, m(l0), d1, "taylor", d2,
+                                    noise=0.0, third_order_fix=third_order_fix)
+        return abs(float(ours) - exact)
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "dpmsolver", "sde-dpmsolver++"])
+def test_third_order_fix_is_exact_for_quadratic_predictions(algorithm_type):
+    """With third_order_fix the multistep order-3 update integrates a quadratic prediction exactly; diffusers'
+    weights (the default) do not (a factor 2 on D2, and for 'sde-dpmsolver++' also the sign of its 1/2)."""
+    assert quadratic_update_error(algorithm_type, third_order_fix=True) < 1e-12
+    assert quadratic_update_error(algorithm_type, third_order_fix=False) > 1e-4
+
+
+def test_third_order_fix_is_a_diffax_extra():
+    sched = DPMSolverMultistepScheduler(solver_order=3, third_order_fix=True)
+    cfg = to_diffusers_config(sched)
+    assert "third_order_fix" not in cfg and cfg["_diffax"] == {"third_order_fix": True}
+    assert from_diffusers_config(cfg) == sched
+    assert TorchMultistep.from_config(cfg).config.solver_order == 3  # diffusers keeps "_diffax" unread
 
 
 @pytest.mark.parametrize("cls,config,match", [

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.integrate
 import torch
 
 from diffax import schedules
@@ -32,6 +33,7 @@ from diffax.sampling import sample
 from diffax.schedulers.edm import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
 from diffax.schedulers.flow_match import FlowMatchEulerDiscreteScheduler, calculate_shift
 from diffax.schedulers.k_diffusion import DPMPP2MSDEScheduler, DPMPP2SAncestralScheduler, DPMPP3MSDEScheduler
+from diffax.schedulers.sigma_common import dpmpp_update
 from tests.sampler_harness import denoise_jax, denoise_torch, run_diffax, run_diffusers, step_noises
 from tests.test_euler_family import SHAPE, WithSample, give_float64_tables, rel_err, x_T
 
@@ -313,6 +315,31 @@ def test_kdiffusion_layouts():
         DPMPP2MSDEScheduler(model_type="edm", sigma_schedule="discrete")
     with pytest.raises(ValueError, match="solver_order"):
         EDMDPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_third_order_fix_is_exact_for_quadratic_x0(eta):
+    """In sigma space (alpha = 1, lambda = -log sigma) the step's mean is
+    (sigma_next / sigma) e^{-eta h} x + (1 + eta) * integral of e^{(1 + eta)(lambda - lambda_next)} x_0(lambda):
+    the third-order update with third_order_fix reproduces it for a quadratic x_0(lambda); the default
+    (diffusers' and k-diffusion's -phi_3) does not."""
+    lambdas = np.array([-1.3, -0.9, -0.55, -0.2])  # two previous steps, this step, the next one
+    sigmas = np.exp(-lambdas)
+    x0 = np.polynomial.Polynomial([0.7, -1.3, 2.1])
+    x, h, (h2, h1) = 0.4, lambdas[3] - lambdas[2], np.diff(lambdas[:3])
+
+    def integrand(lam):
+        return (1 + eta) * np.exp((1 + eta) * (lam - lambdas[3])) * x0(lam)
+
+    exact = (sigmas[3] / sigmas[2] * np.exp(-eta * h) * x
+             + scipy.integrate.quad(integrand, lambdas[2], lambdas[3], epsabs=1e-14)[0])
+    errors = []
+    with jax.enable_x64(True):
+        for fix in (True, False):
+            ours = dpmpp_update(x, x0(lambdas[2]), x0(lambdas[1]), x0(lambdas[0]), sigmas[2], sigmas[3], h, h1, h2,
+                                3, eta=eta, second_order="heun", noise=None, third_order_fix=fix)
+            errors.append(abs(float(ours) - exact))
+    assert errors[0] < 1e-12 and errors[1] > 1e-4, errors
 
 
 # ---- flow matching ----

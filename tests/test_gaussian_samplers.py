@@ -28,6 +28,8 @@ test_ode_order (float64): deterministic samplers run N, 2N, 4N steps from the sa
   schedule: on the linear schedule the low-noise end is so steep in log-SNR (sigma 0.01 -> 0.14 over the
   last 40 timesteps) that the last steps stay large at every N <= 128, and the exponential integrators'
   observed orders wander between 1 and 2 there (DPM++(3M): 1.6, 1.4, 1.2 for N 16 -> 128).
+test_third_order_fix_converges_at_order_3: the same fit for DPM-Solver(++)(3M) with third_order_fix=True must
+  reach 2.8 (the default, diffusers' update, is second order: strict xfails in test_ode_order).
 test_model_timesteps_match_sigmas: the sigma-space samplers hand the model a (possibly fractional or
   rounded) timestep and scale x by their own sigma; the oracle reads that sigma back from the scheduler's
   table (gaussian_oracle.scheduler_sigma), so this test checks the pairs against the training table.
@@ -285,9 +287,8 @@ class OrderCase:
 
 # DPM-Solver++(3M) (diffusers' DPMSolverMultistepScheduler and EDMDPMSolverMultistepScheduler, k-diffusion's 3M
 # SDE with eta 0) weights its second divided difference D2 ~ h^2 D''/2 by -phi_3 where the exact integral needs
-# -2 phi_3: the update is not exact for a quadratic data prediction, so it converges at order 2. With 2 D2 it
-# measures 3.2, 3.1, 3.0 on the EDM grid (N 32 -> 256). The default matches diffusers, so these are strict
-# xfails.
+# -2 phi_3: the update is not exact for a quadratic data prediction, so it converges at order 2. The default
+# matches diffusers, so these are strict xfails; third_order_fix=True uses -2 phi_3 (THIRD_ORDER_FIX_CASES).
 THIRD_ORDER_MULTISTEP = pytest.mark.xfail(strict=True, reason="DPM-Solver++(3M) update is second order: its "
                                           "D2 term lacks a factor 2 (as in diffusers / k-diffusion)")
 ORDER_CASES = [
@@ -321,6 +322,16 @@ ORDER_CASES = [
     # code: the N -> infinity limit misses the exact end point by ~5e-4 here, far below the errors at N <= 128.
     OrderCase("vp_probability_flow", S.ScoreSdeVpProbabilityFlowScheduler(), 1, (32, 64, 128)),
 ]
+# third_order_fix=True: measured 4.2 (data prediction), 3.8 (noise prediction) and 3.1 (EDM) at N 32 -> 128.
+THIRD_ORDER_FIX_CASES = [
+    OrderCase("dpmpp_3m_fix", S.DPMSolverMultistepScheduler(solver_order=3, third_order_fix=True, **LOG_SNR), 3,
+              (32, 64, 128)),
+    OrderCase("dpmsolver_3m_fix", S.DPMSolverMultistepScheduler(
+        solver_order=3, algorithm_type="dpmsolver", final_sigmas_type="sigma_min", third_order_fix=True, **LOG_SNR),
+        3, (32, 64, 128)),
+    OrderCase("edm_dpmpp_3m_fix", S.EDMDPMSolverMultistepScheduler(solver_order=3, third_order_fix=True), 3,
+              (32, 64, 128)),
+]
 
 
 def ode_errors(case: OrderCase, mu: np.ndarray, s: np.ndarray, noise: jax.Array) -> list[float]:
@@ -337,14 +348,25 @@ def ode_errors(case: OrderCase, mu: np.ndarray, s: np.ndarray, noise: jax.Array)
     return errors
 
 
-@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: c.name)
-def test_ode_order(case: OrderCase):
+def fitted_order(case: OrderCase) -> tuple[float, list[float]]:
+    """(the slope of log error against log N, the errors) at case.steps, for fixed data and noise."""
     mu, s = np.array([0.5, -0.3]), np.array([0.25, 1.0])
     with jax.enable_x64(True):
         noise = jax.random.normal(jax.random.key(0, impl="rbg"), (8,) + SHAPE_TAIL, jnp.float64)
         errors = ode_errors(case, mu, s, noise)
-    slope = -np.polyfit(np.log(case.steps), np.log(errors), 1)[0]
+    return -np.polyfit(np.log(case.steps), np.log(errors), 1)[0], errors
+
+
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: c.name)
+def test_ode_order(case: OrderCase):
+    slope, errors = fitted_order(case)
     assert slope >= case.order - 0.5, f"{case.name}: errors {errors} at N = {case.steps}: order {slope:.2f}"
+
+
+@pytest.mark.parametrize("case", THIRD_ORDER_FIX_CASES, ids=lambda c: c.name)
+def test_third_order_fix_converges_at_order_3(case: OrderCase):
+    slope, errors = fitted_order(case)
+    assert slope >= 2.8, f"{case.name}: errors {errors} at N = {case.steps}: order {slope:.2f}"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in (

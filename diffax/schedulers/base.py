@@ -77,8 +77,8 @@ class Scheduler:
     # Model evaluations per inference step, as diffusers' `scheduler.order` (used to start img2img part-way).
     order: ClassVar[int] = 1
     # Fields that are not keys of the diffusers class's config (`step()` arguments there, like DDIM's eta and
-    # Euler's s_churn): to_diffusers_config stores them under "_diffax" so a config round-trips through
-    # diffusers.
+    # Euler's s_churn, or diffax-only options like DPM-Solver's third_order_fix): to_diffusers_config stores
+    # them under "_diffax" so a config round-trips through diffusers.
     diffax_extras: ClassVar[tuple[str, ...]] = ()
     # The entries of PREDICTION_TYPES the sampler can turn into x_0.
     prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES

@@ -27,8 +27,12 @@ class DPMSolverMultistepState(mc.SolverState):
 
 @dataclasses.dataclass(frozen=True)
 class DPMSolverMultistepScheduler(mc.TimestepSpacingOptions, mc.DPMSolverBase):
-    """diffusers' DPMSolverMultistepScheduler config; fields and defaults are diffusers'.
+    """diffusers' DPMSolverMultistepScheduler config; fields and defaults are diffusers', plus
+    `third_order_fix` (diffax only, stored under "_diffax" in configs).
 
+    third_order_fix: weight the second divided difference of the order-3 update exactly (see
+    `multistep_common.dpm_solver_update`). diffusers' weight makes DPM-Solver++(3M) second order; with the
+    fix it is third order. False (the default) matches diffusers step for step.
     Not implemented (ValueError): use_beta_sigmas, use_dynamic_shifting (needs a per-call shift `mu`),
     variance_type 'learned'/'learned_range', algorithm_type 'sde-dpmsolver' with solver_order 3 (diffusers
     has no such update either), use_flow_sigmas together with a Karras / exponential / Lu spacing.
@@ -36,10 +40,12 @@ class DPMSolverMultistepScheduler(mc.TimestepSpacingOptions, mc.DPMSolverBase):
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
     order: ClassVar[int] = 1
     algorithm_types: ClassVar[tuple[str, ...]] = mc.DPMSolverBase.algorithm_types + ("sde-dpmsolver",)
+    diffax_extras: ClassVar[tuple[str, ...]] = ("third_order_fix",)
     state_class: ClassVar[type] = DPMSolverMultistepState
 
     euler_at_final: bool = False
     use_lu_lambdas: bool = False
+    third_order_fix: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,7 +98,7 @@ class DPMSolverMultistepScheduler(mc.TimestepSpacingOptions, mc.DPMSolverBase):
 
         def update(d0, d1=None, rule="taylor", d2=None):
             return mc.dpm_solver_update(self.algorithm_type, sample, h, alpha_t, sigma_t, alpha_s0, sigma_s0,
-                                        d0, d1, rule, d2, noise)
+                                        d0, d1, rule, d2, noise, self.third_order_fix)
 
         def first(history):
             return update(history[-1])

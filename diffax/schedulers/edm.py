@@ -141,14 +141,17 @@ class EDMDPMSolverMultistepScheduler(SolverOrderOptions, EDMScheduler):
     Same steps as DPMPP2MSDEScheduler / DPMPP3MSDEScheduler with model_type='edm' (eta 0 for 'dpmsolver++',
     1 for 'sde-dpmsolver++'), plus diffusers' lower_order_final / euler_at_final rules and thresholding.
     diffusers fails at run time on 'sde-dpmsolver++' with solver_order 3 (no such update); diffax rejects it
-    up front.
+    up front. third_order_fix (diffax only, stored under "_diffax" in configs): the exact weight of the
+    order-3 step's second divided difference, as DPMSolverMultistepScheduler's; False matches diffusers.
     """
     diffusers_class: ClassVar[str] = "EDMDPMSolverMultistepScheduler"
     order: ClassVar[int] = 1
+    diffax_extras: ClassVar[tuple[str, ...]] = ("third_order_fix",)
 
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     euler_at_final: bool = False
+    third_order_fix: bool = False
 
     def __post_init__(self):
         super().__post_init__()
@@ -181,5 +184,5 @@ class EDMDPMSolverMultistepScheduler(SolverOrderOptions, EDMScheduler):
         sde = self.algorithm_type == "sde-dpmsolver++"
         noise = gaussian(key, sample, type(self).__name__).astype(dtype) if sde else None
         prev, state = dpmpp_step(state, x, d0, i, order, eta=1.0 if sde else 0.0, second_order=self.solver_type,
-                                 noise=noise)
+                                 noise=noise, third_order_fix=self.third_order_fix)
         return StepOutput(prev.astype(sample.dtype), d0.astype(sample.dtype), state)

@@ -291,7 +291,7 @@ def push_history(history: jax.Array, value: jax.Array) -> jax.Array:
 def dpm_solver_update(algorithm_type: str, sample: jax.Array, h: jax.Array, alpha_t: jax.Array,
                       sigma_t: jax.Array, alpha_s: jax.Array, sigma_s: jax.Array, d0: jax.Array,
                       d1: jax.Array | None = None, d1_rule: str = "taylor", d2: jax.Array | None = None,
-                      noise: jax.Array | None = None) -> jax.Array:
+                      noise: jax.Array | None = None, third_order_fix: bool = False) -> jax.Array:
     """One DPM-Solver step from (alpha_s, sigma_s) to (alpha_t, sigma_t), h = lambda_t - lambda_s.
 
     d0, d1, d2 are the model-output value and its first / second divided differences in lambda (d1, d2
@@ -299,33 +299,42 @@ def dpm_solver_update(algorithm_type: str, sample: jax.Array, h: jax.Array, alph
     (Lu et al. 2022, DPM-Solver-2 midpoint); 'taylor' uses the exact phi_2 integral weight (the 'heun'
     solver_type, and every third-order step). Algorithms (Lu et al. 2022a/b): 'dpmsolver++' integrates the
     data prediction, 'dpmsolver' the noise prediction, 'sde-' variants add the SDE's fresh noise.
+
+    d2 gets diffusers' weight, exact for a second difference d2 ~ h^2 m'' (the singlestep form) in the ODE
+    variants. The multistep form (D1_0 - D1_1) / (r0 + r1) is ~ h^2 m'' / 2, so that weight leaves the
+    multistep third-order update second order; third_order_fix gives d2 the exact weight of that form: twice
+    diffusers' in the ODE variants (-2 phi_3 instead of -phi_3), and for 'sde-dpmsolver++', whose diffusers
+    weight also has the sign of its constant term flipped, alpha_t ((1 - e^{-2h} - 2h) / (2h^2) + 1).
     """
     if algorithm_type == "dpmsolver++":
         phi1 = jnp.exp(-h) - 1.0
         x = (sigma_t / sigma_s) * sample - (alpha_t * phi1) * d0
         c1_mid, c1_taylor = -0.5 * (alpha_t * phi1), alpha_t * (phi1 / h + 1.0)
         c2 = -alpha_t * ((phi1 + h) / h ** 2 - 0.5)
+        c2_exact = 2.0 * c2
     elif algorithm_type == "dpmsolver":
         phi1 = jnp.exp(h) - 1.0
         x = (alpha_t / alpha_s) * sample - (sigma_t * phi1) * d0
         c1_mid, c1_taylor = -0.5 * (sigma_t * phi1), -sigma_t * (phi1 / h - 1.0)
         c2 = -sigma_t * ((phi1 - h) / h ** 2 - 0.5)
+        c2_exact = 2.0 * c2
     elif algorithm_type == "sde-dpmsolver++":
         one_minus = 1.0 - jnp.exp(-2.0 * h)
         x = (sigma_t / sigma_s * jnp.exp(-h)) * sample + (alpha_t * one_minus) * d0
         c1_mid, c1_taylor = 0.5 * (alpha_t * one_minus), alpha_t * (one_minus / (-2.0 * h) + 1.0)
         c2 = alpha_t * ((one_minus - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+        c2_exact = alpha_t * ((one_minus - 2.0 * h) / (2.0 * h ** 2) + 1.0)
         x = x + sigma_t * jnp.sqrt(one_minus) * noise
     elif algorithm_type == "sde-dpmsolver":
         phi1 = jnp.exp(h) - 1.0
         x = (alpha_t / alpha_s) * sample - 2.0 * (sigma_t * phi1) * d0
         c1_mid, c1_taylor = -(sigma_t * phi1), -2.0 * (sigma_t * (phi1 / h - 1.0))
-        c2 = None  # diffusers has no third-order SDE-DPM-Solver (noise prediction); the schedulers reject it
+        c2 = c2_exact = None  # diffusers has no third-order SDE-DPM-Solver (noise prediction); the schedulers reject it
         x = x + sigma_t * jnp.sqrt(jnp.exp(2.0 * h) - 1.0) * noise
     else:
         raise ValueError(f"unknown algorithm_type {algorithm_type!r}")
     if d1 is not None:
         x = x + (c1_mid if d1_rule == "midpoint" else c1_taylor) * d1
     if d2 is not None:
-        x = x + c2 * d2
+        x = x + (c2_exact if third_order_fix else c2) * d2
     return x

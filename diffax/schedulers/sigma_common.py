@@ -170,14 +170,17 @@ class DPMPPState(SigmaListState):
 
 def dpmpp_update(x: jax.Array, d0: jax.Array, d1: jax.Array, d2: jax.Array, sigma: jax.Array,
                  sigma_next: jax.Array, h: jax.Array, h1: jax.Array, h2: jax.Array, order: jax.Array, *,
-                 eta: float, second_order: str, noise: jax.Array | None, s_noise: float = 1.0) -> jax.Array:
+                 eta: float, second_order: str, noise: jax.Array | None, s_noise: float = 1.0,
+                 third_order_fix: bool = False) -> jax.Array:
     """One DPM-Solver++ multistep step in sigma space (alpha = 1), orders 1-3, stochasticity eta.
 
     d0, d1, d2: x_0 predictions at this and the two previous steps; h = log(sigma / sigma_next) and h1, h2
     the previous two steps' h. With eta = 0 this is DPM-Solver++(2M/3M) (diffusers' 'dpmsolver++'); eta = 1
     is diffusers' 'sde-dpmsolver++'; other eta interpolate as in k-diffusion's 2M/3M SDE samplers.
-    second_order: 'midpoint' or 'heun' form of the second-order correction. A step to sigma_next = 0
-    returns d0 (its limit). Branch results that are not selected may be non-finite; they are discarded.
+    second_order: 'midpoint' or 'heun' form of the second-order correction. The third-order step weights
+    its second divided difference (~ h^2 x_0'' / 2) by -phi_3 as diffusers and k-diffusion do, which leaves
+    it second order; third_order_fix uses the exact weight -2 phi_3. A step to sigma_next = 0 returns d0
+    (its limit). Branch results that are not selected may be non-finite; they are discarded.
     """
     final = sigma_next == 0
     h = jnp.where(final, 1.0, h)  # keep the discarded final-step branch finite
@@ -198,6 +201,8 @@ def dpmpp_update(x: jax.Array, d0: jax.Array, d1: jax.Array, d2: jax.Array, sigm
     third_d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
     third_d2 = (d1_0 - d1_1) / (r0 + r1)
     phi_3 = phi_2 / h_eta - 0.5
+    if third_order_fix:
+        phi_3 = 2 * phi_3
     third = phi_2 * third_d1 - phi_3 * third_d2
     x_new = x_new + jnp.where(order >= 3, third, jnp.where(order == 2, second, 0.0))
     if eta and noise is not None:
