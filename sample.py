@@ -16,12 +16,15 @@ classes. `.png` writes a grid with one row per label; `.npz` writes `images`
 [N, H, W, C] uint8 and `labels` [N] int64. An unconditional model takes no --labels (and no guidance): `.png`
 is a grid of 10 columns and `.npz` holds `images` only.
 """
+import sys
+import time
 from pathlib import Path
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from tqdm import tqdm
 
 from diffax import parallel
 from diffax.cli import run_reporting_errors
@@ -38,6 +41,8 @@ flags.DEFINE_string("checkpoint", None, "Instead of --workdir: a DiT checkpoint 
 flags.DEFINE_bool("reference_guidance", False, "Guide only the first 3 of 4 latent channels, as the DiT reference.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
 flags.DEFINE_integer("num_samples", 100, "How many images.")
+flags.DEFINE_integer("batch_size", 64, "Images sampled at once (one compiled program per batch size); batch j "
+                     "draws its noise from the seed folded with j, so the images depend on the seed and this.")
 flags.DEFINE_list("labels", None, "Class labels, e.g. 0,1,2; default cycles 0..num_classes-1.")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; default the config's sample block.")
 flags.DEFINE_string("sampler", None, "Sampler name (docs/samplers.md); default the config's.")
@@ -61,6 +66,40 @@ def load(workdir: str | None, checkpoint: str | None):
                     prediction_type="epsilon")  # what every DiT checkpoint was trained with
     defaults = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, guidance_scale=4.0))
     return model, params, schedule, defaults, checkpoint
+
+
+# XLA's lowering and compilation of a program (jax.monitoring events): the part of the first batch that is
+# not sampling. Tracing is left out: its events nest, one per inner jit.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+
+
+def sample_in_batches(pipe, params, key: jax.Array, labels: np.ndarray | None, num_samples: int,
+                      batch_size: int, **options) -> tuple[np.ndarray, float, float]:
+    """(images [N, ...], compile seconds, sampling seconds): `pipe` called on `batch_size` images at a time
+    (the last batch may be smaller), batch j with key fold_in(key, j), with a progress bar on a terminal."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be positive, got {batch_size}")
+    n = len(labels) if labels is not None else num_samples
+    compile_seconds = 0.0
+
+    def on_duration(event: str, seconds: float, **_) -> None:
+        nonlocal compile_seconds
+        if event in COMPILE_EVENTS:
+            compile_seconds += seconds
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    start_time, chunks = time.perf_counter(), []
+    try:
+        starts = range(0, n, batch_size)
+        for j, start in enumerate(tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True,
+                                       disable=not sys.stderr.isatty() or jax.process_index() != 0)):
+            stop = min(start + batch_size, n)
+            chunks.append(pipe(params, jax.random.fold_in(key, j), num_samples=stop - start,
+                               labels=None if labels is None else labels[start:stop], **options))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+    total = time.perf_counter() - start_time
+    return np.concatenate(chunks), compile_seconds, total - compile_seconds
 
 
 def main(argv):
@@ -95,16 +134,24 @@ def main(argv):
     if not model.config.has_null_cond and FLAGS.guidance_scale is None:
         guidance = None  # the config's default scale is for a guidable model
     steps = FLAGS.steps or defaults.steps
-    images = pipe(params, jax.random.key(FLAGS.seed), labels=labels, num_samples=FLAGS.num_samples,
-                  num_inference_steps=steps, guidance_scale=guidance)
+    images, compile_seconds, sample_seconds = sample_in_batches(
+        pipe, params, jax.random.key(FLAGS.seed), labels, FLAGS.num_samples, FLAGS.batch_size,
+        num_inference_steps=steps, guidance_scale=guidance)
+    # How the PNG was made, in its `parameters` text chunk (diffax.image_io.read_parameters).
+    made_with = dict(model=type(model).__name__, checkpoint=FLAGS.workdir or FLAGS.checkpoint, source=source,
+                     sampler=sampler, sampler_options=list(FLAGS.sampler_options), steps=steps,
+                     guidance_scale=guidance, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+                     labels=None if labels is None else [int(x) for x in labels])
     if jax.process_index() == 0:
         for out in outs:
             if out.suffix == ".png" and labels is None:
-                save_grid(out, images, ncols=min(10, len(images)), upscale=max(1, 64 // images.shape[1]))
+                save_grid(out, images, ncols=min(10, len(images)), upscale=max(1, 64 // images.shape[1]),
+                          parameters=made_with)
             elif out.suffix == ".png":  # one row per label: images sorted by label, as many columns as repeats
                 order = np.argsort(labels, kind="stable")
                 ncols = -(-len(labels) // len(np.unique(labels)))
-                save_grid(out, images[order], ncols=ncols, upscale=max(1, 64 // images.shape[1]))
+                save_grid(out, images[order], ncols=ncols, upscale=max(1, 64 // images.shape[1]),
+                          parameters=made_with)
             elif labels is None:
                 np.savez(out, **{"images" if pixels else "latents": images})
             elif pixels:
@@ -113,6 +160,8 @@ def main(argv):
                 np.savez(out, latents=images, labels=labels.astype(np.int64))
         print(f"wrote {len(images)} samples from {source} ({sampler}, {steps} steps, guidance {guidance}) "
               f"to {', '.join(map(str, outs))}")
+        print(f"compile {compile_seconds:.1f} s, sampling {sample_seconds:.1f} s "
+              f"({len(images) / max(sample_seconds, 1e-9):.1f} images/s)")
 
 
 if __name__ == "__main__":
