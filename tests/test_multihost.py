@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from diffax import parallel
+from diffax.image_io import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,12 +213,17 @@ def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     assert sorted(p.name for p in (two / "checkpoints" / "4" / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
 
-    # The two-process checkpoint samples on one device.
+    # The two-process checkpoint samples on one device, in batches of at most 3, and the PNG says how.
     out = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={two}", "--num_samples=4",
-                          "--steps=2", f"--out={two / 's.png'}"], env=_env(None), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+                          "--batch_size=3", "--steps=2", "--seed=5", f"--out={two / 's.png'},{two / 's.npz'}"],
+                         env=_env(None), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (two / "s.png").stat().st_size > 0
+    assert "compile " in out.stdout and " images/s" in out.stdout
+    assert np.load(two / "s.npz")["images"].shape == (4, 16, 16, 1)
+    made_with = read_parameters(two / "s.png")
+    assert {k: made_with[k] for k in ("model", "sampler", "steps", "seed", "batch_size", "labels")} == dict(
+        model="UNet2DModel", sampler="ddim", steps=2, seed=5, batch_size=3, labels=[0, 1, 2, 3])
+    assert made_with["guidance_scale"] == 3.0  # the config's sample block
 
     # The two-process run resumes in one process of 4 devices, and ends where the 8-device run resumed in
     # place does: the state reshards, and the data iterator continues where the two processes left it.
