@@ -62,6 +62,12 @@ def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000, b
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES + (EXP_BETA_SCHEDULE,)}, got {beta_schedule!r}")
 
 
+def vp_sde_betas(beta_min: float, beta_max: float, n: int) -> np.ndarray:
+    """The discrete betas of the VP SDE with beta(t) = beta_min + t (beta_max - beta_min) over n steps of
+    1 / n (Song et al. 2021): beta_i = beta(i / (n - 1)) / n, [n]."""
+    return np.linspace(beta_min / n, beta_max / n, n)
+
+
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Lin et al. 2023, Algorithm 1: shift and scale sqrt(alpha_bar) so alpha_bar_T = 0 (zero terminal SNR)
     while alpha_bar_0 keeps its value. Needs v-prediction (epsilon is undefined at SNR 0)."""

@@ -33,6 +33,7 @@ import numpy as np
 
 from diffax.schedulers.base import (Scheduler, SchedulerState, StepOutput, at, compute_dtype, gaussian, predict_x0_eps,
                                     table)
+from diffax.schedules import vp_sde_betas
 
 
 @flax.struct.dataclass
@@ -159,9 +160,8 @@ class ScoreSdeVpScheduler(Scheduler):
     def _layout(self, num_inference_steps: int, correct_steps: int) -> ScoreSdeState:
         N = num_inference_steps
         t = np.linspace(1, self.sampling_eps, N)
-        # Song et al.'s corrector scales VP steps by the discrete alpha_i = 1 - beta_i / N at i = floor(t (N-1)).
-        discrete_betas = np.linspace(self.beta_min / N, self.beta_max / N, N)
-        alpha = 1.0 - discrete_betas[np.floor(t * (N - 1)).astype(np.int64)]
+        # Song et al.'s corrector scales VP steps by the discrete alpha_i = 1 - beta_i at i = floor(t (N - 1)).
+        alpha = 1.0 - vp_sde_betas(self.beta_min, self.beta_max, N)[np.floor(t * (N - 1)).astype(np.int64)]
         step, corrector, last = pc_layout(N, correct_steps)
         return ScoreSdeState(timesteps=table(t[step]), corrector=corrector, last=last, coef_a=table(t[step]),
                              coef_b=table(alpha[step]))
