@@ -41,8 +41,8 @@ flags.DEFINE_string("checkpoint", None, "Instead of --workdir: a DiT checkpoint 
 flags.DEFINE_bool("reference_guidance", False, "Guide only the first 3 of 4 latent channels, as the DiT reference.")
 flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
 flags.DEFINE_integer("num_samples", 100, "How many images.")
-flags.DEFINE_integer("batch_size", 64, "Images sampled at once (one compiled program per batch size); batch j "
-                     "draws its noise from the seed folded with j, so the images depend on the seed and this.")
+flags.DEFINE_integer("batch_size", 64, "Images sampled at once (one compiled program per batch size); image k "
+                     "is the same whatever the batch size (for deterministic samplers).")
 flags.DEFINE_list("labels", None, "Class labels, e.g. 0,1,2; default cycles 0..num_classes-1.")
 flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; default the config's sample block.")
 flags.DEFINE_string("sampler", None, "Sampler name (docs/samplers.md); default the config's.")
@@ -76,7 +76,8 @@ COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/
 def sample_in_batches(pipe, params, key: jax.Array, labels: np.ndarray | None, num_samples: int,
                       batch_size: int, **options) -> tuple[np.ndarray, float, float]:
     """(images [N, ...], compile seconds, sampling seconds): `pipe` called on `batch_size` images at a time
-    (the last batch may be smaller), batch j with key fold_in(key, j), with a progress bar on a terminal."""
+    (the last batch may be smaller), with a progress bar on a terminal. Image k is sample number k of `key`
+    whatever the batch size (for deterministic samplers)."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     n = len(labels) if labels is not None else num_samples
@@ -91,10 +92,10 @@ def sample_in_batches(pipe, params, key: jax.Array, labels: np.ndarray | None, n
     start_time, chunks = time.perf_counter(), []
     try:
         starts = range(0, n, batch_size)
-        for j, start in enumerate(tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True,
-                                       disable=not sys.stderr.isatty() or jax.process_index() != 0)):
+        for start in tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True,
+                          disable=not sys.stderr.isatty() or jax.process_index() != 0):
             stop = min(start + batch_size, n)
-            chunks.append(pipe(params, jax.random.fold_in(key, j), num_samples=stop - start,
+            chunks.append(pipe(params, key, num_samples=stop - start, first_index=start,
                                labels=None if labels is None else labels[start:stop], **options))
     finally:
         jax.monitoring.unregister_event_duration_listener(on_duration)

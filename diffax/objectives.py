@@ -20,9 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from diffax.schedulers.base import add_noise_alpha_bar
-
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
+from diffax.schedulers.base import PREDICTION_TYPES, add_noise_alpha_bar
 
 
 def _check(prediction_type: str) -> None:

@@ -182,6 +182,16 @@ def batch_divisor(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def global_array(tree: Any, sharding: NamedSharding) -> Any:
+    """Global jax.Arrays laid out by `sharding` from a tree of host arrays that every process holds whole
+    (labels, sample indices, keys' data); each process places only the shards its devices own, so this is
+    what a multi-process jitted call needs instead of numpy inputs."""
+    def place(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(place, tree)
+
+
 def shard_batch(local_batch: Any, mesh: Mesh) -> Any:
     """This process's rows of a batch (numpy tree) -> global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)

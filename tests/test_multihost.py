@@ -194,8 +194,9 @@ def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     assert jax.device_count() == 8  # tests/conftest.py
     two, one = tmp_path / "two", tmp_path / "one"
     port = _free_port()
-    procs = [_train(two, 4, env=_env(4, DIFFAX_COORDINATOR=f"127.0.0.1:{port}", DIFFAX_NUM_PROCESSES="2",
-                                      DIFFAX_PROCESS_ID=str(i)))
+    procs = [_train(two, 4, "--config.train.sample_every=4",
+                    env=_env(4, DIFFAX_COORDINATOR=f"127.0.0.1:{port}", DIFFAX_NUM_PROCESSES="2",
+                             DIFFAX_PROCESS_ID=str(i)))
              for i in range(2)]
     try:
         train_and_evaluate(_tiny_config(4), one)  # meanwhile: one process, 8 devices
@@ -208,6 +209,8 @@ def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert len(list((two / "tensorboard").iterdir())) == 1
+    # The grid written during training: both processes ran the sharded program, process 0 wrote the file.
+    assert [p.name for p in (two / "samples").iterdir()] == ["step_000004.png"]
     # Each process saved its own data-iterator position.
     assert sorted(p.name for p in (two / "checkpoints" / "4" / "data").glob("*.json")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
@@ -223,6 +226,12 @@ def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     assert {k: made_with[k] for k in ("model", "sampler", "steps", "seed", "batch_size", "labels")} == dict(
         model="UNet2DModel", sampler="ddim", steps=2, seed=5, batch_size=3, labels=[0, 1, 2, 3])
     assert made_with["guidance_scale"] == 3.0  # the config's sample block
+    # Image k is sample k of the seed whatever the batch size.
+    out = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={two}", "--num_samples=4",
+                          "--batch_size=4", "--steps=2", "--seed=5", f"--out={two / 'whole.npz'}"],
+                         env=_env(None), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(two / "whole.npz")["images"], np.load(two / "s.npz")["images"])
 
     # The two-process run resumes in one process of 4 devices, and ends where the 8-device run resumed in
     # place does: the state reshards, and the data iterator continues where the two processes left it.

@@ -81,10 +81,10 @@ class GenerationPipeline:
         batch = parallel.batch_sharding(self.mesh)
         rep = parallel.replicated(self.mesh)
 
-        def generate(params, index, cond, key, guidance_scale):
+        def generate(params, index, cond, key_data, guidance_scale):
             # index: [N] int32 sample numbers (padded to the device count); cond: the model's keyword inputs
-            # with N rows ({} for an unconditional model); key: base PRNG key -> [N, H, W, C] uint8
-            noise_key, sampler_key = jax.random.split(key)
+            # with N rows ({} for an unconditional model); key_data: the base PRNG key's data -> [N, H, W, C]
+            noise_key, sampler_key = jax.random.split(jax.random.wrap_key_data(key_data))
             keys = jax.vmap(lambda i: jax.random.fold_in(noise_key, i))(index)
             noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)  # [N, H, W, C]
 
@@ -106,10 +106,12 @@ class GenerationPipeline:
 
     def __call__(self, params: Any, key: jax.Array, *, labels: Sequence[int] | None = None,
                  num_samples: int | None = None, num_inference_steps: int = 50,
-                 guidance_scale: float | None = None) -> np.ndarray:
+                 guidance_scale: float | None = None, first_index: int = 0) -> np.ndarray:
         """uint8 images [N, H, W, C] (or float32 model-space arrays): one per label for a class-conditional
         model, `num_samples` for an unconditional one. guidance_scale None or 1: no guidance (one model call
-        per step); otherwise classifier-free guidance against the model's null conditioning."""
+        per step); otherwise classifier-free guidance against the model's null conditioning. The images are
+        samples number first_index .. first_index + N - 1 of `key`, so a run split into batches draws the
+        same images as one call."""
         labels = self.check_labels(labels, num_samples)
         guided = guidance_scale is not None and guidance_scale != 1.0
         if guided and not self.model.config.has_null_cond:
@@ -117,10 +119,13 @@ class GenerationPipeline:
                              "label dropout); leave it unset or 1 for this model")
         n = len(labels) if labels is not None else num_samples
         pad = -n % parallel.batch_divisor(self.mesh)
-        index = np.arange(n + pad, dtype=np.int32)
+        index = np.arange(first_index, first_index + n + pad, dtype=np.int32)
         cond = {} if labels is None else {"class_labels": np.concatenate([labels, np.zeros(pad, np.int32)])}
-        images = self._generate(num_inference_steps, guided)(params, index, cond, key,
-                                                             jnp.float32(guidance_scale or 1.0))
+        # Global arrays, so the same call works when several processes share the mesh.
+        rows, rep = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
+        images = self._generate(num_inference_steps, guided)(
+            params, *parallel.global_array((index, cond), rows),
+            *parallel.global_array((jax.random.key_data(key), np.float32(guidance_scale or 1.0)), rep))
         if jax.process_count() > 1:  # rows live on several hosts: gather them everywhere
             images = multihost_utils.process_allgather(images, tiled=True)
         return np.asarray(jax.device_get(images))[:n]
