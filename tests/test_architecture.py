@@ -25,3 +25,14 @@ def test_layer_imports_only_downwards(layer):
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     upward = [m for m in loaded if m.startswith(FORBIDDEN[layer])]
     assert not upward, f"importing {layer} pulls in {upward}"
+
+
+def test_top_level_entry_points_are_lazy():
+    code = ("import sys, diffax\n"
+            "assert not any(m.startswith(('diffax.convert', 'diffax.train')) for m in sys.modules)\n"
+            "import diffax.convert, diffax.sampling, diffax.schedulers, diffax.models\n"
+            "assert diffax.load is diffax.convert.load and diffax.save is diffax.convert.save\n"
+            "assert diffax.sample is diffax.sampling.sample and diffax.get_family('unet2d').class_name == 'UNet2DModel'\n"
+            "assert diffax.scheduler_classes()['DDIMScheduler'] is diffax.schedulers.DDIMScheduler\n"
+            "assert sorted(diffax.__all__) == diffax.__all__\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

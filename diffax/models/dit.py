@@ -11,8 +11,9 @@ give p*p*C_out values per token, unpatchified back to [B, H, W, C_out]; with `le
 Parameter names mirror diffusers' `DiTTransformer2DModel` (`transformer_blocks_3/attn1/to_q/kernel`,
 `pos_embed/proj/kernel`, `proj_out_1`), except that the timestep and label embedders live once at the
 top (`emb/timestep_embedder`, `emb/class_embedder`) as in the reference code: diffusers keeps an
-identical copy inside every block's `norm1` and only ever uses block 0's. `diffax.convert.dit` maps
-both layouts.
+identical copy inside every block's `norm1` and only ever uses block 0's. `diffax.convert.load` / `save`
+map both layouts. Each block is the shared `BasicTransformerBlock` (diffax/models/transformer.py) with
+norm_type 'ada_norm_zero'.
 
 Two details differ between the reference code and diffusers, so they are config fields:
   freq_shift  the timestep frequencies are exp(-ln(1e4) * i / (128 - shift)); the reference uses 0,
