@@ -107,17 +107,11 @@ class Upsample2D(nn.Module):
         return nn.with_logical_constraint(x, IMAGE_AXES)
 
 
-class DownBlock2D(nn.Module):
-    """`num_layers` resnets (`resnets_i`), then an optional `downsamplers_0`; with `attention_head_dim`
-    set, each resnet is followed by a `spatial_attention` (`attentions_i`): diffusers' AttnDownBlock2D.
-
-    Returns the output and the skip activations the up path consumes: one per resnet, plus the
-    downsampled map.
-    """
+class _ResnetStack(nn.Module):
+    """What diffusers' down and up blocks share: `num_layers` resnets (`resnets_i`) at `out_channels`, each
+    followed by a `spatial_attention` (`attentions_i`) when `attention_head_dim` is set."""
     out_channels: int
     num_layers: int = 1
-    add_downsample: bool = True
-    downsample_padding: int = 1
     attention_head_dim: int | None = None
     groups: int = 32
     eps: float = 1e-6
@@ -127,23 +121,42 @@ class DownBlock2D(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def layer(self, i: int, x: jax.Array, temb: jax.Array | None, train: bool) -> jax.Array:
+        """Resnet i, then attention i if the block has attention. Called from the subclasses' compact
+        __call__, so the submodules are named inside the block."""
+        # x: [B, H, W, C_in] -> [B, H, W, out_channels]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dropout, self.output_scale_factor,
+                          name=f"resnets_{i}", **kw)(x, temb, train=train)
+        if self.attention_head_dim is not None:
+            x = spatial_attention(self.out_channels, self.attention_head_dim, self.groups, self.eps,
+                                  self.output_scale_factor, self.attention_backend, name=f"attentions_{i}",
+                                  **kw)(x)
+            x = nn.with_logical_constraint(x, IMAGE_AXES)
+        return x
+
+
+class DownBlock2D(_ResnetStack):
+    """`num_layers` resnets (`resnets_i`), then an optional `downsamplers_0`; with `attention_head_dim`
+    set, each resnet is followed by a `spatial_attention` (`attentions_i`): diffusers' AttnDownBlock2D.
+
+    Returns the output and the skip activations the up path consumes: one per resnet, plus the
+    downsampled map.
+    """
+    add_downsample: bool = True
+    downsample_padding: int = 1
+
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None, *,
                  train: bool = False) -> tuple[jax.Array, list[jax.Array]]:
         # x: [B, H, W, C_in] -> ([B, H/2, W/2, out_channels], skips)
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for i in range(self.num_layers):
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dropout, self.output_scale_factor,
-                              name=f"resnets_{i}", **kw)(x, temb, train=train)
-            if self.attention_head_dim is not None:
-                x = spatial_attention(self.out_channels, self.attention_head_dim, self.groups, self.eps,
-                                      self.output_scale_factor, self.attention_backend, name=f"attentions_{i}",
-                                      **kw)(x)
-                x = nn.with_logical_constraint(x, IMAGE_AXES)
+            x = self.layer(i, x, temb, train)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0", **kw)(x)
+            x = Downsample2D(self.out_channels, self.downsample_padding, name="downsamplers_0",
+                             dtype=self.dtype, param_dtype=self.param_dtype)(x)
             skips.append(x)
         return x, skips
 
@@ -153,21 +166,11 @@ class AttnDownBlock2D(DownBlock2D):
     attention_head_dim: int = 8
 
 
-class UpBlock2D(nn.Module):
+class UpBlock2D(_ResnetStack):
     """`num_layers` resnets, each fed the running map concatenated (channels last) with one skip
     activation popped from the end of `skips`, then an optional `upsamplers_0`. With
     `attention_head_dim` set, each resnet is followed by a `spatial_attention`: diffusers' AttnUpBlock2D."""
-    out_channels: int
-    num_layers: int = 1
     add_upsample: bool = True
-    attention_head_dim: int | None = None
-    groups: int = 32
-    eps: float = 1e-6
-    dropout: float = 0.0
-    output_scale_factor: float = 1.0
-    attention_backend: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: Sequence[jax.Array], temb: jax.Array | None, *,
@@ -175,18 +178,10 @@ class UpBlock2D(nn.Module):
         # x: [B, H, W, C], skips: num_layers maps [B, H, W, C_i] -> [B, 2H, 2W, out_channels]
         if len(skips) != self.num_layers:
             raise ValueError(f"{self.name}: expected {self.num_layers} skip activations, got {len(skips)}")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         for i in range(self.num_layers):
-            x = jnp.concatenate([x, skips[-1 - i]], axis=-1)
-            x = ResnetBlock2D(self.out_channels, self.groups, self.eps, self.dropout, self.output_scale_factor,
-                              name=f"resnets_{i}", **kw)(x, temb, train=train)
-            if self.attention_head_dim is not None:
-                x = spatial_attention(self.out_channels, self.attention_head_dim, self.groups, self.eps,
-                                      self.output_scale_factor, self.attention_backend, name=f"attentions_{i}",
-                                      **kw)(x)
-                x = nn.with_logical_constraint(x, IMAGE_AXES)
+            x = self.layer(i, jnp.concatenate([x, skips[-1 - i]], axis=-1), temb, train)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
+            x = Upsample2D(self.out_channels, name="upsamplers_0", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return x
 
 
