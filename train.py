@@ -8,7 +8,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffax import parallel
-from diffax.cli import run_reporting_errors
+from diffax.cli import parse_flags, run_reporting_errors
 from diffax.train.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -25,4 +25,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(run_reporting_errors(main))
+    app.run(run_reporting_errors(main), flags_parser=parse_flags)

@@ -1,7 +1,8 @@
 """The run config's shape: every key a recipe may set, its default and its type, and the checks.
 
 Recipes (configs/*.py) start from `base_config()` and override; `validate_config` rejects a key that is
-not here (a typo would otherwise be silently ignored) and a value of the wrong type, naming the key.
+not here (a typo would otherwise be silently ignored), a value of the wrong type and a value no run can use
+(`RANGES`), naming the key.
 The `model` block is family-specific and checked by `diffax.models.build_model`.
 """
 from __future__ import annotations
@@ -61,15 +62,53 @@ def _check(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDi
                              f"({type(value).__name__})")
 
 
+# Beta schedules whose tables are built from diffusion.beta_start / beta_end (diffax.schedules.make_betas).
+BETA_RANGE_SCHEDULES = ("linear", "scaled_linear", "sigmoid")
+
+# (key, allowed values in words, test): values a run cannot use, refused before anything is built. The tests
+# are written so that NaN fails them.
+RANGES = (
+    ("data.image_size", ">= 1", lambda v: v >= 1),
+    ("data.channels", "1 or 3", lambda v: v in (1, 3)),  # what every data source converts to
+    ("data.worker_count", ">= 0", lambda v: v >= 0),
+    ("diffusion.num_train_timesteps", ">= 2", lambda v: v >= 2),
+    ("diffusion.snr_gamma", ">= 0 (0: plain MSE)", lambda v: v >= 0),
+    ("train.steps", ">= 1", lambda v: v >= 1),
+    ("train.batch_size", ">= 1", lambda v: v >= 1),
+    ("train.learning_rate", "> 0", lambda v: v > 0),
+    ("train.warmup_steps", ">= 0", lambda v: v >= 0),
+    ("train.weight_decay", ">= 0", lambda v: v >= 0),
+    ("train.adam_b1", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("train.adam_b2", "in [0, 1)", lambda v: 0 <= v < 1),
+    ("train.adam_eps", "> 0", lambda v: v > 0),
+    ("train.grad_clip", ">= 0 (0: no clipping)", lambda v: v >= 0),
+    ("train.grad_accum_steps", ">= 1", lambda v: v >= 1),
+    ("train.ema_decay", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("train.label_dropout", "in [0, 1]", lambda v: 0 <= v <= 1),
+    ("train.log_every", ">= 1", lambda v: v >= 1),
+    ("train.checkpoint_every", ">= 1", lambda v: v >= 1),
+    # 0 would let Orbax delete every checkpoint, those of the run being resumed included.
+    ("train.keep_checkpoints", ">= 1", lambda v: v >= 1),
+    ("train.sample_every", ">= 0 (0: no grids while training)", lambda v: v >= 0),
+    ("train.peak_flops", ">= 0 (0: no mfu)", lambda v: v >= 0),
+    ("sample.steps", ">= 1", lambda v: v >= 1),
+)
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raise ValueError naming the first unknown key or wrongly typed value."""
+    """Raise ValueError naming the first unknown key, wrongly typed value or value out of its range."""
     _check(config, base_config(), "")
     if "name" not in config.model:
         raise ValueError("config key 'model.name' is required (a diffusers class name such as 'UNet2DModel' or "
                          "'DiTTransformer2DModel', or its alias 'unet2d' / 'dit')")
     parallel.parse_rules(config.mesh.rules)
-    if config.train.steps < 1 or config.train.batch_size < 1:
-        raise ValueError("train.steps and train.batch_size must be positive")
-    for key in ("log_every", "checkpoint_every"):
-        if config.train[key] < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {config.train[key]}")
+    for name, allowed, ok in RANGES:
+        block, key = name.split(".")
+        value = config.get(block, {}).get(key)
+        if value is not None and not ok(value):
+            raise ValueError(f"config key {name!r} must be {allowed}, got {value!r}")
+    d = config.diffusion
+    if d.beta_schedule in BETA_RANGE_SCHEDULES and not 0 < d.beta_start < d.beta_end < 1:
+        raise ValueError(f"config keys 'diffusion.beta_start' and 'diffusion.beta_end' must satisfy "
+                         f"0 < beta_start < beta_end < 1 for the {d.beta_schedule!r} schedule, got "
+                         f"{d.beta_start!r} and {d.beta_end!r}")
