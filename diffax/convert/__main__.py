@@ -9,7 +9,8 @@ SRC is anything `diffax.convert.load` reads (a diffusers model or pipeline folde
 reference file, a hub id). DST is a folder for --to diffusers (the default), a .pt / .safetensors file for
 --to reference. A checkpoint that does not fit its model is an error listing the missing, unexpected and
 mis-shaped keys, unless --allow_partial (unexpected tensors dropped, missing or mis-shaped parameters
-freshly initialised).
+freshly initialised). A tensor with NaN or inf values is an error unless --allow_nonfinite. Every error
+(bad flags included) is printed as `error: ...` lines and exits with status 1.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import jax
 import numpy as np
@@ -25,9 +26,17 @@ import numpy as np
 from diffax.convert.api import read_checkpoint, save
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error:` line and status 1, like every other error here."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see python -m diffax.convert --help)", file=sys.stderr)
+        sys.exit(1)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line's flags."""
-    parser = argparse.ArgumentParser(prog="python -m diffax.convert", description=__doc__,
+    parser = _Parser(prog="python -m diffax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("src", help="diffusers model or pipeline folder, weight file, reference file or hub id")
     parser.add_argument("dst", help="output folder (--to diffusers) or .pt / .safetensors file (--to reference)")
@@ -38,6 +47,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="dtype of the written tensors (default float32)")
     parser.add_argument("--allow_partial", action="store_true",
                         help="drop unexpected tensors and initialise missing / mis-shaped parameters freshly")
+    parser.add_argument("--allow_nonfinite", action="store_true",
+                        help="load tensors holding NaN or inf values instead of refusing them")
     parser.add_argument("--input_size", type=int, help="DiT reference files without pos_embed: latent size")
     parser.add_argument("--num_heads", type=int, help="DiT reference files of a non-paper width: head count")
     return parser.parse_args(argv)
@@ -49,7 +60,7 @@ def convert(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.dst}: --to reference writes one file, ending in .pt or .safetensors")
     options = {k: getattr(args, k) for k in ("input_size", "num_heads") if getattr(args, k) is not None}
     loaded = read_checkpoint(args.src, subfolder=args.subfolder, variant=args.variant, param_dtype=args.dtype,
-                             allow_partial=args.allow_partial, **options)
+                             allow_partial=args.allow_partial, allow_nonfinite=args.allow_nonfinite, **options)
     for line in loaded.mismatch.lines(loaded.source):
         print(f"warning: {line} (--allow_partial: dropped or freshly initialised)", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
@@ -68,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         convert(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: an unreadable source or unwritable destination
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 1

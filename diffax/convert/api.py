@@ -49,7 +49,8 @@ class Loaded:
 
 def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None, subfolder: str | None = None,
          attention_backend: str | None = None, variant: str | None = None, config: Any = None,
-         allow_partial: bool = False, **family_options: Any) -> tuple[nn.Module, Params]:
+         allow_partial: bool = False, allow_nonfinite: bool = False,
+         **family_options: Any) -> tuple[nn.Module, Params]:
     """(Flax module, params) of a PyTorch checkpoint; the config is at `module.config`.
 
     Args:
@@ -67,17 +68,20 @@ def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
         allow_partial: instead of failing on a checkpoint that does not fit the model, drop its unexpected
             tensors and initialise missing or mis-shaped parameters freshly (`jax.random.key(0)`); a warning
             lists them.
+        allow_nonfinite: accept tensors holding NaN or inf (by default the first such tensor is an error,
+            since a model with them samples NaN images; a checkpoint that diverged in training has them).
         family_options: what a reference layout cannot read from its shapes (DiT: `input_size`, `num_heads`).
     Returns:
         (module, params): params a nested dict of host numpy arrays in the config's `param_dtype`, ready for
         `module.apply({'params': params}, ...)` or `jax.device_put` with shardings.
     Raises:
-        CheckpointError (a ValueError) naming the file: missing, corrupt, an unknown `_class_name`, or, one
-        line per kind, the missing / unexpected / mis-shaped keys.
+        CheckpointError (a ValueError) naming the file: missing, corrupt, an unknown `_class_name`; one
+        line per kind, the missing / unexpected / mis-shaped keys; the tensor that holds integers where the
+        model has a float parameter, or (unless `allow_nonfinite`) NaN / inf values.
     """
     loaded = read_checkpoint(path, dtype=dtype, param_dtype=param_dtype, subfolder=subfolder,
                              attention_backend=attention_backend, variant=variant, config=config,
-                             allow_partial=allow_partial, **family_options)
+                             allow_partial=allow_partial, allow_nonfinite=allow_nonfinite, **family_options)
     for line in loaded.mismatch.lines(loaded.source):
         warnings.warn(f"{line} (allow_partial: dropped or freshly initialised)", stacklevel=2)
     return loaded.module, loaded.params
@@ -86,7 +90,7 @@ def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
 def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     subfolder: str | None = None, attention_backend: str | None = None,
                     variant: str | None = None, config: Any = None, allow_partial: bool = False,
-                    **family_options: Any) -> Loaded:
+                    allow_nonfinite: bool = False, **family_options: Any) -> Loaded:
     """`load`, returning also what `allow_partial` let through, the file read and its layout."""
     local = _locate(path, subfolder, variant)
     runtime = {k: v for k, v in dict(dtype=_dtype("dtype", dtype), param_dtype=_dtype("param_dtype", param_dtype),
@@ -110,7 +114,8 @@ def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                                  f"files; a diffusers model reads everything from its config.json")
             converter, config = _diffusers_config(local, source, config, runtime)
             hook, renames, layout = converter.import_hook, converter.renames, "diffusers"
-        params, mismatch = _import(converter, config, tensors, hook, renames, source, allow_partial)
+        params, mismatch = _import(converter, config, tensors, hook, renames, source, allow_partial,
+                                   allow_nonfinite)
     return Loaded(make_module(config), params, mismatch, source, layout)
 
 
@@ -255,8 +260,9 @@ def _diffusers_config(local: Path, source: str, config: Any, runtime: dict[str, 
         return _converter_of(config), dataclasses.replace(config, **runtime)
     config_path = (local if local.is_dir() else local.parent) / CONFIG_NAME
     if not config_path.is_file():
-        raise CheckpointError(f"{config_path}: missing; {source} is a bare weight file: load the folder holding "
-                              f"it and its config.json, or pass config=")
+        what = "a diffusers model folder holds it beside its weights" if local.is_dir() else \
+            f"{source} is a bare weight file: load the folder holding it and its config.json"
+        raise CheckpointError(f"{config_path}: missing; {what}, or pass config=")
     cfg, where = read_config_json(config_path)
     name = cfg.get("_class_name")
     if not isinstance(name, str):
@@ -276,16 +282,22 @@ def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
 
 
 def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, renames: Iterable[tuple[str, str]],
-            source: str, allow_partial: bool) -> tuple[Params, rules.Mismatch]:
+            source: str, allow_partial: bool, allow_nonfinite: bool) -> tuple[Params, rules.Mismatch]:
     """Reads, converts and casts one tensor at a time into the parameter tree; returns the tree and the
     mismatch, which is an error unless `allow_partial` (then missing and mis-shaped parameters are freshly
-    initialised)."""
+    initialised). A tensor of integers for a float parameter, or one with NaN / inf values (unless
+    `allow_nonfinite`), is an error naming it."""
     want = rules.flatten(abstract_params(config))
     got: dict[tuple[str, ...], np.ndarray] = {}
     mismatch, refill = rules.Mismatch(), []
-    items: Iterator[tuple[str, np.ndarray]] = iter(_progress(tensors.items(), len(tensors), Path(source).name))
-    if hook is not None:
-        items = hook(config, items, source)
+    read: list[str] = []  # the file's key last read: hooks rename keys, errors name the file's
+
+    def stream() -> Iterator[tuple[str, np.ndarray]]:
+        for key, value in _progress(tensors.items(), len(tensors), Path(source).name):
+            read[:] = [key]
+            yield key, value
+
+    items = stream() if hook is None else hook(config, stream(), source)
     for key, value in items:
         path, value = rules.tensor_to_flax(rules.rename(key, renames), value,
                                            embedding_keys=converter.embedding_keys, source=source)
@@ -296,7 +308,7 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
             mismatch.shapes.append(f"{'/'.join(path)}: file {tuple(value.shape)} vs model {tuple(spec.shape)}")
             refill.append(path)
         else:
-            got[path] = np.asarray(value, dtype=spec.dtype, order="C")  # the one copy each tensor keeps
+            got[path] = _cast(value, spec.dtype, read[0], source, allow_nonfinite)
     missing = [p for p in want if p not in got and p not in refill]
     mismatch.missing = ["/".join(p) for p in missing]
     if mismatch and not allow_partial:
@@ -304,6 +316,21 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
     if mismatch.missing or mismatch.shapes:
         got.update(_fresh(config, missing + refill))
     return rules.unflatten({p: got[p] for p in want if p in got}), mismatch
+
+
+def _cast(value: np.ndarray, dtype: Any, key: str, source: str, allow_nonfinite: bool) -> np.ndarray:
+    """`value` as a contiguous array of parameter dtype `dtype`: the one copy each tensor keeps."""
+    if value.dtype.kind in "biuc" and np.dtype(dtype).kind not in "biuc":
+        raise CheckpointError(f"{source}: tensor {key!r} is {value.dtype}, but the model's parameter is "
+                              f"{np.dtype(dtype)}; integer weights are not a float model's (wrong file?)")
+    with np.errstate(over="ignore"):  # an overflowing cast is reported below, naming the tensor
+        out = np.asarray(value, dtype=dtype, order="C")
+    if not allow_nonfinite and not np.isfinite(out).all():
+        cause = "holds NaN or inf" if not np.isfinite(value).all() else f"overflows {np.dtype(dtype)}"
+        raise CheckpointError(f"{source}: tensor {key!r} {cause} ({int((~np.isfinite(out)).sum())} of "
+                              f"{out.size} values non-finite); pass allow_nonfinite=True (--allow_nonfinite) "
+                              f"to load it anyway")
+    return out
 
 
 def _fresh(config: Any, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], np.ndarray]:

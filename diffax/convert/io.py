@@ -116,25 +116,60 @@ def _read_header(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     buffer = size - 8 - n
-    entries = {}
+    metadata = header.get("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an object of strings)")
+    entries, spans = {}, []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        try:
-            dtype_name, shape = info["dtype"], tuple(int(d) for d in info["shape"])
-            start, end = (int(o) for o in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: tensor {key!r} has a corrupt header entry {info!r}") from None
+        dtype_name, shape, offsets = _header_entry(info)
+        if dtype_name is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has a corrupt header entry {_short(info)} (expected "
+                                  f"{{'dtype': str, 'shape': [int >= 0, ...], 'data_offsets': [start, end]}})")
         if dtype_name not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype_name}")
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {dtype_name!r} "
+                                  f"(diffax reads {', '.join(_ST_DTYPES)})")
         dtype = np.dtype(_ST_DTYPES[dtype_name])
+        start, end = offsets
         if end > buffer:
             raise CheckpointError(f"{path}: tensor {key!r} runs past the end of the file (truncated?)")
         if not 0 <= start <= end or end - start != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"{path}: tensor {key!r} has offsets [{start}, {end}] that do not fit its "
                                   f"shape {list(shape)} of {dtype_name}")
         entries[key] = (dtype, shape)
+        spans.append((start, end, key))
+    # The format lays tensors end to end over the whole buffer; safe_open refuses anything else, so say
+    # which tensor breaks the layout rather than let it fail on the first read.
+    at, previous = 0, None
+    for start, end, key in sorted(spans):
+        if start != at:
+            where = f"overlaps {previous!r}" if start < at else f"leaves a gap after {previous!r}"
+            raise CheckpointError(f"{path}: tensor {key!r} at bytes [{start}, {end}] {where} (corrupt offsets)")
+        at, previous = end, key
+    if at != buffer:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({buffer - at} bytes after the last tensor)")
     return entries
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _header_entry(info: Any) -> tuple[Any, tuple[int, ...], tuple[int, int]]:
+    """(dtype name, shape, (start, end)) of one header entry; dtype name None if the entry is malformed."""
+    def is_int(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    malformed = None, (), (0, 0)
+    if not isinstance(info, dict):
+        return malformed
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not (isinstance(dtype_name, str) and isinstance(shape, list) and isinstance(offsets, list)
+            and len(offsets) == 2 and all(map(is_int, offsets)) and all(is_int(d) and d >= 0 for d in shape)):
+        return malformed
+    return dtype_name, tuple(shape), (offsets[0], offsets[1])
 
 
 def _torch_state_dict(path: Path) -> tuple[dict[str, Any], bool]:
