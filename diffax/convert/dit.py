@@ -31,33 +31,38 @@ from diffax.models.dit import SIZES, DiTConfig, sincos_pos_embed_2d
 
 EMBEDDING_KEYS = (r"embedding_table\.weight$",)
 
-# reference key prefix -> diffax torch-style key prefix (after the qkv split).
-_REFERENCE_TO_DIFFAX = (
-    (r"^x_embedder\.", "pos_embed."),
-    (r"^t_embedder\.mlp\.0\.", "emb.timestep_embedder.linear_1."),
-    (r"^t_embedder\.mlp\.2\.", "emb.timestep_embedder.linear_2."),
-    (r"^y_embedder\.", "emb.class_embedder."),
-    (r"^blocks\.(\d+)\.attn\.proj\.", r"transformer_blocks.\1.attn1.to_out.0."),
-    (r"^blocks\.(\d+)\.attn\.(to_[qkv])\.", r"transformer_blocks.\1.attn1.\2."),
-    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"transformer_blocks.\1.ff.net.0.proj."),
-    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"transformer_blocks.\1.ff.net.2."),
-    (r"^blocks\.(\d+)\.adaLN_modulation\.1\.", r"transformer_blocks.\1.norm1.linear."),
-    (r"^final_layer\.adaLN_modulation\.1\.", "proj_out_1."),
-    (r"^final_layer\.linear\.", "proj_out_2."),
+# reference key prefix <-> diffax torch-style key prefix (after the qkv split); {i} is a block index, {qkv}
+# one of to_q / to_k / to_v. One table, read in both directions, so import and export cannot drift apart.
+_PREFIXES = (
+    ("x_embedder.", "pos_embed."),
+    ("t_embedder.mlp.0.", "emb.timestep_embedder.linear_1."),
+    ("t_embedder.mlp.2.", "emb.timestep_embedder.linear_2."),
+    ("y_embedder.", "emb.class_embedder."),
+    ("blocks.{i}.attn.proj.", "transformer_blocks.{i}.attn1.to_out.0."),
+    ("blocks.{i}.attn.{qkv}.", "transformer_blocks.{i}.attn1.{qkv}."),
+    ("blocks.{i}.mlp.fc1.", "transformer_blocks.{i}.ff.net.0.proj."),
+    ("blocks.{i}.mlp.fc2.", "transformer_blocks.{i}.ff.net.2."),
+    ("blocks.{i}.adaLN_modulation.1.", "transformer_blocks.{i}.norm1.linear."),
+    ("final_layer.adaLN_modulation.1.", "proj_out_1."),
+    ("final_layer.linear.", "proj_out_2."),
 )
-_DIFFAX_TO_REFERENCE = (
-    (r"^pos_embed\.", "x_embedder."),
-    (r"^emb\.timestep_embedder\.linear_1\.", "t_embedder.mlp.0."),
-    (r"^emb\.timestep_embedder\.linear_2\.", "t_embedder.mlp.2."),
-    (r"^emb\.class_embedder\.", "y_embedder."),
-    (r"^transformer_blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.attn.proj."),
-    (r"^transformer_blocks\.(\d+)\.attn1\.(to_[qkv])\.", r"blocks.\1.attn.\2."),
-    (r"^transformer_blocks\.(\d+)\.ff\.net\.0\.proj\.", r"blocks.\1.mlp.fc1."),
-    (r"^transformer_blocks\.(\d+)\.ff\.net\.2\.", r"blocks.\1.mlp.fc2."),
-    (r"^transformer_blocks\.(\d+)\.norm1\.linear\.", r"blocks.\1.adaLN_modulation.1."),
-    (r"^proj_out_1\.", "final_layer.adaLN_modulation.1."),
-    (r"^proj_out_2\.", "final_layer.linear."),
-)
+_PLACEHOLDERS = (("{i}", r"(\d+)"), ("{qkv}", r"(to_[qkv])"))
+
+
+def _prefix_rename(source: str, target: str) -> tuple[str, str]:
+    """A (regex, replacement) pair renaming the `source` prefix template to the `target` one."""
+    pattern, replacement, group = "^" + re.escape(source), target, 0
+    for name, regex in _PLACEHOLDERS:
+        if name in source:
+            group += 1
+            pattern = pattern.replace(re.escape(name), regex)
+            replacement = replacement.replace(name, f"\\{group}")
+    return pattern, replacement
+
+
+_REFERENCE_TO_DIFFAX = tuple(_prefix_rename(ref, ours) for ref, ours in _PREFIXES)
+_DIFFAX_TO_REFERENCE = tuple(_prefix_rename(ours, ref) for ref, ours in _PREFIXES)
+
 _EMB_COPY = re.compile(r"^transformer_blocks\.(\d+)\.norm1\.emb\.(.+)$")
 # hidden_size -> num_heads of the paper's sizes; num_heads cannot be read from tensor shapes.
 _HEADS = {hidden: heads for hidden, _, heads in SIZES.values()}
