@@ -123,12 +123,23 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config.train.grad_clip = 0.0
     config.train.checkpoint_every = 1
     config.train.log_every = 1
-    config.train.warmup_steps = 0
-    with pytest.raises(NonFiniteLossError, match="last checkpoint is step"):
+    config.train.warmup_steps = 2  # step 1 updates with lr 0: its weights are the good ones
+    with pytest.raises(NonFiniteLossError, match="The last good checkpoint is step") as stop:
         train_and_evaluate(config, tmp_path)
     manager = checkpoint.make_manager(tmp_path, read_only=True)
+    last = manager.latest_step()
+    assert f"is step {last} in" in str(stop.value)
     for leaf in _params(tmp_path):
-        assert np.all(np.isfinite(leaf)), f"checkpoint {manager.latest_step()} holds non-finite weights"
+        assert np.all(np.isfinite(leaf)), f"checkpoint {last} holds non-finite weights"
+
+    # What the error advises works: the last checkpoint resumes with a sane learning rate and trains on with a
+    # finite loss (checked every step). Checking only the loss before each update used to save a state whose
+    # own loss was already NaN, and resuming it failed at once.
+    config.train.learning_rate = 1e-3
+    config.train.steps = last + 4
+    state = train_and_evaluate(config, tmp_path)
+    assert int(state.step) == last + 4
+    assert all(np.all(np.isfinite(leaf)) for leaf in _params(tmp_path))
 
 
 @pytest.mark.parametrize("block, key, value, message", [

@@ -30,11 +30,11 @@ from diffax.train import checkpoint
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
 from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
-from diffax.train.step import Objective, make_train_step
+from diffax.train.step import Objective, make_health_check, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or inf; the last checkpoint on disk is from before it."""
+    """The loss, the gradient or the weights became NaN or inf; every checkpoint on disk is from before."""
 
 
 def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objective:
@@ -82,6 +82,25 @@ def jit_train_step(model: nn.Module, tx, objective: Objective, mesh, rules: para
     return parallel.jit_with_rules(
         step, mesh, rules, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def jit_health_check(model: nn.Module, objective: Objective, mesh, rules: parallel.Rules, shardings: Any):
+    """`diffax.train.step.make_health_check` jitted for `mesh` like the train step (nothing donated: the
+    state goes on to be saved and trained)."""
+    return parallel.jit_with_rules(
+        make_health_check(model, objective), mesh, rules,
+        in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+        out_shardings=parallel.replicated(mesh))
+
+
+def _stop_non_finite(manager, what: str) -> NonFiniteLossError:
+    """The error that ends a diverged run, naming the last checkpoint on disk (all of them are good)."""
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    if last is None:
+        return NonFiniteLossError(f"{what}. No checkpoint was saved: lower train.learning_rate or check the data.")
+    return NonFiniteLossError(f"{what}. The last good checkpoint is step {last} in {manager.directory} (nothing "
+                              f"later was saved): resume it with a lower train.learning_rate, or check the data.")
 
 
 def write_samples(pipe: GenerationPipeline, params: Any, config: ml_collections.ConfigDict, path: Path,
@@ -134,6 +153,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
 
     objective = make_objective(config, model)
     step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc)
+    check_fn = jit_health_check(model, objective, mesh, rules, shardings)
     pipe = GenerationPipeline(model, scheduler_for(config.sample.sampler, config.diffusion), mesh, rules)
 
     start = int(state.step)
@@ -152,14 +172,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
             state, metrics = step_fn(state, batch, step_key)
             done = step + 1
             saving = done % tc.checkpoint_every == 0 or done == tc.steps
-            if saving or done % tc.log_every == 0:  # check before saving: never checkpoint a NaN state
+            if saving or done % tc.log_every == 0:
                 metrics = jax.device_get(metrics)  # the only host sync
-                if not np.isfinite(metrics["loss"]):
-                    manager.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f"loss is {metrics['loss']} at step {done}; nothing was saved after it. The last checkpoint "
-                        f"is step {manager.latest_step()} in {manager.directory}. Lower train.learning_rate or "
-                        f"check the data.")
+                if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+                    raise _stop_non_finite(manager, f"loss {metrics['loss']}, gradient norm "
+                                                    f"{metrics['grad_norm']} in step {done}")
                 scalars = step_scalars(metrics, steps=done - last_logged, seconds=time.perf_counter() - t0,
                                        batch_size=tc.batch_size, step_flops=step_flops, peak_flops=tc.peak_flops,
                                        learning_rate=schedule((done - 1) // tc.grad_accum_steps))
@@ -175,6 +192,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
                           f"grad_norm {metrics['grad_norm']:.3f} lr {scalars['learning_rate']:.3g} img/s {rate:.0f}"
                           + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
             if saving:
+                # The metrics above are of the weights before this step's update; a saved state must be good
+                # itself: its own loss and gradient finite, every weight finite. Once per checkpoint.
+                health = jax.device_get(check_fn(state, batch, step_key))
+                if not (health["weights_finite"] and np.isfinite(health["loss"])
+                        and np.isfinite(health["grad_norm"])):
+                    raise _stop_non_finite(
+                        manager, f"the weights after step {done} give loss {health['loss']}, gradient norm "
+                                 f"{health['grad_norm']}" + ("" if health["weights_finite"] else
+                                                             " and are not all finite"))
                 checkpoint.save(manager, state, config, it)
             if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps):
                 write_samples(pipe, state.ema_params, config, workdir / "samples" / f"step_{done:06d}.png",

@@ -107,3 +107,26 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
         return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
     return train_step
+
+
+def make_health_check(model: nn.Module, objective: Objective
+                      ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]:
+    """(state, batch, key) -> {'loss', 'grad_norm', 'weights_finite'} of `state`'s own parameters.
+
+    The train step's metrics describe the parameters it started from; a state about to be saved has taken
+    one more update, which may have diverged. This evaluates the loss and gradient of the state's own
+    parameters with the key the next train step would use, and whether every parameter and EMA leaf is
+    finite, so that the loop saves a state only when all three are finite.
+    """
+
+    def health_check(state: TrainState, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+        step_key = jax.random.fold_in(key, state.step)
+        grad_fn = jax.value_and_grad(
+            lambda p: diffusion_loss(model, p, objective, batch, step_key)[0])
+        loss, grads = grad_fn(state.params)
+        leaves = jax.tree.leaves((state.params, state.ema_params))
+        weights_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        return {"loss": loss, "grad_norm": optax.global_norm(grads), "weights_finite": weights_finite}
+
+    return health_check
+
