@@ -19,18 +19,20 @@ is a grid of 10 columns and `.npz` holds `images` only.
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
 from diffax import parallel
 from diffax.cli import run_reporting_errors
 from diffax.image_io import save_grid, save_npz
 from diffax import convert
-from diffax.models import build_model
+from diffax.models import abstract_params, build_model
 from diffax.pipelines.generation import GenerationPipeline
 from diffax.schedulers.names import parse_options, scheduler_for
 from diffax.train.checkpoint import restore_for_sampling
@@ -60,12 +62,28 @@ def load(workdir: str | None, checkpoint: str | None):
         raise ValueError("give exactly one of --workdir and --checkpoint")
     if workdir is not None:
         config, params, step = restore_for_sampling(workdir, FLAGS.step)
-        return build_model(config.model), params, config.diffusion, config.sample, f"step {step}"
+        model = build_model(config.model)
+        check_params_match(params, model.config, f"{workdir} step {step}")
+        return model, params, config.diffusion, config.sample, f"step {step}"
     model, params = convert.load(checkpoint)
     schedule = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                     prediction_type="epsilon")  # what every DiT checkpoint was trained with
     defaults = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, guidance_scale=4.0))
     return model, params, schedule, defaults, checkpoint
+
+
+def check_params_match(params: Any, model_config: Any, where: str) -> None:
+    """ValueError naming the first keys whose shapes differ between `params` and the parameters that
+    `model_config` builds (`diffax.models.abstract_params`): a checkpoint whose config was edited, or whose
+    weights come from another model, fails here in one line instead of deep inside Flax."""
+    want = flatten_dict(abstract_params(model_config), sep="/")
+    have = flatten_dict(params, sep="/")
+    differ = ([f"{k} missing" for k in want if k not in have] + [f"{k} unexpected" for k in have if k not in want]
+              + [f"{k} {tuple(np.shape(have[k]))} vs {tuple(want[k].shape)}"
+                 for k in want if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape)])
+    if differ:
+        raise ValueError(f"{where}: the weights do not match the model of the saved config ({len(differ)} keys "
+                         f"differ, weights vs config: {'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''})")
 
 
 # XLA's lowering and compilation of a program (jax.monitoring events): the part of the first batch that is
@@ -107,6 +125,10 @@ def main(argv):
     del argv
     parallel.initialize_distributed()
     logging.set_verbosity(logging.WARNING)
+    for name, value in (("num_samples", FLAGS.num_samples), ("batch_size", FLAGS.batch_size),
+                        ("steps", FLAGS.steps)):  # steps None: the config's default
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
     outs = [Path(p) for p in FLAGS.out]
     for out in outs:
         if out.suffix not in (".png", ".npz"):
@@ -134,7 +156,7 @@ def main(argv):
     guidance = FLAGS.guidance_scale if FLAGS.guidance_scale is not None else defaults.guidance_scale
     if not model.config.has_null_cond and FLAGS.guidance_scale is None:
         guidance = None  # the config's default scale is for a guidable model
-    steps = FLAGS.steps or defaults.steps
+    steps = FLAGS.steps if FLAGS.steps is not None else defaults.steps
     images, compile_seconds, sample_seconds = sample_in_batches(
         pipe, params, jax.random.key(FLAGS.seed), labels, FLAGS.num_samples, FLAGS.batch_size,
         num_inference_steps=steps, guidance_scale=guidance)

@@ -71,6 +71,10 @@ def test_same_seed_same_images_any_batch(workdir):
     (["--sampler=euler", "--sampler_options=lambda_min_clipped=-5.1"],
      "EulerDiscreteScheduler has no option(s) ['lambda_min_clipped']"),
     (["--sampler_options=eta"], "sampler option 'eta' is not key=value"),
+    (["--num_samples=0"], "--num_samples must be >= 1, got 0"),  # used to divide by zero in GroupNorm
+    (["--num_samples=-3", "--labels=1,2"], "--num_samples must be >= 1, got -3"),
+    (["--steps=0"], "--steps must be >= 1, got 0"),  # used to mean the config's default
+    (["--batch_size=0"], "--batch_size must be >= 1, got 0"),
 ])
 def test_bad_requests(workdir, args, message):
     result = _sample(workdir, *args, f"--out={workdir / 'x.png'}")
@@ -88,6 +92,28 @@ def test_sampler_options_reach_the_sampler(workdir):
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
     assert parse_options(["eta=1", "timestep_spacing=leading", "clip_sample=False", "x='1'"]) == {
         "eta": 1, "timestep_spacing": "leading", "clip_sample": False, "x": "1"}
+
+
+def test_weights_that_do_not_match_the_saved_config(workdir, tmp_path):
+    """A workdir whose saved config builds another model than its weights: one line naming the workdir, the
+    step and the first keys that differ (it used to be a Flax ScopeParamShapeError traceback)."""
+    import json
+    import shutil
+
+    edited = tmp_path / "edited"
+    shutil.copytree(workdir / "checkpoints", edited / "checkpoints")
+    for path in (edited / "checkpoints").glob("*/config/metadata"):
+        saved = json.loads(path.read_text())
+        saved["model"]["block_out_channels"] = [8, 32]  # the second level's convolutions change shape
+        path.write_text(json.dumps(saved))
+    result = _sample(edited, "--num_samples=2", f"--out={tmp_path / 'x.npz'}")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]  # after Orbax's log line about the read-only directory
+    assert last.startswith(f"error: {edited} step 2: the weights do not match the model of the saved config "
+                           f"(100 keys differ, weights vs config: "), result.stderr
+    assert "(16,) vs (32,)" in last and last.endswith("; ...)"), last
+    assert not (tmp_path / "x.npz").exists()
 
 
 def test_no_checkpoint(tmp_path):
