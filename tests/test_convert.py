@@ -50,6 +50,17 @@ def test_key_path_round_trip(key, path):
     assert rules.path_to_key(path) == key  # 'linear_1' is a literal torch name, 'to_out_0' is to_out.0
 
 
+def test_key_rules_edge_cases():
+    # Consecutive indices, and an index after a name that itself ends in _<digits>.
+    for key in ("a.0.1.weight", "linear_1.0.0.bias", "proj_out_2.3.weight"):
+        assert rules.path_to_key(rules.key_to_path(key)) == key
+    assert rules.key_to_path("a.²") == ("a", "²")  # '²'.isdigit(), but no torch index
+    with pytest.raises(CheckpointError, match=r"^f.bin: 'a.weight' and 'a.kernel' both convert to a/kernel"):
+        rules.torch_to_flax({"a.weight": np.zeros((2, 2)), "a.kernel": np.zeros((2, 2))}, source="f.bin")
+    with pytest.raises(CheckpointError, match=r"^f.bin: 'a.bias' is a tensor, but 'a.bias.weight' puts tensors"):
+        rules.torch_to_flax({"a.bias": np.zeros(2), "a.bias.weight": np.zeros(2)}, source="f.bin")
+
+
 def test_tensor_rules_match_torch_layers():
     torch.manual_seed(0)
     tconv, tlin = torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.Linear(4, 6)

@@ -126,6 +126,35 @@ def test_config_json_not_an_object_names_the_file(tmp_path, unet_folder, text, m
             load(folder)
 
 
+@pytest.mark.parametrize("key, value, expected", [
+    ("add_attention", {"a": 1}, "bool"), ("in_channels", True, "int"), ("in_channels", 2.0, "int"),
+    ("block_out_channels", [8, [16]], r"tuple\[int, \.\.\.\]"), ("sample_size", [8, 8, 8], "int | tuple"),
+    ("act_fn", 1, "str"), ("norm_eps", "1e-5", "float"),
+])
+def test_config_json_wrong_types_name_file_and_key(tmp_path, key, value, expected):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**UNET.to_diffusers(), key: value}))
+    with pytest.raises(ValueError, match=rf"^{path}: {key}=.* has the wrong type \(expected {expected}"):
+        UNet2DConfig.from_diffusers(path)
+
+
+def test_config_types_checked_before_older_layouts_are_read(tmp_path):
+    """DiT's Transformer2DModel layout compares sample_size while translating it: a null is named first."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**DiTConfig().to_diffusers(), "_class_name": "Transformer2DModel",
+                                "sample_size": None}))
+    with pytest.raises(ValueError, match=rf"^{path}: sample_size=None has the wrong type \(expected int\)"):
+        DiTConfig.from_diffusers(path)
+
+
+@pytest.mark.parametrize("dtype", [[], "int8", None, 3])
+def test_model_block_dtype_must_be_a_float_dtype(dtype):
+    from diffax.models import config_from_block
+    with pytest.raises(ValueError, match=r"dtype=.* is not a floating-point dtype"):
+        config_from_block({"name": "unet2d", "param_dtype": "float32", "dtype": dtype})
+    assert config_from_block({"name": "unet2d", "dtype": "bfloat16"}).dtype == np.dtype("bfloat16")
+
+
 # --- what the tensors hold ------------------------------------------------------------------------------
 
 def test_integer_tensor_for_a_float_parameter_is_refused(tmp_path, unet_folder):
@@ -244,3 +273,15 @@ def test_command_line_corrupt_file_in_a_fresh_process(tmp_path, bad_sources):
     (line,) = result.stderr.splitlines()
     assert re.fullmatch(rf"error: {bad_sources / 'corrupt' / WEIGHTS}: tensor '[\w.]+' runs past the end of the "
                         r"file \(truncated\?\)", line), line
+
+
+def test_two_tensors_for_one_parameter_are_refused(tmp_path, unet_folder):
+    """'conv_in.kernel' converts to the same parameter as 'conv_in.weight'; neither silently wins."""
+    sd = read_state_dict(unet_folder)
+    sd["conv_in.kernel"] = sd["conv_in.weight"].transpose(2, 3, 1, 0)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text((unet_folder / "config.json").read_text())
+    write_safetensors(tmp_path / "m" / WEIGHTS, sd)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'm' / WEIGHTS}: tensors 'conv_in.kernel' and "
+                                              r"'conv_in.weight' both convert to conv_in/kernel"):
+        convert.load(tmp_path / "m")

@@ -285,12 +285,13 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
             source: str, allow_partial: bool, allow_nonfinite: bool) -> tuple[Params, rules.Mismatch]:
     """Reads, converts and casts one tensor at a time into the parameter tree; returns the tree and the
     mismatch, which is an error unless `allow_partial` (then missing and mis-shaped parameters are freshly
-    initialised). A tensor of integers for a float parameter, or one with NaN / inf values (unless
-    `allow_nonfinite`), is an error naming it."""
+    initialised). A tensor of integers for a float parameter, one with NaN / inf values (unless
+    `allow_nonfinite`), or two tensors for one parameter are an error naming them."""
     want = rules.flatten(abstract_params(config))
     got: dict[tuple[str, ...], np.ndarray] = {}
     mismatch, refill = rules.Mismatch(), []
     read: list[str] = []  # the file's key last read: hooks rename keys, errors name the file's
+    owner: dict[tuple[str, ...], str] = {}  # parameter -> the file's key it was read from
 
     def stream() -> Iterator[tuple[str, np.ndarray]]:
         for key, value in _progress(tensors.items(), len(tensors), Path(source).name):
@@ -302,6 +303,9 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
         path, value = rules.tensor_to_flax(rules.rename(key, renames), value,
                                            embedding_keys=converter.embedding_keys, source=source)
         spec = want.get(path)
+        if spec is not None and path in owner:  # e.g. 'conv.weight' and 'conv.kernel', or qkv and to_q
+            raise CheckpointError(f"{source}: tensors {owner[path]!r} and {read[0]!r} both convert to "
+                                  f"{'/'.join(path)}")
         if spec is None:
             mismatch.unexpected.append("/".join(path))
         elif tuple(value.shape) != tuple(spec.shape):
@@ -309,6 +313,8 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
             refill.append(path)
         else:
             got[path] = _cast(value, spec.dtype, read[0], source, allow_nonfinite)
+        if spec is not None:
+            owner[path] = read[0]
     missing = [p for p in want if p not in got and p not in refill]
     mismatch.missing = ["/".join(p) for p in missing]
     if mismatch and not allow_partial:

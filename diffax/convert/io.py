@@ -242,7 +242,7 @@ class _TorchFile:
 
 def _natural(key: str) -> tuple:
     """Sort key that puts 'blocks.2.' before 'blocks.10.'."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key))
+    return tuple(int(p) if p.isdecimal() else p for p in re.split(r"(\d+)", key))
 
 
 class Tensors:

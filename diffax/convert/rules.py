@@ -28,13 +28,15 @@ Params = dict[str, Any]
 
 # torch module names that themselves end in _<digits>; every other `name_<N>` flax segment is `name.<N>`.
 LITERAL_NAMES = frozenset({"linear_1", "linear_2", "linear_3", "proj_out_1", "proj_out_2"})
+# A module index in a torch key ('down_blocks.0'); ASCII only, as str.isdigit would take '²'.
+_INDEX = re.compile(r"[0-9]+")
 
 
 def key_to_path(key: str) -> tuple[str, ...]:
     """'down_blocks.0.resnets.1.conv1.weight' -> ('down_blocks_0', 'resnets_1', 'conv1', 'weight')."""
     path: list[str] = []
     for part in key.split("."):
-        if part.isdigit() and path:
+        if _INDEX.fullmatch(part) and path:
             path[-1] = f"{path[-1]}_{part}"
         else:
             path.append(part)
@@ -45,8 +47,11 @@ def path_to_key(path: Iterable[str], literal_names: frozenset[str] = LITERAL_NAM
     """Inverse of `key_to_path`: ('down_blocks_0', 'conv1', 'weight') -> 'down_blocks.0.conv1.weight'."""
     parts = []
     for seg in path:
-        m = re.fullmatch(r"(.+)_(\d+)", seg)
-        parts.append(f"{m.group(1)}.{m.group(2)}" if m and seg not in literal_names else seg)
+        indices = []  # 'to_out_0_1' is to_out.0.1: peel indices until a literal name or none is left
+        while seg not in literal_names and (m := re.fullmatch(r"(.+)_([0-9]+)", seg)):
+            seg = m.group(1)
+            indices.insert(0, m.group(2))
+        parts.extend([seg, *indices])
     return ".".join(parts)
 
 
@@ -94,10 +99,17 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], *, embedding_keys: Itera
     `source` names the file in error messages.
     """
     embedding_keys = tuple(embedding_keys)
-    flat = {}
+    flat, keys = {}, {}
     for key, value in state_dict.items():
         path, value = tensor_to_flax(key, value, embedding_keys=embedding_keys, source=source)
-        flat[path] = np.asarray(value, order="C")  # keeps 0-d (ascontiguousarray does not)
+        if path in keys:
+            raise CheckpointError(f"{source}: {keys[path]!r} and {key!r} both convert to {'/'.join(path)}")
+        flat[path], keys[path] = np.asarray(value, order="C"), key  # keeps 0-d (ascontiguousarray does not)
+    for path, key in keys.items():  # a tensor's path cannot also be a module holding other tensors
+        for i in range(1, len(path)):
+            if path[:i] in keys:
+                raise CheckpointError(f"{source}: {keys[path[:i]]!r} is a tensor, but {key!r} puts tensors "
+                                      f"under it")
     return unflatten(flat)
 
 

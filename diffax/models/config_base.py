@@ -15,8 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
+
+import ml_dtypes
+import numpy as np
 
 EXTRAS_KEY = "_diffax"
 CONFIG_NAME = "config.json"
@@ -56,6 +61,39 @@ def _python_value(value: Any) -> Any:
     return value
 
 
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether `value` has the type a config field's annotation says (JSON's int counts as a float, bool is
+    no int); annotations this does not know (Any, a dtype) accept everything, leaving them to the family."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float, str):
+        ok = (int, float) if hint is float else hint
+        return isinstance(value, ok) and not isinstance(value, bool)
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+    return True
+
+
+def _is_float_dtype(value: Any) -> bool:
+    """Whether `value` names a floating dtype: 'bfloat16', jnp.float32, np.dtype('float16'), ..."""
+    if not isinstance(value, (str, type, np.dtype)):
+        return False
+    try:
+        dtype = np.dtype(value)
+    except (TypeError, ValueError):
+        return False
+    return np.issubdtype(dtype, np.floating) or dtype == ml_dtypes.bfloat16
+
+
 class DiffusersConfig:
     """Mixin for family configs (frozen dataclasses): `from_diffusers` and `to_diffusers`."""
     class_name: ClassVar[str] = ""
@@ -79,8 +117,10 @@ class DiffusersConfig:
         name = cfg.get("_class_name", cls.class_name)
         if name not in (cls.class_name, *cls.accepted_class_names):
             raise ValueError(f"{source}: _class_name is {name!r}, not {cls.class_name!r}")
-        cfg = cls._translate(cfg, source)
         fields = {f.name for f in dataclasses.fields(cls)}
+        # Checked before _translate too: it compares the values of an older layout's keys.
+        cls._check_types({k: _python_value(v) for k, v in cfg.items() if k in fields}, source)
+        cfg = cls._translate(cfg, source)
         persistent = fields - set(cls.runtime_fields) - set(cls.extra_fields)
         kwargs = {k: _python_value(v) for k, v in cfg.items() if not k.startswith("_")}
         unknown = sorted(kwargs.keys() - persistent)
@@ -95,10 +135,25 @@ class DiffusersConfig:
         if bad:
             raise ValueError(f"{cls.class_name}.from_diffusers: only the runtime fields {cls.runtime_fields} "
                              f"may be passed, got {bad}")
+        for key in ("dtype", "param_dtype"):
+            if key in runtime and not _is_float_dtype(runtime[key]):
+                raise ValueError(f"{cls.class_name}: {key}={runtime[key]!r} is not a floating-point dtype "
+                                 f"(use 'float32', 'bfloat16' or 'float16')")
+        values = {**kwargs, **{k: _python_value(v) for k, v in extras.items()}, **runtime}
+        cls._check_types(values, source)
         try:
-            return cls(**kwargs, **{k: _python_value(v) for k, v in extras.items()}, **runtime)
-        except (TypeError, ValueError) as e:  # TypeError: a JSON value of the wrong type
+            return cls(**values)
+        except (TypeError, ValueError) as e:  # TypeError: a value a family check cannot compare
             raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def _check_types(cls, values: Mapping[str, Any], source: str) -> None:
+        """ValueError naming the first field whose value is not of its annotated type."""
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            if not _fits(value, hints[key]):
+                annotation = next(f.type for f in dataclasses.fields(cls) if f.name == key)
+                raise ValueError(f"{source}: {key}={value!r} has the wrong type (expected {annotation})")
 
     def to_diffusers(self) -> dict[str, Any]:
         """The config.json dict (`_class_name` set, runtime fields left out, extras under "_diffax") that
