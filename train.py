@@ -2,7 +2,7 @@
 
     python train.py --config=configs/digits.py --workdir=runs/digits [--config.train.steps=500 ...]
 
-Re-running the same command resumes from the latest checkpoint in the workdir.
+Re-running the same command resumes from the latest checkpoint in the workdir (--step=N: from step N).
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -14,6 +14,8 @@ from diffax.train.loop import train_and_evaluate
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file, e.g. configs/digits.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, samples and logs go here.")
+flags.DEFINE_integer("step", None, "Resume from this checkpoint step; default the newest one that reads back "
+                     "intact. Later steps are moved to checkpoints/superseded/.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -21,7 +23,7 @@ def main(argv):
     del argv
     parallel.initialize_distributed()
     logging.set_verbosity(logging.WARNING)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, step=FLAGS.step)
 
 
 if __name__ == "__main__":

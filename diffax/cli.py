@@ -9,14 +9,17 @@ from typing import Callable, Sequence
 import ml_collections
 from absl import flags
 
+from diffax.train.checkpoint import CheckpointSaveError
+
 
 def run_reporting_errors(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], None]:
     """Wrap an absl `main` so ValueError / FileNotFoundError (bad config, missing checkpoint, bad label) and
-    FloatingPointError (a run stopped on a NaN loss) exit with status 1 and the message alone."""
+    FloatingPointError (a run stopped on a NaN loss) and CheckpointSaveError (a full disk) exit with status 1
+    and the message alone."""
     def run(argv: Sequence[str]) -> None:
         try:
             main(argv)
-        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        except (ValueError, FileNotFoundError, FloatingPointError, CheckpointSaveError) as e:
             sys.exit(f"error: {e}")
     return run
 
@@ -27,7 +30,16 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     status 1 and one line naming it. Config overrides are applied while the flags are parsed, before `main`
     runs, so `run_reporting_errors` cannot see these."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
+        for name in flags.FLAGS:
+            # A config file that failed to load is a placeholder raising OSError on its first attribute
+            # lookup; look one up now. Any other value just lacks the attribute.
+            getattr(flags.FLAGS[name].value, "_loaded_config_probe", None)
+        return argv
+    except OSError as e:
+        while e.__cause__ is not None:  # ml_collections wraps the error that stopped the loading
+            e = e.__cause__
+        sys.exit(f"error: cannot load the config file: {' '.join(str(e).split())}")
     except flags.Error as e:
         # absl: "flag --config.train.steps=abc: invalid literal for int() ..."; name the config key.
         override = re.fullmatch(r"flag --(\w+)\.([\w.]+)=(.*?): (.*)", str(e), re.DOTALL)

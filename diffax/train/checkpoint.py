@@ -1,36 +1,71 @@
-"""Orbax checkpoints of a run: train state, EMA params, the config and the data iterator position.
+"""Orbax checkpoints of a run: train state, EMA params, the config, the data iterator position, checksums.
 
 Layout of `workdir/checkpoints/<step>/`:
   train_state/  {step, params, opt_state}     what resuming needs
   ema_params/   the EMA weights                  all that sampling needs (restored alone)
   config/       the run's ConfigDict as JSON     rebuilds the model without the original config file
   data/         grain iterator state per process the next batch after resuming
+  integrity/    a checksum per array (JSON)      restore checks what it read against what was written
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed mid-save
 leaves the previous checkpoint intact; saves are asynchronous (training continues while they are written).
+
+A step that cannot be read, or whose arrays do not match their checksums, raises `CorruptCheckpointError`
+naming the step directory and the first bad item; `restore_for_sampling` then falls back to the newest
+good step. Bad steps are never deleted here (`set_aside` moves them out of Orbax's sight).
 """
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_DIR = "checkpoints"
+INTEGRITY_VERSION = 1
 
 
 class NoCheckpointError(FileNotFoundError):
-    """A workdir holds no complete checkpoint."""
+    """A workdir holds no complete checkpoint, or not the step asked for."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step cannot be read or does not match its checksums."""
+
+    def __init__(self, step_dir: Path, what: str):
+        super().__init__(f"{step_dir}: {what}")
+        self.step_dir, self.what = step_dir, what
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed (a full disk, lost permissions); the steps saved before are intact."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of the message of the exception at the root of `error`'s chain, with its type: what a
+    one-line report can show (Orbax wraps TensorStore's precise error, which names the file and array)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else ""
+    if len(text) > 400:  # TensorStore's messages end with the operating system's reason
+        text = f"{text[:200]} ... {text[-200:]}"
+    return f"{type(error).__name__}: {text}"
 
 
 def make_manager(workdir: str | Path, *, max_to_keep: int = 3, read_only: bool = False,
                  enable_async: bool = True) -> ocp.CheckpointManager:
     """A CheckpointManager over `workdir/checkpoints` keeping the last `max_to_keep` steps."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+    _quiet_orbax_failures()
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
+                                           read_only=read_only, save_interval_steps=0 if read_only else 1,
                                            enable_async_checkpointing=enable_async,
                                            cleanup_tmp_directories=not read_only)
     item_handlers = {
@@ -38,82 +73,336 @@ def make_manager(workdir: str | Path, *, max_to_keep: int = 3, read_only: bool =
         "ema_params": ocp.StandardCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
         "data": grain.checkpoint.CheckpointHandler(),
+        "integrity": ocp.JsonCheckpointHandler(),
     }
     return ocp.CheckpointManager(Path(workdir).absolute() / CHECKPOINT_DIR, options=options,
                                  item_handlers=item_handlers)
 
 
+def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
+    """The directory of a committed step."""
+    return Path(manager.directory) / str(step)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checksums. Each leaf's bits, as uint32 words, are hashed with their flat position and summed mod 2**32 in
+# one jitted reduction on the devices that hold the array. Integer addition is exact and commutative, so the
+# sum is the same for any sharding, device count or process count, and nothing is copied to the host.
+# fmix32 is a bijection: changing any one word always changes the sum; more changes collide with chance
+# 2**-32.
+
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finalizer on uint32: a bijection that spreads every input bit over the output."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The bits of `x` as uint32 words (8- and 16-bit values widened, 64-bit values split in two)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    words = _words(x)
+    index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+    for axis in reversed(range(words.ndim)):  # the flat position mod 2**32, without a 64-bit iota
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+        stride *= words.shape[axis]
+    return jnp.sum(_fmix32(words ^ _fmix32(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+def checksums(tree: Any) -> dict[str, str]:
+    """{leaf path: 8 hex digits} of a pytree of (possibly sharded, multi-process) arrays."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not leaves:
+        return {}
+    sharding = getattr(leaves[0][1], "sharding", None)
+    replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+                  if isinstance(sharding, jax.sharding.NamedSharding) else None)
+    sums = jax.jit(lambda xs: [_leaf_checksum(x) for x in xs], out_shardings=replicated)(
+        [x for _, x in leaves])
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{int(s):08x}"
+            for (path, _), s in zip(leaves, jax.device_get(sums))}
+
+
+def _verify(directory: Path, item: str, tree: Any, saved: dict[str, str]) -> None:
+    """Raise CorruptCheckpointError at the first leaf of `tree` whose checksum is not the saved one."""
+    got = checksums(tree)
+    for path in sorted(set(got) | set(saved)):
+        if got.get(path) != saved.get(path):
+            what = ("has no recorded checksum" if path not in saved else "is missing" if path not in got
+                    else f"does not match its checksum (written {saved[path]}, read {got[path]})")
+            raise CorruptCheckpointError(directory, f"array {item}/{path} {what}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving.
+
 def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.ConfigDict,
          data_iterator: Any | None) -> None:
-    """Start an asynchronous save of `state` (a TrainState) at its step."""
+    """Start an asynchronous save of `state` (a TrainState) at its step, with a checksum of every array.
+
+    Raises CheckpointSaveError when this save, or the previous asynchronous one, cannot be written.
+    """
+    train_state = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    integrity = {"version": INTEGRITY_VERSION, "train_state": checksums(train_state),
+                 "ema_params": checksums(state.ema_params)}
     items = {
-        "train_state": ocp.args.StandardSave({"step": state.step, "params": state.params,
-                                              "opt_state": state.opt_state}),
+        "train_state": ocp.args.StandardSave(train_state),
         "ema_params": ocp.args.StandardSave(state.ema_params),
         "config": ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+        "integrity": ocp.args.JsonSave(integrity),
     }
     if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    manager.save(int(jax.device_get(state.step)), args=ocp.args.Composite(**items))
+    step = int(jax.device_get(state.step))
+    _writing(manager, step, lambda: manager.save(step, args=ocp.args.Composite(**items)))
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+    """Block until the asynchronous save in flight is on disk; CheckpointSaveError if it failed."""
+    _writing(manager, None, manager.wait_until_finished)
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Wait for the save in flight, then close the manager; CheckpointSaveError if the save failed (closing
+    then re-raises the same failure, which is not reported twice)."""
+    try:
+        wait_until_saved(manager)
+    except CheckpointSaveError:
+        try:
+            manager.close()
+        except Exception:  # the same failed save, already in the error being raised
+            pass
+        raise
+    _writing(manager, None, manager.close)
+
+
+def _writing(manager: ocp.CheckpointManager, step: int | None, write: Callable[[], Any]) -> None:
+    try:
+        write()
+    except Exception as e:  # Orbax and TensorStore raise many types; all mean the same thing here
+        saved = [int(p.name) for p in Path(manager.directory).iterdir() if p.name.isdigit()]
+        raise CheckpointSaveError(
+            f"could not write a checkpoint{'' if step is None else f' at step {step}'} to {manager.directory} "
+            f"({first_line(e)}); the steps already saved are intact: {sorted(saved)}. Free disk space and "
+            f"re-run the same command to resume") from e
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Restoring.
+
+class _DropOrbaxThreadErrors(logging.Filter):
+    """Orbax logs each failure of its background save threads with a traceback, then raises it again from
+    `save` / `wait_until_finished`, where `CheckpointSaveError` reports it in one line; drop the logs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
+
+
+def _quiet_orbax_failures() -> None:
+    """Install, once, the filters that keep a failed checkpoint read or write to our one-line report."""
+    _ignore_closed_loop_callbacks()
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxThreadErrors) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxThreadErrors())
+
+
+def _ignore_closed_loop_callbacks() -> None:
+    """Silence TensorStore's late callbacks into the asyncio loop of a failed Orbax read.
+
+    When one of many concurrent reads fails, Orbax's `asyncio.run` returns and closes its loop while the
+    other TensorStore futures are still in flight; each one finishing later calls the closed loop and
+    prints a "RuntimeError: Event loop is closed" traceback through `sys.unraisablehook` (hundreds of lines
+    after the one-line report). Those and only those are dropped; the hook stays for the process's life
+    because the callbacks arrive at any later time.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_diffax_closed_loop_filter", False):
+        return
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._diffax_closed_loop_filter = True
+    sys.unraisablehook = hook
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    """manager.restore, with any failure to read turned into CorruptCheckpointError naming the item."""
+    _ignore_closed_loop_callbacks()
+    directory = step_dir(manager, step)
+    missing = [name for name in items if not (directory / name).is_dir()]
+    if missing:
+        raise CorruptCheckpointError(directory, f"item {missing[0]}/ is missing")
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # TensorStore, Orbax, json and OS errors alike mean the files cannot be read
+        item = next((name for name in items if f"/{step}/{name}" in str(e)), "/".join(items))
+        raise CorruptCheckpointError(directory, f"cannot read {item}: {first_line(e)}") from e
+
+
+def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
+    """The config saved with `step`."""
+    restored = _restore(manager, step, {"config": ocp.args.JsonRestore()})
+    if not isinstance(restored["config"], dict):
+        raise CorruptCheckpointError(step_dir(manager, step), "item config/ is not a JSON object")
+    return ml_collections.ConfigDict(restored["config"])
+
+
+def _integrity(manager: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+    """The step's checksums; None for a step saved before checksums existed (its metadata lists no item)."""
+    directory = step_dir(manager, step)
+    try:
+        handlers = json.loads((directory / "_CHECKPOINT_METADATA").read_text()).get("item_handlers", {})
+    except (OSError, ValueError, AttributeError) as e:
+        raise CorruptCheckpointError(directory, f"cannot read _CHECKPOINT_METADATA: {first_line(e)}") from e
+    if "integrity" not in handlers:
+        return None
+    saved = _restore(manager, step, {"integrity": ocp.args.JsonRestore()})["integrity"]
+    if not isinstance(saved, dict) or saved.get("version") != INTEGRITY_VERSION:
+        raise CorruptCheckpointError(directory, "item integrity/ is not a checksum record")
+    return saved
+
+
+def check_step(manager: ocp.CheckpointManager, step: int) -> None:
+    """NoCheckpointError, listing the steps there are, when `step` is not a committed step."""
+    steps = sorted(manager.all_steps())
+    if step not in steps:
+        raise NoCheckpointError(f"{manager.directory}: no checkpoint at step {step}; have {steps or 'none'}")
 
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, data_iterator: Any | None,
-                        step: int | None = None) -> Any:
-    """The TrainState at `step` (default: latest), placed with `abstract_state`'s shardings, and the data
-    iterator moved to where that step left it. `abstract_state` is a TrainState of ShapeDtypeStructs, each
-    with the sharding it should have now: the saving run's device and process count do not matter.
+                        step: int) -> Any:
+    """The TrainState at `step`, placed with `abstract_state`'s shardings and checked against its checksums,
+    and the data iterator moved to where that step left it. `abstract_state` is a TrainState of
+    ShapeDtypeStructs, each with the sharding it should have now: the saving run's device and process count
+    do not matter. Raises CorruptCheckpointError when the step cannot be read or fails its checksums.
 
     The data iterator's state is saved per process; a run resumed on another process count reads process
     0's, which diffax.data's iterators make mean the same under any process count (it counts steps).
     """
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise NoCheckpointError(f"{manager.directory}: no checkpoint to resume from")
+    check_step(manager, step)
     if any(getattr(x, "sharding", None) is None for x in jax.tree.leaves(abstract_state)):
         # Orbax would fall back to the saved shardings, which only exist on the saving topology.
         raise ValueError("restore_train_state needs a sharding on every leaf of abstract_state")
+    directory = step_dir(manager, step)
+    integrity = _integrity(manager, step)
     items = {
         "train_state": ocp.args.StandardRestore({"step": abstract_state.step, "params": abstract_state.params,
                                                  "opt_state": abstract_state.opt_state}),
         "ema_params": ocp.args.StandardRestore(abstract_state.ema_params),
     }
-    data_dir = Path(manager.directory) / str(step) / "data"
+    data_dir = directory / "data"
     index, count = jax.process_index(), jax.process_count()
     same_topology = (data_dir / f"process_{index}-of-{count}.json").exists()  # grain's file name
     if data_iterator is not None and same_topology:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    restored = _restore(manager, step, items)
+    if integrity is not None:
+        for item in ("train_state", "ema_params"):
+            _verify(directory, item, restored[item], integrity.get(item, {}))
     if data_iterator is not None and not same_topology:
         saved = sorted(data_dir.glob("process_0-of-*.json"))
         if not saved:
-            raise NoCheckpointError(f"{data_dir}: no data iterator state to resume from")
-        data_iterator.set_state(json.loads(saved[0].read_text()))
+            raise CorruptCheckpointError(directory, "item data/ holds no iterator state of process 0")
+        try:
+            data_iterator.set_state(json.loads(saved[0].read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpointError(directory, f"cannot read {saved[0].name}: {first_line(e)}") from e
     ts = restored["train_state"]
     return abstract_state.replace(step=ts["step"], params=ts["params"], opt_state=ts["opt_state"],
                                   ema_params=restored["ema_params"])
 
 
+def set_aside(manager: ocp.CheckpointManager, steps: Iterable[int], folder: str) -> list[Path]:
+    """Move committed steps to `checkpoints/<folder>/<step>` (process 0; every process waits), out of the
+    manager's sight: Orbax neither lists nor garbage-collects them there, and new saves of the same step
+    numbers do not collide with them. Returns where they went."""
+    moved = []
+    for step in sorted(steps):
+        target = Path(manager.directory) / folder / str(step)
+        n = 0
+        while target.exists():  # the same step set aside before, by an earlier fallback or --step
+            n += 1
+            target = Path(manager.directory) / folder / f"{step}.{n}"
+        moved.append(target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            step_dir(manager, step).rename(target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("diffax_set_aside")
+    manager.reload()
+    return moved
+
+
+def report(message: str) -> None:
+    """One line on stderr from process 0: what a fallback or a config change tells the user."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
 def restore_for_sampling(workdir: str | Path, step: int | None = None
                          ) -> tuple[ml_collections.ConfigDict, Any, int]:
-    """(config, EMA params as host numpy arrays, step) from a workdir, without the optimizer state."""
+    """(config, EMA params as host numpy arrays, step) from a workdir, without the optimizer state.
+
+    With `step` None this is the newest step that reads back and matches its checksums; each bad step
+    passed over is reported in one line on stderr. An explicit bad `step` raises CorruptCheckpointError.
+    """
     directory = Path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
         raise NoCheckpointError(f"{workdir}: no checkpoints/ folder; train first with "
                                 f"`python train.py --config=... --workdir={workdir}`")
     manager = make_manager(workdir, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
         raise NoCheckpointError(f"{directory}: no complete checkpoint (a run killed before its first save?)")
-    if step not in manager.all_steps():
-        raise NoCheckpointError(f"{directory}: no checkpoint at step {step}; have {sorted(manager.all_steps())}")
-    # An explicit target, replicated on the current devices: without one Orbax would rebuild the saving run's
-    # shardings, which fails on any other device or process count.
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated_everywhere()),
-                          manager.item_metadata(step)["ema_params"])
-    restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                             ema_params=ocp.args.StandardRestore(target)))
-    config = ml_collections.ConfigDict(restored["config"])
-    return config, jax.device_get(restored["ema_params"]), step
+    if step is not None:
+        check_step(manager, step)
+        return (*_restore_ema(manager, step), step)
+    errors = []
+    for candidate in steps:
+        try:
+            config, params = _restore_ema(manager, candidate)
+        except CorruptCheckpointError as e:
+            errors.append(e)
+            report(f"warning: skipping corrupt checkpoint {e}")
+            continue
+        if errors:
+            report(f"using checkpoint step {candidate}, the newest good one")
+        return config, params, candidate
+    raise CorruptCheckpointError(directory, f"no step reads back intact ({len(errors)} tried, see above)")
+
+
+def _restore_ema(manager: ocp.CheckpointManager, step: int) -> tuple[ml_collections.ConfigDict, Any]:
+    directory = step_dir(manager, step)
+    integrity = _integrity(manager, step)
+    config = read_config(manager, step)
+    _ignore_closed_loop_callbacks()
+    try:
+        metadata = manager.item_metadata(step)["ema_params"]
+        # An explicit target, replicated on the current devices: without one Orbax would rebuild the saving
+        # run's shardings, which fails on any other device or process count.
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated_everywhere()),
+                              metadata)
+    except Exception as e:  # a missing or garbled _METADATA file
+        raise CorruptCheckpointError(directory, f"cannot read the metadata of ema_params: {first_line(e)}") from e
+    params = _restore(manager, step, {"ema_params": ocp.args.StandardRestore(target)})["ema_params"]
+    if integrity is not None:
+        _verify(directory, "ema_params", params, integrity.get("ema_params", {}))
+    return config, jax.device_get(params)
 
 
 def replicated_everywhere() -> jax.sharding.NamedSharding:

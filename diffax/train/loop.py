@@ -26,7 +26,7 @@ from diffax.image_io import save_grid
 from diffax.models import boxed_init, build_model
 from diffax.pipelines.generation import GenerationPipeline
 from diffax.schedulers.names import scheduler_for
-from diffax.train import checkpoint
+from diffax.train import checkpoint, resume
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
 from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
@@ -116,8 +116,13 @@ def write_samples(pipe: GenerationPipeline, params: Any, config: ml_collections.
         save_grid(path, images, ncols=10, upscale=max(1, 64 // images.shape[1]))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainState:
-    """Train (or resume) the run in `workdir` up to `config.train.steps`; returns the final state."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None
+                       ) -> TrainState:
+    """Train (or resume) the run in `workdir` up to `config.train.steps`; returns the final state.
+
+    Resumes from the newest checkpoint that reads back intact, or from `step` (diffax.train.resume says
+    which config changes a resumed run accepts).
+    """
     validate_config(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,9 +150,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     init_key, step_key, sample_key = jax.random.split(key, 3)
     state, shardings = create_train_state(model, tx, mesh, init_key, rules)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints)
-    if manager.latest_step() is not None:
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-        state = checkpoint.restore_train_state(manager, abstract, it)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    restored = resume.resume(manager, abstract, it, config, workdir, step)
+    if restored is None:
+        resume.record_config(workdir, 0, config)
+    else:
+        state = restored
         if jax.process_index() == 0:
             print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
 
@@ -208,6 +216,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     finally:  # an error mid-run still completes the checkpoint being written
         bar.close()
         writer.close()
-        manager.wait_until_finished()
-        manager.close()
+        checkpoint.finish(manager)
     return state

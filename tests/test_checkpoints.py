@@ -1,0 +1,250 @@
+"""Checkpoints: checksums catch silent corruption, bad steps are skipped with one line, --step resumes an
+older step, config changes are checked on resume, and a full disk stops the run with the last step intact."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from diffax.train import checkpoint, resume
+from diffax.train.loop import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import tiny_config  # noqa: E402
+
+# The tiny config of tests/test_train.py as train.py overrides.
+TINY_FLAGS = ["--config.model.block_out_channels=(8, 16)",
+              "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
+              "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
+              "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
+              "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.log_every=2",
+              "--config.train.checkpoint_every=3", "--config.train.sample_every=0", "--config.sample.steps=3"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run of 6 steps with checkpoints at steps 3 and 6."""
+    path = tmp_path_factory.mktemp("trained")
+    train_and_evaluate(tiny_config(steps=6), path)
+    return path
+
+
+def _copy(trained: Path, tmp_path: Path) -> Path:
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    return workdir
+
+
+def _largest_array_file(workdir: Path, step: int, item: str = "ema_params") -> Path:
+    files = (workdir / "checkpoints" / str(step) / item / "ocdbt.process_0" / "d").iterdir()
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _raw_ema(workdir: Path, step: int) -> list[np.ndarray]:
+    """The EMA params as Orbax alone reads them: no checksums."""
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                         sharding=checkpoint.replicated_everywhere()),
+                          manager.item_metadata(step)["ema_params"])
+    restored = manager.restore(step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore(target)))
+    return [np.asarray(x) for x in jax.tree.leaves(restored["ema_params"])]
+
+
+def _our_lines(stderr: str) -> list[str]:
+    """stderr without absl's own warning lines (W1126 12:00:00.000 ... orbax: 'directory is read only')."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(("W", "I"))]
+
+
+def test_checksums_are_exact_and_sharding_independent():
+    x = np.random.default_rng(0).standard_normal((8, 6, 4)).astype(np.float32)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("d",))
+    sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    whole = checkpoint.checksums({"x": x, "i": np.arange(5, dtype=np.int8), "h": x.astype(jax.numpy.bfloat16)})
+    assert checkpoint.checksums({"x": sharded})["x"] == whole["x"]
+    y = x.copy()
+    y[3, 2, 1] = np.nextafter(y[3, 2, 1], np.float32(np.inf))  # one bit of one value
+    assert checkpoint.checksums({"x": y})["x"] != whole["x"]
+    assert checkpoint.checksums({"x": x[::-1]})["x"] != whole["x"]  # the same values at other positions
+
+
+def test_flipped_bytes_are_detected_and_sample_py_uses_the_previous_step(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    before = _raw_ema(workdir, 6)
+    target = _largest_array_file(workdir, 6)
+    data = bytearray(target.read_bytes())
+    start = len(data) // 20  # inside the stored values, past the file's header
+    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+    target.write_bytes(bytes(data))
+    after = _raw_ema(workdir, 6)  # Orbax reads the flipped bytes without complaint...
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after)), "the flip must change what is read"
+
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--steps=2",
+                             "--num_samples=2", f"--out={tmp_path / 's.npz'}"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = _our_lines(result.stderr)  # ...but the checksums do not match: one line, then the fallback
+    assert len(lines) == 2, result.stderr
+    assert f"{workdir / 'checkpoints' / '6'}: array ema_params/" in lines[0]
+    assert "does not match its checksum" in lines[0]
+    assert "using checkpoint step 3" in lines[1]
+    assert "from step 3" in result.stdout
+    assert (workdir / "checkpoints" / "6").is_dir()  # sampling never moves or deletes anything
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 3])
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, path.stat().st_size, np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("damage, item", [
+    ("truncate", "ema_params"), ("delete", "ema_params"), ("garbage", "ema_params"),
+    ("garbage manifest", "ema_params"), ("garbage config", "config")])
+def test_unreadable_latest_step_falls_back_in_one_line(trained, tmp_path, capfd, damage, item):
+    workdir = _copy(trained, tmp_path)
+    step6 = workdir / "checkpoints" / "6"
+    if damage == "garbage manifest":
+        _garbage(step6 / "ema_params" / "manifest.ocdbt")
+    elif damage == "garbage config":
+        (step6 / "config" / "metadata").write_text("{not json")
+    else:
+        target = _largest_array_file(workdir, 6)
+        {"truncate": _truncate, "delete": Path.unlink, "garbage": _garbage}[damage](target)
+    capfd.readouterr()
+    config, params, step = checkpoint.restore_for_sampling(workdir)
+    err = capfd.readouterr().err
+    assert step == 3
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    lines = _our_lines(err)
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"warning: skipping corrupt checkpoint {step6}: ") and item in lines[0], err
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=f"{step6}: .*{item}"):
+        checkpoint.restore_for_sampling(workdir, step=6)  # asked for by number: an error, no fallback
+
+
+def test_resumed_training_skips_a_corrupt_step_and_moves_it_aside(trained, tmp_path, capfd):
+    workdir = _copy(trained, tmp_path)
+    _garbage(_largest_array_file(workdir, 6, "train_state"))
+    capfd.readouterr()
+    train_and_evaluate(tiny_config(steps=6), workdir)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert f"skipping corrupt checkpoint {workdir / 'checkpoints' / '6'}: cannot read train_state" in err
+    assert f"step 3; corrupt steps moved to {workdir / 'checkpoints' / 'corrupt' / '6'}" in err
+    # The corrupt step is kept, out of Orbax's sight; the run trained 3 -> 6 again and saved a good step 6.
+    assert (workdir / "checkpoints" / "corrupt" / "6" / "train_state").is_dir()
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    assert sorted(manager.all_steps()) == [3, 6]
+    np.testing.assert_array_equal(_raw_ema(workdir, 6)[0], _raw_ema(trained, 6)[0])  # resuming is exact
+
+
+def test_train_step_flag_resumes_an_older_step(trained, tmp_path, capfd):
+    workdir = _copy(trained, tmp_path)
+    capfd.readouterr()
+    train_and_evaluate(tiny_config(steps=6), workdir, step=3)
+    err = capfd.readouterr().err
+    assert f"later steps moved to {workdir / 'checkpoints' / 'superseded' / '6'}" in err
+    assert (workdir / "checkpoints" / "superseded" / "6" / "ema_params").is_dir()
+    assert sorted(checkpoint.make_manager(workdir, read_only=True).all_steps()) == [3, 6]  # 6 saved anew
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
+                             f"--workdir={workdir}", "--step=99", *TINY_FLAGS, "--config.train.steps=6"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir / 'checkpoints'}: no checkpoint at step 99; have [3, 6]")
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("model.block_out_channels", (8, 32), "model.block_out_channels [8, 16] -> [8, 32]"),
+    ("diffusion.prediction_type", "v_prediction", 'diffusion.prediction_type "epsilon" -> "v_prediction"'),
+    ("train.batch_size", 32, "train.batch_size 16 -> 32"),
+    ("data.image_size", 8, "data.image_size 16 -> 8"),
+])
+def test_a_config_change_that_alters_the_checkpoint_is_an_error(trained, key, value, message):
+    config = tiny_config(steps=6)
+    block, name = key.split(".")
+    config[block][name] = value
+    saved = checkpoint.read_config(checkpoint.make_manager(trained, read_only=True), 6)
+    with pytest.raises(resume.ConfigChangeError, match="cannot resume .*6 with a changed config: " + (
+            message.replace("[", r"\[").replace("]", r"\]"))):
+        resume.check_config(saved, config, trained / "checkpoints" / "6")
+
+
+def test_resuming_with_a_changed_model_names_the_key(trained, tmp_path):
+    workdir = _copy(trained, tmp_path)
+    config = tiny_config(steps=9)
+    config.model.norm_num_groups = 2
+    with pytest.raises(resume.ConfigChangeError, match="model.norm_num_groups 4 -> 2"):
+        train_and_evaluate(config, workdir)
+    assert not (workdir / "checkpoints" / "9").exists()
+
+
+def test_allowed_config_changes_are_recorded_not_written_over(trained, tmp_path, capfd):
+    workdir = _copy(trained, tmp_path)
+    config = tiny_config(steps=9)
+    config.train.learning_rate = 1e-3
+    config.diffusion.snr_gamma = 0.0
+    capfd.readouterr()
+    train_and_evaluate(config, workdir)
+    err = capfd.readouterr().err
+    assert ("config changed since step 6: diffusion.snr_gamma 5.0 -> 0.0; train.learning_rate 0.002 -> 0.001; "
+            "train.steps 6 -> 9") in err
+    history = [json.loads(line) for line in (workdir / resume.HISTORY_FILE).read_text().splitlines()]
+    assert [record["step"] for record in history] == [0, 6]
+    first = history[0]["config"]  # the run's first config, whole
+    assert first["train"]["learning_rate"] == 0.002 and first["train"]["steps"] == 6
+    assert history[1]["changed"] == {"diffusion.snr_gamma": {"old": 5.0, "new": 0.0},
+                                     "train.learning_rate": {"old": 0.002, "new": 0.001},
+                                     "train.steps": {"old": 6, "new": 9}}
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    assert checkpoint.read_config(manager, 9).train.learning_rate == 1e-3  # the config in force from step 6
+    assert checkpoint.read_config(manager, 6).train.learning_rate == 0.002
+
+
+# train.py whose disk fills up after its first checkpoint: every later write of a file past 4 KiB fails in the
+# kernel (RLIMIT_FSIZE: EFBIG, as ENOSPC would), inside TensorStore's and Orbax's real write path. stderr is a
+# pipe, which the limit does not touch.
+FULL_DISK = """
+import resource, runpy, signal, sys
+from diffax.train import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing the process
+save = checkpoint.save
+def save_then_fill(manager, *args, **kwargs):
+    save(manager, *args, **kwargs)
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY:
+        manager.wait_until_finished()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+checkpoint.save = save_then_fill
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path(sys.argv.pop(1), run_name="__main__")
+"""
+
+
+def test_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    workdir = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
+         f"--workdir={workdir}", *TINY_FLAGS, "--config.train.steps=6", "--config.train.log_every=100"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "Event loop is closed" not in result.stderr
+    lines = _our_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: could not write a checkpoint to {workdir / 'checkpoints'} ")
+    assert "File too large" in lines[0] and "the steps already saved are intact: [3]" in lines[0]
+    manager = checkpoint.make_manager(workdir, read_only=True)
+    assert sorted(manager.all_steps()) == [3]  # the half-written step 6 is a temporary folder Orbax ignores
+    assert checkpoint.restore_for_sampling(workdir)[2] == 3  # and step 3 reads back, checksums and all
