@@ -76,6 +76,15 @@ def _train(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=tmp_path)
 
 
+def test_missing_config_file_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config=nope.py", f"--workdir={tmp_path}",
+                             "--config.train.steps=3"], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: cannot load the config file: "), result.stderr
+    assert "No such file or directory: 'nope.py'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize("override, message", [
     ("--config.train.stepz=5", "error: unknown config key 'train.stepz' (--config.train.stepz=5); "
                                "did you mean 'train.steps'?"),
