@@ -269,6 +269,10 @@ class DiTConfig(DiffusersConfig):
         """Every class label replaced by the null class."""
         return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}
 
+    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sample, timesteps, cond = self.example_inputs()
+        return (sample, timesteps), cond
+
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         sample = jnp.zeros((batch, self.sample_size, self.sample_size, self.in_channels), jnp.float32)
         return sample, jnp.zeros((batch,)), {"class_labels": jnp.zeros((batch,), jnp.int32)}

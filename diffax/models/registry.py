@@ -6,9 +6,10 @@
 
 A family is three things, with the same names everywhere:
   config_cls  a frozen dataclass whose fields are the diffusers `config.json` keys (plus diffax's runtime
-              fields such as `dtype`), with `from_diffusers(dict | path, **runtime)` and `to_diffusers() -> dict`,
-              and the facts that training and sampling need (the `ModelConfig` protocol below);
-  module_cls  the Flax module, `module_cls(config)`, called as
+              fields such as `dtype`), with `from_diffusers(dict | path, **runtime)`, `to_diffusers() -> dict`
+              and `init_inputs()` (the `ModelConfig` protocol below); a denoiser's config also answers what
+              training and sampling ask (`DenoiserConfig`);
+  module_cls  the Flax module, `module_cls(config)`; a denoiser is called as
               `module.apply({"params": p}, sample, timesteps, **cond, train=False)` with `sample` NHWC and
               `cond` holding diffusers' keyword names (`class_labels`, `encoder_hidden_states`, ...);
   abstract_params(config)  the parameter shapes, from `jax.eval_shape` (generic, below).
@@ -40,8 +41,16 @@ class ModelConfig(Protocol):
 
     def to_diffusers(self) -> dict[str, Any]: ...
 
+    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The smallest valid (positional, keyword) inputs of the module's `__call__`, for init and shape
+        inference."""
+
+
+class DenoiserConfig(ModelConfig, Protocol):
+    """What the configs of denoising models (U-Nets, DiT) add for training and sampling."""
+
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, Cond]:
-        """The smallest valid (sample, timesteps, cond) for init and shape inference."""
+        """The smallest valid (sample, timesteps, cond); `init_inputs` is ((sample, timesteps), cond)."""
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -154,8 +163,8 @@ def build_model(block: Mapping[str, Any]) -> nn.Module:
 def boxed_init(config: Any, key: jax.Array) -> Any:
     """Freshly initialised parameters still in their logical-partitioning boxes (`nn.Partitioned`).
     Run it under `jax.eval_shape` for shapes, or under `jax.jit` with out_shardings to place them."""
-    sample, timesteps, cond = config.example_inputs()
-    return make_module(config).init(key, sample, timesteps, **cond)["params"]
+    args, kwargs = config.init_inputs()
+    return make_module(config).init(key, *args, **kwargs)["params"]
 
 
 def abstract_params(config: Any) -> Any:

@@ -148,6 +148,10 @@ class UNet2DConfig(DiffusersConfig):
         """Every class label replaced by the null class (the last table row)."""
         return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}
 
+    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sample, timesteps, cond = self.example_inputs()
+        return (sample, timesteps), cond
+
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         """The smallest valid inputs: parameter shapes do not depend on the spatial size."""
         side = 2 ** (len(self.block_out_channels) - 1)
