@@ -10,6 +10,8 @@ Each family adds a table and hooks in its own file (unet2d.py, dit.py) to the co
 (registry.py); the generic tensor rules are in rules.py and the weight-file I/O in io.py.
 """
 from diffax.convert import dit, unet2d  # noqa: F401  (importing registers each family's converter)
+from diffax.convert import unet2d_condition  # noqa: F401
+from diffax.convert import clip  # noqa: F401
 from diffax.convert.api import load, save
 from diffax.convert.io import CheckpointError
 from diffax.convert.registry import Converter, ReferenceLayout, converters, register
