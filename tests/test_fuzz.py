@@ -32,6 +32,7 @@ from diffax.train.config import base_config, validate_config
 # DIFFAX_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the file at a few seconds.
 FUZZ = settings(max_examples=int(os.environ.get("DIFFAX_FUZZ_EXAMPLES", 150)), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
+LOADS = settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 3))  # whole loads: ~0.1 s an example
 
 # JSON values of every type, the odd ones (NaN, huge integers, unicode) included.
 SCALARS = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.integers(-3, 40)
@@ -325,3 +326,106 @@ def test_fuzz_check_against(params, reference):
         return
     for path, leaf in rules.flatten(reference).items():
         assert rules.flatten(out)[path].shape == leaf.shape and rules.flatten(out)[path].dtype == leaf.dtype
+
+
+# --- (e) whole loads: shard indexes, mutated model folders, reference files ---------------------------------
+
+@FUZZ
+@given(index=JSON | st.fixed_dictionaries({"weight_map": st.dictionaries(
+    st.sampled_from(["a", "b"]) | st.text(max_size=4),
+    st.sampled_from(["s.safetensors", "missing.safetensors", "", ".", "s.bin"]) | JSON, max_size=3)}))
+def test_fuzz_shard_index(scratch, index):
+    from diffax.convert.io import write_safetensors
+    folder = scratch / "sharded"
+    folder.mkdir(exist_ok=True)
+    write_safetensors(folder / "s.safetensors", {"a": np.ones(2, np.float32)})
+    path = folder / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    try:
+        tensors = read_state_dict(path)
+    except CheckpointError as e:
+        assert message_names(e, str(folder)), e
+        event("refused")
+        return
+    event("read")
+    assert set(tensors) <= {"a"}
+
+
+TINY_UNET = dict(_class_name="UNet2DModel", sample_size=8, in_channels=1, out_channels=1, block_out_channels=[8],
+                 layers_per_block=1, down_block_types=["DownBlock2D"], up_block_types=["UpBlock2D"],
+                 norm_num_groups=4)
+MUTATIONS = st.lists(st.tuples(st.sampled_from(["dtype", "shape", "nan", "drop", "extra", "rank"]),
+                               st.integers(0, 10**6), st.sampled_from(["F32", "F16", "BF16", "I32", "I64", "BOOL"])),
+                     min_size=1, max_size=3)
+
+
+@pytest.fixture(scope="module")
+def unet_state_dict():
+    from diffax.models import UNet2DConfig, abstract_params
+    rng = np.random.default_rng(0)
+    config = UNet2DConfig.from_diffusers(TINY_UNET)
+    params = {"/".join(p): (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+              for p, s in rules.flatten(abstract_params(config)).items()}
+    return rules.flax_to_torch(rules.unflatten({tuple(k.split("/")): v for k, v in params.items()}))
+
+
+@LOADS
+@given(mutations=MUTATIONS, allow_nonfinite=st.booleans())
+def test_fuzz_load_mutated_folder(scratch, unet_state_dict, mutations, allow_nonfinite):
+    """A tiny U-Net folder with tensors of other dtypes, shapes and ranks, NaNs, dropped or extra tensors."""
+    from diffax import convert
+    from diffax.convert.io import write_safetensors
+    sd = {k: np.asarray(v) for k, v in unet_state_dict.items()}
+    for op, pick, dtype in mutations:
+        key = sorted(sd)[pick % len(sd)]
+        if op == "dtype":
+            sd[key] = sd[key].astype(_ST_DTYPES[dtype])
+        elif op == "shape":
+            sd[key] = np.zeros(sd[key].shape[:-1] + (sd[key].shape[-1] + 1,) if sd[key].ndim else (2,), np.float32)
+        elif op == "nan":
+            sd[key] = sd[key].copy()
+            sd[key].reshape(-1)[pick % sd[key].size] = np.nan
+        elif op == "drop":
+            del sd[key]
+        elif op == "extra":
+            sd[f"extra.{pick}.weight"] = np.zeros((2,) * (pick % 5), np.float32)
+        else:
+            sd[key] = sd[key].reshape((1,) * (pick % 3) + sd[key].shape)
+    folder = scratch / "unet"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(TINY_UNET))
+    write_safetensors(folder / "diffusion_pytorch_model.safetensors", sd)
+    try:
+        _, params = convert.load(folder, allow_nonfinite=allow_nonfinite)
+    except CheckpointError as e:
+        assert all(line.startswith(f"{folder}/") for line in str(e).splitlines()), e
+        event("refused")
+        return
+    event("loaded")
+    leaves = rules.flatten(params)
+    assert len(leaves) == len(unet_state_dict)
+    assert allow_nonfinite or all(np.isfinite(v).all() for v in leaves.values())
+
+
+REFERENCE_SHAPES = {"x_embedder.proj.weight": (32, 4, 2, 2), "y_embedder.embedding_table.weight": (4, 32),
+                    "final_layer.linear.weight": (16, 32), "blocks.0.mlp.fc1.weight": (128, 32),
+                    "blocks.0.attn.qkv.weight": (96, 32), "pos_embed": (1, 4, 32)}
+DIMS = st.lists(st.integers(0, 5) | st.sampled_from([16, 32, 96, 128]), max_size=4).map(tuple).filter(
+    lambda shape: math.prod(shape) <= 2**14)  # small files: the shapes matter, not the bytes
+
+
+@LOADS
+@given(shapes=st.fixed_dictionaries({}, optional={k: DIMS for k in REFERENCE_SHAPES}),
+       options=st.fixed_dictionaries({}, optional={"num_heads": st.integers(-1, 4),
+                                                   "input_size": st.integers(-1, 8)}))
+def test_fuzz_reference_dit_shapes(scratch, shapes, options):
+    """A DiT reference-layout file whose tensors have other shapes: its config is read from them."""
+    from diffax import convert
+    from diffax.convert.io import write_safetensors
+    path = scratch / "dit.safetensors"
+    write_safetensors(path, {k: np.zeros(shapes.get(k, v), np.float32) for k, v in REFERENCE_SHAPES.items()})
+    try:
+        convert.load(path, **options)
+    except ValueError as e:  # CheckpointError; the file is incomplete: missing tensors at best
+        assert all(line.startswith(f"{path}: ") for line in str(e).splitlines()), e
+        event(str(e).split(": ")[1][:30])

@@ -285,3 +285,32 @@ def test_two_tensors_for_one_parameter_are_refused(tmp_path, unet_folder):
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'm' / WEIGHTS}: tensors 'conv_in.kernel' and "
                                               r"'conv_in.weight' both convert to conv_in/kernel"):
         convert.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": ["a"]}, "not a shard index"), ([1], "not a shard index"),
+    ({"weight_map": {"a": 3}}, "not a shard index"), ({"metadata": {}}, "not a shard index"),
+])
+def test_malformed_shard_index_names_the_file(tmp_path, index, message):
+    path = tmp_path / "model.safetensors.index.json"
+    path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"^{path}: {message}"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("shapes, options, message", [
+    ({"x_embedder.proj.weight": (32, 4)}, {}, r"x_embedder.proj.weight has shape \(32, 4\); a reference DiT's is 4-d"),
+    ({"x_embedder.proj.weight": (32, 4, 0, 0)}, {}, "x_embedder.proj.weight has shape"),
+    ({"pos_embed": (4,)}, {}, r"pos_embed has shape \(4,\); a reference DiT's is 3-d"),
+    ({"pos_embed": (1, 5, 32)}, {}, "pos_embed has 5 positions, not a square grid"),
+    ({"y_embedder.embedding_table.weight": (1, 32)}, {}, "num_embeds_ada_norm=0 is not supported"),
+    ({}, {"num_heads": 0}, "num_heads=0 is not a positive int"),
+])
+def test_reference_dit_shapes_name_file_and_tensor(tmp_path, shapes, options, message):
+    """The reference layout's config is read from tensor shapes; odd shapes are named, not divided by."""
+    base = {"x_embedder.proj.weight": (32, 4, 2, 2), "y_embedder.embedding_table.weight": (4, 32),
+            "final_layer.linear.weight": (16, 32), "blocks.0.mlp.fc1.weight": (128, 32), "pos_embed": (1, 4, 32)}
+    path = tmp_path / "dit.safetensors"
+    write_safetensors(path, {k: np.zeros(v, np.float32) for k, v in {**base, **shapes}.items()})
+    with pytest.raises(ValueError, match=rf"^{path}: {message}"):
+        convert.load(path, **{"num_heads": 2, **options})

@@ -19,6 +19,7 @@ sin-cos table) is checked against ours and used to read the training resolution.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Collection, Iterator
 
@@ -90,20 +91,35 @@ def reference_config(tensors: Tensors, *, source: str = "state dict", input_size
     for key in required:
         if key not in tensors:
             raise CheckpointError(f"{source}: not a reference DiT state dict (no {key!r})")
-    hidden, in_ch, patch, _ = tensors.shape("x_embedder.proj.weight")
+    for name, value in (("input_size", input_size), ("num_heads", num_heads)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{source}: {name}={value!r} is not a positive int")
+
+    def shape(key: str, rank: int) -> tuple[int, ...]:
+        value = tensors.shape(key)
+        if len(value) != rank or 0 in value:
+            raise CheckpointError(f"{source}: {key} has shape {value}; a reference DiT's is {rank}-d and non-empty")
+        return value
+
+    hidden, in_ch, patch, patch_w = shape("x_embedder.proj.weight", 4)
+    if patch != patch_w:
+        raise CheckpointError(f"{source}: x_embedder.proj.weight has a {patch}x{patch_w} patch; DiT's is square")
     depth = 1 + max(int(m.group(1)) for k in tensors.keys() if (m := re.match(r"blocks\.(\d+)\.", k)))
     if num_heads is None:
         if hidden not in _HEADS:
             raise CheckpointError(f"{source}: hidden size {hidden} is not a paper size; pass num_heads "
                                   f"(the head count cannot be read from the weights)")
         num_heads = _HEADS[hidden]
-    outputs = tensors.shape("final_layer.linear.weight")[0]
+    outputs = shape("final_layer.linear.weight", 2)[0]
     out_ch, rem = divmod(outputs, patch * patch)
     if rem or out_ch not in (in_ch, 2 * in_ch):
         raise CheckpointError(f"{source}: final_layer.linear.weight has {outputs} outputs; expected "
                               f"{patch}*{patch}*{in_ch} or twice that (learned sigma)")
     if "pos_embed" in tensors:
-        grid = int(round(np.sqrt(tensors.shape("pos_embed")[1])))
+        tokens = shape("pos_embed", 3)[1]
+        grid = math.isqrt(tokens)
+        if grid * grid != tokens:
+            raise CheckpointError(f"{source}: pos_embed has {tokens} positions, not a square grid")
         if input_size is not None and input_size != grid * patch:
             raise CheckpointError(f"{source}: pos_embed is for input_size {grid * patch}, but input_size="
                                   f"{input_size} was given")
@@ -111,11 +127,16 @@ def reference_config(tensors: Tensors, *, source: str = "state dict", input_size
     elif input_size is None:
         raise CheckpointError(f"{source}: no pos_embed buffer to read the training resolution from; pass "
                               f"input_size (latent size, e.g. 32 for 256x256 images)")
-    return DiTConfig.from_reference(
-        input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
-        num_heads=num_heads, mlp_ratio=tensors.shape("blocks.0.mlp.fc1.weight")[0] / hidden,
-        class_dropout_prob=0.1, num_classes=tensors.shape("y_embedder.embedding_table.weight")[0] - 1,
-        learn_sigma=out_ch == 2 * in_ch)
+    try:
+        return DiTConfig.from_reference(
+            input_size=input_size, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
+            num_heads=num_heads, mlp_ratio=shape("blocks.0.mlp.fc1.weight", 2)[0] / hidden,
+            class_dropout_prob=0.1, num_classes=shape("y_embedder.embedding_table.weight", 2)[0] - 1,
+            learn_sigma=out_ch == 2 * in_ch)
+    except CheckpointError:
+        raise
+    except ValueError as e:  # the config's own checks: name the file they came from
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def import_reference(config: DiTConfig, items: Items, source: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -129,8 +150,8 @@ def import_reference(config: DiTConfig, items: Items, source: str) -> Iterator[t
                 raise CheckpointError(f"{source}: pos_embed is not the fixed 2-D sin-cos table this DiT uses "
                                       f"(shape {pos.shape}, expected {want.shape})")
         elif _QKV.search(key):
-            if value.shape[0] % 3:
-                raise CheckpointError(f"{source}: {key} has {value.shape[0]} rows, not a multiple of 3")
+            if value.ndim == 0 or value.shape[0] % 3:
+                raise CheckpointError(f"{source}: {key} has shape {value.shape}, not rows of q, k and v")
             for name, part in zip(("to_q", "to_k", "to_v"), np.split(value, 3, axis=0)):
                 yield rename(key.replace(".qkv.", f".{name}."), _REFERENCE_TO_DIFFAX), part
         else:

@@ -307,10 +307,13 @@ def open_tensors(path: str | os.PathLike, variant: str | None = None) -> Tensors
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-        shards = {name: _open_file(path.parent / name) for name in sorted(set(weight_map.values()))}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a shard index ({type(e).__name__}: {e})") from None
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a shard index ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) and v for v in weight_map.values())):
+        raise CheckpointError(f"{path}: not a shard index (expected {{'weight_map': {{tensor name: shard file}}}})")
+    shards = {name: _open_file(path.parent / name) for name in sorted(set(weight_map.values()))}
     files = {}
     for key, name in weight_map.items():
         if key not in shards[name].entries:
