@@ -27,11 +27,10 @@ import numpy as np
 from diffax.convert import rules
 from diffax.convert.io import CheckpointError, Tensors, open_tensors, weight_file, write_safetensors, write_torch
 from diffax.convert.registry import Converter, converter_for, converters
-from diffax.models.config_base import CONFIG_NAME, read_config_json
+from diffax.models.config_base import CONFIG_NAME, config_class_name, read_config_json
 from diffax.models.registry import abstract_params, boxed_init, family_of, get_family, make_module
 
 Params = dict[str, Any]
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 PIPELINE_INDEX = "model_index.json"
 # 'org/name' with the characters hub repository ids allow.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -143,8 +142,8 @@ def save(folder: str | os.PathLike, module: nn.Module, params: Params, *, layout
             sd = converter.export_hook(config, sd)
         folder = Path(folder)
         config.save_config(folder)  # first: it refuses configs diffusers cannot express
-        write_safetensors(folder / WEIGHTS_NAME, sd, metadata={"format": "pt"})
-        return folder / WEIGHTS_NAME
+        write_safetensors(folder / converter.weights_name, sd, metadata={"format": "pt"})
+        return folder / converter.weights_name
     if layout != "reference":
         raise ValueError(f"save: layout must be 'diffusers' or 'reference', got {layout!r}")
     if converter.reference is None:
@@ -264,9 +263,10 @@ def _diffusers_config(local: Path, source: str, config: Any, runtime: dict[str, 
             f"{source} is a bare weight file: load the folder holding it and its config.json"
         raise CheckpointError(f"{config_path}: missing; {what}, or pass config=")
     cfg, where = read_config_json(config_path)
-    name = cfg.get("_class_name")
+    name = config_class_name(cfg)
     if not isinstance(name, str):
-        raise CheckpointError(f"{where}: no _class_name, so the model class is unknown (diffusers writes it)")
+        raise CheckpointError(f"{where}: no _class_name (nor transformers' architectures), so the model class "
+                              f"is unknown (diffusers writes it)")
     converter = converter_for(name, where)
     return converter, get_family(converter.class_name).config_cls.from_diffusers(config_path, **runtime)
 

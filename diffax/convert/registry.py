@@ -54,7 +54,8 @@ class Converter:
     embedding_keys  regexes for nn.Embedding weights (kept [N, C] as 'embedding');
     literal_names   torch module names that end in _<digits> themselves ('linear_1'), for export;
     import_hook / export_hook  what regexes cannot say (see the module docstring);
-    reference       the research code's layout, if the family has one.
+    reference       the research code's layout, if the family has one;
+    weights_name    the weight file `save` writes ('model.safetensors' for transformers' models).
     """
     class_name: str
     renames: tuple[tuple[str, str], ...] = ()
@@ -63,6 +64,7 @@ class Converter:
     import_hook: ImportHook | None = None
     export_hook: ExportHook | None = None
     reference: ReferenceLayout | None = None
+    weights_name: str = "diffusion_pytorch_model.safetensors"
 
 
 _CONVERTERS: dict[str, Converter] = {}

@@ -9,6 +9,7 @@ Families: UNet2DModel ('unet2d'), DiTTransformer2DModel ('dit'). Each exports it
 diffax/models/registry.py for the contract and docs/architecture.md for adding a family. The shared
 blocks (`Attention`, `BasicTransformerBlock`, `FeedForward`, diffusers' names) are in transformer.py.
 """
+from diffax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextWithProjectionConfig
 from diffax.models.dit import DiT, DiTConfig
 from diffax.models.registry import (ModelFamily, abstract_params, boxed_init, build_model, config_from_block,
                                     families, family_of, get_family, init_params, logical_specs, make_module,
@@ -18,7 +19,7 @@ from diffax.models.unet2d import UNet2DConfig, UNet2DModel
 from diffax.models.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
 __all__ = [
-    "Attention", "BasicTransformerBlock", "DiT", "DiTConfig", "FeedForward", "ModelFamily", "UNet2DConditionConfig", "UNet2DConditionModel", "UNet2DConfig", "UNet2DModel", "abstract_params", "boxed_init",
+    "Attention", "BasicTransformerBlock", "CLIPTextConfig", "CLIPTextModel", "CLIPTextWithProjectionConfig", "DiT", "DiTConfig", "FeedForward", "ModelFamily", "UNet2DConditionConfig", "UNet2DConditionModel", "UNet2DConfig", "UNet2DModel", "abstract_params", "boxed_init",
     "build_model", "config_from_block", "families", "family_of", "get_family", "init_params", "logical_specs",
     "make_module", "register",
 ]

@@ -48,6 +48,17 @@ def read_config_json(config: Mapping[str, Any] | str | os.PathLike) -> tuple[dic
     return cfg, str(path)
 
 
+def config_class_name(cfg: Mapping[str, Any], default: Any = None) -> Any:
+    """The model class a config.json names: diffusers' `_class_name`, else transformers' `architectures[0]`
+    (transformers writes no `_class_name`), else `default`."""
+    if "_class_name" in cfg:
+        return cfg["_class_name"]
+    architectures = cfg.get("architectures")
+    if isinstance(architectures, list) and architectures:
+        return architectures[0]
+    return default
+
+
 def _json_value(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
@@ -114,9 +125,10 @@ class DiffusersConfig:
         an unsupported value or a wrong `_class_name` raises ValueError naming the key and the file.
         """
         cfg, source = read_config_json(config)
-        name = cfg.get("_class_name", cls.class_name)
+        name = config_class_name(cfg, cls.class_name)
         if name not in (cls.class_name, *cls.accepted_class_names):
-            raise ValueError(f"{source}: _class_name is {name!r}, not {cls.class_name!r}")
+            key = "_class_name" if "_class_name" in cfg else "architectures[0]"
+            raise ValueError(f"{source}: {key} is {name!r}, not {cls.class_name!r}")
         fields = {f.name for f in dataclasses.fields(cls)}
         # Checked before _translate too: it compares the values of an older layout's keys.
         cls._check_types({k: _python_value(v) for k, v in cfg.items() if k in fields}, source)
