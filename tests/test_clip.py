@@ -16,7 +16,7 @@ import transformers
 from diffax import convert
 from diffax.convert.io import read_state_dict, write_safetensors
 from diffax.convert.rules import flatten
-from diffax.models import abstract_params, get_family, logical_specs
+from diffax.models import abstract_params, build_model, get_family, logical_specs
 from diffax.models.attention import dot_product_attention
 from diffax.models.clip import (CLIPTextConfig, CLIPTextModel, CLIPTextWithProjectionConfig, load_tokenizer,
                                 tokenize)
@@ -197,6 +197,9 @@ def test_config_round_trip_and_logical_axes():
         for key, spec in specs.items():  # every parameter has a name for each axis, some axis named
             assert len(spec) == len(shapes[key].shape) and any(a is not None for a in spec), key
     assert ("text_projection", "kernel") in shapes and ("text_projection", "bias") not in shapes
+    # A run config's model block names the family by class name or alias.
+    assert build_model({"name": "clip_text_projection", **TINY}).config == CLIPTextWithProjectionConfig(**TINY)
+    assert build_model({"name": "CLIPTextModel", **TINY}).config == CLIPTextConfig(**TINY)
     with pytest.raises(ValueError, match="projection_dim=None is not supported"):
         CLIPTextWithProjectionConfig(projection_dim=None)
 

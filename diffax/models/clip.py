@@ -244,8 +244,9 @@ class CLIPTextEmbeddings(nn.Module):
         cfg = self.config
         std = 0.02 * cfg.initializer_factor
         embed = dict(features=cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        tokens = nn.Embed(cfg.vocab_size, embedding_init=nn.with_logical_partitioning(_normal(std), ("vocab", "embed")),
-                          name="token_embedding", **embed)(input_ids)
+        # 'vocab' has no default sharding rule: the table is split over its width ('embed') only.
+        vocab_init = nn.with_logical_partitioning(_normal(std), ("vocab", "embed"))
+        tokens = nn.Embed(cfg.vocab_size, embedding_init=vocab_init, name="token_embedding", **embed)(input_ids)
         positions = nn.Embed(cfg.max_position_embeddings, name="position_embedding",
                              embedding_init=nn.with_logical_partitioning(_normal(std), (None, "embed")),
                              **embed)(jnp.arange(input_ids.shape[1]))
@@ -312,9 +313,9 @@ class CLIPTextModel(nn.Module):
         out = CLIPTextTransformer(cfg, name="text_model")(input_ids, attention_mask, output_hidden_states)
         if not cfg.with_projection:
             return out
+        std = cfg.hidden_size ** -0.5 * cfg.initializer_factor
         embeds = dense(cfg.projection_dim, axes=("embed", "mlp"), use_bias=False, dtype=cfg.dtype,
-                       param_dtype=cfg.param_dtype, kernel_init=_normal(cfg.hidden_size ** -0.5 * cfg.initializer_factor),
-                       name="text_projection")(out.pooler_output)
+                       param_dtype=cfg.param_dtype, kernel_init=_normal(std), name="text_projection")(out.pooler_output)
         return out.replace(text_embeds=embeds)
 
 
@@ -330,7 +331,8 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
     folder = Path(folder)
     for name in TOKENIZER_FILES:
         if not (folder / name).is_file():
-            raise ValueError(f"{folder / name}: missing (a CLIP tokenizer folder holds {' and '.join(TOKENIZER_FILES)})")
+            raise ValueError(f"{folder / name}: missing (a CLIP tokenizer folder holds "
+                             f"{' and '.join(TOKENIZER_FILES)})")
     try:
         from transformers import CLIPTokenizer
     except ImportError:
