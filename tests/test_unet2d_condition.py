@@ -141,7 +141,7 @@ def test_proj_in_layout(saved):
     assert block["ff"]["net_0"]["proj"]["kernel"].shape == (16, 2 * 4 * 16)  # GEGLU: value and gate
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("name", ["sd1"])
 def test_controlnet_residuals(name, saved):
     """ControlNet's residuals go onto the skips (conv_in's output, then each down block's) and the mid output."""
     module, params = convert.load(saved(name))
@@ -165,11 +165,12 @@ def test_controlnet_residuals(name, saved):
 
 def test_bf16(saved):
     """bf16 compute and weights stay within 5e-2 relative of torch fp32 (bf16 has an 8-bit mantissa: ~4e-3
-    per op, accumulated over ~30 layers)."""
-    module, params = convert.load(saved("sdxl"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
-    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
-    out = flax_forward(module, params, inputs("sdxl"))
-    err = rel_err(out, torch_forward(torch_model("sdxl"), inputs("sdxl")))
+    per op, accumulated over ~20 layers)."""
+    module, params = convert.load(saved("sd1"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(params))
+    out = flax_forward(module, params, inputs("sd1"))
+    assert out.dtype == jnp.bfloat16
+    err = rel_err(out, torch_forward(torch_model("sd1"), inputs("sd1")))
     assert err < 5e-2, f"bf16 relative error {err:.2e}"
 
 

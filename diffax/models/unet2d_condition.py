@@ -207,8 +207,8 @@ class UNet2DConditionConfig(DiffusersConfig):
         cond: dict[str, Any] = {"encoder_hidden_states": jnp.zeros((batch, 1, self.per_block("cross_attention_dim")[0]),
                                                                    self.dtype)}
         if self.addition_embed_type == "text_time":
-            # text_embeds and the time ids' sinusoids fill projection_class_embeddings_input_dim together;
-            # SDXL uses 6 time ids.
+            # text_embeds and the time ids' sinusoids fill projection_class_embeddings_input_dim together; only
+            # that total shapes the parameters. 6 ids as SDXL base (the refiner passes 5, with wider text_embeds).
             n_ids = 6
             text = self.projection_class_embeddings_input_dim - n_ids * self.addition_time_embed_dim
             cond["added_cond_kwargs"] = {"text_embeds": jnp.zeros((batch, text), self.dtype),
@@ -263,51 +263,15 @@ class UNet2DConditionModel(nn.Module):
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
 
-        # Time embedding [B, time_embed_dim], plus the class and SDXL embeddings. Sinusoids are fp32.
-        def sinusoid(t: jax.Array, dim: int) -> jax.Array:
-            return timestep_embedding(t, dim, flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
-
-        c0 = cfg.block_out_channels[0]
-        emb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(sinusoid(timesteps, c0))
-        emb = emb + self._class_embedding(class_labels, sinusoid)
-        if cfg.addition_embed_type == "text_time":
-            if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
-                raise ValueError("UNet2DConditionModel: addition_embed_type='text_time' needs added_cond_kwargs "
-                                 "{'text_embeds': [B, D], 'time_ids': [B, N]}")
-            text_embeds, time_ids = added_cond_kwargs["text_embeds"], jnp.asarray(added_cond_kwargs["time_ids"])
-            time_embeds = sinusoid(time_ids.reshape(-1), cfg.addition_time_embed_dim).reshape(b, -1)
-            add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
-            if add.shape[-1] != cfg.projection_class_embeddings_input_dim:
-                raise ValueError(f"UNet2DConditionModel: text_embeds [B, {text_embeds.shape[-1]}] and time_ids "
-                                 f"[B, {time_ids.shape[-1]}] x {cfg.addition_time_embed_dim} give {add.shape[-1]} "
-                                 f"features, not projection_class_embeddings_input_dim="
-                                 f"{cfg.projection_class_embeddings_input_dim}")
-            emb = emb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(add)
+        emb = embed_time(cfg, timesteps, class_labels, added_cond_kwargs)  # [B, time_embed_dim]
 
         context = encoder_hidden_states
         residuals = None if down_block_additional_residuals is None else list(down_block_additional_residuals)
         layers = cfg.per_block("layers_per_block")
-        cross = cfg.per_block("cross_attention_dim")
-        depth = cfg.per_block("transformer_layers_per_block")
-        block_kw = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
-                        attention_backend=cfg.attention_backend, **kw)
-
-        def attn_kw(i: int) -> dict[str, Any]:  # the cross-attention fields of block i (a down-block index)
-            return dict(heads=cfg.heads[i], transformer_layers=depth[i], cross_attention_dim=cross[i],
-                        use_linear_projection=cfg.use_linear_projection)
-
         pad_in = (cfg.conv_in_kernel - 1) // 2
-        x = nn.with_logical_constraint(conv(c0, cfg.conv_in_kernel, padding=pad_in, name="conv_in", **kw)(sample),
-                                       IMAGE_AXES)
-        skips = [x]
-        for i, (kind, channels) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
-            common = dict(num_layers=layers[i], add_downsample=i < n_blocks - 1,
-                          downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **block_kw)
-            if kind == "CrossAttnDownBlock2D":
-                x, res = CrossAttnDownBlock2D(channels, **attn_kw(i), **common)(x, emb, context, train=train)
-            else:
-                x, res = DownBlock2D(channels, **common)(x, emb, train=train)
-            skips.extend(res)
+        x = nn.with_logical_constraint(conv(cfg.block_out_channels[0], cfg.conv_in_kernel, padding=pad_in,
+                                            name="conv_in", **kw)(sample), IMAGE_AXES)
+        x, skips = down_blocks(cfg, x, emb, context, train=train)
 
         if residuals is not None:
             if len(residuals) != len(skips) or any(r.shape != s.shape for r, s in zip(residuals, skips)):
@@ -315,21 +279,18 @@ class UNet2DConditionModel(nn.Module):
                                  f"of shapes {[s.shape for s in skips]}, got {[r.shape for r in residuals]}")
             skips = [s + r for s, r in zip(skips, residuals)]
 
-        if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-            x = UNetMidBlock2DCrossAttn(output_scale_factor=cfg.mid_block_scale_factor, name="mid_block",
-                                        **attn_kw(n_blocks - 1), **block_kw)(x, emb, context, train=train)
-        elif cfg.mid_block_type == "UNetMidBlock2D":
-            x = UNetMidBlock2D(num_layers=0, attention_head_dim=None, output_scale_factor=cfg.mid_block_scale_factor,
-                               name="mid_block", **block_kw)(x, emb, train=train)
+        x = mid_block(cfg, x, emb, context, train=train)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
 
+        block_kw = block_kwargs(cfg)
         for i, (kind, channels) in enumerate(zip(cfg.up_block_types, reversed(cfg.block_out_channels))):
             j = n_blocks - 1 - i  # the matching down block, whose per-block values the up block takes
             n = layers[j] + 1  # each up block consumes one skip per resnet
             common = dict(num_layers=n, add_upsample=i < n_blocks - 1, name=f"up_blocks_{i}", **block_kw)
             if kind == "CrossAttnUpBlock2D":
-                x = CrossAttnUpBlock2D(channels, **attn_kw(j), **common)(x, skips[-n:], emb, context, train=train)
+                x = CrossAttnUpBlock2D(channels, **attention_kwargs(cfg, j), **common)(x, skips[-n:], emb, context,
+                                                                                       train=train)
             else:
                 x = UpBlock2D(channels, **common)(x, skips[-n:], emb, train=train)
             skips = skips[:-n]
@@ -338,26 +299,104 @@ class UNet2DConditionModel(nn.Module):
         pad_out = (cfg.conv_out_kernel - 1) // 2
         return conv(cfg.out_channels, cfg.conv_out_kernel, padding=pad_out, name="conv_out", **kw)(x)
 
-    def _class_embedding(self, class_labels: jax.Array | None, sinusoid) -> jax.Array | float:
-        """The class embedding [B, time_embed_dim] added to the time embedding (0.0 without one)."""
-        cfg = self.config
-        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
-        has_table = cfg.class_embed_type is None and cfg.num_class_embeds is not None
-        if cfg.class_embed_type is None and not has_table:
-            if class_labels is not None:
-                raise ValueError("UNet2DConditionModel: class_labels given but the config has no class embedding")
-            return 0.0
-        if class_labels is None:
-            raise ValueError(f"UNet2DConditionModel: class_labels are required (class_embed_type="
-                             f"{cfg.class_embed_type!r}, num_class_embeds={cfg.num_class_embeds})")
-        if has_table:
-            table = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding",
-                             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
-                                                                         (None, "embed")), **kw)
-            return table(jnp.asarray(class_labels, jnp.int32))
-        if cfg.class_embed_type == "timestep":
-            class_labels = sinusoid(jnp.asarray(class_labels).reshape(-1), cfg.block_out_channels[0])
-        return TimestepEmbedding(cfg.time_embed_dim, name="class_embedding", **kw)(class_labels)
+
+# The encoder half (time embeddings, conv_in's successors: down blocks, mid block) is shared with the
+# ControlNet, whose parameters have the same names. Each helper is called inside a module's compact
+# __call__ and creates its submodules there, under diffusers' names.
+
+def block_kwargs(cfg: UNet2DConditionConfig) -> dict[str, Any]:
+    """The fields every down, mid and up block takes from the config."""
+    return dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, dropout=cfg.dropout,
+                attention_backend=cfg.attention_backend, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+
+
+def attention_kwargs(cfg: UNet2DConditionConfig, i: int) -> dict[str, Any]:
+    """The cross-attention fields of down block i (up blocks take their matching down block's)."""
+    return dict(heads=cfg.heads[i], transformer_layers=cfg.per_block("transformer_layers_per_block")[i],
+                cross_attention_dim=cfg.per_block("cross_attention_dim")[i],
+                use_linear_projection=cfg.use_linear_projection)
+
+
+def embed_time(cfg: UNet2DConditionConfig, timesteps: jax.Array, class_labels: jax.Array | None,
+               added_cond_kwargs: dict[str, jax.Array] | None, owner: str = "UNet2DConditionModel") -> jax.Array:
+    """The time embedding [B, time_embed_dim] plus the class and SDXL ('text_time') embeddings, as
+    `time_embedding`, `class_embedding` and `add_embedding`. timesteps: [B]. Sinusoids are fp32."""
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    b = timesteps.shape[0]
+
+    def sinusoid(t: jax.Array, dim: int) -> jax.Array:
+        return timestep_embedding(t, dim, flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+
+    emb = TimestepEmbedding(cfg.time_embed_dim, name="time_embedding", **kw)(sinusoid(timesteps,
+                                                                                        cfg.block_out_channels[0]))
+    emb = emb + _class_embedding(cfg, class_labels, sinusoid, owner)
+    if cfg.addition_embed_type == "text_time":
+        if not added_cond_kwargs or "text_embeds" not in added_cond_kwargs or "time_ids" not in added_cond_kwargs:
+            raise ValueError(f"{owner}: addition_embed_type='text_time' needs added_cond_kwargs "
+                             "{'text_embeds': [B, D], 'time_ids': [B, N]}")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], jnp.asarray(added_cond_kwargs["time_ids"])
+        time_embeds = sinusoid(time_ids.reshape(-1), cfg.addition_time_embed_dim).reshape(b, -1)
+        add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        if add.shape[-1] != cfg.projection_class_embeddings_input_dim:
+            raise ValueError(f"{owner}: text_embeds [B, {text_embeds.shape[-1]}] and time_ids "
+                             f"[B, {time_ids.shape[-1]}] x {cfg.addition_time_embed_dim} give {add.shape[-1]} "
+                             f"features, not projection_class_embeddings_input_dim="
+                             f"{cfg.projection_class_embeddings_input_dim}")
+        emb = emb + TimestepEmbedding(cfg.time_embed_dim, name="add_embedding", **kw)(add)
+    return emb
+
+
+def _class_embedding(cfg: UNet2DConditionConfig, class_labels: jax.Array | None, sinusoid,
+                     owner: str) -> jax.Array | float:
+    """The class embedding [B, time_embed_dim] added to the time embedding (0.0 without one)."""
+    kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+    has_table = cfg.class_embed_type is None and cfg.num_class_embeds is not None
+    if cfg.class_embed_type is None and not has_table:
+        if class_labels is not None:
+            raise ValueError(f"{owner}: class_labels given but the config has no class embedding")
+        return 0.0
+    if class_labels is None:
+        raise ValueError(f"{owner}: class_labels are required (class_embed_type="
+                         f"{cfg.class_embed_type!r}, num_class_embeds={cfg.num_class_embeds})")
+    if has_table:
+        table = nn.Embed(cfg.num_class_embeds, cfg.time_embed_dim, name="class_embedding",
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                                     (None, "embed")), **kw)
+        return table(jnp.asarray(class_labels, jnp.int32))
+    if cfg.class_embed_type == "timestep":
+        class_labels = sinusoid(jnp.asarray(class_labels).reshape(-1), cfg.block_out_channels[0])
+    return TimestepEmbedding(cfg.time_embed_dim, name="class_embedding", **kw)(class_labels)
+
+
+def down_blocks(cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array, context: jax.Array, *,
+                train: bool) -> tuple[jax.Array, list[jax.Array]]:
+    """`down_blocks_{i}` on conv_in's output x [B, H, W, C0]: (the last block's output, the skip
+    activations: x itself, then each block's)."""
+    n_blocks = len(cfg.block_out_channels)
+    layers = cfg.per_block("layers_per_block")
+    skips = [x]
+    for i, (kind, channels) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
+        common = dict(num_layers=layers[i], add_downsample=i < n_blocks - 1,
+                      downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **block_kwargs(cfg))
+        if kind == "CrossAttnDownBlock2D":
+            x, res = CrossAttnDownBlock2D(channels, **attention_kwargs(cfg, i), **common)(x, emb, context,
+                                                                                           train=train)
+        else:
+            x, res = DownBlock2D(channels, **common)(x, emb, train=train)
+        skips.extend(res)
+    return x, skips
+
+
+def mid_block(cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array, context: jax.Array, *,
+              train: bool) -> jax.Array:
+    """`mid_block` ([B, h, w, C] -> same), or x unchanged when mid_block_type is None."""
+    common = dict(output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **block_kwargs(cfg))
+    if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
+        return UNetMidBlock2DCrossAttn(**attention_kwargs(cfg, len(cfg.block_out_channels) - 1), **common)(
+            x, emb, context, train=train)
+    if cfg.mid_block_type == "UNetMidBlock2D":
+        return UNetMidBlock2D(num_layers=0, attention_head_dim=None, **common)(x, emb, train=train)
+    return x
 
 
 register(ModelFamily("UNet2DConditionModel", UNet2DConditionConfig, UNet2DConditionModel,
