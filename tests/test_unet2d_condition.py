@@ -52,6 +52,17 @@ VARIANTS = {
                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                     attention_head_dim=4),
 }
+# Class-embedding variants, one block each (the embedding is all they test): SD 2.x unCLIP's 'projection'
+# of an image embedding, the x4 upscaler's noise-level table (num_class_embeds), and 'timestep'.
+_ONE_BLOCK = dict(sample_size=SIDE, block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
+                  down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                  cross_attention_dim=24, attention_head_dim=2, use_linear_projection=True)
+CLASS_VARIANTS = {
+    "unclip": dict(_ONE_BLOCK, class_embed_type="projection", projection_class_embeddings_input_dim=12),
+    "upscaler": dict(_ONE_BLOCK, in_channels=7, num_class_embeds=50),
+    "class_timestep": dict(_ONE_BLOCK, class_embed_type="timestep"),
+}
+VARIANTS.update(CLASS_VARIANTS)
 
 
 def rel_err(a, b) -> float:
@@ -81,6 +92,11 @@ def inputs(name: str) -> dict[str, np.ndarray]:
         text = kw["projection_class_embeddings_input_dim"] - n_ids * kw["addition_time_embed_dim"]
         out["text_embeds"] = rng.standard_normal((BATCH, text)).astype(np.float32)
         out["time_ids"] = rng.uniform(0, 1024, (BATCH, n_ids)).round().astype(np.float32)
+    if kw.get("class_embed_type") == "projection":
+        out["class_labels"] = rng.standard_normal((BATCH, kw["projection_class_embeddings_input_dim"]))
+        out["class_labels"] = out["class_labels"].astype(np.float32)
+    elif "num_class_embeds" in kw or kw.get("class_embed_type") == "timestep":
+        out["class_labels"] = np.array([7, 49], np.int64)
     return out
 
 
@@ -91,7 +107,9 @@ def torch_forward(model, inp: dict, down=None, mid=None) -> np.ndarray:
     if "text_embeds" in inp:
         added = {"text_embeds": torch.from_numpy(inp["text_embeds"]), "time_ids": torch.from_numpy(inp["time_ids"])}
     with torch.no_grad():
+        labels = torch.from_numpy(inp["class_labels"]) if "class_labels" in inp else None
         out = model(nchw(inp["x"]), torch.from_numpy(inp["t"]), torch.from_numpy(inp["ctx"]), added_cond_kwargs=added,
+                    class_labels=labels,
                     down_block_additional_residuals=None if down is None else tuple(nchw(r) for r in down),
                     mid_block_additional_residual=None if mid is None else nchw(mid)).sample
     return out.permute(0, 2, 3, 1).numpy()
@@ -101,10 +119,10 @@ def flax_forward(module, params, inp: dict, down=None, mid=None) -> np.ndarray:
     added = None
     if "text_embeds" in inp:
         added = {"text_embeds": inp["text_embeds"], "time_ids": inp["time_ids"]}
-    fn = jax.jit(lambda p, x, t, c, a, d, m: module.apply(
+    fn = jax.jit(lambda p, x, t, c, a, d, m, y: module.apply(
         {"params": p}, x, t, encoder_hidden_states=c, added_cond_kwargs=a, down_block_additional_residuals=d,
-        mid_block_additional_residual=m))
-    return np.asarray(fn(params, inp["x"], inp["t"], inp["ctx"], added, down, mid))
+        mid_block_additional_residual=m, class_labels=y))
+    return np.asarray(fn(params, inp["x"], inp["t"], inp["ctx"], added, down, mid, inp.get("class_labels")))
 
 
 @pytest.fixture(scope="module")
