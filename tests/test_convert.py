@@ -392,8 +392,8 @@ def test_unknown_class_name_names_the_file(tmp_path, unet_folder):
     other.mkdir()
     (other / "diffusion_pytorch_model.safetensors").write_bytes(
         (folder / "diffusion_pytorch_model.safetensors").read_bytes())
-    (other / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", "in_channels": 3}))
-    with pytest.raises(CheckpointError, match=rf"{other / 'config.json'}: _class_name 'AutoencoderKL' is not a model "
+    (other / "config.json").write_text(json.dumps({"_class_name": "NoSuchModel", "in_channels": 3}))
+    with pytest.raises(CheckpointError, match=rf"{other / 'config.json'}: _class_name 'NoSuchModel' is not a model "
                                               r"diffax converts \(it converts .*DiTTransformer2DModel.*UNet2DModel"):
         convert.load(other)
     (other / "config.json").write_text(json.dumps({"in_channels": 3}))

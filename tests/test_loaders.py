@@ -226,7 +226,7 @@ def bad_sources(tmp_path_factory, unet_folder) -> Path:
     weights = (unet_folder / WEIGHTS).read_bytes()
     for name, config, data in (("noconfig", None, weights), ("corrupt", "same", weights[:-100]),
                                ("garbage", "same", b"\x00" * 40),
-                               ("unknown", '{"_class_name": "AutoencoderKL"}', weights),
+                               ("unknown", '{"_class_name": "NoSuchModel"}', weights),
                                ("listconfig", "[1]", weights)):
         (root / name).mkdir()
         (root / name / WEIGHTS).write_bytes(data)
@@ -242,7 +242,7 @@ def bad_sources(tmp_path_factory, unet_folder) -> Path:
     (["{bad}/noconfig", "{out}"], "{bad}/noconfig/config.json: missing; a diffusers model folder holds it"),
     (["{bad}/corrupt", "{out}"], f"{{bad}}/corrupt/{WEIGHTS}: tensor '.*' runs past the end of the file"),
     (["{bad}/garbage", "{out}"], f"{{bad}}/garbage/{WEIGHTS}: corrupt safetensors header"),
-    (["{bad}/unknown", "{out}"], "{bad}/unknown/config.json: _class_name 'AutoencoderKL' is not a model"),
+    (["{bad}/unknown", "{out}"], "{bad}/unknown/config.json: _class_name 'NoSuchModel' is not a model"),
     (["{bad}/listconfig", "{out}"], "{bad}/listconfig/config.json: expected a JSON object, got list"),
     (["{good}", "{out}", "--to", "torch"], "argument --to: invalid choice: 'torch'"),
     (["{good}", "{out}", "--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
@@ -314,3 +314,10 @@ def test_reference_dit_shapes_name_file_and_tensor(tmp_path, shapes, options, me
     write_safetensors(path, {k: np.zeros(v, np.float32) for k, v in {**base, **shapes}.items()})
     with pytest.raises(ValueError, match=rf"^{path}: {message}"):
         convert.load(path, **{"num_heads": 2, **options})
+
+
+def test_torch_tensor_numpy_cannot_hold_names_file_and_tensor(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save({"w": torch.zeros(2, dtype=torch.float8_e4m3fn)}, tmp_path / "f8.pt")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'f8.pt'}: tensor 'w' has dtype torch.float8_e4m3fn"):
+        read_state_dict(tmp_path / "f8.pt")

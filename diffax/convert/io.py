@@ -207,14 +207,17 @@ def _torch_state_dict(path: Path) -> tuple[dict[str, Any], bool]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, mapped
 
 
-def _torch_to_numpy(value: Any) -> np.ndarray:
+def _torch_to_numpy(value: Any, path: Path, key: str) -> np.ndarray:
     """A host numpy copy of a torch tensor (bf16 as ml_dtypes.bfloat16). A copy, because the tensor may
     be a view of a memory-mapped file that a later save could replace."""
     import torch
     value = value.detach().cpu()
     if value.dtype == torch.bfloat16:
         return value.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
-    return value.numpy().copy()
+    try:
+        return value.numpy().copy()
+    except TypeError:  # float8 and the quantized dtypes have no numpy equivalent here
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {value.dtype}, which diffax does not read") from None
 
 
 class _TorchFile:
@@ -230,7 +233,7 @@ class _TorchFile:
     def __getitem__(self, key: str) -> np.ndarray:
         if self._tensors is None:
             self._tensors, _ = _torch_state_dict(self.path)
-        value = _torch_to_numpy(self._tensors[key])
+        value = _torch_to_numpy(self._tensors[key], self.path, key)
         self._since_open += value.nbytes
         if self._mapped and self._since_open >= _REMAP_BYTES:
             self.close()
@@ -339,7 +342,7 @@ def read_safetensors(path: str | os.PathLike) -> StateDict:
 
 def read_torch(path: str | os.PathLike) -> StateDict:
     """A torch pickle (.bin/.pt/.ckpt) as numpy arrays; see `_torch_state_dict` for what is accepted."""
-    return {k: _torch_to_numpy(v) for k, v in _torch_state_dict(Path(path))[0].items()}
+    return {k: _torch_to_numpy(v, Path(path), k) for k, v in _torch_state_dict(Path(path))[0].items()}
 
 
 # ----------------------------------------------------------------------------- writing
