@@ -20,7 +20,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from diffax import convert  # noqa: E402
 from diffax.convert.io import read_state_dict  # noqa: E402
-from diffax.models import abstract_params  # noqa: E402
+from diffax.models import abstract_params, config_from_block  # noqa: E402
 from diffax.models.unet2d_condition import UNet2DConditionConfig  # noqa: E402
 
 RTOL = 1e-4
@@ -228,3 +228,7 @@ def test_registry_protocol():
     assert cond["added_cond_kwargs"]["text_embeds"].shape == (3, 16)
     assert config.to_diffusers()["attention_head_dim"] == [2, 4]
     assert UNet2DConditionConfig.from_diffusers(config.to_diffusers()) == config
+    # A run config's model block (JSON lists, the alias) builds the same model.
+    block = {"name": "unet2d_condition", **{k: list(v) if isinstance(v, tuple) else v
+                                            for k, v in VARIANTS["sdxl"].items()}}
+    assert config_from_block(block) == config
