@@ -19,7 +19,7 @@ write diffusers folders.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import jax
@@ -346,8 +346,8 @@ def embed_time(cfg: UNet2DConditionConfig, timesteps: jax.Array, class_labels: j
     return emb
 
 
-def _class_embedding(cfg: UNet2DConditionConfig, class_labels: jax.Array | None, sinusoid,
-                     owner: str) -> jax.Array | float:
+def _class_embedding(cfg: UNet2DConditionConfig, class_labels: jax.Array | None,
+                     sinusoid: Callable[[jax.Array, int], jax.Array], owner: str) -> jax.Array | float:
     """The class embedding [B, time_embed_dim] added to the time embedding (0.0 without one)."""
     kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
     has_table = cfg.class_embed_type is None and cfg.num_class_embeds is not None
