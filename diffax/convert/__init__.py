@@ -12,6 +12,7 @@ Each family adds a table and hooks in its own file (unet2d.py, dit.py) to the co
 from diffax.convert import dit, unet2d  # noqa: F401  (importing registers each family's converter)
 from diffax.convert import unet2d_condition  # noqa: F401
 from diffax.convert import clip  # noqa: F401
+from diffax.convert import controlnet  # noqa: F401
 from diffax.convert.api import load, save
 from diffax.convert.io import CheckpointError
 from diffax.convert.registry import Converter, ReferenceLayout, converters, register

@@ -10,6 +10,7 @@ diffax/models/registry.py for the contract and docs/architecture.md for adding a
 blocks (`Attention`, `BasicTransformerBlock`, `FeedForward`, diffusers' names) are in transformer.py.
 """
 from diffax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextWithProjectionConfig
+from diffax.models.controlnet import ControlNetConfig, ControlNetModel, apply_multi_controlnet, params_from_unet
 from diffax.models.dit import DiT, DiTConfig
 from diffax.models.registry import (ModelFamily, abstract_params, boxed_init, build_model, config_from_block,
                                     families, family_of, get_family, init_params, logical_specs, make_module,
@@ -19,7 +20,7 @@ from diffax.models.unet2d import UNet2DConfig, UNet2DModel
 from diffax.models.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
 __all__ = [
-    "Attention", "BasicTransformerBlock", "CLIPTextConfig", "CLIPTextModel", "CLIPTextWithProjectionConfig", "DiT", "DiTConfig", "FeedForward", "ModelFamily", "UNet2DConditionConfig", "UNet2DConditionModel", "UNet2DConfig", "UNet2DModel", "abstract_params", "boxed_init",
+    "Attention", "BasicTransformerBlock", "CLIPTextConfig", "CLIPTextModel", "CLIPTextWithProjectionConfig", "ControlNetConfig", "ControlNetModel", "DiT", "DiTConfig", "FeedForward", "ModelFamily", "UNet2DConditionConfig", "UNet2DConditionModel", "UNet2DConfig", "UNet2DModel", "abstract_params", "apply_multi_controlnet", "boxed_init",
     "build_model", "config_from_block", "families", "family_of", "get_family", "init_params", "logical_specs",
-    "make_module", "register",
+    "make_module", "params_from_unet", "register",
 ]
