@@ -54,7 +54,7 @@ VARIANTS = {
 }
 # Class-embedding variants, one block each (the embedding is all they test): SD 2.x unCLIP's 'projection'
 # of an image embedding, the x4 upscaler's noise-level table (num_class_embeds), and 'timestep'; and the
-# resnet-only mid block.
+# resnet-only and the absent mid block.
 _ONE_BLOCK = dict(sample_size=SIDE, block_out_channels=(16,), layers_per_block=1, norm_num_groups=8,
                   down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
                   cross_attention_dim=24, attention_head_dim=2, use_linear_projection=True)
@@ -63,6 +63,7 @@ CLASS_VARIANTS = {
     "upscaler": dict(_ONE_BLOCK, in_channels=7, num_class_embeds=50),
     "class_timestep": dict(_ONE_BLOCK, class_embed_type="timestep"),
     "resnet_mid": dict(_ONE_BLOCK, mid_block_type="UNetMidBlock2D"),  # also a mid block type diffusers builds
+    "no_mid": dict(_ONE_BLOCK, mid_block_type=None),
 }
 VARIANTS.update(CLASS_VARIANTS)
 
