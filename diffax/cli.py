@@ -25,9 +25,9 @@ def run_reporting_errors(main: Callable[[Sequence[str]], None]) -> Callable[[Seq
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, for `app.run(main, flags_parser=parse_flags)`: a bad flag, an unknown config key
-    (`--config.train.stepz=5`) or an unparsable override value (`--config.train.steps=abc`) exits with
-    status 1 and one line naming it. Config overrides are applied while the flags are parsed, before `main`
+    """absl's flag parsing, for `app.run(main, flags_parser=parse_flags)`: a bad flag, a config file that
+    cannot be loaded, an unknown config key (`--config.train.stepz=5`) or an unparsable override value
+    (`--config.train.steps=abc`) exits with status 1 and one line naming it. Config overrides are applied while the flags are parsed, before `main`
     runs, so `run_reporting_errors` cannot see these."""
     try:
         argv = flags.FLAGS(argv)
