@@ -18,8 +18,10 @@ from diffax.models.registry import (ModelFamily, abstract_params, boxed_init, bu
 from diffax.models.transformer import Attention, BasicTransformerBlock, FeedForward
 from diffax.models.unet2d import UNet2DConfig, UNet2DModel
 from diffax.models.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from diffax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian
 
 __all__ = [
+    "AutoencoderKL", "AutoencoderKLConfig", "DiagonalGaussian",
     "Attention", "BasicTransformerBlock", "CLIPTextConfig", "CLIPTextModel", "CLIPTextWithProjectionConfig", "ControlNetConfig", "ControlNetModel", "DiT", "DiTConfig", "FeedForward", "ModelFamily", "UNet2DConditionConfig", "UNet2DConditionModel", "UNet2DConfig", "UNet2DModel", "abstract_params", "apply_multi_controlnet", "boxed_init",
     "build_model", "config_from_block", "families", "family_of", "get_family", "init_params", "logical_specs",
     "make_module", "params_from_unet", "register",
