@@ -182,6 +182,17 @@ def test_guess_mode(name, saved):
         assert rel_err(ref[0][0], plain[0][0]) > 0.5
 
 
+def test_bf16(saved):
+    """bf16 compute and weights stay within 5e-2 relative of torch fp32 (bf16's 8-bit mantissa, ~15 layers)."""
+    module, params = convert.load(saved("sd1"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    inp = inputs("sd1")
+    down, mid = flax_residuals(module, params, inp, scale=0.7, guess_mode=True)
+    tdown, tmid = torch_residuals(torch_controlnet("sd1"), inp, scale=0.7, guess_mode=True)
+    assert all(r.dtype == jnp.bfloat16 for r in down) and mid.dtype == jnp.bfloat16
+    for a, b in zip(down + [mid], tdown + [tmid]):
+        assert rel_err(a, b) < 5e-2
+
+
 def test_bgr_flips_the_image(saved):
     """A 'bgr' model on an image equals the same weights as 'rgb' on the channel-flipped image."""
     module, params = convert.load(saved("sd1_bgr"))
