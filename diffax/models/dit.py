@@ -128,6 +128,12 @@ class DiTConfig(DiffusersConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{key}={value!r} is not supported (expected a positive int)")
+        for key in ("norm_eps", "mlp_ratio"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{key}={value!r} is not supported (expected a positive finite number)")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise ValueError(f"class_dropout_prob={self.class_dropout_prob!r} must be in [0, 1]")
         if self.out_channels not in (None, self.in_channels, 2 * self.in_channels):
             raise ValueError(f"out_channels={self.out_channels} must be in_channels ({self.in_channels}) or "
                              f"twice it (learned sigma)")
@@ -166,6 +172,9 @@ class DiTConfig(DiffusersConfig):
             raise ValueError(f"DiTConfig.from_reference: unknown argument(s) {unknown}; the reference DiT takes "
                              f"{sorted(REFERENCE_DEFAULTS)}")
         r = {**REFERENCE_DEFAULTS, **kwargs}
+        for key in ("hidden_size", "num_heads"):
+            if not isinstance(r[key], int) or r[key] < 1:
+                raise ValueError(f"DiTConfig.from_reference: {key}={r[key]!r} must be a positive int")
         if r["hidden_size"] % r["num_heads"]:
             raise ValueError(f"DiTConfig: hidden_size {r['hidden_size']} is not divisible by num_heads {r['num_heads']}")
         runtime = {k: r[k] for k in cls.runtime_fields if k in r}

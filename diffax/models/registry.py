@@ -124,12 +124,14 @@ def make_module(config: Any) -> nn.Module:
 
 
 def _dtype(key: str, name: Any) -> Any:
-    if not isinstance(name, str):
-        return name
+    """A floating compute / parameter dtype from its name (or a dtype), naming the key otherwise."""
     try:
-        return jnp.dtype(name)
+        dtype = jnp.dtype(name)
     except TypeError:
-        raise ValueError(f"model.{key}: unknown dtype {name!r} (use 'float32', 'bfloat16' or 'float16')") from None
+        dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"model.{key}: {name!r} is not a floating dtype (use 'float32', 'bfloat16' or 'float16')")
+    return dtype
 
 
 def config_from_block(block: Mapping[str, Any]) -> Any:
@@ -140,7 +142,10 @@ def config_from_block(block: Mapping[str, Any]) -> Any:
     named sizes (DiT) also takes `preset`.
     """
     fields = dict(block.to_dict() if hasattr(block, "to_dict") else block)
-    family = get_family(fields.pop("name", None))
+    try:
+        family = get_family(fields.pop("name", None))
+    except ValueError as e:
+        raise ValueError(f"model.name: {e}") from None
     cls = family.config_cls
     runtime = {k: fields.pop(k) for k in list(fields) if k in cls.runtime_fields}
     for key in ("dtype", "param_dtype"):

@@ -117,6 +117,10 @@ class UNet2DConfig(DiffusersConfig):
         for key in ("layers_per_block", "in_channels", "out_channels"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise bad(key, "a positive int")
+        if not isinstance(self.norm_eps, (int, float)) or not 0 < self.norm_eps < float("inf"):
+            raise bad("norm_eps", "a positive finite number")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise bad("dropout", "a number in [0, 1)")
         for key in ("attention_head_dim", "num_class_embeds", "time_embedding_dim", "attn_norm_num_groups"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
