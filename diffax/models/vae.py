@@ -156,12 +156,14 @@ class AutoencoderKLConfig(DiffusersConfig):
                       f"{self.block_out_channels}")
         for key in ("latents_mean", "latents_std"):
             value = getattr(self, key)
-            if value is not None and len(value) != self.latent_channels:
-                raise bad(key, f"null or {self.latent_channels} values, one per latent channel")
+            if value is not None and (len(value) != self.latent_channels or not np.isfinite(value).all()):
+                raise bad(key, f"null or {self.latent_channels} finite values, one per latent channel")
         if self.latents_std is not None and 0 in self.latents_std:
             raise bad("latents_std", "non-zero values")
-        if self.scaling_factor == 0:
-            raise bad("scaling_factor", "a non-zero float")
+        if not np.isfinite(self.scaling_factor) or self.scaling_factor == 0:
+            raise bad("scaling_factor", "a finite non-zero float")
+        if self.shift_factor is not None and not np.isfinite(self.shift_factor):
+            raise bad("shift_factor", "a finite float or null")
 
     @property
     def compute_dtype(self) -> Any:
