@@ -17,5 +17,7 @@ from diffax.convert import vae  # noqa: F401
 from diffax.convert.api import load, save
 from diffax.convert.io import CheckpointError
 from diffax.convert.registry import Converter, ReferenceLayout, converters, register
+from diffax.convert.single_file import infer_model_type, load_single_file, save_single_file
 
-__all__ = ["CheckpointError", "Converter", "ReferenceLayout", "converters", "load", "register", "save"]
+__all__ = ["CheckpointError", "Converter", "ReferenceLayout", "converters", "infer_model_type", "load",
+           "load_single_file", "register", "save", "save_single_file"]
