@@ -25,7 +25,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffax import convert  # noqa: E402
 from diffax.convert import rules  # noqa: E402
 from diffax.convert.io import read_state_dict, write_safetensors  # noqa: E402
-from diffax.models import get_family  # noqa: E402
+from diffax.models import abstract_params, get_family  # noqa: E402
 from diffax.models.vae import (AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian,  # noqa: E402
                                mid_attention_backend)
 
@@ -327,3 +327,20 @@ def test_slicing_equals_unsliced(loaded):
     whole, sliced = run(config, params, x, "encode"), run(config, params, x, "encode", sliced=True)
     assert rel_err(sliced.mean, whole.mean) < 1e-5 and rel_err(sliced.logvar, whole.logvar) < 1e-5
     assert rel_err(run(config, params, z, "decode", sliced=True), run(config, params, z, "decode")) < 1e-5
+
+
+def test_standard_sd_vae_shapes():
+    """SD's VAE, shapes only: diffusers' parameter count (83,653,863, as `diffusers.AutoencoderKL` of this
+    config counts), 8x latents, and a tiled decode of 768x768 images with SD's 512-pixel tiles."""
+    config = AutoencoderKLConfig(down_block_types=("DownEncoderBlock2D",) * 4,
+                                 up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                                 layers_per_block=2, sample_size=512)
+    params = abstract_params(config)
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params)) == 83_653_863
+    module = AutoencoderKL(config)
+    posterior = jax.eval_shape(lambda p, x: module.apply({"params": p}, x, method=module.encode), params,
+                               jax.ShapeDtypeStruct((1, 64, 48, 3), jnp.float32))
+    assert posterior.mean.shape == (1, 8, 6, 4)
+    out = jax.eval_shape(lambda p, z: module.apply({"params": p}, z, method=module.decode, tiled=True), params,
+                         jax.ShapeDtypeStruct((1, 96, 96, 4), jnp.float32))
+    assert out.shape == (1, 768, 768, 3)
