@@ -8,6 +8,8 @@ writes them in the original layout, and
     `convert_open_clip_checkpoint`) read the same file back to the torch models' state dicts, which checks
     the written layout against an independent implementation of it.
 """
+import math
+
 import diffusers
 import numpy as np
 import pytest
@@ -19,6 +21,8 @@ from diffax import convert
 from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors
 from diffax.convert.rules import flatten
 from diffax.convert.single_file import infer_model_type, load_single_file, save_single_file
+from diffax.convert.single_file_configs import MODEL_TYPES
+from diffax.models import abstract_params, get_family
 
 CROSS = 32
 UNETS = {
@@ -185,16 +189,24 @@ def test_standard_configs_and_overrides(pipelines, tmp_path):
         load_single_file(path, configs={"text_encoder_2": configs["text_encoder"]})
 
 
-def test_standard_config_values():
-    from diffax.convert.single_file_configs import MODEL_TYPES
-    from diffax.models import get_family
+# The released models' parameter counts (diffusers' / transformers' models of each upload).
+PARAMETER_COUNTS = {
+    ("sd1", "unet"): 859_520_964, ("sd2", "unet"): 865_910_724, ("sdxl", "unet"): 2_567_463_684,
+    ("sdxl_refiner", "unet"): 2_259_526_660, ("sd1", "vae"): 83_653_863, ("sd1", "text_encoder"): 123_060_480,
+    ("sd2", "text_encoder"): 340_387_840, ("sdxl", "text_encoder_2"): 694_659_840,
+}
+
+
+def test_standard_configs_have_the_released_sizes():
+    """Shapes only (abstract_params): the standard configs build the released architectures."""
     for model_type, parts in MODEL_TYPES.items():
         for component, (class_name, values) in parts.items():
             config = get_family(class_name).config_cls.from_diffusers(values)
             if component == "unet":
                 assert config.in_channels == (9 if model_type.endswith("inpaint") else 4)
-    xl = MODEL_TYPES["sdxl"]["unet"][1]
-    assert xl["projection_class_embeddings_input_dim"] == 6 * xl["addition_time_embed_dim"] + 1280
+            if (model_type, component) in PARAMETER_COUNTS:
+                count = sum(math.prod(leaf.shape) for leaf in flatten(abstract_params(config)).values())
+                assert count == PARAMETER_COUNTS[model_type, component], (model_type, component)
 
 
 def test_bad_files_are_named(pipelines, tmp_path):
