@@ -361,7 +361,8 @@ def tiled_apply(map_tiles: Callable[[jax.Array], jax.Array], x: jax.Array, tile_
     extent = int(tile_out * TILE_OVERLAP)
     limit = tile_out - extent
     if stride < 1 or limit < 1:
-        raise ValueError(f"tiling needs tiles of at least 2 pixels: tile {tile_in} -> {tile_out}")
+        raise ValueError(f"tiling needs tiles of at least 2 pixels, got {tile_in} -> {tile_out} (an AutoencoderKL's "
+                         f"config sets them: sample_size and sample_size / 2**(len(block_out_channels) - 1))")
     rows, cols = range(0, x.shape[1], stride), range(0, x.shape[2], stride)
     tiles = {(i, j): x[:, r:r + tile_in, c:c + tile_in] for i, r in enumerate(rows) for j, c in enumerate(cols)}
     # Tiles cut at the border have other shapes; each shape is mapped as one stack, one tile at a time.
