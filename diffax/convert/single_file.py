@@ -34,7 +34,7 @@ import numpy as np
 from diffax.convert import rules
 from diffax.convert.api import _converter_of, _dtype, _import
 from diffax.convert.io import CheckpointError, StateDict, Tensors, open_tensors, write_safetensors
-from diffax.convert.registry import Items
+from diffax.convert.registry import Converter, ImportHook, Items
 from diffax.convert.single_file_configs import MODEL_TYPES
 from diffax.models.registry import abstract_params, get_family, make_module
 
@@ -378,18 +378,23 @@ def load_single_file(path: str | os.PathLike, *, model_type: str | None = None, 
                 config = get_family(class_name).config_cls.from_diffusers(values)
             config = dataclasses.replace(config, **runtime)
             converter = _converter_of(config)
-            to_diffusers = _STREAMS[layout][0]
-
-            def hook(config: Any, items: Items, source: str, prefix: str = prefix,
-                     to_diffusers: Any = to_diffusers, converter: Any = converter) -> Iterator[tuple[str, Any]]:
-                items = to_diffusers(config, items, prefix, source)
-                return items if converter.import_hook is None else converter.import_hook(config, items, source)
-
+            hook = _import_hook(layout, prefix, converter)
             params, _ = _import(converter, config, part, hook, converter.renames, source, False, allow_nonfinite)
             out[component] = (make_module(config), params)
     if not out:
         raise CheckpointError(f"{path}: holds no tensors of a {model_type!r} model's components")
     return out
+
+
+def _import_hook(layout: str, prefix: str, converter: Converter) -> ImportHook:
+    """The file's keys under `prefix` -> diffusers keys, then the family converter's own import hook."""
+    to_diffusers = _STREAMS[layout][0]
+
+    def hook(config: Any, items: Items, source: str) -> Iterator[tuple[str, np.ndarray]]:
+        items = to_diffusers(config, items, prefix, source)
+        return items if converter.import_hook is None else converter.import_hook(config, items, source)
+
+    return hook
 
 
 class _Part:
