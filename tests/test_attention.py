@@ -1,5 +1,6 @@
 """The attention backends agree with each other and with a float64 numpy softmax."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,3 +28,16 @@ def test_bad_shapes_and_backend_are_named():
         dot_product_attention(q, q[:, :, :1], q[:, :, :1])
     with pytest.raises(ValueError, match="backend must be one of"):
         dot_product_attention(q, q, q, backend="flash")
+
+
+def test_auto_picks_cudnn_only_for_heads_it_takes(monkeypatch):
+    """On GPU with half-precision inputs 'auto' is cuDNN flash attention, except for heads it refuses:
+    wider than 128 (SD 1.x's 160, the VAE's 512) or not a multiple of 8."""
+    from diffax.models import attention
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    assert attention._resolve("auto", jnp.bfloat16, 64) == "cudnn"
+    assert attention._resolve("auto", jnp.bfloat16, 160) == "xla"
+    assert attention._resolve("auto", jnp.bfloat16, 512) == "xla"
+    assert attention._resolve("auto", jnp.float16, 100) == "xla"
+    assert attention._resolve("auto", jnp.float32, 64) == "xla"
+    assert attention._resolve("chunked", jnp.bfloat16, 512) == "chunked"

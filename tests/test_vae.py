@@ -26,8 +26,7 @@ from diffax import convert  # noqa: E402
 from diffax.convert import rules  # noqa: E402
 from diffax.convert.io import read_state_dict, write_safetensors  # noqa: E402
 from diffax.models import abstract_params, get_family  # noqa: E402
-from diffax.models.vae import (AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian,  # noqa: E402
-                               mid_attention_backend)
+from diffax.models.vae import AutoencoderKL, AutoencoderKLConfig, DiagonalGaussian  # noqa: E402
 
 RTOL = 1e-4
 BF16_RTOL = 5e-2
@@ -128,14 +127,6 @@ def test_unsupported_config_is_an_error_naming_the_key(key, value):
                                                for k, v in TORCH_KWARGS.items()}, key: value}
     with pytest.raises(ValueError, match=key):
         AutoencoderKLConfig.from_diffusers(cfg)
-
-
-def test_auto_attention_avoids_cudnn_for_wide_heads():
-    """The mid block's one head is as wide as the block (512 in SD's VAE): beyond cuDNN flash attention."""
-    assert mid_attention_backend("auto", 512) == "xla"
-    assert mid_attention_backend("auto", 100) == "xla"  # not a multiple of 8
-    assert mid_attention_backend("auto", 64) == "auto"
-    assert mid_attention_backend("chunked", 512) == "chunked"
 
 
 def test_latent_scaling_matches_diffusers_pipelines():

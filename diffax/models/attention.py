@@ -5,7 +5,8 @@ backends:
   'cudnn'    cuDNN flash attention through the same API (GPU, fp16/bf16 inputs only).
   'chunked'  memory-efficient attention (Rabe & Staats 2021): queries in chunks, so the [Lq, Lk] logits
              never exist whole; for large images on any backend.
-  'auto'     'cudnn' on GPU with half-precision inputs, else 'xla'.
+  'auto'     'cudnn' on GPU with half-precision inputs and heads cuDNN's flash attention takes (at most 128
+             wide, a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
 Softmax always runs in fp32. An optional boolean `mask` (True: attend) serves causal and padding masks
 (CLIP's text encoder); every backend takes it.
 """
@@ -19,12 +20,13 @@ import jax.numpy as jnp
 BACKENDS = ("auto", "xla", "cudnn", "chunked")
 
 
-def _resolve(backend: str, dtype: jnp.dtype) -> str:
+def _resolve(backend: str, dtype: jnp.dtype, head_dim: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         half = dtype in (jnp.bfloat16, jnp.float16)
-        return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+        flash_head = head_dim <= 128 and head_dim % 8 == 0
+        return "cudnn" if half and flash_head and jax.default_backend() == "gpu" else "xla"
     return backend
 
 
@@ -72,7 +74,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
             raise ValueError(f"attention mask {mask.shape} does not broadcast to [B, H, Lq, Lk] = {full}")
         mask = jnp.broadcast_to(mask, (1,) * (4 - mask.ndim) + mask.shape).astype(bool)  # [B|1, H|1, Lq|1, Lk]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    backend = _resolve(backend, q.dtype)
+    backend = _resolve(backend, q.dtype, q.shape[-1])
     if backend == "chunked":
         return _chunked(q, k, v, scale, chunk_size, mask)
     if backend == "cudnn":

@@ -252,18 +252,10 @@ class UpDecoderBlock2D(nn.Module):
         return x
 
 
-def mid_attention_backend(backend: str, channels: int) -> str:
-    """The attention kernel of a mid block whose one head is `channels` wide: 'auto' means 'xla' for heads
-    cuDNN's flash attention cannot take (wider than 128, or not a multiple of 8; SD's VAE has 512)."""
-    if backend == "auto" and (channels > 128 or channels % 8):
-        return "xla"
-    return backend
-
-
 def _mid_block(channels: int, groups: int, add_attention: bool, attention_backend: str, **kw: Any) -> UNetMidBlock2D:
     """resnet, one-head self-attention over H*W (diffusers' attention_head_dim = channels), resnet."""
     return UNetMidBlock2D(attention_head_dim=channels if add_attention else None, groups=groups, eps=EPS,
-                          attention_backend=mid_attention_backend(attention_backend, channels), name="mid_block",
+                          attention_backend=attention_backend, name="mid_block",
                           **kw)
 
 
