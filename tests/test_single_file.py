@@ -9,6 +9,9 @@ writes them in the original layout, and
     the written layout against an independent implementation of it.
 """
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -18,6 +21,7 @@ import transformers
 from diffusers.loaders import single_file_utils as sfu
 
 from diffax import convert
+from diffax.convert.__main__ import main as convert_main
 from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors
 from diffax.convert.rules import flatten
 from diffax.convert.single_file import infer_model_type, load_single_file, save_single_file
@@ -223,3 +227,65 @@ def test_bad_files_are_named(pipelines, tmp_path):
         load_single_file(bad, configs={c: m.config for c, (_, m, _) in parts.items()})
     with pytest.raises(ValueError, match="no component"):
         save_single_file(tmp_path / "x.safetensors", {"text_encoder_2": parts["text_encoder"][1:]}, model_type="sd1")
+
+
+# ----------------------------------------------------------------------------- python -m diffax.convert
+
+TINY_SD1 = {"unet": ("UNet2DConditionModel", UNETS["sd1"]), "vae": ("AutoencoderKL", VAE), "text_encoder": CLIP_L}
+
+
+def test_cli_single_file_to_pipeline_and_back(pipelines, tmp_path, monkeypatch, capsys):
+    """The CLI builds each component with its model type's standard config; the tiny models stand in for
+    SD 1.5's by replacing that table entry."""
+    monkeypatch.setitem(MODEL_TYPES, "sd1", TINY_SD1)
+    parts = pipelines["sd1"]
+    src = write(tmp_path, "sd1", parts)
+    assert convert_main([str(src), str(tmp_path / "pipe")]) == 0
+    assert "(single file, sd1) -> " in capsys.readouterr().out
+    for component, (_, module, params) in parts.items():
+        loaded_module, loaded = convert.load(tmp_path / "pipe", subfolder=component)
+        assert loaded_module.config == module.config
+        assert_same(loaded, params)
+    assert diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "pipe" / "unet") is not None
+
+    # Back to one file (the type inferred from the components): the same tensors as the original file.
+    assert convert_main([str(tmp_path / "pipe"), str(tmp_path / "back.safetensors"), "--to", "single_file"]) == 0
+    original, back = read_state_dict(src), read_state_dict(tmp_path / "back.safetensors")
+    assert original.keys() == back.keys()
+    for key in original:
+        np.testing.assert_array_equal(back[key], original[key], err_msg=key)
+
+    # One component's folder, and --model_type overriding the inferred type (SD 2's text-encoder layout).
+    assert convert_main([str(tmp_path / "pipe" / "vae"), str(tmp_path / "vae.safetensors"), "--to", "single_file"]) == 0
+    assert all(k.startswith("first_stage_model.") for k in read_state_dict(tmp_path / "vae.safetensors"))
+    assert convert_main([str(tmp_path / "pipe" / "text_encoder"), str(tmp_path / "te.safetensors"),
+                         "--to", "single_file", "--model_type", "sd2"]) == 0
+    assert all(k.startswith("cond_stage_model.model.") for k in read_state_dict(tmp_path / "te.safetensors"))
+    assert "(single file, sd2)" in capsys.readouterr().out
+
+
+def test_cli_single_file_errors(pipelines, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(MODEL_TYPES, "sd1", TINY_SD1)
+    src = write(tmp_path, "sd1", pipelines["sd1"])
+    cases = [
+        ([str(src), str(tmp_path / "x.pt"), "--to", "reference"], "converts to a pipeline folder"),
+        ([str(src), str(tmp_path / "x"), "--subfolder", "unet"], "--subfolder does not apply"),
+        # --model_type sdxl: the standard SDXL U-Net does not fit the file's tensors
+        ([str(src), str(tmp_path / "x"), "--model_type", "sdxl"], "src.safetensors|sd1.safetensors"),
+        ([str(tmp_path), str(tmp_path / "x.safetensors"), "--to", "single_file"], "no pipeline folder"),
+    ]
+    for argv, message in cases:
+        assert convert_main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, err
+        assert any(m in err for m in message.split("|")), err
+
+
+def test_cli_refusals_in_a_subprocess(tmp_path):
+    """The module entry point: a bad --to single_file destination is one error line and status 1."""
+    result = subprocess.run([sys.executable, "-m", "diffax.convert", str(tmp_path), str(tmp_path / "out.pt"),
+                             "--to", "single_file"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'out.pt'}: --to single_file writes one file, ending in .safetensors"]
