@@ -79,12 +79,17 @@ def test_flipped_bytes_are_detected_and_sample_py_uses_the_previous_step(trained
     workdir = _copy(trained, tmp_path)
     before = _raw_ema(workdir, 6)
     target = _largest_array_file(workdir, 6)
-    data = bytearray(target.read_bytes())
-    start = len(data) // 20  # inside the stored values, past the file's header
-    data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
-    target.write_bytes(bytes(data))
-    after = _raw_ema(workdir, 6)  # Orbax reads the flipped bytes without complaint...
-    assert any(not np.array_equal(a, b) for a, b in zip(before, after)), "the flip must change what is read"
+    original = target.read_bytes()
+    for fraction in (0.05, 0.1, 0.2, 0.3):  # OCDBT files can hold bytes no array reads: find live ones
+        data = bytearray(original)
+        start = int(len(data) * fraction)
+        data[start:start + 16] = bytes(b ^ 0xFF for b in data[start:start + 16])
+        target.write_bytes(bytes(data))
+        after = _raw_ema(workdir, 6)  # Orbax reads the flipped bytes without complaint...
+        if any(not np.array_equal(a, b) for a, b in zip(before, after)):
+            break
+    else:
+        pytest.fail("no flip changed what Orbax reads")
 
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--workdir={workdir}", "--steps=2",
                              "--num_samples=2", f"--out={tmp_path / 's.npz'}"],
@@ -101,7 +106,7 @@ def test_flipped_bytes_are_detected_and_sample_py_uses_the_previous_step(trained
 
 
 def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[:path.stat().st_size // 3])
+    path.write_bytes(path.read_bytes()[:16])
 
 
 def _garbage(path: Path) -> None:

@@ -15,9 +15,11 @@ good step. Bad steps are never deleted here (`set_aside` moves them out of Orbax
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -86,10 +88,10 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------
 # Checksums. Each leaf's bits, as uint32 words, are hashed with their flat position and summed mod 2**32 in
-# one jitted reduction on the devices that hold the array. Integer addition is exact and commutative, so the
+# a jitted reduction on the devices that hold the array. Integer addition is exact and commutative, so the
 # sum is the same for any sharding, device count or process count, and nothing is copied to the host.
-# fmix32 is a bijection: changing any one word always changes the sum; more changes collide with chance
-# 2**-32.
+# Each term is fmix32(word + position * golden ratio); fmix32 is a bijection, so changing any one word always
+# changes the sum; moved or several changed words collide with chance about 2**-32.
 
 def _fmix32(h: jax.Array) -> jax.Array:
     """MurmurHash3's finalizer on uint32: a bijection that spreads every input bit over the output."""
@@ -112,11 +114,22 @@ def _words(x: jax.Array) -> jax.Array:
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
     words = _words(x)
-    index, stride = jnp.zeros(words.shape, jnp.uint32), 1
-    for axis in reversed(range(words.ndim)):  # the flat position mod 2**32, without a 64-bit iota
-        index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
-        stride *= words.shape[axis]
-    return jnp.sum(_fmix32(words ^ _fmix32(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+    if words.size < 2**32:
+        index = jax.lax.iota(jnp.uint32, words.size).reshape(words.shape)  # the flat position
+    else:  # the flat position mod 2**32, without a 64-bit iota
+        index, stride = jnp.zeros(words.shape, jnp.uint32), 1
+        for axis in reversed(range(words.ndim)):
+            index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+            stride *= words.shape[axis]
+    return jnp.sum(_fmix32(words + index * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+
+
+@functools.cache
+def _checksum_fn(replicated: jax.sharding.Sharding | None) -> Callable[[jax.Array], jax.Array]:
+    """The jitted checksum of one array. One small program per shape, dtype and layout (jit's cache), which
+    many leaves share (params, EMA and Adam moments alike): far quicker to compile than one program over
+    the whole tree."""
+    return jax.jit(_leaf_checksum, out_shardings=replicated)
 
 
 def checksums(tree: Any) -> dict[str, str]:
@@ -127,8 +140,8 @@ def checksums(tree: Any) -> dict[str, str]:
     sharding = getattr(leaves[0][1], "sharding", None)
     replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
                   if isinstance(sharding, jax.sharding.NamedSharding) else None)
-    sums = jax.jit(lambda xs: [_leaf_checksum(x) for x in xs], out_shardings=replicated)(
-        [x for _, x in leaves])
+    checksum = _checksum_fn(replicated)
+    sums = [checksum(x) for _, x in leaves]  # dispatched asynchronously, fetched together below
     return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{int(s):08x}"
             for (path, _), s in zip(leaves, jax.device_get(sums))}
 
@@ -201,19 +214,31 @@ def _writing(manager: ocp.CheckpointManager, step: int | None, write: Callable[[
 # Restoring.
 
 class _DropOrbaxThreadErrors(logging.Filter):
-    """Orbax logs each failure of its background save threads with a traceback, then raises it again from
-    `save` / `wait_until_finished`, where `CheckpointSaveError` reports it in one line; drop the logs."""
+    """Orbax logs each failure of its background save threads with a traceback (and asyncio logs the same
+    failure again for the tasks nobody awaited after it), then raises it from `save` /
+    `wait_until_finished`, where `CheckpointSaveError` reports it in one line; drop those logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if "/orbax/" in record.pathname or "exception was never retrieved" in str(record.msg):
+            return False
+        tb = record.exc_info[2] if record.exc_info else None
+        while tb is not None:
+            if "/orbax/" in tb.tb_frame.f_code.co_filename:
+                return False
+            tb = tb.tb_next
+        return True
 
 
 def _quiet_orbax_failures() -> None:
     """Install, once, the filters that keep a failed checkpoint read or write to our one-line report."""
     _ignore_closed_loop_callbacks()
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _DropOrbaxThreadErrors) for f in absl_logger.filters):
-        absl_logger.addFilter(_DropOrbaxThreadErrors())
+    # The write coroutines a failed save abandoned, reported again at interpreter exit.
+    warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+    for logger in (logging.getLogger("absl"), logging.getLogger("asyncio")):
+        if not any(isinstance(f, _DropOrbaxThreadErrors) for f in logger.filters):
+            logger.addFilter(_DropOrbaxThreadErrors())
 
 
 def _ignore_closed_loop_callbacks() -> None:
@@ -253,8 +278,32 @@ def _restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -
         raise CorruptCheckpointError(directory, f"cannot read {item}: {first_line(e)}") from e
 
 
+def _read_together(directory: Path, read: Callable[[], Any]) -> Any:
+    """`read()`, where a CorruptCheckpointError on any process is raised on every process.
+
+    Each process reads its own files; if one fails while the others went on to the checksums (a collective
+    computation) or to the next step, the run would hang. The processes first agree on success."""
+    error = None
+    try:
+        result = read()
+    except CorruptCheckpointError as e:
+        error, result = e, None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
+        if error is None and failed.any():
+            error = CorruptCheckpointError(directory, f"process {int(np.argmax(failed))} cannot read it")
+    if error is not None:
+        raise error
+    return result
+
+
 def read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-    """The config saved with `step`."""
+    """The config saved with `step` (CorruptCheckpointError on every process if any cannot read it)."""
+    return _read_together(step_dir(manager, step), lambda: _read_config(manager, step))
+
+
+def _read_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
     restored = _restore(manager, step, {"config": ocp.args.JsonRestore()})
     if not isinstance(restored["config"], dict):
         raise CorruptCheckpointError(step_dir(manager, step), "item config/ is not a JSON object")
@@ -298,7 +347,6 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, dat
         # Orbax would fall back to the saved shardings, which only exist on the saving topology.
         raise ValueError("restore_train_state needs a sharding on every leaf of abstract_state")
     directory = step_dir(manager, step)
-    integrity = _integrity(manager, step)
     items = {
         "train_state": ocp.args.StandardRestore({"step": abstract_state.step, "params": abstract_state.params,
                                                  "opt_state": abstract_state.opt_state}),
@@ -309,7 +357,8 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, dat
     same_topology = (data_dir / f"process_{index}-of-{count}.json").exists()  # grain's file name
     if data_iterator is not None and same_topology:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = _restore(manager, step, items)
+    integrity, restored = _read_together(directory, lambda: (_integrity(manager, step),
+                                                             _restore(manager, step, items)))
     if integrity is not None:
         for item in ("train_state", "ema_params"):
             _verify(directory, item, restored[item], integrity.get(item, {}))
@@ -388,8 +437,17 @@ def restore_for_sampling(workdir: str | Path, step: int | None = None
 
 def _restore_ema(manager: ocp.CheckpointManager, step: int) -> tuple[ml_collections.ConfigDict, Any]:
     directory = step_dir(manager, step)
+    integrity, config, params = _read_together(directory, lambda: _read_ema(manager, step))
+    if integrity is not None:
+        _verify(directory, "ema_params", params, integrity.get("ema_params", {}))
+    return config, jax.device_get(params)
+
+
+def _read_ema(manager: ocp.CheckpointManager, step: int) -> tuple[dict[str, Any] | None, ml_collections.ConfigDict,
+                                                                  Any]:
+    directory = step_dir(manager, step)
     integrity = _integrity(manager, step)
-    config = read_config(manager, step)
+    config = _read_config(manager, step)
     _ignore_closed_loop_callbacks()
     try:
         metadata = manager.item_metadata(step)["ema_params"]
@@ -400,9 +458,7 @@ def _restore_ema(manager: ocp.CheckpointManager, step: int) -> tuple[ml_collecti
     except Exception as e:  # a missing or garbled _METADATA file
         raise CorruptCheckpointError(directory, f"cannot read the metadata of ema_params: {first_line(e)}") from e
     params = _restore(manager, step, {"ema_params": ocp.args.StandardRestore(target)})["ema_params"]
-    if integrity is not None:
-        _verify(directory, "ema_params", params, integrity.get("ema_params", {}))
-    return config, jax.device_get(params)
+    return integrity, config, params
 
 
 def replicated_everywhere() -> jax.sharding.NamedSharding:
