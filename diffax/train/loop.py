@@ -95,7 +95,7 @@ def jit_health_check(model: nn.Module, objective: Objective, mesh, rules: parall
 
 def _stop_non_finite(manager, what: str) -> NonFiniteLossError:
     """The error that ends a diverged run, naming the last checkpoint on disk (all of them are good)."""
-    manager.wait_until_finished()
+    checkpoint.wait_until_saved(manager)  # a failed save in flight is reported as such, in one line
     last = manager.latest_step()
     if last is None:
         return NonFiniteLossError(f"{what}. No checkpoint was saved: lower train.learning_rate or check the data.")
