@@ -171,7 +171,8 @@ def test_train_step_and_pipeline_programs_carry_the_activation_constraints():
 
     pipe = GenerationPipeline(model, DDIMScheduler(), mesh, rules)
     program = pipe._generate(2, True).lower(state.ema_params, np.arange(8, dtype=np.int32),
-                                              {"class_labels": np.zeros(8, np.int32)}, jax.random.key(0),
+                                              {"class_labels": np.zeros(8, np.int32)},
+                                              jax.random.key_data(jax.random.key(0)),
                                               jnp.float32(2.0))
     found = set(_constraints(program.as_text()))
     # Under guidance the model sees 2 x 8 rows: [uncond; cond].

@@ -126,11 +126,12 @@ def make_module(config: Any) -> nn.Module:
 def _dtype(key: str, name: Any) -> Any:
     """A floating compute / parameter dtype from its name (or a dtype), naming the key otherwise."""
     try:
-        dtype = jnp.dtype(name)
+        dtype = None if name is None else jnp.dtype(name)  # numpy reads None as float64
     except TypeError:
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"model.{key}: {name!r} is not a floating dtype (use 'float32', 'bfloat16' or 'float16')")
+        raise ValueError(f"model.{key}: dtype={name!r} is not a floating-point dtype "
+                         f"(use 'float32', 'bfloat16' or 'float16')")
     return dtype
 
 
