@@ -110,6 +110,20 @@ def test_parity_with_transformers(folder):
     assert plain.hidden_states is None and plain.last_hidden_state.shape == (4, LENGTH, 32)
 
 
+
+def test_bf16_stays_close_to_torch_fp32(folder):
+    """bf16 weights and compute (LayerNorms and softmax stay fp32): 8 mantissa bits, ~4e-3 per rounding,
+    accumulated over the layers; 5e-2 of the output scale catches a norm or softmax run in bf16."""
+    variant, path, model = folder
+    module, params = convert.load(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ids, mask = token_ids(VARIANTS[variant][2])
+    want = torch_outputs(model, ids, mask)
+    got = module.apply({"params": params}, jnp.asarray(ids, jnp.int32), attention_mask=jnp.asarray(mask))
+    assert got.last_hidden_state.dtype == jnp.bfloat16
+    err = rel_err(np.asarray(got.last_hidden_state, np.float32), want.last_hidden_state)
+    print(f"CLIP {variant} bf16 vs torch fp32: {err:.2e}")
+    assert err < 5e-2
+
 def test_pooling_rules_pick_the_end_of_text_token(folder):
     """New configs pool at the first eos_token_id (padding may repeat it); eos_token_id=2 configs at the
     highest id. A wrong rule would pool a padding token and differ from transformers above; here directly."""
