@@ -20,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -190,3 +191,16 @@ class DiffusersConfig:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_diffusers(), indent=2, sort_keys=True) + "\n")
         return path
+
+
+class DenoiserConfigBase(DiffusersConfig):
+    """What denoisers' configs (U-Nets, DiT) share: their init inputs are `example_inputs()`'s sample,
+    timesteps and keyword conditioning; a class-conditional model's null conditioning is the null class."""
+
+    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        sample, timesteps, cond = self.example_inputs()
+        return (sample, timesteps), cond
+
+    def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """Every class label replaced by the null class (`self.null_class`)."""
+        return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.models.config_base import DiffusersConfig
+from diffax.models.config_base import DenoiserConfigBase
 from diffax.models.layers import LayerNorm, TimestepEmbedding, conv, dense, timestep_embedding
 from diffax.models.registry import ModelFamily, abstract_params, register
 from diffax.models.transformer import TOKEN_AXES, BasicTransformerBlock
@@ -81,7 +81,7 @@ _REQUIRED = {"norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate", 
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTConfig(DiffusersConfig):
+class DiTConfig(DenoiserConfigBase):
     """diffusers' `DiTTransformer2DModel` config (same keys, same defaults), plus diffax's fields.
 
     `preset('DiT-XL/2')` and `from_reference(hidden_size=..., depth=...)` build the reference code's
@@ -273,14 +273,6 @@ class DiTConfig(DiffusersConfig):
     @property
     def has_null_cond(self) -> bool:
         return self.class_dropout_prob > 0
-
-    def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
-        """Every class label replaced by the null class."""
-        return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}
-
-    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sample, timesteps, cond = self.example_inputs()
-        return (sample, timesteps), cond
 
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         sample = jnp.zeros((batch, self.sample_size, self.sample_size, self.in_channels), jnp.float32)

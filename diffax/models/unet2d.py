@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from diffax.models.attention import BACKENDS
-from diffax.models.config_base import DiffusersConfig
+from diffax.models.config_base import DenoiserConfigBase
 from diffax.models.layers import IMAGE_AXES, GroupNorm, TimestepEmbedding, conv, timestep_embedding
 from diffax.models.registry import ModelFamily, register
 from diffax.models.unet_blocks import (AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D,
@@ -41,7 +41,7 @@ _TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "sa
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet2DConfig(DiffusersConfig):
+class UNet2DConfig(DenoiserConfigBase):
     """diffusers' UNet2DModel config (same keys, same defaults) plus diffax's runtime fields.
 
     Only the values this module implements are accepted; anything else raises ValueError naming the key.
@@ -147,14 +147,6 @@ class UNet2DConfig(DiffusersConfig):
     @property
     def has_null_cond(self) -> bool:
         return self.num_class_embeds is not None
-
-    def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
-        """Every class label replaced by the null class (the last table row)."""
-        return {**cond, "class_labels": jnp.full_like(cond["class_labels"], self.null_class)}
-
-    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sample, timesteps, cond = self.example_inputs()
-        return (sample, timesteps), cond
 
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         """The smallest valid inputs: parameter shapes do not depend on the spatial size."""

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from diffax.models.attention import BACKENDS
-from diffax.models.config_base import DiffusersConfig
+from diffax.models.config_base import DenoiserConfigBase
 from diffax.models.layers import IMAGE_AXES, GroupNorm, TimestepEmbedding, conv, timestep_embedding
 from diffax.models.registry import ModelFamily, register
 from diffax.models.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
@@ -54,7 +54,7 @@ _FIXED = (
 
 
 @dataclasses.dataclass(frozen=True)
-class UNet2DConditionConfig(DiffusersConfig):
+class UNet2DConditionConfig(DenoiserConfigBase):
     """diffusers' UNet2DConditionModel config (same keys, same defaults: SD 1.x's) plus diffax's runtime
     fields. Every key diffusers writes is accepted; a value diffax does not implement raises ValueError
     naming the key. `upcast_attention` is accepted and has no effect: diffax's softmax is always fp32."""
@@ -196,10 +196,6 @@ class UNet2DConditionConfig(DiffusersConfig):
     def null_cond(self, cond: dict[str, Any]) -> dict[str, Any]:
         raise ValueError("UNet2DConditionModel: the unconditional input is the empty prompt's text embedding; "
                          "the pipeline that encodes prompts supplies it")
-
-    def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        sample, timesteps, cond = self.example_inputs()
-        return (sample, timesteps), cond
 
     def example_inputs(self, batch: int = 1) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
         """The smallest valid inputs: one text token; parameter shapes do not depend on the sizes."""
