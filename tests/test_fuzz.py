@@ -29,8 +29,10 @@ from diffax.models import config_from_block
 from diffax.models.registry import families, get_family
 from diffax.train.config import base_config, validate_config
 
-# DIFFAX_FUZZ_EXAMPLES=5000 for a longer hunt; the default keeps the file at a few seconds.
-FUZZ = settings(max_examples=int(os.environ.get("DIFFAX_FUZZ_EXAMPLES", 150)), deadline=None,
+# DIFFAX_FUZZ_EXAMPLES=5000 for a longer, random hunt. The default run is derandomized so that the
+# suite gives the same verdict on every run; the random hunts are where new cases come from.
+_HUNT = os.environ.get("DIFFAX_FUZZ_EXAMPLES")
+FUZZ = settings(max_examples=int(_HUNT or 150), derandomize=_HUNT is None, deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 LOADS = settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 3))  # whole loads: ~0.1 s an example
 

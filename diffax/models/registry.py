@@ -127,7 +127,7 @@ def _dtype(key: str, name: Any) -> Any:
     """A floating compute / parameter dtype from its name (or a dtype), naming the key otherwise."""
     try:
         dtype = None if name is None else jnp.dtype(name)  # numpy reads None as float64
-    except TypeError:
+    except (TypeError, ValueError):  # a dict or list reads as a structured dtype spec
         dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"model.{key}: dtype={name!r} is not a floating-point dtype "
