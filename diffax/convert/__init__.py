@@ -14,6 +14,7 @@ from diffax.convert import unet2d_condition  # noqa: F401
 from diffax.convert import clip  # noqa: F401
 from diffax.convert import controlnet  # noqa: F401
 from diffax.convert import vae  # noqa: F401
+from diffax.convert import clip_vision, safety_checker  # noqa: F401
 from diffax.convert.api import load, save
 from diffax.convert.io import CheckpointError
 from diffax.convert.registry import Converter, ReferenceLayout, converters, register

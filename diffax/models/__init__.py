@@ -10,6 +10,7 @@ diffax/models/registry.py for the contract and docs/architecture.md for adding a
 blocks (`Attention`, `BasicTransformerBlock`, `FeedForward`, diffusers' names) are in transformer.py.
 """
 from diffax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextWithProjectionConfig
+from diffax.models import clip_vision, safety_checker  # noqa: F401  (registers the CLIP image towers, the SD safety checker)
 from diffax.models.controlnet import ControlNetConfig, ControlNetModel, apply_multi_controlnet, params_from_unet
 from diffax.models.dit import DiT, DiTConfig
 from diffax.models.registry import (ModelFamily, abstract_params, boxed_init, build_model, config_from_block,

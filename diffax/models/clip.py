@@ -184,11 +184,12 @@ def _normal(std: float) -> nn.initializers.Initializer:
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with q_proj / k_proj / v_proj / out_proj (all with bias) and a mask."""
+    """Multi-head self-attention with q_proj / k_proj / v_proj / out_proj (all with bias) and a mask (None:
+    every token attends everywhere, as in CLIP's vision tower, diffax.models.clip_vision)."""
     config: _CLIPTextFields
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:  # [B, L, D], [B|1, 1, L, L] -> [B, L, D]
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # [B, L, D], [B|1, 1, L, L] -> [B, L, D]
         cfg = self.config
         b, length, d = x.shape
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
@@ -227,7 +228,7 @@ class CLIPEncoderLayer(nn.Module):
     config: _CLIPTextFields
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:  # [B, L, D] -> [B, L, D]
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:  # [B, L, D] -> [B, L, D]
         cfg = self.config
         ln = dict(epsilon=cfg.layer_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         x = x + CLIPAttention(cfg, name="self_attn")(LayerNorm(name="layer_norm1", **ln)(x), mask)
@@ -258,7 +259,7 @@ class CLIPEncoder(nn.Module):
     config: _CLIPTextFields
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, list[jax.Array]]:  # [B, L, D]
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, list[jax.Array]]:  # [B, L, D]
         states = [x]
         for i in range(self.config.num_hidden_layers):
             x = CLIPEncoderLayer(self.config, name=f"layers_{i}")(x, mask)
