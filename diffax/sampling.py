@@ -23,6 +23,7 @@ import numpy as np
 from diffax.schedulers.base import Scheduler, SchedulerState
 
 DenoiseFn = Callable[..., jax.Array]  # denoise_fn(x, t, **cond) -> model output
+AfterStepFn = Callable[[jax.Array, jax.Array, SchedulerState], jax.Array]  # after_step(x, i, state) -> x
 
 
 def rescale_guidance(guided: jax.Array, cond: jax.Array, guidance_rescale: float) -> jax.Array:
@@ -74,9 +75,11 @@ def loop_range(scheduler: Scheduler, state: SchedulerState, num_inference_steps:
 def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num_inference_steps: int,
            key: jax.Array | None = None, cond: dict[str, Any] | None = None, uncond: dict[str, Any] | None = None,
            guidance_scale: float | jax.Array | None = None,
-           guidance_rescale: float = 0.0, guided_channels: int | None = None,
+           guidance_rescale: float | jax.Array = 0.0, guided_channels: int | None = None,
            init_sample: jax.Array | None = None, strength: float = 1.0,
-           denoising_start: float | None = None, denoising_end: float | None = None) -> jax.Array:
+           denoising_start: float | None = None, denoising_end: float | None = None,
+           start_index: int | jax.Array | None = None, pass_step_index: bool = False,
+           after_step: AfterStepFn | None = None) -> jax.Array:
     """Runs a whole sampling trajectory; returns x at the end, same shape as `noise` [B, ...].
 
     noise: standard normal [B, ...]; scaled by the scheduler's initial sigma (text-to-image), or used to
@@ -94,6 +97,14 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
     init_sample: x_0 for img2img (noised here to the first step's level), or, with `denoising_start`, an
       already-noisy latent handed over by a base model (used as is).
     key: PRNG key for stochastic samplers (required by them; ignored by deterministic ones).
+    guidance_rescale: a Python float (0 skips the rescale) or a traced scalar (always rescaled, by its value).
+    start_index: the first loop index, overriding the one `strength` gives; an int32 scalar array makes it a
+      traced input, so a pipeline computes it on the host with `loop_range` and a new img2img strength reuses
+      the compiled program (`init_sample`, when given, is noised to that index's level).
+    pass_step_index: call `denoise_fn(x, t, step_index=i, **cond)` with the traced loop index i (ControlNet's
+      control_guidance_start / end).
+    after_step: `after_step(x, i, state) -> x`, applied to x after the step at loop index i (inpainting's
+      latent blending for a 4-channel U-Net; progress callbacks).
     """
     cond = {} if cond is None else cond
     guided = guidance_scale is not None
@@ -110,6 +121,8 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
     state = scheduler.init(num_inference_steps, noise)
     start, stop = loop_range(scheduler, state, num_inference_steps, strength=strength,
                              denoising_start=denoising_start, denoising_end=denoising_end)
+    if start_index is not None:
+        start = start_index
     if key is None:
         key = jax.random.key(0)  # deterministic samplers never read it
     if init_sample is None:
@@ -121,21 +134,27 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
     else:
         x = scheduler.add_noise(state, init_sample, noise, start)
 
-    def model_output(x_in: jax.Array, t: jax.Array) -> jax.Array:
+    rescaled = not isinstance(guidance_rescale, (int, float)) or guidance_rescale > 0
+
+    def model_output(x_in: jax.Array, t: jax.Array, i: jax.Array) -> jax.Array:
+        step_kw = {"step_index": i} if pass_step_index else {}
         if not guided:
-            return denoise_fn(x_in, t, **model_cond)
-        out_u, out_c = jnp.split(denoise_fn(jnp.concatenate([x_in, x_in]), t, **model_cond), 2)
+            return denoise_fn(x_in, t, **step_kw, **model_cond)
+        out_u, out_c = jnp.split(denoise_fn(jnp.concatenate([x_in, x_in]), t, **step_kw, **model_cond), 2)
         c = guided_channels if guided_channels is not None else out_c.shape[-1]
         mixed = out_u[..., :c] + guidance_scale * (out_c[..., :c] - out_u[..., :c])
-        if guidance_rescale > 0:
+        if rescaled:
             mixed = rescale_guidance(mixed, out_c[..., :c], guidance_rescale)
         return jnp.concatenate([mixed, out_c[..., c:]], axis=-1)
 
-    def body(carry, i):
+    def body(i, carry):
         x, state = carry
-        out = model_output(scheduler.scale_model_input(state, x, i), state.timesteps[i])
+        out = model_output(scheduler.scale_model_input(state, x, i), state.timesteps[i], i)
         x, _, state = scheduler.step(state, out.astype(x.dtype), x, i, jax.random.fold_in(key, i))
-        return (x, state), None
+        if after_step is not None:
+            x = after_step(x, i, state)
+        return x, state
 
-    (x, _), _ = jax.lax.scan(body, (x, state), jnp.arange(start, stop))
+    # Python bounds make this a scan; a traced start (start_index) a while loop.
+    x, _ = jax.lax.fori_loop(start, stop, body, (x, state))
     return x

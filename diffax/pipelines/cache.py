@@ -1,0 +1,125 @@
+"""The on-disk cache of converted pipeline components: convert once, restore with Orbax afterwards.
+
+    module, params = load_component("sd-folder/unet", cache_dir=None)   # converts on the first call only
+
+An entry is keyed by the source files' names, sizes and modification times, the load options (dtype,
+attention backend) and `CACHE_VERSION`, so an edited or replaced checkpoint is converted again. The module
+is always rebuilt from the source's config.json (cheap); only the parameters are cached. An entry that
+cannot be read back, or whose arrays do not fit the config, is deleted and converted again with a warning:
+a damaged cache never stops a load.
+
+The cache lives under `cache_dir`, else $DIFFAX_CACHE_DIR, else ~/.cache/diffax/pipelines.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import numpy as np
+
+from diffax.convert import api
+from diffax.convert.rules import flatten
+from diffax.models.registry import abstract_params, make_module
+
+CACHE_VERSION = 1  # bump when conversion changes the arrays it writes
+ENV_VAR = "DIFFAX_CACHE_DIR"
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where converted components are kept: `cache_dir`, $DIFFAX_CACHE_DIR, or ~/.cache/diffax/pipelines."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    return Path("~/.cache/diffax/pipelines").expanduser()
+
+
+def source_key(sources: list[Path], options: dict[str, Any]) -> str:
+    """A hex digest of every file under `sources` (path, size, mtime) and the load options."""
+    entries = []
+    for source in sources:
+        files = sorted(p for p in source.rglob("*") if p.is_file()) if source.is_dir() else [source]
+        for p in files:
+            st = p.stat()
+            entries.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"files": entries, "options": options, "version": CACHE_VERSION}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _fits(params: Any, config: Any) -> bool:
+    """Whether restored params have exactly the config's parameter paths, shapes and dtypes."""
+    want = flatten(abstract_params(config))
+    got = flatten(params)
+    return set(want) == set(got) and all(
+        tuple(np.shape(got[k])) == tuple(want[k].shape) and np.dtype(got[k].dtype) == np.dtype(want[k].dtype)
+        for k in want)
+
+
+def _restore(entry: Path) -> Any:
+    import orbax.checkpoint as ocp
+    return ocp.PyTreeCheckpointer().restore(entry.absolute())
+
+
+def _save(entry: Path, params: Any) -> None:
+    import orbax.checkpoint as ocp
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ocp.PyTreeCheckpointer().save(tmp.absolute(), params)
+    shutil.rmtree(entry, ignore_errors=True)
+    os.replace(tmp, entry)  # readers see a whole entry or none
+
+
+def cached(name: str, sources: list[Path], options: dict[str, Any], cache_dir: str | os.PathLike | None,
+           convert: Callable[[], tuple[nn.Module, Any]], config: Callable[[], Any] | None = None
+           ) -> tuple[nn.Module, Any]:
+    """(module, params) of one component: restored from the cache entry of (sources, options) when it is
+    whole, else `convert()` and stored. `config()` gives the component's config without converting (for a
+    cache hit); without it every load converts. cache_dir=False disables the cache."""
+    if cache_dir is False or config is None:
+        return convert()
+    entry = cache_root(cache_dir) / f"{name}-{source_key(sources, options)}"
+    if entry.is_dir():
+        try:
+            cfg = config()
+            params = _restore(entry)
+            if not _fits(params, cfg):
+                raise ValueError("its arrays do not fit the component's config")
+            return make_module(cfg), params
+        except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for damaged files
+            warnings.warn(f"{entry}: cached {name} unreadable ({type(e).__name__}: {str(e)[:200]}); converting "
+                          f"again", stacklevel=3)
+            shutil.rmtree(entry, ignore_errors=True)
+    module, params = convert()
+    try:
+        _save(entry, params)
+    except OSError as e:  # a read-only or full disk: the load still succeeds, uncached
+        warnings.warn(f"{entry}: could not write the conversion cache ({e})", stacklevel=3)
+    return module, params
+
+
+def load_component(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                   attention_backend: str | None = None, cache_dir: str | os.PathLike | None | bool = None
+                   ) -> tuple[nn.Module, Any]:
+    """`diffax.convert.load(folder, ...)` through the cache: a diffusers or transformers model folder."""
+    folder = Path(folder)
+    options = {"dtype": str(dtype), "param_dtype": str(param_dtype), "attention_backend": attention_backend}
+    runtime = {k: v for k, v in dict(dtype=api._dtype("dtype", dtype),
+                                     param_dtype=api._dtype("param_dtype", param_dtype),
+                                     attention_backend=attention_backend).items() if v is not None}
+
+    def config() -> Any:
+        _, cfg = api._diffusers_config(folder, str(folder), None, runtime)
+        return cfg
+
+    def convert() -> tuple[nn.Module, Any]:
+        return api.load(folder, dtype=dtype, param_dtype=param_dtype, attention_backend=attention_backend)
+
+    return cached(folder.name, [folder], options, cache_dir, convert, config)
