@@ -1,0 +1,244 @@
+"""LoRA adapters on a pipeline: load, weigh, fuse, unload, as diffusers' `load_lora_weights` family does.
+
+    pipe.load_lora_weights("style.safetensors", adapter_name="style")          # diffusers / peft or kohya
+    pipe.load_lora_weights("detail.safetensors", adapter_name="detail")
+    pipe.set_adapters(["style", "detail"], [0.8, 0.5])                        # both, weighted
+    pipe.fuse_lora(); pipe.unfuse_lora(); pipe.unload_lora_weights()
+
+A loaded adapter is a set of `LoraLayer`s per component (`diffax.convert.lora`). The pipeline's params are
+always plain weights: each LoRA'd kernel is `W + sum_i weight_i * scale_i * (down_i @ up_i)` over the active
+adapters, computed from the base weights (kept aside) by one jitted function whose inputs are the weights,
+so a new adapter weight costs one small merge and no retrace of anything, and the pipeline's programs, which
+take params as arguments, run unchanged. Only the updated kernels are recomputed; the other parameters are
+the base arrays themselves.
+
+Semantics follow diffusers: a newly loaded adapter becomes the only active one (with `scale`) until
+`set_adapters` activates several; `fuse_lora` folds the active adapters into the base weights (they stop
+being applied on the fly) and `unfuse_lora` takes them out again; `unload_lora_weights` drops every adapter,
+restoring the original params exactly, or keeping the fused weights if some are fused.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from diffax.convert import rules
+from diffax.convert.lora import LoraLayer, read_lora
+
+Params = dict[str, Any]
+Layers = Mapping[str, LoraLayer]  # 'a/b/kernel' -> LoraLayer: one adapter on one component
+
+
+@jax.jit
+def _merge(kernels: dict[str, jax.Array], adapters: tuple[dict[str, LoraLayer], ...],
+           weights: jax.Array) -> dict[str, jax.Array]:
+    """kernels + sum_i weights[i] * scale * (down @ up), in fp32, cast back to each kernel's dtype."""
+    out = {}
+    for path, kernel in kernels.items():
+        total = kernel.astype(jnp.float32)
+        for i, layers in enumerate(adapters):
+            layer = layers.get(path)
+            if layer is not None:  # [..., I, r] @ [r, O] -> the kernel's shape
+                delta = jnp.matmul(layer.down.astype(jnp.float32), layer.up.astype(jnp.float32))
+                total = total + (weights[i] * layer.scale) * delta
+        out[path] = total.astype(kernel.dtype)
+    return out
+
+
+def apply(params: Params, adapters: Sequence[Layers], weights: Sequence[float]) -> Params:
+    """`params` with the LoRA layers of `adapters` added, adapter i at weight `weights[i]`.
+
+    Each updated kernel is computed in fp32 and cast back to its dtype (and sharding, for a jax.Array); every
+    other leaf is the input's own array. The merge is one jitted function of the arrays and the weights: a new
+    weight does not retrace, a new set of adapters traces once.
+    """
+    if len(adapters) != len(weights):
+        raise ValueError(f"apply: {len(adapters)} adapters but {len(weights)} weights")
+    flat = rules.flatten(params)
+    touched = sorted({path for layers in adapters for path in layers})
+    kernels = {}
+    for path in touched:
+        key = tuple(path.split("/"))
+        if key not in flat:
+            raise ValueError(f"apply: the params have no {path} for a LoRA layer")
+        kernels[path] = flat[key]
+    if not kernels:
+        return params
+    adapters = tuple({p: LoraLayer(*layer) for p, layer in layers.items()} for layers in adapters)
+    merged = _merge(kernels, adapters, jnp.asarray(weights, jnp.float32))
+    for path, value in merged.items():
+        base = kernels[path]
+        if isinstance(base, jax.Array):
+            value = jax.device_put(value, base.sharding)
+        flat[tuple(path.split("/"))] = value
+    return rules.unflatten(flat)
+
+
+class Fused(NamedTuple):
+    """What `fuse_lora` folded into the base weights, and the state it replaced."""
+    base: dict[str, Params]     # component -> params before fusing
+    active: dict[str, float]    # the active adapters before fusing
+    weights: dict[str, float]   # name -> the weight each fused adapter was folded in with
+
+
+@dataclasses.dataclass
+class LoraAdapters:
+    """Named adapters over a pipeline's components and the state of their use.
+
+    base      component -> params without the adapters applied on the fly (with the fused ones, if fused);
+    adapters  name -> component -> LoRA layers, in load order;
+    active    name -> weight of the adapters applied on the fly;
+    fused     what `fuse_lora` folded into `base`, or None.
+    """
+    base: dict[str, Params] = dataclasses.field(default_factory=dict)
+    adapters: dict[str, dict[str, Layers]] = dataclasses.field(default_factory=dict)
+    active: dict[str, float] = dataclasses.field(default_factory=dict)
+    fused: Fused | None = None
+
+    def params(self, component: str) -> Params:
+        """The component's params with the active adapters applied on the fly."""
+        names = [n for n in self.active if component in self.adapters[n]]
+        return apply(self.base[component], [self.adapters[n][component] for n in names],
+                     [self.active[n] for n in names])
+
+    def is_fused(self, name: str) -> bool:
+        return self.fused is not None and name in self.fused.weights
+
+
+class LoraMixin:
+    """diffusers' LoRA methods for a pipeline holding `components` = {name: (module, params)}.
+
+    The methods replace the params of the components a LoRA touches (the U-Net, the text encoders) and call
+    `self._params_changed()` after, if the pipeline defines it.
+    """
+    components: dict[str, tuple[Any, Params]]
+
+    @property
+    def _lora(self) -> LoraAdapters:
+        state = self.__dict__.get("_lora_state")
+        if state is None:
+            state = self.__dict__["_lora_state"] = LoraAdapters()
+        return state
+
+    def load_lora_weights(self, path: str | os.PathLike, adapter_name: str | None = None, scale: float = 1.0, *,
+                          weight_name: str | None = None) -> str:
+        """Loads a LoRA file (diffusers / peft or kohya format, see `diffax.convert.lora`) as adapter
+        `adapter_name` (default 'default_<n>') and makes it the only active adapter, at weight `scale`.
+        Returns the adapter's name. ValueError naming the file and the key for an entry that fits no
+        parameter of this pipeline; ValueError for a name already loaded."""
+        state = self._lora
+        if adapter_name is None:
+            adapter_name = f"default_{len(state.adapters)}"
+        if adapter_name in state.adapters:
+            raise ValueError(f"{path}: adapter name {adapter_name!r} is already loaded (pass another adapter_name, "
+                             f"or delete_adapters first)")
+        layers = read_lora(path, self.components, weight_name=weight_name)
+        for component in layers:
+            if component not in state.base:
+                state.base[component] = self.components[component][1]
+        state.adapters[adapter_name] = layers
+        state.active = {adapter_name: float(scale)}
+        self._apply_lora()
+        return adapter_name
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights: float | Sequence[float] | None = None
+                     ) -> None:
+        """Applies exactly the adapters `adapter_names`, each at its weight (1.0 by default; one number for
+        all). Fused adapters are part of the base weights and cannot be named here (unfuse_lora first)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if adapter_weights is None:
+            adapter_weights = 1.0
+        weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights)
+        if len(weights) != len(names):
+            raise ValueError(f"set_adapters: {len(names)} adapter names but {len(weights)} weights")
+        state = self._lora
+        for name in names:
+            if name not in state.adapters:
+                raise ValueError(f"set_adapters: no adapter {name!r} (loaded: {', '.join(state.adapters) or 'none'})")
+            if state.is_fused(name):
+                raise ValueError(f"set_adapters: adapter {name!r} is fused; unfuse_lora() first")
+        state.active = {name: float(w) for name, w in zip(names, weights)}
+        self._apply_lora()
+
+    def get_active_adapters(self) -> list[str]:
+        """The names of the adapters applied on the fly."""
+        return list(self._lora.active)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """component -> the names of the loaded adapters that update it."""
+        state = self._lora
+        return {c: [n for n, layers in state.adapters.items() if c in layers] for c in state.base}
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Removes loaded adapters (not fused ones: unfuse_lora first)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        state = self._lora
+        for name in names:
+            if name not in state.adapters:
+                raise ValueError(f"delete_adapters: no adapter {name!r}")
+            if state.is_fused(name):
+                raise ValueError(f"delete_adapters: adapter {name!r} is fused; unfuse_lora() first")
+        for name in names:
+            del state.adapters[name]
+            state.active.pop(name, None)
+        self._apply_lora()
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: Sequence[str] | None = None) -> None:
+        """Folds adapters into the base weights: the active ones (or `adapter_names`, at their active weight
+        or 1.0), each weight times `lora_scale`. The params are the same as applied on the fly; the fused
+        adapters stop being applied on the fly, `unfuse_lora` restores the state before."""
+        state = self._lora
+        if state.fused is not None:
+            raise ValueError("fuse_lora: adapters are fused already; unfuse_lora() first")
+        names = list(state.active) if adapter_names is None else list(adapter_names)
+        for name in names:
+            if name not in state.adapters:
+                raise ValueError(f"fuse_lora: no adapter {name!r} (loaded: {', '.join(state.adapters) or 'none'})")
+        if not names:
+            return
+        weights = {name: state.active.get(name, 1.0) * lora_scale for name in names}
+        state.fused = Fused(dict(state.base), dict(state.active), weights)
+        for component in state.base:
+            fused = [n for n in names if component in state.adapters[n]]
+            state.base[component] = apply(state.base[component], [state.adapters[n][component] for n in fused],
+                                          [weights[n] for n in fused])
+        state.active = {n: w for n, w in state.active.items() if n not in weights}
+        self._apply_lora()
+
+    def unfuse_lora(self) -> None:
+        """Takes fused adapters out of the base weights again: the state before `fuse_lora` (no-op if none)."""
+        state = self._lora
+        if state.fused is None:
+            return
+        fused = state.fused
+        # Components and adapters loaded since fusing stay as they are.
+        state.base = {**state.base, **fused.base}
+        state.active = {**fused.active, **state.active}
+        state.fused = None
+        self._apply_lora()
+
+    def unload_lora_weights(self) -> None:
+        """Drops every adapter. The components get their original params back (the very arrays), or, while
+        adapters are fused, keep the fused weights as their new params."""
+        state = self._lora
+        for component, params in state.base.items():
+            module, _ = self.components[component]
+            self.components[component] = (module, params)
+        self.__dict__["_lora_state"] = LoraAdapters()
+        self._notify_params_changed()
+
+    def _apply_lora(self) -> None:
+        state = self._lora
+        for component in state.base:
+            module, _ = self.components[component]
+            self.components[component] = (module, state.params(component))
+        self._notify_params_changed()
+
+    def _notify_params_changed(self) -> None:
+        changed = getattr(self, "_params_changed", None)
+        if changed is not None:
+            changed()
