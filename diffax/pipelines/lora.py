@@ -106,14 +106,16 @@ class LoraAdapters:
                      [self.active[n] for n in names])
 
     def is_fused(self, name: str) -> bool:
+        """Whether adapter `name` is folded into `base`."""
         return self.fused is not None and name in self.fused.weights
 
 
 class LoraMixin:
     """diffusers' LoRA methods for a pipeline holding `components` = {name: (module, params)}.
 
-    The methods replace the params of the components a LoRA touches (the U-Net, the text encoders) and call
-    `self._params_changed()` after, if the pipeline defines it.
+    The methods replace the params of the components a LoRA touches (the U-Net, the text encoders) through
+    the pipeline's `set_component(name, params=...)` where it has one (so it drops params it placed on
+    devices), else by assigning `components[name]`; then call `self._params_changed()` if it is defined.
     """
     components: dict[str, tuple[Any, Params]]
 
@@ -224,21 +226,21 @@ class LoraMixin:
     def unload_lora_weights(self) -> None:
         """Drops every adapter. The components get their original params back (the very arrays), or, while
         adapters are fused, keep the fused weights as their new params."""
-        state = self._lora
-        for component, params in state.base.items():
-            module, _ = self.components[component]
-            self.components[component] = (module, params)
+        base = self._lora.base
         self.__dict__["_lora_state"] = LoraAdapters()
-        self._notify_params_changed()
+        self._set_params(base)
 
     def _apply_lora(self) -> None:
         state = self._lora
-        for component in state.base:
-            module, _ = self.components[component]
-            self.components[component] = (module, state.params(component))
-        self._notify_params_changed()
+        self._set_params({component: state.params(component) for component in state.base})
 
-    def _notify_params_changed(self) -> None:
+    def _set_params(self, params: Mapping[str, Params]) -> None:
+        set_component = getattr(self, "set_component", None)
+        for component, value in params.items():
+            if set_component is not None:
+                set_component(component, params=value)
+            else:
+                self.components[component] = (self.components[component][0], value)
         changed = getattr(self, "_params_changed", None)
         if changed is not None:
             changed()
