@@ -28,7 +28,7 @@ pytest.importorskip("peft")
 from diffax import convert  # noqa: E402
 from diffax.convert.io import CheckpointError, write_safetensors  # noqa: E402
 from diffax.convert.lora import read_lora  # noqa: E402
-from diffax.convert.rules import flatten  # noqa: E402
+from diffax.convert.rules import flatten, key_to_path  # noqa: E402
 import diffax.pipelines.lora as lora  # noqa: E402
 from diffax.pipelines.lora import LoraMixin  # noqa: E402
 
@@ -365,3 +365,68 @@ def test_stable_diffusion_pipeline_with_lora_matches_diffusers(tmp_path):
 
     pipe.unload_lora_weights()
     np.testing.assert_array_equal(pipe(latents=latents, **kw).images, plain)
+
+
+SDXL_UNET = dict(sample_size=SIDE, block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=40, attention_head_dim=(2, 4),
+                 transformer_layers_per_block=(1, 2), use_linear_projection=True, addition_embed_type="text_time",
+                 addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8)
+
+
+def test_sdxl_kohya_ldm_names_map_as_diffusers_maps_them(tmp_path):
+    """An SDXL kohya file (U-Net under its LDM names, `lora_te1_` / `lora_te2_` text encoders) loaded into
+    diffusers' StableDiffusionXLPipeline and into diffax puts the same factors and scale on every module.
+    (The LDM names are diffax's own table's; diffusers maps them with its own code.)"""
+    from diffax.convert.lora import kohya_names
+    from diffax.models import abstract_params, get_family, make_module
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(**SDXL_UNET).eval()
+    te1 = transformers.CLIPTextModel(transformers.CLIPTextConfig(**CLIP)).eval()
+    te2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        **{**CLIP, "hidden_size": 24, "projection_dim": 16, "hidden_act": "gelu"})).eval()
+    targets = {}
+    for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
+        config = get_family(type(model).__name__).config_cls.from_diffusers(dict(model.config) if component == "unet" else model.config.to_dict())
+        targets[component] = (make_module(config), abstract_params(config))
+    gen, sd = np.random.default_rng(0), {}
+
+    def add(key, kernel_shape, alpha):
+        down = gen.standard_normal((4, *kernel_shape[:-1])).astype(np.float32)  # [r, (kh, kw,) I]
+        if down.ndim == 4:
+            down = down.transpose(0, 3, 1, 2)  # [r, I, kh, kw]
+        up = gen.standard_normal((kernel_shape[-1], 4, *([1, 1] if down.ndim == 4 else []))).astype(np.float32)
+        sd[f"{key}.lora_down.weight"], sd[f"{key}.lora_up.weight"] = down, up
+        sd[f"{key}.alpha"] = np.array(alpha, np.float32)
+
+    flat = flatten(targets["unet"][1])
+    ldm = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+    unet_names = {n: p for n, p in kohya_names(*targets["unet"]).items() if n.startswith(ldm)}
+    assert len(set(unet_names.values())) == len({p[:-1] for p in flat if p[-1] == "kernel"})  # every layer
+    for name, path in unet_names.items():
+        add(f"lora_unet_{name}", flat[(*path, "kernel")].shape, 2.0)
+    for prefix, component in (("lora_te1", "text_encoder"), ("lora_te2", "text_encoder_2")):
+        te_flat = flatten(targets[component][1])
+        for path in te_flat:
+            if path[-1] == "kernel" and path[0] == "text_model":
+                add(f"{prefix}_{'_'.join(path[:-1])}", te_flat[path].shape, 2.0)
+    write_safetensors(tmp_path / "sdxl.safetensors", sd)
+
+    ours = read_lora(tmp_path / "sdxl.safetensors", targets)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=None, text_encoder=te1, text_encoder_2=te2, tokenizer=None, tokenizer_2=None, unet=unet,
+        scheduler=diffusers.EulerDiscreteScheduler())
+    pipe.load_lora_weights(str(tmp_path / "sdxl.safetensors"), adapter_name="x")
+    for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
+        theirs = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A") and "x" in m.lora_A}
+        assert len(theirs) == len(ours[component]), component
+        for name, m in theirs.items():
+            path = key_to_path(name)  # transformers 5's CLIPTextModel has no `text_model.`, with projection has
+            path = "/".join((*("text_model",) * (component != "unet" and path[0] != "text_model"), *path, "kernel"))
+            layer = ours[component][path]
+            down = m.lora_A["x"].weight.detach().numpy()
+            down = down.transpose(2, 3, 1, 0) if down.ndim == 4 else down.T
+            np.testing.assert_array_equal(layer.down, down, err_msg=path)
+            np.testing.assert_array_equal(layer.up, m.lora_B["x"].weight.detach().numpy().reshape(-1, 4).T)
+            assert layer.scale == m.scaling["x"] == 0.5

@@ -149,9 +149,9 @@ def read_lora(path: str | os.PathLike, targets: Targets, *,
     metadata = {} if kohya else read_metadata(file)
     out: dict[str, dict[str, LoraLayer]] = {}
     for (component, param), parts in groups.items():
-        config = _component_config(metadata, component)
-        out.setdefault(component, {})["/".join(param)] = _layer(parts, np.shape(flat[component][param]), param[:-1],
-                                                               config, source)
+        shape = tuple(flat[component][param].shape)  # arrays or jax.ShapeDtypeStructs
+        layer = _layer(parts, shape, param[:-1], _component_config(metadata, component), source)
+        out.setdefault(component, {})["/".join(param)] = layer
     return out
 
 
