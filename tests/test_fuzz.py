@@ -383,7 +383,7 @@ def test_fuzz_load_mutated_folder(scratch, unet_state_dict, mutations, allow_non
         elif op == "shape":
             sd[key] = np.zeros(sd[key].shape[:-1] + (sd[key].shape[-1] + 1,) if sd[key].ndim else (2,), np.float32)
         elif op == "nan":
-            sd[key] = sd[key].copy()
+            sd[key] = sd[key].astype(np.float32)  # an earlier dtype mutation may have made it integer
             sd[key].reshape(-1)[pick % sd[key].size] = np.nan
         elif op == "drop":
             del sd[key]
