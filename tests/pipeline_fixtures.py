@@ -136,16 +136,21 @@ def diffusers_images(folder: Path, *, scheduler: Any = None, noise: np.ndarray |
     import diffusers
     import torch
 
-    pipe = diffusers_pipeline(str(folder))
-    if pipeline_class is not None:
-        pipe = getattr(diffusers, pipeline_class)(**pipe.components)
-        pipe.set_progress_bar_config(disable=True)
-    if scheduler is not None:
-        pipe.scheduler = scheduler.from_config(diffusers_pipeline(str(folder)).scheduler.config)
-    else:
-        pipe.scheduler = type(pipe.scheduler).from_config(diffusers_pipeline(str(folder)).scheduler.config)
+    saved = diffusers_pipeline(str(folder))
+    components = dict(saved.components)
+    # A fresh scheduler every call (never the saved pipeline's, which a call's steps mutate).
+    components["scheduler"] = (scheduler or type(saved.scheduler)).from_config(saved.scheduler.config)
+    pipe = getattr(diffusers, pipeline_class or type(saved).__name__)(**components)
+    pipe.set_progress_bar_config(disable=True)
     if "latents" in call and call["latents"] is not None:
         call["latents"] = torch.from_numpy(np.ascontiguousarray(np.asarray(call["latents"]).transpose(0, 3, 1, 2)))
+    for name in ("text_encoder", "text_encoder_2"):
+        te = getattr(pipe, name, None)
+        if te is not None and "text_model" not in te._modules and hasattr(te, "final_layer_norm"):
+            # transformers 5's CLIPTextModel has no `text_model`, which diffusers 0.42 reads for clip_skip's
+            # final LayerNorm: the same layer under the old path (a plain attribute, not a submodule).
+            import types
+            object.__setattr__(te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm))
     module = __import__(type(pipe).__module__, fromlist=["randn_tensor"])
     original = module.randn_tensor
     if noise is not None:

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffax import parallel
-from diffax.schedulers import from_diffusers_config, scheduler_classes, to_diffusers_config
+from diffax.schedulers import EXTRAS_KEY, from_diffusers_config, scheduler_classes, to_diffusers_config
 from diffax.schedulers.base import Scheduler
 from diffax.schedulers.names import SAMPLER_NAMES, SCHEDULE_KEYS, scheduler_for
 
@@ -151,7 +151,9 @@ def as_scheduler(scheduler: Scheduler | Mapping[str, Any] | str, base_config: Ma
                                        or base_config is not None):
         class_name, preset = SAMPLER_NAMES.get(scheduler, (scheduler, {}))
         if class_name in scheduler_classes() and base_config is not None:
-            return dataclasses.replace(from_diffusers_config(dict(base_config), scheduler_class=class_name),
+            # diffax-only options (DDIM's eta) belong to the old class: dropped, as diffusers' from_config does.
+            shared = {k: v for k, v in base_config.items() if k != EXTRAS_KEY}
+            return dataclasses.replace(from_diffusers_config(shared, scheduler_class=class_name),
                                        **{**preset, **options})
         return scheduler_for(scheduler, {k: base_config[k] for k in SCHEDULE_KEYS if k in (base_config or {})},
                              **options)
