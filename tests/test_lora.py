@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from diffax import convert  # noqa: E402
-from diffax.convert.io import CheckpointError, write_safetensors  # noqa: E402
+from diffax.convert.io import CheckpointError, read_state_dict, write_safetensors  # noqa: E402
 from diffax.convert.lora import read_lora  # noqa: E402
 from diffax.convert.rules import flatten, key_to_path  # noqa: E402
 import diffax.pipelines.lora as lora  # noqa: E402
@@ -35,8 +35,8 @@ from diffax.pipelines.lora import LoraMixin  # noqa: E402
 RTOL = 1e-4
 SIDE, TOKENS, LENGTH, VOCAB = 16, 5, 16, 64
 UNET = dict(sample_size=SIDE, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4)
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4)
 CLIP = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=LENGTH, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63, pad_token_id=63)
 
@@ -255,6 +255,10 @@ def test_unload_restores_the_original_params(setup, tmp_path):
     assert pipe.get_list_adapters() == {}
     # Unloading while fused keeps the fused weights, as diffusers does.
     pipe.load_lora_weights(root / "kohya.safetensors", scale=0.5)
+    pipe.disable_lora()
+    for c, (_, params) in pipe.components.items():
+        assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base[c])))
+    pipe.enable_lora()
     on_the_fly = diffax_outputs(pipe, inp)
     pipe.fuse_lora()
     pipe.unload_lora_weights()
@@ -277,7 +281,6 @@ def test_ldm_names_equal_diffusers_names(setup, tmp_path):
            "output_blocks_2_1_proj_out": "up_blocks_1_attentions_0_proj_out",
            "output_blocks_3_1_transformer_blocks_0_ff_net_2": "up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2",
            "time_embed_0": "time_embedding_linear_1", "out_2": "conv_out"}
-    from diffax.convert.io import read_state_dict
     sd = read_state_dict(root / "kohya.safetensors")
     diffusers_names, ldm_names = {}, {}
     for ldm_name, name in ldm.items():
@@ -294,7 +297,7 @@ def test_ldm_names_equal_diffusers_names(setup, tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_layouts(setup):
+def test_layouts(setup, tmp_path):
     """The stored factors are in the kernels' layouts: linear [I, r] @ [r, O], 3x3 conv [3, 3, I, r] @ [r, O],
     and `scale` is alpha / rank."""
     _, ours, root, _, _, (unet, _) = setup
@@ -303,6 +306,18 @@ def test_layouts(setup):
     assert conv.down.shape == (3, 3, 16, 4) and conv.up.shape == (4, 16) and conv.scale == 3.0 / 4
     q = layers["text_encoder"]["text_model/encoder/layers_0/self_attn/q_proj/kernel"]
     assert q.down.shape == (32, 4) and q.up.shape == (4, 32) and q.scale == 2.0 / 4
+    # A linear layer's LoRA ([r, I], [O, r]) on a 1x1 conv, as SD 2.x LoRAs meet SD 1.x proj_in, and back.
+    proj_in = layers["unet"]["down_blocks_0/attentions_0/proj_in/kernel"]
+    assert proj_in.down.shape == (1, 1, 16, 4)
+    sd = read_state_dict(root / "kohya.safetensors")
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    linear = {f"{key}.lora_down.weight": sd[f"{key}.lora_down.weight"][:, :, 0, 0],
+              f"{key}.lora_up.weight": sd[f"{key}.lora_up.weight"][:, :, 0, 0], f"{key}.alpha": sd[f"{key}.alpha"]}
+    write_safetensors(tmp_path / "linear.safetensors", linear)
+    again = read_lora(tmp_path / "linear.safetensors", ours.components)["unet"]
+    again = again["down_blocks_0/attentions_0/proj_in/kernel"]
+    for x, y in zip(again, proj_in):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_errors(setup, tmp_path):
@@ -388,7 +403,8 @@ def test_sdxl_kohya_ldm_names_map_as_diffusers_maps_them(tmp_path):
         **{**CLIP, "hidden_size": 24, "projection_dim": 16, "hidden_act": "gelu"})).eval()
     targets = {}
     for component, model in (("unet", unet), ("text_encoder", te1), ("text_encoder_2", te2)):
-        config = get_family(type(model).__name__).config_cls.from_diffusers(dict(model.config) if component == "unet" else model.config.to_dict())
+        fields = dict(model.config) if component == "unet" else model.config.to_dict()
+        config = get_family(type(model).__name__).config_cls.from_diffusers(fields)
         targets[component] = (make_module(config), abstract_params(config))
     gen, sd = np.random.default_rng(0), {}
 

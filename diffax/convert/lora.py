@@ -42,6 +42,8 @@ from diffax.models.registry import family_of
 Params = dict[str, Any]
 # component name -> (Flax module, params): a pipeline's `components`. Only the params' shapes are read.
 Targets = Mapping[str, tuple[Any, Params]]
+# (component, flax kernel path) -> {'down' | 'up' | 'alpha': (the file's key, tensor)}
+Groups = dict[tuple[str, tuple[str, ...]], dict[str, Any]]
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a folder
 METADATA_KEY = "lora_adapter_metadata"           # diffusers' LoraConfig per component, in the safetensors header
@@ -71,10 +73,6 @@ class LoraLayer(NamedTuple):
     down: Any    # [..., I, r]: the kernel's layout with its out axis replaced by the rank ([I, r], [kh, kw, I, r])
     up: Any      # [r, O]
     scale: Any   # alpha / rank (alpha / sqrt(rank) for rank-stabilised LoRA)
-
-    def delta(self) -> Any:
-        """`scale * down @ up`, the kernel's shape, in fp32."""
-        return (np.asarray(self.down, np.float32) @ np.asarray(self.up, np.float32)) * np.float32(self.scale)
 
 
 def lora_file(path: str | os.PathLike, weight_name: str | None = None) -> Path:
@@ -176,9 +174,8 @@ def kohya_names(module: Any, params: Params) -> dict[str, tuple[str, ...]]:
     return table
 
 
-def _kohya_groups(state: Mapping[str, np.ndarray], targets: Targets,
-                  source: str) -> dict[tuple[str, tuple[str, ...]], dict[str, Any]]:
-    """(component, kernel path) -> {'down' | 'up' | 'alpha': (key, tensor)} of a kohya file."""
+def _kohya_groups(state: Mapping[str, np.ndarray], targets: Targets, source: str) -> Groups:
+    """The `Groups` of a kohya file."""
     tables: dict[str, dict[str, tuple[str, ...]]] = {}
     groups: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     for key, value in state.items():
@@ -201,8 +198,8 @@ def _kohya_groups(state: Mapping[str, np.ndarray], targets: Targets,
 
 
 def _diffusers_groups(state: Mapping[str, np.ndarray], targets: Targets,
-                      flat: Mapping[str, Mapping[tuple[str, ...], Any]], source: str) -> dict[tuple[str, tuple[str, ...]], dict[str, Any]]:
-    """(component, kernel path) -> {'down' | 'up' | 'alpha': (key, tensor)} of a diffusers / peft file."""
+                      flat: Mapping[str, Mapping[tuple[str, ...], Any]], source: str) -> Groups:
+    """The `Groups` of a diffusers / peft file."""
     prefixed = any(key.split(".", 1)[0] in COMPONENTS for key in state)
     groups: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     for key, value in state.items():
@@ -270,8 +267,8 @@ def _layer(parts: Mapping[str, tuple[str, np.ndarray]], kernel_shape: tuple[int,
     for need in ("down", "up"):
         if need not in parts:
             have = next(iter(parts.values()))[0]
-            raise CheckpointError(f"{source}: {have!r} has no matching {need} weight (lora_{'A' if need == 'down' else 'B'}"
-                                  f" / lora_{need})")
+            peft = "lora_A" if need == "down" else "lora_B"
+            raise CheckpointError(f"{source}: {have!r} has no matching {need} weight ({peft} / lora_{need})")
     (down_key, down), (up_key, up) = parts["down"], parts["up"]
     down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
     rank = down.shape[0] if down.ndim in (2, 4) else -1

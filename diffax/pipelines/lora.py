@@ -25,6 +25,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffax.convert import rules
 from diffax.convert.lora import LoraLayer, read_lora
@@ -92,16 +93,18 @@ class LoraAdapters:
     base      component -> params without the adapters applied on the fly (with the fused ones, if fused);
     adapters  name -> component -> LoRA layers, in load order;
     active    name -> weight of the adapters applied on the fly;
-    fused     what `fuse_lora` folded into `base`, or None.
+    fused     what `fuse_lora` folded into `base`, or None;
+    enabled   False while `disable_lora` holds the active adapters back.
     """
     base: dict[str, Params] = dataclasses.field(default_factory=dict)
     adapters: dict[str, dict[str, Layers]] = dataclasses.field(default_factory=dict)
     active: dict[str, float] = dataclasses.field(default_factory=dict)
     fused: Fused | None = None
+    enabled: bool = True
 
     def params(self, component: str) -> Params:
-        """The component's params with the active adapters applied on the fly."""
-        names = [n for n in self.active if component in self.adapters[n]]
+        """The component's params with the active adapters applied on the fly (none while disabled)."""
+        names = [n for n in self.active if component in self.adapters[n]] if self.enabled else []
         return apply(self.base[component], [self.adapters[n][component] for n in names],
                      [self.active[n] for n in names])
 
@@ -154,7 +157,7 @@ class LoraMixin:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         if adapter_weights is None:
             adapter_weights = 1.0
-        weights = [adapter_weights] * len(names) if isinstance(adapter_weights, (int, float)) else list(adapter_weights)
+        weights = [adapter_weights] * len(names) if np.ndim(adapter_weights) == 0 else list(adapter_weights)
         if len(weights) != len(names):
             raise ValueError(f"set_adapters: {len(names)} adapter names but {len(weights)} weights")
         state = self._lora
@@ -164,6 +167,16 @@ class LoraMixin:
             if state.is_fused(name):
                 raise ValueError(f"set_adapters: adapter {name!r} is fused; unfuse_lora() first")
         state.active = {name: float(w) for name, w in zip(names, weights)}
+        self._apply_lora()
+
+    def disable_lora(self) -> None:
+        """Stops applying the active adapters (fused ones stay in the weights) until `enable_lora`."""
+        self._lora.enabled = False
+        self._apply_lora()
+
+    def enable_lora(self) -> None:
+        """Applies the active adapters again after `disable_lora`."""
+        self._lora.enabled = True
         self._apply_lora()
 
     def get_active_adapters(self) -> list[str]:
