@@ -136,8 +136,9 @@ class LoraMixin:
         Returns the adapter's name. ValueError naming the file and the key for an entry that fits no
         parameter of this pipeline; ValueError for a name already loaded."""
         state = self._lora
-        if adapter_name is None:
-            adapter_name = f"default_{len(state.adapters)}"
+        if adapter_name is None:  # diffusers' default names, skipping ones still taken
+            adapter_name = next(f"default_{n}" for n in range(len(state.adapters) + 1)
+                                if f"default_{n}" not in state.adapters)
         if adapter_name in state.adapters:
             raise ValueError(f"{path}: adapter name {adapter_name!r} is already loaded (pass another adapter_name, "
                              f"or delete_adapters first)")
