@@ -312,3 +312,49 @@ def test_config_errors_name_the_file_and_key(checker, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "vision_config": {**cfg["vision_config"], "mystery": 1}}))
     with pytest.raises(ValueError, match=r"vision_config: unknown CLIPVisionModel config key\(s\) \['mystery'\]"):
         StableDiffusionSafetyCheckerConfig.from_diffusers(tmp_path)
+
+
+@pytest.mark.slow
+def test_full_size_checker(tmp_path):
+    """The released checker's size (CLIP ViT-L/14 image tower, 304M parameters; `make test-slow`), default
+    random init with every 1-D tensor and the concept embeddings randomised: two 512 x 512 images through
+    diffusers' pipeline path and through SafetyChecker, one flagged."""
+    torch.manual_seed(0)
+    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  patch_size=14, image_size=224, projection_dim=768)
+    model = StableDiffusionSafetyChecker(transformers.CLIPConfig(vision_config=vision, projection_dim=768)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 or "embeds" in name:
+                p.add_(0.1 * torch.randn_like(p))
+        model.concept_embeds.normal_()
+        model.special_care_embeds.normal_()
+    images = sample_images(2, 512, 512, seed=5)
+    pixel_values = clip_processor_pixels(images)
+    with torch.no_grad():
+        tower = model.vision_model(torch.tensor(pixel_values))
+        embeds = model.visual_projection(tower.pooler_output)
+        concept = cosine_distance(embeds, model.concept_embeds).numpy().astype(np.float64)
+        special = cosine_distance(embeds, model.special_care_embeds).numpy().astype(np.float64)
+        weights = concept.max(0) + 0.1
+        weights[0] = concept[0, 0] - 0.02  # image 0 flagged by concept 0
+        model.concept_embeds_weights.copy_(torch.tensor(weights, dtype=torch.float32))
+        model.special_care_embeds_weights.copy_(torch.tensor(special.max(0) + 0.1, dtype=torch.float32))
+    assert boundary_distance(concept - weights) > MARGIN  # test precondition
+    want_images, want_flags = diffusers_check(model, pixel_values, images)
+    model.save_pretrained(tmp_path / "safety_checker")
+    del model
+    (tmp_path / "model_index.json").write_text(json.dumps({"safety_checker": ["stable_diffusion", "x"]}))
+    safety = load_safety_checker(tmp_path)
+    got_images, got_flags = safety(images)
+    assert got_flags == [bool(f) for f in want_flags] and want_flags[0]
+    np.testing.assert_array_equal(got_images, want_images)
+    clip_input = jnp.asarray(pixel_values.transpose(0, 2, 3, 1))
+    got = safety.module.apply({"params": safety.params}, clip_input,
+                              method=lambda m, x: m.vision_model(x))
+    errors = {"last_hidden_state": rel_err(got.last_hidden_state, tower.last_hidden_state),
+              "pooler_output": rel_err(got.pooler_output, tower.pooler_output),
+              "image_embeds": rel_err(safety.module.apply({"params": safety.params}, clip_input,
+                                                          method="image_embeds"), embeds)}
+    print("full-size safety checker, relative error:", {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(errors.values()) < RTOL
