@@ -195,9 +195,10 @@ class StableDiffusionPipeline(Pipeline):
             shape = (*static.latent_size, self.latent_channels)
             noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], shape)
             setup = self.latent_setup(params, rows, static, noise)
-            after = setup.get("after_step")
+            blend = setup.get("after_step")
+            after = blend
             if progress is not None:
-                after = progress if after is None else (lambda x, i, s: progress(after(x, i, s), i, s))
+                after = progress if blend is None else (lambda x, i, s: progress(blend(x, i, s), i, s))
             x = sample(scheduler, self.unet_fn(params, setup.get("extra")), noise,
                        num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],
                        cond=cond, uncond=uncond,
