@@ -110,6 +110,36 @@ def build_sd_pipeline(folder: Path, kind: str = "txt2img", scheduler: str = "DDI
     return folder
 
 
+def build_unconditional_pipeline(folder: Path, kind: str = "DDPMPipeline", seed: int = 0) -> Path:
+    """Saves a tiny DDPMPipeline / DDIMPipeline (a random 8x8 RGB UNet2DModel) to `folder`; returns it."""
+    import diffusers
+
+    unet = randomise(diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4), seed + 20)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000) if kind == "DDPMPipeline" else \
+        diffusers.DDIMScheduler(num_train_timesteps=1000)
+    getattr(diffusers, kind)(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return Path(folder)
+
+
+def build_dit_pipeline(folder: Path, seed: int = 0) -> Path:
+    """Saves a tiny DiTPipeline (a random DiT on 4x4x4 latents with diffusers' 1000 classes, learned sigma,
+    and the tiny VAE) to `folder`; returns it."""
+    import diffusers
+
+    dit = randomise(diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=4, patch_size=2, num_embeds_ada_norm=1000), seed + 30, scale=0.2)
+    block0 = dit.transformer_blocks[0].norm1.emb.state_dict()
+    for block in dit.transformer_blocks[1:]:  # released DiTs share block 0's embedders (diffax stores them once)
+        block.norm1.emb.load_state_dict(block0)
+    scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000)
+    diffusers.DiTPipeline(transformer=dit, vae=tiny_vae(seed + 31), scheduler=scheduler).save_pretrained(folder)
+    return Path(folder)
+
+
 @functools.lru_cache(maxsize=8)
 def diffusers_pipeline(folder: str) -> Any:
     """The diffusers pipeline saved in `folder`, fp32 on CPU (cached per folder)."""
