@@ -34,6 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffax import parallel
+from diffax.pipelines.lora import LoraMixin
 from diffax.schedulers import EXTRAS_KEY, from_diffusers_config, scheduler_classes, to_diffusers_config
 from diffax.schedulers.base import Scheduler
 from diffax.schedulers.names import SAMPLER_NAMES, SCHEDULE_KEYS, scheduler_for
@@ -169,7 +170,7 @@ def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the base class
 
 
-class Pipeline:
+class Pipeline(LoraMixin):
     """A diffusers-style pipeline over diffax components. Subclasses set `required_components` and
     implement `__call__` with `run_program`."""
 
