@@ -1,15 +1,19 @@
-"""Tests for the SDXL pipelines (diffax.pipelines.stable_diffusion_xl) against diffusers'
-StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline.
+"""SDXL pipelines (diffax.pipelines.stable_diffusion_xl) against diffusers 0.42's StableDiffusionXLPipeline and
+StableDiffusionXLImg2ImgPipeline on tiny random pipelines.
 
-The references are tiny random-weight diffusers pipelines saved with `save_pretrained`: a base model with
-two CLIP text encoders (a CLIPTextModel and a CLIPTextModelWithProjection, 16 wide) and a refiner with the
-second encoder alone, 5 time ids and `requires_aesthetics_score`. The tokenizer folders hold vocab.json and
-merges.txt as the released SDXL folders do. Every tensor is random (norms and zero-initialised output
-convolutions included), so a mis-wired input changes the numbers.
+The references are saved with `save_pretrained`: a base model with two CLIP text encoders (a CLIPTextModel
+padding with the end-of-text token and a CLIPTextModelWithProjection padding with '!', 16 wide), 6 time ids;
+and a refiner with the second encoder alone, 5 time ids, `requires_aesthetics_score` and
+`force_zeros_for_empty_prompt=False`, as the released pair. Every tensor is random (norm scales around 1) and
+the VAE's posterior is pinned (tests/pipeline_fixtures.py), so img2img compares without sharing torch's
+random draws. Both sides run fp32 on the CPU from the same initial noise (diffax draws it from the seeds;
+diffusers gets it as NCHW `latents`, or as its img2img noise). Tolerance: max abs difference 1e-3 on [0, 1]
+images (measured: a few 1e-6).
 """
+from __future__ import annotations
+
+import functools
 import json
-import math
-import shutil
 
 import diffusers
 import jax
@@ -18,123 +22,133 @@ import pytest
 import torch
 import transformers
 
-from diffax import convert
+import diffax.pipelines
+import diffax.pipelines.stable_diffusion_xl as sdxl
+from diffax import convert, parallel
 from diffax.models.clip import load_tokenizer
-from diffax.pipelines import stable_diffusion_xl as sdxl
+from diffax.pipelines.base import PipelineInputError, noise_from_seeds
+from diffax.pipelines.text_encoding import encode_prompt_sdxl
+from tests.pipeline_fixtures import randomise, tiny_vae
 
+ATOL = 1e-3
+STEPS = 3
 VOCAB_TOKENS = ["!", *"abcdefghijklmnopqrstuvwxyz", *(c + "</w>" for c in "abcdefghijklmnopqrstuvwxyz"), "ca",
                 "cat</w>", "ab</w>", "<|startoftext|>", "<|endoftext|>"]
 V = len(VOCAB_TOKENS)
 WIDTH, PROJECTION, TIME_DIM = 16, 16, 8
 SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
                  steps_offset=1)
+PROMPTS, PROMPTS_2 = ["a cat", "ab"], ["cab", "z z"]
 
 
-def write_vocab(folder):
-    """A tiny CLIP BPE vocabulary ('!' first, as OpenCLIP's padding token; 'cat</w>' and 'ab</w>' by merges)."""
-    folder.mkdir(parents=True, exist_ok=True)
+def tokenizer(folder, pad_token):
+    """transformers' CLIPTokenizer of a tiny vocabulary ('!' first, as OpenCLIP's padding token), saved with
+    vocab.json and merges.txt as the released SDXL folders have them."""
+    folder.mkdir(parents=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(VOCAB_TOKENS)}))
     (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\na b</w>\n")
-
-
-def tokenizer(tmp, pad_token):
-    """transformers' CLIPTokenizer of the tiny vocabulary: SD's first encoder pads with the end-of-text token,
-    OpenCLIP's second with '!'."""
-    write_vocab(tmp)
-    return transformers.CLIPTokenizer(str(tmp / "vocab.json"), str(tmp / "merges.txt"), model_max_length=77,
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
                                       pad_token=pad_token)
 
 
-def randomize(model, seed):
-    """Every tensor random: weights ~ N(0, 1/fan_in), norm scales 1 + N(0, 0.2^2), biases N(0, 0.2^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_(0.2 * noise + (1.0 if "norm" in name and name.endswith("weight") else 0.0))
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-    return model.eval()
-
-
 def text_encoders():
-    """SDXL's pair at 16 wide: CLIPTextModel (quick_gelu, end-of-text padding) and CLIPTextModelWithProjection
-    (gelu, '!' padding)."""
+    """SDXL's pair at 16 wide: CLIPTextModel (quick_gelu) and CLIPTextModelWithProjection (gelu)."""
     common = dict(vocab_size=V, hidden_size=WIDTH, intermediate_size=24, num_hidden_layers=3, num_attention_heads=2,
                   max_position_embeddings=77, bos_token_id=V - 2, eos_token_id=V - 1, projection_dim=PROJECTION)
     one = transformers.CLIPTextModel(transformers.CLIPTextConfig(hidden_act="quick_gelu", pad_token_id=V - 1,
                                                                  **common))
     two = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(hidden_act="gelu", pad_token_id=0,
                                                                                **common))
-    return randomize(one, 1), randomize(two, 2)
+    return randomise(one, 1, scale=0.2), randomise(two, 2, scale=0.2)
 
 
 def unet(num_ids, context_dim, seed):
-    """A two-level SDXL-style U-Net ('text_time' additions) on 8x8 latents."""
+    """A two-level SDXL-style U-Net ('text_time' additions, linear projections, 2 transformer layers in the
+    second block) on 8x8 latents."""
     model = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM, cross_attention_dim=context_dim,
         projection_class_embeddings_input_dim=num_ids * TIME_DIM + PROJECTION, norm_num_groups=8)
-    return randomize(model, seed)
-
-
-def vae():
-    """A two-level KL autoencoder (16x16 images <-> 8x8 latents) with SDXL's scaling factor. Its posterior is
-    made (nearly) deterministic, log-variance -30, so that diffusers' encode, which samples with the torch
-    generator, is comparable with diffax's."""
-    model = randomize(diffusers.AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=16,
-        scaling_factor=0.13025, force_upcast=True), 3)
-    with torch.no_grad():
-        model.quant_conv.weight[4:] = 0.0
-        model.quant_conv.bias[4:] = -30.0
-    return model
-
-
-def save(pipe, folder):
-    """save_pretrained, plus the vocab.json / merges.txt the released folders carry beside tokenizer.json."""
-    pipe.save_pretrained(folder)
-    for name in ("tokenizer", "tokenizer_2"):
-        if (folder / name).is_dir():
-            write_vocab(folder / name)
-    return folder
+    return randomise(model, seed, scale=0.2)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """{'base': folder, 'refiner': folder} of tiny random SDXL pipelines; the refiner shares the base's
-    text_encoder_2, as the released pair does."""
+    text_encoder_2 and VAE, as the released pair does."""
     tmp = tmp_path_factory.mktemp("sdxl")
     te1, te2 = text_encoders()
     tok1, tok2 = tokenizer(tmp / "vocab1", "<|endoftext|>"), tokenizer(tmp / "vocab2", "!")
     scheduler = diffusers.EulerDiscreteScheduler(**SCHEDULER)
-    autoencoder = vae()
-    base = diffusers.StableDiffusionXLPipeline(vae=autoencoder, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
+    vae = tiny_vae(3, scaling_factor=0.13025, force_upcast=True)
+    base = diffusers.StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1,
                                                tokenizer_2=tok2, unet=unet(6, 2 * WIDTH, 4), scheduler=scheduler,
                                                add_watermarker=False)
     refiner = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=autoencoder, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2,
+        vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2,
         unet=unet(5, WIDTH, 5), scheduler=scheduler, requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False, add_watermarker=False)
-    return {"base": save(base, tmp / "base"), "refiner": save(refiner, tmp / "refiner")}
+    out = {"base": tmp / "base", "refiner": tmp / "refiner"}
+    for name, pipe in (("base", base), ("refiner", refiner)):
+        pipe.save_pretrained(out[name])
+        for sub in ("tokenizer", "tokenizer_2"):
+            if (out[name] / sub).is_dir():
+                for f in ("vocab.json", "merges.txt"):
+                    (out[name] / sub / f).write_bytes((tmp / "vocab1" / f).read_bytes())
+    return out
 
 
 @pytest.fixture(scope="module")
-def torch_pipes(folders):
-    """The diffusers pipelines read back from the saved folders, in float32 on the CPU."""
-    base = diffusers.StableDiffusionXLPipeline.from_pretrained(folders["base"])
-    refiner = diffusers.StableDiffusionXLImg2ImgPipeline.from_pretrained(folders["refiner"])
-    for pipe in (base, refiner):
-        pipe.set_progress_bar_config(disable=True)
-    return {"base": base, "refiner": refiner}
+def pipes(folders):
+    """The diffax pipelines loaded from the folders (conversion not cached)."""
+    return {name: diffax.pipelines.load(folder, cache_dir=False) for name, folder in folders.items()}
 
 
-def test_time_ids_match_diffusers(torch_pipes):
-    base, refiner = torch_pipes["base"], torch_pipes["refiner"]
+@functools.lru_cache(maxsize=2)
+def diffusers_pipeline(folder):
+    """The diffusers pipeline saved in `folder` (its model_index.json switches included), fp32 on the CPU."""
+    pipe = diffusers.DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_images(folder, *, latents=None, output_type="np", **call):
+    """diffusers' images (or latents) of the pipeline in `folder`; `latents` NHWC numpy, passed NCHW."""
+    if latents is not None:
+        call["latents"] = torch.from_numpy(np.ascontiguousarray(latents.transpose(0, 3, 1, 2)))
+    with torch.no_grad():
+        return diffusers_pipeline(str(folder))(output_type=output_type, **call).images
+
+
+def img2img_noise(seed, shape=(2, 4, 8, 8)):
+    """The NHWC noise diffusers' SDXL img2img adds to the image with `generator=Generator().manual_seed(seed)`:
+    its second draw, after the VAE posterior's (which the pinned log-variance makes irrelevant)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator).numpy().transpose(0, 2, 3, 1)
+
+
+def seed_noise(seeds, shape=(8, 8, 4)):
+    """The NHWC noise diffax draws for `seeds`, as numpy (diffusers' `latents`)."""
+    return np.asarray(noise_from_seeds(np.asarray(seeds, np.uint32), shape))
+
+
+def assert_close(got, want):
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert want.std() > 0.05 and ((want > 0.01) & (want < 0.99)).mean() > 0.5, "saturated reference images"
+    np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+
+
+def smooth_images(seed, n):
+    """Smooth random RGB images [n, 16, 16, 3] in [0, 1]."""
+    x = np.random.default_rng(seed).uniform(0, 1, (n, 4, 4, 3)).astype(np.float32)
+    return np.repeat(np.repeat(x, 4, axis=1), 4, axis=2)
+
+
+def test_time_ids_match_diffusers(folders):
+    base, refiner = (diffusers_pipeline(str(folders[name])) for name in ("base", "refiner"))
     got = sdxl.time_ids(original_size=(64, 48), crops_coords_top_left=(3, 5), target_size=(32, 24))
     want = base._get_add_time_ids((64, 48), (3, 5), (32, 24), dtype=torch.float32, text_encoder_projection_dim=16)
     np.testing.assert_array_equal(got[None], want.numpy())
@@ -157,32 +171,126 @@ def test_time_ids_match_diffusers(torch_pipes):
         sdxl.time_ids(original_size=(64, 48), crops_coords_top_left=(3,), target_size=(32, 24))
 
 
-@pytest.mark.parametrize("clip_skip", [None, 1])
-def test_encode_prompt_matches_diffusers(folders, torch_pipes, clip_skip):
-    folder, pipe = folders["base"], torch_pipes["base"]
+def test_encode_prompt_matches_diffusers(folders):
+    """Both encoders, prompt_2, clip_skip on the prompt and not on the negative prompt (diffusers' quirk)."""
+    folder, pipe = folders["base"], diffusers_pipeline(str(folders["base"]))
     encoders = [convert.load(folder, subfolder=name) for name in ("text_encoder", "text_encoder_2")]
     tokenizers = [load_tokenizer(folder / name) for name in ("tokenizer", "tokenizer_2")]
     prompts, prompts_2, negative = ["a cat", "ab ab c"], ["cab", "z"], ["zz", ""]
     with torch.no_grad():
-        want = pipe.encode_prompt(prompts, prompt_2=prompts_2, device="cpu", num_images_per_prompt=1,
-                                  do_classifier_free_guidance=True, negative_prompt=negative, clip_skip=clip_skip)
+        want = pipe.encode_prompt(prompts, prompt_2=prompts_2, device="cpu", num_images_per_prompt=2,
+                                  do_classifier_free_guidance=True, negative_prompt=negative, clip_skip=1)
     modules = [module for module, _ in encoders]
 
     @jax.jit
     def encode(params, ids, negative_ids):
-        return (sdxl.encode_prompt(list(zip(modules, params)), ids, clip_skip),
-                # diffusers encodes the negative prompts at the penultimate layer whatever clip_skip says.
-                sdxl.encode_prompt(list(zip(modules, params)), negative_ids, None))
+        pairs = list(zip(modules, params))
+        return (*encode_prompt_sdxl(pairs, ids, clip_skip=1), *encode_prompt_sdxl(pairs, negative_ids))
 
-    params = [p for _, p in encoders]
-    (context, pooled), (negative_context, negative_pooled) = encode(
-        params, sdxl.tokenize_pair(tokenizers, prompts, prompts_2), sdxl.tokenize_pair(tokenizers, negative, negative))
-    for got, ref in zip((context, negative_context, pooled, negative_pooled), want):
-        assert got.shape == tuple(ref.shape)
-        np.testing.assert_allclose(np.asarray(got), ref.numpy(), atol=2e-5)
-    assert context.shape == (2, 77, 2 * WIDTH) and pooled.shape == (2, PROJECTION)
+    got = encode([p for _, p in encoders], sdxl.tokenize_pair(tokenizers, prompts, prompts_2, 2),
+                 sdxl.tokenize_pair(tokenizers, negative, negative, 2))
+    # diffusers returns (context, negative context, pooled, negative pooled).
+    for g, w in zip((got[0], got[2], got[1], got[3]), want):
+        assert g.shape == tuple(w.shape)
+        np.testing.assert_allclose(np.asarray(g), w.numpy(), atol=2e-5)
+    assert got[0].shape == (4, 77, 2 * WIDTH) and got[1].shape == (4, PROJECTION)
     # The refiner's single encoder reads prompt_2.
-    only, only_pooled = jax.jit(lambda p, ids: sdxl.encode_prompt([(modules[1], p)], ids))(
-        params[1], sdxl.tokenize_pair(tokenizers[1:], prompts, prompts_2))
-    np.testing.assert_allclose(np.asarray(only_pooled), np.asarray(pooled), atol=1e-6)
-    assert only.shape == (2, 77, WIDTH)
+    assert [ids.tolist() for ids in sdxl.tokenize_pair(tokenizers[1:], prompts, prompts_2)] == \
+        [sdxl.tokenize_pair(tokenizers, prompts, prompts_2)[1].tolist()]
+
+
+def test_base_matches_diffusers_and_new_inputs_reuse_the_program(pipes, folders):
+    base = pipes["base"]
+    kw = dict(prompt_2=PROMPTS_2, num_inference_steps=STEPS, guidance_scale=5.0)
+    got = base(PROMPTS, seed=[11, 12], **kw).images
+    assert_close(got, diffusers_images(folders["base"], prompt=PROMPTS, latents=seed_noise([11, 12]), **kw))
+    traces = base.trace_count
+    # Micro-conditioning, new prompts, seeds and guidance scale: the same program, diffusers' numbers.
+    plain = dict(num_inference_steps=STEPS, guidance_scale=7.0)
+    micro = dict(original_size=(64, 32), crops_coords_top_left=(4, 2), target_size=(24, 16))
+    negative_micro = dict(negative_original_size=(16, 16), negative_crops_coords_top_left=(1, 1),
+                          negative_target_size=(32, 48))
+    prompts = ["ab cat", "z"]
+    got_plain = base(prompts, seed=[3, 4], **plain).images
+    got_micro = base(prompts, seed=[3, 4], **plain, **micro).images
+    # One prompt for the negative sizes: diffusers pairs its unconditional and conditional ids wrongly for
+    # more (it tiles [negative, positive] over the batch instead of stacking the halves); diffax stacks them.
+    got_negative = base(prompts, seed=[3, 4], **plain, **micro, **negative_micro).images
+    assert base.trace_count == traces
+    want_plain = diffusers_images(folders["base"], prompt=prompts, latents=seed_noise([3, 4]), **plain)
+    want_micro = diffusers_images(folders["base"], prompt=prompts, latents=seed_noise([3, 4]), **plain, **micro)
+    want_negative = diffusers_images(folders["base"], prompt=prompts[:1], latents=seed_noise([3]), **plain, **micro,
+                                     **negative_micro)
+    assert_close(got_plain, want_plain)
+    assert_close(got_micro, want_micro)
+    assert_close(got_negative[:1], want_negative)
+    # The ids matter, so the parity above means something.
+    assert np.abs(want_micro - want_plain).max() > 20 * ATOL
+    assert np.abs(got_negative - got_micro).max() > 20 * ATOL
+    # Only the negative ids given without both negative sizes: diffusers (and diffax) use the positive ids.
+    crops_only = base(prompts, seed=[3, 4], negative_crops_coords_top_left=(9, 9), **plain).images
+    np.testing.assert_array_equal(crops_only, got_plain)
+
+
+def test_base_negative_prompts_clip_skip_rescale_and_images_per_prompt_match_diffusers(pipes, folders):
+    kw = dict(prompt_2=PROMPTS_2, negative_prompt="zz", negative_prompt_2=["q", "r"], clip_skip=1,
+              guidance_rescale=0.5, num_inference_steps=STEPS, guidance_scale=6.0, num_images_per_prompt=2)
+    got = pipes["base"](PROMPTS, seed=20, **kw).images
+    assert got.shape == (4, 16, 16, 3)
+    assert_close(got, diffusers_images(folders["base"], prompt=PROMPTS, latents=seed_noise([20, 21, 22, 23]), **kw))
+
+
+def test_base_on_one_device_equals_eight(pipes, folders):
+    assert jax.device_count() == 8
+    one = diffax.pipelines.load(folders["base"], cache_dir=False,
+                                mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    prompts = ["a cat", "ab", "z"]  # 3 rows: padded to 8 on the 8-device mesh
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, seed=[5, 6, 7])
+    np.testing.assert_allclose(one(prompts, **kw).images, pipes["base"](prompts, **kw).images, rtol=0, atol=1e-5)
+
+
+def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(pipes, folders):
+    refiner = pipes["refiner"]
+    images, noise = smooth_images(0, 2), img2img_noise(1)
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, aesthetic_score=7.0, negative_aesthetic_score=2.0,
+              original_size=(32, 32))
+    for strength in (0.6, 0.9):  # a new strength reuses the program
+        got = refiner(PROMPTS, image=images, strength=strength, latents=noise, **kw).images
+        want = diffusers_images(folders["refiner"], prompt=PROMPTS, image=images, strength=strength,
+                                generator=torch.Generator().manual_seed(1), **kw)
+        assert_close(got, want)
+        if strength == 0.6:
+            traces = refiner.trace_count
+    assert refiner.trace_count == traces
+
+
+def test_base_to_refiner_hand_off_matches_diffusers(pipes, folders):
+    steps, noise = 5, seed_noise([9])
+    latents = pipes["base"]("a cat", num_inference_steps=steps, denoising_end=0.8, seed=9,
+                            output_type="latent").images
+    want_latents = diffusers_images(folders["base"], prompt="a cat", num_inference_steps=steps, denoising_end=0.8,
+                                    output_type="latent", latents=noise)
+    assert latents.shape == (1, 8, 8, 4)
+    want_latents = want_latents.numpy().transpose(0, 2, 3, 1)
+    # Unsettled latents of a random U-Net reach ~30: DESIGN's relative bar, 1e-4 of the largest value.
+    assert np.abs(latents - want_latents).max() <= 1e-4 * np.abs(want_latents).max()
+    got = pipes["refiner"]("a cat", image=latents, num_inference_steps=steps, denoising_start=0.8).images
+    want = diffusers_images(folders["refiner"], prompt="a cat", image=torch.from_numpy(want_latents.transpose(0, 3, 1, 2)),
+                            num_inference_steps=steps, denoising_start=0.8)
+    assert_close(got, want)
+
+
+def test_bad_inputs_are_one_line_errors(pipes):
+    base, refiner = pipes["base"], pipes["refiner"]
+    with pytest.raises(PipelineInputError, match="multiples of 4"):
+        base("a cat", height=18, width=16)
+    with pytest.raises(PipelineInputError, match="pooled_prompt_embeds"):
+        base(prompt_embeds=np.zeros((1, 77, 32), np.float32))
+    with pytest.raises(PipelineInputError, match="strength must be in"):
+        refiner("a cat", image=smooth_images(0, 1), strength=1.5)
+    with pytest.raises(PipelineInputError, match="no sampling steps left"):
+        refiner("a cat", image=smooth_images(0, 1), strength=0.1, num_inference_steps=3)
+    with pytest.raises(PipelineInputError, match="clip_skip"):
+        base("a cat", clip_skip=3)
+    with pytest.raises(ValueError, match="prompt_2 has 1 prompts"):
+        base(PROMPTS, prompt_2=["a"])

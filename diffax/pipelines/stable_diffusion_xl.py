@@ -1,5 +1,14 @@
-"""Stable Diffusion XL: the text-to-image pipeline, the refiner / image-to-image pipeline, and SDXL's two
-conditioning inputs beside the text: the prompt pair of two CLIP encoders and the micro-conditioning ids.
+"""Stable Diffusion XL: the text-to-image pipeline, the refiner / image-to-image pipeline, and SDXL's
+conditioning: the prompt pair of two CLIP encoders and the micro-conditioning ids.
+
+    base = diffax.pipelines.load("stable-diffusion-xl-base-1.0")         # StableDiffusionXLPipeline
+    refiner = diffax.pipelines.load("stable-diffusion-xl-refiner-1.0")   # StableDiffusionXLImg2ImgPipeline
+    latents = base("a lion", num_inference_steps=40, denoising_end=0.8, output_type="latent").images
+    images = refiner("a lion", image=latents, num_inference_steps=40, denoising_start=0.8).images
+
+Each call is one jitted program (text encoding, every denoising step under guidance, the VAE decode) with
+the batch split over the devices; prompts, seeds, guidance scale, time ids and img2img strength are its
+inputs, so changing them reuses the compiled program.
 
 Prompts (Podell et al. 2023, section 2.1). The base model reads two text encoders: CLIP ViT-L
 (`text_encoder`, a CLIPTextModel) and OpenCLIP ViT-bigG (`text_encoder_2`, a CLIPTextModelWithProjection).
@@ -17,16 +26,20 @@ program, so new sizes or scores run the same program.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.models.clip import tokenize
+from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, check_output_type, noise_from_seeds,
+                                   register_pipeline, row_keys, seeds_for, to_unit_range)
+from diffax.pipelines.images import load_images
+from diffax.pipelines.text_encoding import encode_prompt_sdxl, tokenize_prompts
+from diffax.sampling import loop_range, sample
 
 Params = Any
-Encoder = tuple[Any, Params]  # (CLIPTextModel module, its params)
 
 
 # ----------------------------------------------------------------------------- micro-conditioning
@@ -97,39 +110,432 @@ def match_prompts(prompts: str | Sequence[str] | None, fallback: list[str], name
     return out
 
 
-def tokenize_pair(tokenizers: Sequence[Any], prompts: list[str], prompts_2: list[str]) -> list[np.ndarray]:
-    """[B, 77] int32 token ids for each text encoder: `prompts` for the first of two encoders and
-    `prompts_2` for the second; a single encoder (the refiner's text_encoder_2) reads `prompts_2`."""
-    if len(tokenizers) == 1:
-        return [tokenize(tokenizers[0], prompts_2)]
-    return [tokenize(tokenizers[0], prompts), tokenize(tokenizers[1], prompts_2)]
+def tokenize_pair(tokenizers: Sequence[Any], prompts: list[str], prompts_2: list[str],
+                  num_images_per_prompt: int = 1) -> list[np.ndarray]:
+    """[B * num_images_per_prompt, 77] int32 token ids for each text encoder, each prompt's row repeated per
+    image: `prompts` for the first of two encoders and `prompts_2` for the second; a single encoder (the
+    refiner's text_encoder_2) reads `prompts_2`, as diffusers."""
+    pairs = zip(tokenizers, [prompts_2] if len(tokenizers) == 1 else [prompts, prompts_2])
+    return [tokenize_prompts(tokenizer, texts, num_images_per_prompt) for tokenizer, texts in pairs]
 
 
-def encode_prompt(text_encoders: Sequence[Encoder], token_ids: Sequence[jax.Array],
-                  clip_skip: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """SDXL's prompt encoding (diffusers' `StableDiffusionXLPipeline.encode_prompt` for one side of the
-    guidance), traceable inside a jitted program.
+# ----------------------------------------------------------------------------- pipelines
 
-    text_encoders: [(module, params)] of CLIPTextModel / CLIPTextModelWithProjection, one or two.
-    token_ids: one [B, 77] int array per encoder.
-    clip_skip: None takes each encoder's penultimate hidden states; k takes those k layers before it.
-    Returns (context [B, 77, sum of hidden sizes], pooled [B, projection_dim]): the pooled output is the
-    `text_embeds` of the last encoder with a projection.
-    """
-    if len(text_encoders) != len(token_ids):
-        raise ValueError(f"{len(text_encoders)} text encoders but {len(token_ids)} token arrays")
-    index = -2 if clip_skip is None else -(clip_skip + 2)
-    states, pooled = [], None
-    for (module, params), ids in zip(text_encoders, token_ids):
-        out = module.apply({"params": params}, ids, output_hidden_states=True)
-        if -index > len(out.hidden_states):
-            raise ValueError(f"clip_skip={clip_skip} skips more layers than the text encoder's "
-                             f"{len(out.hidden_states) - 1}")
-        states.append(out.hidden_states[index])
-        if out.text_embeds is not None:
-            pooled = out.text_embeds
-    if pooled is None:
-        raise ValueError("SDXL needs a text encoder with a projection (CLIPTextModelWithProjection as "
-                         "text_encoder_2) for the pooled text_embeds")
-    context = jnp.concatenate([s.astype(states[-1].dtype) for s in states], axis=-1)
-    return context, pooled
+# Random streams of an image's seed besides its starting noise (stream 0), as the Stable Diffusion pipelines.
+_POSTERIOR_STREAM, _SAMPLER_STREAM = 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """The choices a program is compiled for; prompts, seeds, time ids, scales and strength are inputs."""
+    mode: str                            # 'txt2img' or 'img2img'
+    latent_shape: tuple[int, int, int]   # (h, w, C)
+    steps: int
+    sources: tuple[str, str | None]      # prompt / negative prompt: 'text', 'embeds', 'zeros' or None
+    clip_skip: int | None
+    guided: bool                         # classifier-free guidance (guidance_scale > 1)
+    rescaled: bool                       # guidance_rescale > 0
+    image_is_latents: bool               # img2img: `image` is latents (a base model's output_type='latent')
+    denoising_start: float | None
+    denoising_end: float | None
+    decode: bool                         # False for output_type='latent'
+    vae_tiling: bool
+    progress: bool
+
+
+def _repeat(x: Any, n: int, name: str, ndim: int) -> np.ndarray:
+    """Host array x [B, ...] (of `ndim` dims) with each row repeated n times in place."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != ndim:
+        raise PipelineInputError(f"{name} must have {ndim} dims, got shape {list(x.shape)}")
+    return np.repeat(x, n, axis=0)
+
+
+class _StableDiffusionXLCommon(Pipeline):
+    """What the SDXL base and refiner share: prompts through one or two CLIP encoders, time ids, the U-Net
+    under guidance, the VAE, and the one program."""
+
+    required_components = ("unet", "vae", "text_encoder_2")
+    required_tokenizers = ("tokenizer_2",)
+
+    def __init__(self, components: Any, scheduler: Any, **kwargs: Any):
+        super().__init__(components, scheduler, **kwargs)
+        where = self.source or type(self).__name__
+        if self.has("text_encoder") and "tokenizer" not in self.tokenizers:
+            raise ValueError(f"{where}: text_encoder has no tokenizer")
+        unet = self.module("unet").config
+        if unet.addition_embed_type != "text_time":
+            raise ValueError(f"{where}: unet/config.json addition_embed_type is {unet.addition_embed_type!r}, "
+                             f"not 'text_time' (an SDXL U-Net)")
+
+    # -- configuration
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.module("vae").config.block_out_channels) - 1)
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """model_index.json's switch (diffusers' default True): no negative prompt is a zero conditioning."""
+        return bool(self.config.get("force_zeros_for_empty_prompt", True))
+
+    @property
+    def requires_aesthetics_score(self) -> bool:
+        """model_index.json's switch (a refiner): time ids carry an aesthetic score instead of target_size."""
+        return bool(self.config.get("requires_aesthetics_score", False))
+
+    def encoder_names(self) -> list[str]:
+        """The text encoders present: ['text_encoder', 'text_encoder_2'] (base) or ['text_encoder_2']."""
+        return [name for name in ("text_encoder", "text_encoder_2") if self.has(name)]
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(h, w, C) of an image size; PipelineInputError unless the VAE and the U-Net divide it evenly."""
+        s = self.vae_scale_factor
+        f = s * 2 ** (len(self.module("unet").config.block_out_channels) - 1)
+        if height < 1 or width < 1 or height % f or width % f:
+            raise PipelineInputError(f"height and width must be positive multiples of {f} for this model "
+                                     f"(the VAE's factor {s} times the U-Net's), got {height}x{width}")
+        return height // s, width // s, self.module("unet").config.in_channels
+
+    # -- host inputs
+
+    def prompt_rows(self, prompt: Any, prompt_2: Any, negative_prompt: Any, negative_prompt_2: Any,
+                    prompt_embeds: Any, negative_prompt_embeds: Any, pooled_prompt_embeds: Any,
+                    negative_pooled_prompt_embeds: Any, num_images_per_prompt: int,
+                    guided: bool) -> tuple[dict[str, np.ndarray], tuple[str, str | None], int]:
+        """(rows, (positive source, negative source), number of prompts). Sources: 'text' (token ids per
+        encoder in `ids_i` / `negative_ids_i`), 'embeds' (given arrays), 'zeros' (no negative prompt under
+        `force_zeros_for_empty_prompt`), None (no guidance). Rows are repeated per image."""
+        n = num_images_per_prompt
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise PipelineInputError(f"num_images_per_prompt must be a positive int, got {n!r}")
+        tokenizers = [self.tokenizers["tokenizer" if name == "text_encoder" else "tokenizer_2"]
+                      for name in self.encoder_names()]
+        rows: dict[str, np.ndarray] = {}
+        if prompt_embeds is not None:
+            if prompt is not None or prompt_2 is not None:
+                raise PipelineInputError("give prompt (and prompt_2) or prompt_embeds, not both")
+            if pooled_prompt_embeds is None:
+                raise PipelineInputError("prompt_embeds needs pooled_prompt_embeds (text_encoder_2's text_embeds)")
+            rows["prompt_embeds"] = _repeat(prompt_embeds, n, "prompt_embeds", 3)
+            rows["pooled_prompt_embeds"] = _repeat(pooled_prompt_embeds, n, "pooled_prompt_embeds", 2)
+            batch, positive = len(prompt_embeds), "embeds"
+        else:
+            if prompt is None:
+                raise PipelineInputError("give a prompt (or prompt_embeds)")
+            prompts = as_prompt_list(prompt)
+            ids = tokenize_pair(tokenizers, prompts, match_prompts(prompt_2, prompts, "prompt_2"), n)
+            rows.update({f"ids_{i}": x for i, x in enumerate(ids)})
+            batch, positive = len(prompts), "text"
+        if not guided:
+            return rows, (positive, None), batch
+        if negative_prompt_embeds is not None:
+            if negative_pooled_prompt_embeds is None:
+                raise PipelineInputError("negative_prompt_embeds needs negative_pooled_prompt_embeds")
+            rows["negative_prompt_embeds"] = _repeat(negative_prompt_embeds, n, "negative_prompt_embeds", 3)
+            rows["negative_pooled_prompt_embeds"] = _repeat(negative_pooled_prompt_embeds, n,
+                                                            "negative_pooled_prompt_embeds", 2)
+            negative = "embeds"
+        elif negative_prompt is None and self.force_zeros_for_empty_prompt:
+            negative = "zeros"
+        else:
+            negatives = match_prompts(negative_prompt, [""] * batch, "negative_prompt")
+            ids = tokenize_pair(tokenizers, negatives, match_prompts(negative_prompt_2, negatives, "negative_prompt_2"), n)
+            rows.update({f"negative_ids_{i}": x for i, x in enumerate(ids)})
+            negative = "text"
+        return rows, (positive, negative), batch
+
+    def noise_rows(self, seed: Any, latents: Any, count: int, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+        """{seeds [N] uint32, latents [N, h, w, C] when given}: each image's seed, or its given noise."""
+        rows = {"seeds": seeds_for(seed, count)}
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape != (count, *shape):
+                raise PipelineInputError(f"latents must be NHWC {[count, *shape]} for {count} images, got "
+                                         f"{list(latents.shape)}")
+            rows["latents"] = latents
+        return rows
+
+    def time_id_rows(self, count: int, **ids: Any) -> np.ndarray:
+        """[count, k] float32 rows of one image's time ids, their number checked against the U-Net."""
+        row = time_ids(**ids)
+        check_time_ids_width(self.module("unet").config, len(row), self.module("text_encoder_2").config.projection_dim,
+                             self.requires_aesthetics_score)
+        return np.tile(row, (count, 1))
+
+    def guidance(self, guidance_scale: float, guidance_rescale: float) -> tuple[bool, bool]:
+        """(guided, rescaled): classifier-free guidance when guidance_scale > 1, as diffusers."""
+        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise PipelineInputError(f"{name} must be a finite number, got {value!r}")
+        guided = guidance_scale > 1.0
+        return guided, guided and guidance_rescale > 0.0
+
+    def check_clip_skip(self, clip_skip: Any) -> None:
+        """clip_skip k reads hidden state -(k + 2): every text encoder needs k + 1 layers."""
+        if clip_skip is None:
+            return
+        layers = min(self.module(name).config.num_hidden_layers for name in self.encoder_names())
+        if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip < layers:
+            raise PipelineInputError(f"clip_skip must be None or an int in [0, {layers - 1}] (the text encoders "
+                                     f"have {layers} layers), got {clip_skip!r}")
+
+    def loop_bounds(self, static_steps: int, shape: tuple[int, int, int], **fractions: Any) -> tuple[int, int]:
+        """`loop_range` on the host: checks strength / denoising_start / denoising_end readably."""
+        state = self.scheduler.init(static_steps, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+        try:
+            return loop_range(self.scheduler, state, static_steps, **fractions)
+        except ValueError as e:
+            raise PipelineInputError(str(e)) from None
+
+    # -- inside the program
+
+    def conditioning(self, params: dict[str, Params], rows: dict[str, jax.Array],
+                     static: Static) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(cond, uncond) keyword inputs of the U-Net: encoder_hidden_states and added_cond_kwargs
+        {text_embeds, time_ids}; uncond None without guidance."""
+        encoders = [(self.module(name), params[name]) for name in self.encoder_names()]
+
+        def side(prefix: str, source: str, clip_skip: int | None) -> tuple[jax.Array, jax.Array]:
+            if source == "text":
+                ids = [rows[f"{prefix}ids_{i}"] for i in range(len(encoders))]
+                return encode_prompt_sdxl(encoders, ids, clip_skip=clip_skip)
+            return rows[f"{prefix}prompt_embeds"], rows[f"{prefix}pooled_prompt_embeds"]
+
+        positive, negative = static.sources
+        context, pooled = side("", positive, static.clip_skip)
+        cond = {"encoder_hidden_states": context,
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": rows["time_ids"]}}
+        if negative is None:
+            return cond, None
+        if negative == "zeros":
+            negative_context, negative_pooled = jnp.zeros_like(context), jnp.zeros_like(pooled)
+        else:  # diffusers encodes negative prompts without clip_skip
+            negative_context, negative_pooled = side("negative_", negative, None)
+        uncond = {"encoder_hidden_states": negative_context.astype(context.dtype),
+                  "added_cond_kwargs": {"text_embeds": negative_pooled.astype(pooled.dtype),
+                                        "time_ids": rows["negative_time_ids"]}}
+        return cond, uncond
+
+    def denoiser(self, params: Params) -> Any:
+        """denoise(x, t, **cond) over the U-Net, for `sampling.sample`."""
+        unet = self.module("unet")
+
+        def denoise(x: jax.Array, t: jax.Array, **cond: Any) -> jax.Array:
+            t = jnp.broadcast_to(t, (x.shape[0],))
+            return unet.apply({"params": params}, x, t, **cond).astype(jnp.float32)
+
+        return denoise
+
+    def encode_images(self, params: Params, images: jax.Array, keys: jax.Array) -> jax.Array:
+        """Images [N, H, W, 3] in [0, 1] -> diffusion-space latents: a VAE posterior sample per row (its own
+        key), scaled by the VAE config (latents_mean / latents_std when both are set, as diffusers' SDXL)."""
+        vae = self.module("vae")
+        posterior = vae.apply({"params": params}, images * 2.0 - 1.0, method="encode")
+        eps = jax.vmap(lambda k, m: jax.random.normal(k, m.shape, m.dtype))(keys, posterior.mean)
+        return vae.config.scale_latents(posterior.mean + posterior.std * eps).astype(jnp.float32)
+
+    def decode(self, params: Params, latents: jax.Array, tiled: bool) -> jax.Array:
+        """Diffusion-space latents [N, h, w, C] -> float32 images [N, H, W, 3] in [0, 1]. The VAE computes
+        in float32 when its config sets `force_upcast` and the pipeline runs in float16, as diffusers upcasts."""
+        vae = self.module("vae")
+        images = vae.apply({"params": params}, vae.config.unscale_latents(latents), tiled=tiled, method="decode")
+        return to_unit_range(images)
+
+    def build(self, static: Static):
+        """The program for `static`: (params, rows, scalars) -> images [N, H, W, 3] or latents [N, h, w, C]."""
+        scheduler = self.scheduler
+        progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
+
+        def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
+            cond, uncond = self.conditioning(params, rows, static)
+            noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], static.latent_shape)
+            init, start = None, None
+            if static.mode == "img2img":
+                init = rows["image"] if static.image_is_latents else self.encode_images(
+                    params["vae"], rows["image"], row_keys(rows["seeds"], _POSTERIOR_STREAM))
+                # denoising_start (a static choice) fixes the start itself; strength is a traced input.
+                start = None if static.denoising_start is not None else scalars["start"]
+            x = sample(scheduler, self.denoiser(params["unet"]), noise, num_inference_steps=static.steps,
+                       key=row_keys(rows["seeds"][:1], _SAMPLER_STREAM)[0], cond=cond, uncond=uncond,
+                       guidance_scale=scalars["guidance_scale"] if static.guided else None,
+                       guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
+                       init_sample=init, start_index=start, denoising_start=static.denoising_start,
+                       denoising_end=static.denoising_end, after_step=progress)
+            return self.decode(params["vae"], x, static.vae_tiling) if static.decode else x.astype(jnp.float32)
+
+        return program
+
+    def generate(self, static: Static, rows: dict[str, np.ndarray], scalars: dict[str, Any],
+                 output_type: str) -> PipelineOutput:
+        """Runs the program for `static` (compiled once per static choice) and finishes the output."""
+        return self.finish(self.run_program(static, lambda: self.build(static), rows, scalars), output_type)
+
+
+class StableDiffusionXLPipeline(_StableDiffusionXLCommon):
+    """SDXL text-to-image (diffusers' `StableDiffusionXLPipeline`): two text encoders, micro-conditioning,
+    and `denoising_end` to hand noisy latents to a refiner (`output_type="latent"`)."""
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None, *,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
+                 denoising_end: float | None = None, guidance_scale: float = 5.0,
+                 negative_prompt: str | Sequence[str] | None = None,
+                 negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int | Sequence[int] = 0, latents: Any = None, prompt_embeds: Any = None,
+                 negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
+                 negative_pooled_prompt_embeds: Any = None, output_type: str = "np",
+                 guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
+                 crops_coords_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None,
+                 negative_original_size: Sequence[int] | None = None,
+                 negative_crops_coords_top_left: Sequence[int] = (0, 0),
+                 negative_target_size: Sequence[int] | None = None, clip_skip: int | None = None,
+                 vae_tiling: bool = False) -> PipelineOutput:
+        """Images for `prompt`, with diffusers' argument names.
+
+        prompt / prompt_2: for text_encoder / text_encoder_2 (prompt_2 defaults to prompt); negative_prompt /
+          negative_prompt_2 likewise. Without a negative prompt, `force_zeros_for_empty_prompt`
+          (model_index.json) makes the unconditional side zeros, as diffusers.
+        height, width: pixels (default the U-Net's sample_size times the VAE's factor).
+        seed: image k uses `seed + k` (an int) or `seed[k]` (a list); `latents`, NHWC [N, h, w, 4] standard
+          normal noise (diffusers' `latents` transposed), overrides it.
+        denoising_end: stop after this fraction of the schedule (the base of the base + refiner ensemble;
+          with output_type='latent' the result is the refiner's `image`).
+        original_size, crops_coords_top_left, target_size: the micro-conditioning, default (height, width),
+          (0, 0), (height, width); the negative_ variants apply only when both negative sizes are given
+          (otherwise the unconditional side uses the same ids), as diffusers.
+        output_type: 'np' float32 [N, H, W, 3] in [0, 1], 'pil', or 'latent' (diffusion-space NHWC).
+        vae_tiling: decode in overlapping tiles (diffusers' `enable_tiling()`), for large images.
+        """
+        check_output_type(output_type)
+        guided, rescaled = self.guidance(guidance_scale, guidance_rescale)
+        self.check_clip_skip(clip_skip)
+        sample_size = self.module("unet").config.sample_size
+        side = sample_size if isinstance(sample_size, int) else 128  # diffusers' default for a null sample_size
+        default_h, default_w = (side, side) if not isinstance(sample_size, (tuple, list)) else sample_size
+        height = int(height or default_h * self.vae_scale_factor)
+        width = int(width or default_w * self.vae_scale_factor)
+        shape = self.latent_shape(height, width)
+        self.loop_bounds(num_inference_steps, shape, denoising_end=denoising_end)
+        rows, sources, batch = self.prompt_rows(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
+                                                negative_prompt_embeds, pooled_prompt_embeds,
+                                                negative_pooled_prompt_embeds, num_images_per_prompt, guided)
+        count = batch * num_images_per_prompt
+        rows.update(self.noise_rows(seed, latents, count, shape))
+        rows["time_ids"] = self.time_id_rows(count, original_size=original_size or (height, width),
+                                             crops_coords_top_left=crops_coords_top_left,
+                                             target_size=target_size or (height, width))
+        if guided:
+            if negative_original_size is not None and negative_target_size is not None:
+                rows["negative_time_ids"] = self.time_id_rows(
+                    count, original_size=negative_original_size,
+                    crops_coords_top_left=negative_crops_coords_top_left, target_size=negative_target_size)
+            else:
+                rows["negative_time_ids"] = rows["time_ids"]
+        static = Static("txt2img", shape, num_inference_steps, sources, clip_skip, guided, rescaled, False, None,
+                        denoising_end, output_type != "latent", vae_tiling, self.progress is not None)
+        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale)}
+        return self.generate(static, rows, scalars, output_type)
+
+
+class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
+    """SDXL image-to-image and the SDXL refiner (diffusers' `StableDiffusionXLImg2ImgPipeline`): the image
+    (or a base model's latents) noised to `strength`, or taken as it is from `denoising_start` on. A refiner
+    folder has text_encoder_2 alone and `requires_aesthetics_score`, so its time ids end with an aesthetic
+    score instead of the target size."""
+
+    def image_rows(self, image: Any, count: int) -> tuple[np.ndarray, bool]:
+        """(init rows [count, ...], whether they are latents). NHWC arrays with the U-Net's latent channel
+        count (a base model's output_type='latent') are latents; PIL images or float [N, H, W, 3] in [0, 1]
+        are images. Rows are tiled to one per output, as diffusers repeats init latents."""
+        channels = self.module("unet").config.in_channels
+        array = None if isinstance(image, (list, tuple)) or hasattr(image, "convert") else np.asarray(image)
+        if array is not None and array.ndim in (3, 4) and array.shape[-1] == channels and channels != 3:
+            x, is_latents = np.asarray(array if array.ndim == 4 else array[None], np.float32), True
+        else:
+            x, is_latents = load_images(image, multiple=self.vae_scale_factor), False
+        if count % x.shape[0]:
+            raise PipelineInputError(f"image: {x.shape[0]} images do not divide into {count} outputs")
+        return np.concatenate([x] * (count // x.shape[0])), is_latents
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None,
+                 image: Any = None, strength: float = 0.3, *, num_inference_steps: int = 50,
+                 denoising_start: float | None = None, denoising_end: float | None = None,
+                 guidance_scale: float = 5.0, negative_prompt: str | Sequence[str] | None = None,
+                 negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int | Sequence[int] = 0, latents: Any = None, prompt_embeds: Any = None,
+                 negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
+                 negative_pooled_prompt_embeds: Any = None, output_type: str = "np",
+                 guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
+                 crops_coords_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None,
+                 negative_original_size: Sequence[int] | None = None,
+                 negative_crops_coords_top_left: Sequence[int] = (0, 0),
+                 negative_target_size: Sequence[int] | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
+                 vae_tiling: bool = False) -> PipelineOutput:
+        """Refines or transforms `image`, with diffusers' argument names.
+
+        image: PIL image(s) or float [N, H, W, 3] / [H, W, 3] in [0, 1] (VAE-encoded here, a posterior
+          sample from each image's seed), or NHWC latents [N, h, w, 4] such as a base pipeline's
+          output_type='latent' result. Fewer images than outputs are tiled, as diffusers.
+        strength: the fraction of the schedule to run (noise added to match); a new strength reuses the
+          compiled program. Ignored with `denoising_start`.
+        denoising_start: start at this fraction of the schedule with `image` as it is (already noisy: the
+          refiner half of the base + refiner ensemble); denoising_end as in the base pipeline.
+        latents: NHWC standard normal noise [N, h, w, 4] added to the image (instead of the seeds' noise).
+        aesthetic_score / negative_aesthetic_score: a refiner's time ids (requires_aesthetics_score);
+          otherwise the ids are (original_size, crops_coords_top_left, target_size) as in the base.
+        Sizes default to the image's; negative sizes default to the positive ones. Other arguments as the
+        base pipeline.
+        """
+        check_output_type(output_type)
+        guided, rescaled = self.guidance(guidance_scale, guidance_rescale)
+        self.check_clip_skip(clip_skip)
+        if image is None:
+            raise PipelineInputError("image: img2img and the refiner need an image (or a base model's latents)")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            raise PipelineInputError(f"strength must be in [0, 1], got {strength!r}")
+        rows, sources, batch = self.prompt_rows(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
+                                                negative_prompt_embeds, pooled_prompt_embeds,
+                                                negative_pooled_prompt_embeds, num_images_per_prompt, guided)
+        count = batch * num_images_per_prompt
+        rows["image"], is_latents = self.image_rows(image, count)
+        s = self.vae_scale_factor
+        height, width = (rows["image"].shape[1] * s, rows["image"].shape[2] * s) if is_latents else \
+            rows["image"].shape[1:3]
+        shape = self.latent_shape(height, width)
+        if is_latents and rows["image"].shape[1:] != shape:
+            raise PipelineInputError(f"image: latents must be [N, h, w, {shape[-1]}], got {list(rows['image'].shape)}")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise PipelineInputError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        start, _ = self.loop_bounds(num_inference_steps, shape, strength=max(float(strength), 1e-9),
+                                    denoising_start=denoising_start, denoising_end=denoising_end)
+        rows.update(self.noise_rows(seed, latents, count, shape))
+        original_size = tuple(original_size or (height, width))
+        target_size = tuple(target_size or (height, width))
+        negative_original_size = tuple(negative_original_size or original_size)
+        negative_target_size = tuple(negative_target_size or target_size)
+        if self.requires_aesthetics_score:
+            positive = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                            aesthetic_score=aesthetic_score)
+            negative = dict(original_size=negative_original_size,
+                            crops_coords_top_left=negative_crops_coords_top_left,
+                            aesthetic_score=negative_aesthetic_score)
+        else:
+            positive = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                            target_size=target_size)
+            # diffusers' img2img pairs the negative sizes with the positive crop here (not the negative one).
+            negative = dict(original_size=negative_original_size, crops_coords_top_left=crops_coords_top_left,
+                            target_size=negative_target_size)
+        rows["time_ids"] = self.time_id_rows(count, **positive)
+        if guided:
+            rows["negative_time_ids"] = self.time_id_rows(count, **negative)
+        static = Static("img2img", shape, num_inference_steps, sources, clip_skip, guided, rescaled, is_latents,
+                        denoising_start, denoising_end, output_type != "latent", vae_tiling,
+                        self.progress is not None)
+        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
+                   "start": np.int32(start)}
+        return self.generate(static, rows, scalars, output_type)
+
+
+register_pipeline("StableDiffusionXLPipeline", StableDiffusionXLPipeline)
+register_pipeline("StableDiffusionXLImg2ImgPipeline", StableDiffusionXLImg2ImgPipeline)
