@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,7 +33,7 @@ from diffax.schedulers import from_diffusers_config
 PIPELINE_INDEX = "model_index.json"
 # Modules that register pipeline classes; imported on first load (those not present are skipped).
 PIPELINE_MODULES = ("diffax.pipelines.stable_diffusion", "diffax.pipelines.class_conditional",
-                    "diffax.pipelines.stable_diffusion_xl", "diffax.pipelines.controlnet")
+                    "diffax.pipelines.stable_diffusion_xl", "diffax.pipelines.controlnet", "diffax.pipelines.safety")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 IGNORED_CLASSES = ("CLIPImageProcessor", "CLIPFeatureExtractor")  # the safety checker's input processor
 # Single-file model type -> pipeline class and default scheduler (the released models' scheduler configs).
@@ -53,12 +54,25 @@ SINGLE_FILE_PIPELINES = {
     "sdxl_refiner": ("StableDiffusionXLImg2ImgPipeline", _SDXL_SCHEDULER),
 }
 COMPONENT_LOADERS: dict[str, Any] = {}
+COMPONENT_ATTACHERS: dict[str, Any] = {}
 
 
-def register_component_loader(class_name: str, loader: Any) -> None:
+def register_component_loader(class_name: str, loader: Any, attach: Any = None) -> None:
     """Loads components of diffusers class `class_name` (e.g. the safety checker) with
-    `loader(folder, dtype=..., cache_dir=...) -> (module, params)` instead of `diffax.convert.load`."""
+    `loader(folder, dtype=..., cache_dir=...) -> (module, params)` instead of `diffax.convert.load`. With
+    `attach(pipe, component)`, the loaded component is handed to it once the pipeline is built (a safety
+    checker becomes `pipe.safety_checker`); without, it is one of `pipe.components`."""
     COMPONENT_LOADERS[class_name] = loader
+    if attach is not None:
+        COMPONENT_ATTACHERS[class_name] = attach
+
+
+def _attacher(class_name: str) -> Any:
+    """The attach function of `class_name`: registered, or the `attach` of the loader's module."""
+    if class_name in COMPONENT_ATTACHERS:
+        return COMPONENT_ATTACHERS[class_name]
+    module = sys.modules.get(getattr(COMPONENT_LOADERS.get(class_name), "__module__", ""))
+    return getattr(module, "attach", None)
 
 
 def pipeline_classes() -> dict[str, type[Pipeline]]:
@@ -166,7 +180,7 @@ def _load_folder(folder: Path, *, dtype: Any, attention_backend: str, safety_che
                               f"{', '.join(sorted(classes))})")
     backend = None if attention_backend == "auto" else attention_backend
     components, tokenizers, config, loaded_scheduler = {}, {}, {}, None
-    checker = None
+    attached = []  # (class name, component) handed to its attach function once the pipeline exists
     for name, spec in index.items():
         if name.startswith("_"):
             continue
@@ -183,15 +197,16 @@ def _load_folder(folder: Path, *, dtype: Any, attention_backend: str, safety_che
             continue
         elif name == "scheduler" or cls.endswith("Scheduler"):
             loaded_scheduler = from_diffusers_config(sub)
-        elif name == "safety_checker":
-            if not safety_checker:
-                continue
-            if cls not in COMPONENT_LOADERS:
-                warnings.warn(f"{sub}: {cls} is not supported yet; images are not safety-checked", stacklevel=2)
-                continue
-            checker = COMPONENT_LOADERS[cls](sub, dtype=dtype, cache_dir=cache_dir)
+        elif name == "safety_checker" and not safety_checker:
+            continue
         elif cls in COMPONENT_LOADERS:
-            components[name] = COMPONENT_LOADERS[cls](sub, dtype=dtype, cache_dir=cache_dir)
+            component = COMPONENT_LOADERS[cls](sub, dtype=dtype, cache_dir=cache_dir)
+            if _attacher(cls) is not None:
+                attached.append((cls, component))
+            else:
+                components[name] = component
+        elif name == "safety_checker":
+            warnings.warn(f"{sub}: {cls} is not supported; images are not safety-checked", stacklevel=3)
         else:
             components[name] = cache.load_component(sub, dtype=dtype, param_dtype=dtype,
                                                     attention_backend=backend, cache_dir=cache_dir)
@@ -201,11 +216,8 @@ def _load_folder(folder: Path, *, dtype: Any, attention_backend: str, safety_che
                                tokenizers=tokenizers, mesh=mesh, dtype=dtype, config=config, source=str(folder))
     if scheduler is not None and loaded_scheduler is not None:
         pipe.scheduler = scheduler
-    if checker is not None:
-        pipe.components["safety_checker"] = checker
-        attach = getattr(pipe, "attach_safety_checker", None)
-        if attach is not None:
-            attach(checker)
+    for cls, component in attached:
+        _attacher(cls)(pipe, component)
     return pipe
 
 
