@@ -5,6 +5,11 @@
     images, flags = run_safety_checker(module, params, images)   # images [N, H, W, 3] float in [0, 1]
     checker = SafetyChecker(module, params, read_processor_config("sd-folder/feature_extractor"))
     images, flags = checker(images)                              # numpy in, numpy and list[bool] out
+    checker = load_safety_checker("sd-folder")                   # the same from a pipeline folder
+
+Importing this module registers `load_component` as the loader of pipeline folders' `safety_checker`
+component (`diffax.pipelines.loading.register_component_loader`); `attach(pipe, component)` makes it the
+pipeline's `safety_checker`, the hook `Pipeline.run_safety_checker` calls on the decoded images.
 
 diffusers' pipelines hand the checker their decoded images as 8-bit PIL images (`numpy_to_pil`:
 round(x * 255)) passed through the folder's `CLIPImageProcessor`: resize the shortest edge to 224 with
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.models.config_base import read_config_json
+from diffax.pipelines.loading import register_component_loader
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,6 +200,25 @@ class SafetyChecker:
         return np.asarray(checked).astype(images.dtype, copy=False), flags
 
 
+def load_component(folder: str | os.PathLike, *, dtype: Any = None, cache_dir: Any = None) -> tuple[nn.Module, Any]:
+    """A pipeline's `safety_checker` folder -> (StableDiffusionSafetyChecker, params) through the conversion
+    cache: the component loader `diffax.pipelines.load` uses for this class."""
+    from diffax.pipelines import cache
+
+    return cache.load_component(folder, dtype=dtype, param_dtype=dtype, cache_dir=cache_dir)
+
+
+def attach(pipe: Any, component: tuple[nn.Module, Any]) -> SafetyChecker:
+    """Sets `pipe.safety_checker` to a SafetyChecker of `component` (module, params) that reads the
+    preprocessing settings from the `feature_extractor` folder beside it in `pipe.source` (the defaults when
+    there is none, e.g. for a single-file checkpoint); returns it."""
+    source = Path(pipe.source) if getattr(pipe, "source", None) else None
+    folder = source / "feature_extractor" if source is not None and source.is_dir() else None
+    checker = SafetyChecker(*component, read_processor_config(folder) if folder is not None else ProcessorConfig())
+    pipe.safety_checker = checker
+    return checker
+
+
 def load_safety_checker(folder: str | os.PathLike, *, dtype: Any = None) -> SafetyChecker | None:
     """The SafetyChecker of a diffusers pipeline folder (`safety_checker/` and `feature_extractor/`), or
     None when its model_index.json lists none (saved with `safety_checker=None`)."""
@@ -207,3 +232,6 @@ def load_safety_checker(folder: str | os.PathLike, *, dtype: Any = None) -> Safe
     module, params = convert.load(folder, subfolder="safety_checker", dtype=dtype, param_dtype=dtype)
     return SafetyChecker(module, params, read_processor_config(folder / "feature_extractor"))
 
+
+
+register_component_loader("StableDiffusionSafetyChecker", load_component)
