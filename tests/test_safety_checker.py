@@ -194,15 +194,15 @@ def test_pipeline_path_matches_diffusers(checker, tmp_path):
 
 
 def test_transformers4_layout_and_config(checker, tmp_path):
-    """The released checkers' layout: transformers 4 names (`vision_model.vision_model.…`), the position_ids
-    buffer, and a config with transformers 4's generic keys and `vision_config_dict` overriding
+    """The released checkers' layout: `pytorch_model.bin` with transformers 4 names
+    (`vision_model.vision_model.…`) and the position_ids buffer, and a config with transformers 4's generic keys and `vision_config_dict` overriding
     `vision_config`."""
     path, model, *_ = checker
     sd = load_file(path / "model.safetensors")
     legacy = {k.replace("vision_model.", "vision_model.vision_model.", 1) if k.startswith("vision_model.") else k: v
               for k, v in sd.items()}
     legacy["vision_model.vision_model.embeddings.position_ids"] = torch.arange(50)[None]
-    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    torch.save(legacy, tmp_path / "pytorch_model.bin")  # the released folders' weight file
     cfg = json.loads((path / "config.json").read_text())
     generic = {"add_cross_attention": False, "architectures": None, "bad_words_ids": None, "bos_token_id": None,
                "eos_token_id": None, "pad_token_id": None, "id2label": {"0": "LABEL_0"}, "torch_dtype": None,
