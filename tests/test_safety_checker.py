@@ -303,6 +303,9 @@ def test_processor_config_from_folder(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"resample": 2}))
     with pytest.raises(ValueError, match="preprocessor_config.json: resample=2"):
         read_processor_config(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_std": [0.2, 0, 0.3]}))
+    with pytest.raises(ValueError, match=r"preprocessor_config.json: image_std=\[0.2, 0, 0.3\] is not supported"):
+        read_processor_config(tmp_path)
 
 
 def test_config_errors_name_the_file_and_key(checker, tmp_path):

@@ -20,8 +20,12 @@ torchvision is not installed, and the only processor of transformers 4), bit for
 Pillow's own algorithm (libImaging/Resample.c) in integer arithmetic, with its 22-bit fixed-point
 coefficients, a horizontal pass then a vertical pass, and rounding to 8 bits after each pass; rescaling
 and normalising read one table of 256 values per channel computed as transformers computes them. (With
-torchvision installed, transformers 5's default `CLIPImageProcessor` resizes with torchvision's float
-bicubic instead, which differs from Pillow's by a few levels of 1/255 on some pixels.)
+torchvision installed, transformers 5's default `CLIPImageProcessor` resizes with torchvision's bicubic
+instead: floating point, without Pillow's 8-bit rounding between the passes, so its pixel values differ
+slightly from Pillow's and from these.)
+
+The resize is two int32 matrix products per image with Pillow's weights as dense [out, in] matrices
+(zero outside each pixel's window), built on the host once per image size.
 """
 from __future__ import annotations
 
@@ -83,11 +87,20 @@ def read_processor_config(folder: str | os.PathLike) -> ProcessorConfig:
     for key, value in (("size.shortest_edge", size), ("crop_size", crop[0]), ("crop_size", crop[1])):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{where}: {key}={value!r} is not supported (expected a positive int)")
-    out = ProcessorConfig(size, crop, float(cfg.get("rescale_factor", 1 / 255)),
-                          tuple(cfg.get("image_mean", OPENAI_CLIP_MEAN)), tuple(cfg.get("image_std", OPENAI_CLIP_STD)))
-    if len(out.image_mean) != 3 or len(out.image_std) != 3:
-        raise ValueError(f"{where}: image_mean and image_std must hold 3 values (RGB)")
-    return out
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    factor = cfg.get("rescale_factor", 1 / 255)
+    if not (number(factor) and factor > 0):
+        raise ValueError(f"{where}: rescale_factor={factor!r} is not supported (expected a positive number)")
+    stats = {key: cfg.get(key, default) for key, default in (("image_mean", OPENAI_CLIP_MEAN),
+                                                              ("image_std", OPENAI_CLIP_STD))}
+    for key, value in stats.items():
+        if not (isinstance(value, (list, tuple)) and len(value) == 3 and all(map(number, value))
+                and (key == "image_mean" or min(value) > 0)):
+            raise ValueError(f"{where}: {key}={value!r} is not supported (expected 3 numbers, RGB"
+                             f"{', positive' if key == 'image_std' else ''})")
+    return ProcessorConfig(size, crop, float(factor), tuple(stats["image_mean"]), tuple(stats["image_std"]))
 
 
 def _bicubic(x: float) -> float:
