@@ -158,6 +158,7 @@ def diffusers_images(folder: Path, *, scheduler: Any = None, noise: np.ndarray |
     latents: NHWC numpy noise, passed to diffusers as NCHW `latents`.
     noise: NHWC numpy noise that diffusers' pipeline module draws instead of `randn_tensor` (img2img, whose
       call takes no latents).
+    vae_tiling: decode with `pipe.vae.enable_tiling()`.
     pipeline_class: a diffusers pipeline class name to run the saved components with (e.g. the
       img2img pipeline on a text-to-image folder).
     Other keywords go to the call as they are (prompt, num_inference_steps, guidance_scale; `image` and
@@ -181,6 +182,9 @@ def diffusers_images(folder: Path, *, scheduler: Any = None, noise: np.ndarray |
             # final LayerNorm: the same layer under the old path (a plain attribute, not a submodule).
             import types
             object.__setattr__(te, "text_model", types.SimpleNamespace(final_layer_norm=te.final_layer_norm))
+    tiled = call.pop("vae_tiling", False)
+    if tiled:
+        pipe.vae.enable_tiling()
     module = __import__(type(pipe).__module__, fromlist=["randn_tensor"])
     original = module.randn_tensor
     if noise is not None:
@@ -191,3 +195,5 @@ def diffusers_images(folder: Path, *, scheduler: Any = None, noise: np.ndarray |
             return pipe(output_type="np", **call).images
     finally:
         module.randn_tensor = original
+        if tiled:
+            pipe.vae.disable_tiling()

@@ -157,6 +157,32 @@ def test_eight_devices_equal_one_and_images_depend_on_their_seed_only(pipe, num_
     assert np.abs(batch[0] - batch[1]).max() > 1e-2  # same prompt, other seed: another image
 
 
+def test_vae_tiling_matches_diffusers_tiled_decode(pipe, folders):
+    x = np.random.default_rng(6).standard_normal((1, 16, 16, 4)).astype(np.float32)  # 32x32 images: 2x2 tiles
+    kw = dict(prompt="a cat", height=32, width=32, num_inference_steps=2, guidance_scale=1.0, latents=x)
+    got = pipe(vae_tiling=True, **kw).images
+    want = diffusers_images(folders["sd"], vae_tiling=True, **kw)
+    assert_close(got, want)
+    assert np.abs(diffusers_images(folders["sd"], **kw) - want).max() > 10 * ATOL  # tiling changes the image
+
+
+def test_bf16_and_attention_backend_switches(folders, tmp_path):
+    import jax.numpy as jnp
+
+    bf16 = diffax.pipelines.load(folders["sd"], cache_dir=tmp_path, dtype=jnp.bfloat16, attention_backend="chunked")
+    for name in ("unet", "vae", "text_encoder"):
+        cfg = bf16.module(name).config
+        assert cfg.dtype == jnp.bfloat16 and cfg.attention_backend == "chunked"
+    x = noise(0)
+    got = bf16(PROMPTS, negative_prompt=["blurry", "dark"], num_inference_steps=STEPS, guidance_scale=6.0,
+               latents=x).images
+    want = diffusers_images(folders["sd"], prompt=PROMPTS, negative_prompt=["blurry", "dark"],
+                            num_inference_steps=STEPS, guidance_scale=6.0, latents=x)
+    err = np.abs(got - want)
+    print(f"bf16 vs diffusers fp32: max {err.max():.3g}, mean {err.mean():.3g}")
+    assert got.dtype == np.float32 and err.mean() < 0.02 and err.max() < 0.15
+
+
 def test_bad_inputs_are_named(pipe):
     with pytest.raises(PipelineInputError, match="output_type"):
         pipe("a cat", output_type="tensor")
