@@ -1,6 +1,7 @@
-"""StableDiffusionControlNetPipeline against diffusers' on tiny random pipelines: one ControlNet, two with
-their own scales and guidance windows, guess mode; 8 devices equal one; no retrace on new prompts, seeds,
-scales or windows; ControlNets attached to a plain SD folder equal the saved ControlNet pipeline.
+"""The ControlNet pipelines against diffusers' on tiny random pipelines: one ControlNet, two with their own
+scales and guidance windows, img2img in guess mode with a window, inpainting with latent blending; 8 devices
+equal one; no retrace on new prompts, seeds, scales or windows; ControlNets attached to a plain SD folder
+equal the saved ControlNet pipeline.
 
 The ControlNets are diffusers' `ControlNetModel.from_unet` of the tiny U-Net, then every tensor randomised
 (the zero convolutions too, so the residuals carry signal). Same scheduler config, prompts, control images
@@ -22,7 +23,8 @@ diffusers = pytest.importorskip("diffusers")
 import diffax.pipelines  # noqa: E402
 from diffax import parallel  # noqa: E402
 from diffax.pipelines.base import PipelineInputError, noise_from_seeds  # noqa: E402
-from diffax.pipelines.controlnet import (MultiControlNet, StableDiffusionControlNetPipeline,  # noqa: E402
+from diffax.pipelines.controlnet import (MultiControlNet, StableDiffusionControlNetImg2ImgPipeline,  # noqa: E402
+                                         StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPipeline,
                                          controlnet_keep, with_controlnet)
 from tests.pipeline_fixtures import build_sd_pipeline, diffusers_images, randomise  # noqa: E402
 
@@ -95,10 +97,30 @@ def test_two_controlnets_with_scales_and_windows_match_diffusers(folders, pipes)
     check(pipes["cn2"](**call, seed=0).images, diffusers_images(folders["cn2"], **call, latents=latents_of([0, 1])))
 
 
-def test_guess_mode_matches_diffusers(folders, pipes):
-    image, _ = control_images(1, seed=1)
-    call = dict(prompt="a cat", image=image, num_inference_steps=STEPS, guidance_scale=7.5, guess_mode=True)
-    check(pipes["cn1"](**call, seed=9).images, diffusers_images(folders["cn1"], **call, latents=latents_of([9])))
+def test_img2img_guess_mode_with_a_window_over_the_kept_steps_matches_diffusers(folders, pipes):
+    # strength 0.75 of 4 steps runs 3; the window [0.34, 1] then drops the first two of them. Guess mode: the
+    # net sees the conditional half only.
+    cn = pipes["cn1"]
+    pipe = StableDiffusionControlNetImg2ImgPipeline(cn.components, cn.scheduler, tokenizers=cn.tokenizers)
+    image, control = control_images(1, seed=3)
+    call = dict(prompt=PROMPTS, image=image, control_image=control, strength=0.75, num_inference_steps=4,
+                guidance_scale=6.0, control_guidance_start=0.34, guess_mode=True)
+    check(pipe(**call, seed=[1, 2]).images,
+          diffusers_images(folders["cn1"], pipeline_class="StableDiffusionControlNetImg2ImgPipeline",
+                           noise=latents_of([1, 2]), **call))
+
+
+def test_inpaint_blending_matches_diffusers(folders, pipes):
+    cn = pipes["cn1"]
+    pipe = StableDiffusionControlNetInpaintPipeline(cn.components, cn.scheduler, tokenizers=cn.tokenizers)
+    image, control = control_images(1, seed=4)
+    mask = np.zeros((1, 16, 16, 1), np.float32)
+    mask[:, :, 8:] = 1.0  # repaint the right half
+    call = dict(prompt=PROMPTS, image=image, mask_image=mask, control_image=control, strength=0.75,
+                num_inference_steps=4, guidance_scale=6.0, controlnet_conditioning_scale=0.9)
+    check(pipe(**call, seed=[1, 2]).images,
+          diffusers_images(folders["cn1"], pipeline_class="StableDiffusionControlNetInpaintPipeline",
+                           noise=latents_of([1, 2]), **call))
 
 
 def test_keep_table_follows_diffusers_fractions():
@@ -134,7 +156,7 @@ def test_uint8_edge_maps_and_input_errors(pipes):
     image, _ = control_images(1)
     edges = (image[0] > 0.5).astype(np.uint8) * 255
     pipe = pipes["cn1"]
-    kw = dict(num_inference_steps=STEPS, guidance_scale=7.5, guess_mode=True)  # the guess-mode test's program
+    kw = dict(num_inference_steps=STEPS, guidance_scale=7.5)
     np.testing.assert_array_equal(pipe("a cat", image=edges, **kw).images,
                                   pipe("a cat", image=edges.astype(np.float32) / 255, **kw).images)
     with pytest.raises(PipelineInputError, match="control_guidance_start"):

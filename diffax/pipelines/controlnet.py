@@ -39,9 +39,10 @@ from diffax.models.controlnet import ControlNetModel, apply_multi_controlnet
 from diffax.pipelines import cache
 from diffax.pipelines.base import (Component, Pipeline, PipelineInputError, PipelineOutput, noise_from_seeds,
                                    register_pipeline, row_keys)
-from diffax.pipelines.images import load_images
+from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.loading import register_component_loader
-from diffax.pipelines.stable_diffusion import Static, StableDiffusionPipeline
+from diffax.pipelines.stable_diffusion import (Static, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                                               StableDiffusionPipeline)
 from diffax.pipelines.text_encoding import repeat_rows
 from diffax.sampling import sample
 
@@ -284,9 +285,10 @@ class _ControlNetMixin:
             shape = (*static.latent_size, self.latent_channels)
             noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], shape)
             setup = self.latent_setup(params, rows, static, noise)
-            after = setup.get("after_step")
+            blend = setup.get("after_step")
+            after = blend
             if progress is not None:
-                after = progress if after is None else (lambda x, i, s: progress(after(x, i, s), i, s))
+                after = progress if blend is None else (lambda x, i, s: progress(blend(x, i, s), i, s))
             x = sample(scheduler, self.control_denoiser(params, scalars, static, setup.get("extra")), noise,
                        num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],
                        cond=cond, uncond=uncond,
@@ -346,12 +348,115 @@ class StableDiffusionControlNetPipeline(_ControlNetMixin, StableDiffusionPipelin
         return self.generate(static, rows, scalars, output_type)
 
 
+class StableDiffusionControlNetImg2ImgPipeline(_ControlNetMixin, StableDiffusionImg2ImgPipeline):
+    """diffusers' StableDiffusionControlNetImg2ImgPipeline: img2img from `image`, steered by `control_image`."""
+
+    required_components = ("unet", "vae", "text_encoder", "controlnet")
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, image: Any = None, control_image: Any = None,
+                 height: int | None = None, width: int | None = None, strength: float = 0.8,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int | Sequence[int] = 0, latents: Any = None, output_type: str = "np",
+                 prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 0.8, guess_mode: bool = False,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, clip_skip: int | None = None,
+                 guidance_rescale: float = 0.0, vae_tiling: bool = False) -> PipelineOutput:
+        """Image to image under ControlNet conditioning: `image` and `strength` as
+        `StableDiffusionImg2ImgPipeline.__call__` (the output takes its size, or height x width), the
+        `control_image`(s) resized to it, the ControlNet arguments as `StableDiffusionControlNetPipeline.__call__`.
+        The guidance window counts the steps that `strength` keeps."""
+        if image is None:
+            raise PipelineInputError("image: img2img needs an init image")
+        first = load_control_images(image, height, width, self.vae_scale_factor)
+        height, width = first.shape[1:3]
+        static = self.static_choices(height=height, width=width, num_inference_steps=num_inference_steps,
+                                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                     output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling)
+        static = self.control_static(static, guess_mode)
+        rows, num_prompts = self.text_rows(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                           num_images_per_prompt, static.guided)
+        count = num_prompts * num_images_per_prompt
+        rows.update(self.control_rows(control_image, num_prompts, num_images_per_prompt, height, width,
+                                      "control_image")[0])
+        rows.update(self.noise_rows(seed, latents, count, static.latent_size, self.latent_channels))
+        rows["image"] = self.image_rows(first, count, None, None)
+        start = self.start_index(num_inference_steps, strength, static.latent_size)
+        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
+                   "start": start,
+                   **self.control_scalars(num_inference_steps=num_inference_steps, latent_size=static.latent_size,
+                                          start=start, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                          control_guidance_start=control_guidance_start,
+                                          control_guidance_end=control_guidance_end)}
+        return self.generate(static, rows, scalars, output_type)
+
+
+class StableDiffusionControlNetInpaintPipeline(_ControlNetMixin, StableDiffusionInpaintPipeline):
+    """diffusers' StableDiffusionControlNetInpaintPipeline: inpainting (a 9-channel inpainting U-Net, or latent
+    blending for an ordinary one) steered by `control_image`; the nets see the 4-channel latents."""
+
+    required_components = ("unet", "vae", "text_encoder", "controlnet")
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, image: Any = None, mask_image: Any = None,
+                 control_image: Any = None, height: int | None = None, width: int | None = None,
+                 strength: float = 1.0, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 negative_prompt: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int | Sequence[int] = 0, latents: Any = None, output_type: str = "np",
+                 prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 0.5, guess_mode: bool = False,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, clip_skip: int | None = None,
+                 guidance_rescale: float = 0.0, vae_tiling: bool = False) -> PipelineOutput:
+        """Inpainting under ControlNet conditioning: `image`, `mask_image` and `strength` as
+        `StableDiffusionInpaintPipeline.__call__`, except that the output defaults to the image's own size as
+        diffusers' ControlNet inpainting does; the `control_image`(s) are resized to it; the ControlNet
+        arguments as `StableDiffusionControlNetPipeline.__call__`."""
+        if image is None or mask_image is None:
+            raise PipelineInputError("inpainting needs image and mask_image")
+        first = load_control_images(image, height, width, self.vae_scale_factor)
+        height, width = first.shape[1:3]
+        unet_channels = self.module("unet").config.in_channels
+        if unet_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
+            raise PipelineInputError(f"the U-Net takes {unet_channels} channels: an inpainting U-Net takes "
+                                     f"{2 * self.latent_channels + 1}, an ordinary one {self.latent_channels}")
+        static = self.static_choices(height=height, width=width, num_inference_steps=num_inference_steps,
+                                     guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                                     output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling,
+                                     full_strength=strength == 1.0)
+        static = self.control_static(static, guess_mode)
+        rows, num_prompts = self.text_rows(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                                           num_images_per_prompt, static.guided)
+        count = num_prompts * num_images_per_prompt
+        rows.update(self.control_rows(control_image, num_prompts, num_images_per_prompt, height, width,
+                                      "control_image")[0])
+        rows.update(self.noise_rows(seed, latents, count, static.latent_size, self.latent_channels))
+        rows["image"] = self.image_rows(first, count, None, None)
+        try:
+            masks = load_masks(mask_image, height, width)
+        except ValueError as e:
+            raise PipelineInputError(str(e)) from None
+        if count % masks.shape[0]:
+            raise PipelineInputError(f"mask_image: {masks.shape[0]} masks do not divide into {count} outputs")
+        rows["mask"] = np.concatenate([masks] * (count // masks.shape[0]))
+        start = self.start_index(num_inference_steps, strength, static.latent_size)
+        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
+                   "start": start,
+                   **self.control_scalars(num_inference_steps=num_inference_steps, latent_size=static.latent_size,
+                                          start=start, controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                          control_guidance_start=control_guidance_start,
+                                          control_guidance_end=control_guidance_end)}
+        return self.generate(static, rows, scalars, output_type)
+
+
 def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache_dir: Any = None) -> Pipeline:
     """`pipe`'s components, tokenizers, scheduler and mesh with `controlnet` attached, as the matching
     ControlNet pipeline (text-to-image, img2img or inpainting).
 
     controlnet: a ControlNet folder, a (ControlNetModel, params) pair, or a list of either (several nets)."""
-    classes = {StableDiffusionPipeline: StableDiffusionControlNetPipeline}
+    classes = {StableDiffusionPipeline: StableDiffusionControlNetPipeline,
+               StableDiffusionImg2ImgPipeline: StableDiffusionControlNetImg2ImgPipeline,
+               StableDiffusionInpaintPipeline: StableDiffusionControlNetInpaintPipeline}
     cls = classes.get(type(pipe))
     if cls is None:
         raise PipelineInputError(f"with_controlnet: no ControlNet pipeline for {type(pipe).__name__} (have: "
@@ -367,3 +472,5 @@ def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache
 
 register_component_loader("MultiControlNetModel", load_multi_controlnet)
 register_pipeline("StableDiffusionControlNetPipeline", StableDiffusionControlNetPipeline)
+register_pipeline("StableDiffusionControlNetImg2ImgPipeline", StableDiffusionControlNetImg2ImgPipeline)
+register_pipeline("StableDiffusionControlNetInpaintPipeline", StableDiffusionControlNetInpaintPipeline)
