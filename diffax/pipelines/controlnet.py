@@ -457,6 +457,7 @@ def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache
     classes = {StableDiffusionPipeline: StableDiffusionControlNetPipeline,
                StableDiffusionImg2ImgPipeline: StableDiffusionControlNetImg2ImgPipeline,
                StableDiffusionInpaintPipeline: StableDiffusionControlNetInpaintPipeline}
+    classes.update({c: c for c in list(classes.values())})  # a ControlNet pipeline gets its nets replaced
     cls = classes.get(type(pipe))
     if cls is None:
         raise PipelineInputError(f"with_controlnet: no ControlNet pipeline for {type(pipe).__name__} (have: "
@@ -465,6 +466,7 @@ def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache
                                                                         cache_dir=cache_dir)}
     out = cls(components, pipe.scheduler, tokenizers=pipe.tokenizers, mesh=pipe.mesh, rules=pipe.rules,
               dtype=pipe.dtype, config=pipe.config, source=pipe.source)
+    out.scheduler_config = dict(pipe.scheduler_config)
     out.safety_checker = pipe.safety_checker
     out.progress = pipe.progress
     return out
