@@ -56,7 +56,9 @@ class StableDiffusionSafetyCheckerConfig(DiffusersConfig):
     (its runtime fields are this config's)."""
     class_name: ClassVar[str] = "StableDiffusionSafetyChecker"
 
-    projection_dim: int = 768           # SD's checker: CLIP ViT-L/14 (transformers' CLIPConfig default: 512)
+    # transformers' CLIPConfig defaults (ViT-B/32), which a config.json without the key gets there too; the
+    # released checker is CLIP ViT-L/14: projection_dim 768, hidden_size 1024 x 24 layers, patch_size 14.
+    projection_dim: int = 512
     vision_config: CLIPVisionConfig = CLIPVisionConfig()
     logit_scale_init_value: float = 2.6592   # CLIP's, unused by the checker; kept for round trips
     initializer_factor: float = 1.0
