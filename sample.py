@@ -1,4 +1,7 @@
-"""Sample a trained model (class-conditional or unconditional) into a PNG grid or an .npz file.
+"""Sample a trained model (class-conditional or unconditional) into a PNG grid or an .npz file, or run a
+diffusers pipeline folder (text-to-image, img2img, inpainting, ControlNet, SDXL + refiner, LoRA).
+
+    python sample.py --model=sd-folder --prompt="a photo of a cat" --num_images=4 --steps=25 --out=cats/
 
     python sample.py --workdir=runs/digits --num_samples=100 --guidance_scale=3 --out=runs/digits/samples.png
     python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 \
@@ -8,7 +11,9 @@
     python sample.py --checkpoint=DiT-XL-2-256x256.pt --labels=207,360 --sampler=ddpm --steps=250 \
         --guidance_scale=4 --reference_guidance --out=latents.npz
 
-Restores the EMA weights of the latest checkpoint (or --step) of a training workdir, or loads a converted
+--model writes one PNG per image, named by its seed (image k uses seed + k), with the call's arguments in
+the PNG's `parameters` text chunk; docs/pipelines.md lists every pipeline's command. Otherwise sample.py
+restores the EMA weights of the latest checkpoint (or --step) of a training workdir, or loads a converted
 DiT checkpoint (--checkpoint: a reference .pt/.safetensors file or a diffusers folder; DiT's linear
 schedule). A model whose images are not 1- or 3-channel (latent DiTs) writes `latents` float32 to .npz;
 decoding them needs the VAE. With no --labels, labels cycle through the
@@ -52,14 +57,36 @@ flags.DEFINE_integer("steps", None, "Inference steps; default the config's.")
 flags.DEFINE_list("sampler_options", [], "Sampler config fields as key=value,key=value (values without "
                   "commas), e.g. lambda_min_clipped=-5.1.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_list("out", None, "Output file(s): .png (grid) and/or .npz (arrays), comma-separated.")
+flags.DEFINE_list("out", None, "Output file(s): .png (grid) and/or .npz (arrays), comma-separated; with --model "
+                  "a directory for one PNG per image.")
 flags.mark_flags_as_required(["out"])
+# Pipelines (diffusers pipeline folders, single files, hub ids): diffax/pipelines/command.py, docs/pipelines.md.
+flags.DEFINE_string("model", None, "Instead of --workdir: a diffusers pipeline folder, single-file checkpoint or "
+                    "hub id.")
+flags.DEFINE_string("prompt", None, "Text prompt (--model).")
+flags.DEFINE_string("negative_prompt", None, "Negative prompt (--model).")
+flags.DEFINE_string("image", None, "Init image file: img2img, or inpainting with --mask.")
+flags.DEFINE_string("mask", None, "Inpainting mask file (white repaints).")
+flags.DEFINE_float("strength", None, "img2img / inpainting strength in (0, 1].")
+flags.DEFINE_string("control_image", None, "ControlNet conditioning image file.")
+flags.DEFINE_bool("canny", False, "Run the built-in Canny edge detector on --control_image first.")
+flags.DEFINE_multi_string("controlnet", [], "ControlNet folder; repeat for several.")
+flags.DEFINE_float("controlnet_scale", 1.0, "controlnet_conditioning_scale.")
+flags.DEFINE_string("refiner", None, "SDXL refiner folder: takes over after --high_noise_frac of the schedule.")
+flags.DEFINE_float("high_noise_frac", 0.8, "Base -> refiner hand-off (denoising_end / denoising_start).")
+flags.DEFINE_multi_string("lora", [], "LoRA file, optionally PATH:SCALE; repeat for several.")
+flags.DEFINE_integer("height", None, "Image height (--model); default the model's.")
+flags.DEFINE_integer("width", None, "Image width (--model); default the model's.")
+flags.DEFINE_integer("num_images", 1, "Images to generate (--model); image k uses seed + k.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype (--model).")
+flags.DEFINE_bool("safety_checker", True, "Run the folder's safety checker (--model).")
+flags.DEFINE_string("attention_backend", "auto", "auto, xla, cudnn or chunked (--model).")
 
 
 def load(workdir: str | None, checkpoint: str | None):
     """(model, params, diffusion schedule, sample defaults, where) from a workdir or a DiT checkpoint."""
     if (workdir is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --workdir and --checkpoint")
+        raise ValueError("give exactly one of --workdir, --checkpoint and --model")
     if workdir is not None:
         config, params, step = restore_for_sampling(workdir, FLAGS.step)
         model = build_model(config.model)
@@ -121,10 +148,47 @@ def sample_in_batches(pipe, params, key: jax.Array, labels: np.ndarray | None, n
     return np.concatenate(chunks), compile_seconds, total - compile_seconds
 
 
+def main_pipeline() -> None:
+    """--model: a pipeline call per batch, one PNG per image named by its seed."""
+    from diffax.pipelines import command
+    if FLAGS.workdir or FLAGS.checkpoint:
+        raise ValueError("give one of --model, --workdir and --checkpoint")
+    if not FLAGS.prompt:
+        raise ValueError("--model needs --prompt")
+    if FLAGS.steps is not None and FLAGS.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {FLAGS.steps}")
+    batch_size = FLAGS.batch_size if FLAGS["batch_size"].present else min(FLAGS.num_images, 4)
+    request = command.Request(
+        prompt=FLAGS.prompt, negative_prompt=FLAGS.negative_prompt, image=FLAGS.image, mask=FLAGS.mask,
+        strength=FLAGS.strength, control_image=FLAGS.control_image, canny=FLAGS.canny,
+        controlnet_scale=FLAGS.controlnet_scale, num_inference_steps=FLAGS.steps,
+        guidance_scale=FLAGS.guidance_scale, height=FLAGS.height, width=FLAGS.width, seed=FLAGS.seed,
+        num_images=FLAGS.num_images, batch_size=batch_size, high_noise_frac=FLAGS.high_noise_frac)
+    dtype = None if FLAGS.dtype == "float32" else FLAGS.dtype
+    pipe, refiner = command.build_pipeline(
+        FLAGS.model, request, controlnets=FLAGS.controlnet, refiner=FLAGS.refiner, loras=FLAGS.lora,
+        sampler=FLAGS.sampler, sampler_options=parse_options(FLAGS.sampler_options), dtype=dtype,
+        safety_checker=FLAGS.safety_checker, attention_backend=FLAGS.attention_backend)
+    made_with = dict(model=FLAGS.model, pipeline=type(pipe).__name__, refiner=FLAGS.refiner,
+                     controlnet=FLAGS.controlnet, lora=FLAGS.lora, sampler=type(pipe.scheduler).__name__,
+                     sampler_options=list(FLAGS.sampler_options), dtype=FLAGS.dtype,
+                     **{k: v for k, v in vars(request).items() if k not in ("seed", "num_images", "batch_size")})
+    result = command.generate(pipe, request, FLAGS.out[0], refiner=refiner, made_with=made_with)
+    if jax.process_index() == 0:
+        flagged = sum(result["nsfw"])
+        print(f"wrote {len(result['paths'])} images to {FLAGS.out[0]} (seeds {FLAGS.seed}.."
+              f"{FLAGS.seed + FLAGS.num_images - 1})" + (f"; {flagged} flagged by the safety checker and blacked out"
+                                                         if flagged else ""))
+        print(f"compile {result['compile_seconds']:.1f} s, sampling {result['sample_seconds']:.1f} s "
+              f"({len(result['paths']) / max(result['sample_seconds'], 1e-9):.2f} images/s)")
+
+
 def main(argv):
     del argv
     parallel.initialize_distributed()
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.model:
+        return main_pipeline()
     for name, value in (("num_samples", FLAGS.num_samples), ("batch_size", FLAGS.batch_size),
                         ("steps", FLAGS.steps)):  # steps None: the config's default
         if value is not None and value < 1:

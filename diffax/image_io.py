@@ -35,12 +35,18 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, ncols: int, upscale: 
     grid = make_grid(images, ncols)
     if upscale > 1:
         grid = grid.repeat(upscale, axis=0).repeat(upscale, axis=1)
+    save_png(path, grid, parameters)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray, parameters: Mapping[str, Any] | None = None) -> None:
+    """Save one uint8 image [H, W, C] (C = 1 or 3) as a PNG; `parameters` (JSON-able) go into its
+    `parameters` text chunk. Creates the parent folder."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     info = None
     if parameters is not None:
         info = PngInfo()
         info.add_text(PARAMETERS_KEY, json.dumps(dict(parameters)))
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, pnginfo=info)
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path, pnginfo=info)
 
 
 def read_parameters(path: str | os.PathLike) -> dict[str, Any]:
