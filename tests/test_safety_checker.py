@@ -277,6 +277,24 @@ def test_clip_vision_parity_and_export(class_name, act, prefixed, tmp_path):
         module.apply({"params": params}, jnp.zeros((1, 16, 16, 3)))
 
 
+def test_clip_vision_bf16_stays_close_to_torch_fp32(tmp_path):
+    """bf16 weights and compute (LayerNorms and softmax stay fp32): within 5e-2 of the output scale, as the
+    text encoders (8 mantissa bits, ~4e-3 per rounding, over the layers); a norm run in bf16 would not be."""
+    torch.manual_seed(4)
+    model = transformers.CLIPVisionModelWithProjection(
+        transformers.CLIPVisionConfig(**TOWER, image_size=32, patch_size=8, hidden_act="gelu")).eval()
+    randomise(model)
+    model.save_pretrained(tmp_path)
+    module, params = convert.load(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    x = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.tensor(x))
+    got = module.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)))
+    assert got.image_embeds.dtype == jnp.bfloat16
+    assert rel_err(got.image_embeds, want.image_embeds) < 5e-2
+    assert rel_err(got.last_hidden_state, want.last_hidden_state) < 5e-2
+
+
 @pytest.mark.parametrize("shape", [(2, 32, 32), (1, 48, 80), (1, 96, 64), (1, 512, 512), (1, 224, 224)])
 def test_preprocess_matches_clip_image_processor(shape):
     """Bit-exact (tolerance 0) against CLIPImageProcessor's PIL backend after numpy_to_pil: up- and
