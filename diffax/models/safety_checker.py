@@ -16,7 +16,7 @@ embeddings by cosine similarity. Each concept has a threshold (`concept_embeds_w
 with the scores in fp32 and rounded to 3 decimals (half to even) as diffusers' numpy code rounds them.
 Flagged images are replaced by zeros (black): diffusers returns the same (its `forward`, and its pipelines
 skip the [-1, 1] -> [0, 1] step for flagged images). diffusers also logs a warning;
-`diffax.pipelines.safety.run_safety_checker` does so too.
+`diffax.pipelines.safety.SafetyChecker` does so too.
 
 The config is the `CLIPConfig` json diffusers saves (`architectures: ["StableDiffusionSafetyChecker"]`,
 `model_type: "clip"`): the top-level `projection_dim` and the image tower's `vision_config` (in older files
