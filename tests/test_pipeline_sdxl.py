@@ -62,11 +62,11 @@ def text_encoders():
     return randomise(one, 1, scale=0.2), randomise(two, 2, scale=0.2)
 
 
-def unet(num_ids, context_dim, seed):
+def unet(num_ids, context_dim, seed, in_channels=4):
     """A two-level SDXL-style U-Net ('text_time' additions, linear projections, 2 transformer layers in the
-    second block) on 8x8 latents."""
+    second block) on 8x8 latents; 9 input channels for inpainting."""
     model = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        sample_size=8, in_channels=in_channels, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time", addition_time_embed_dim=TIME_DIM, cross_attention_dim=context_dim,
@@ -76,8 +76,8 @@ def unet(num_ids, context_dim, seed):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """{'base': folder, 'refiner': folder} of tiny random SDXL pipelines; the refiner shares the base's
-    text_encoder_2 and VAE, as the released pair does."""
+    """{'base', 'refiner', 'inpaint': folder} of tiny random SDXL pipelines; the refiner shares the base's
+    text_encoder_2 and VAE, as the released pair does; 'inpaint' has a 9-channel U-Net."""
     tmp = tmp_path_factory.mktemp("sdxl")
     te1, te2 = text_encoders()
     tok1, tok2 = tokenizer(tmp / "vocab1", "<|endoftext|>"), tokenizer(tmp / "vocab2", "!")
@@ -90,8 +90,11 @@ def folders(tmp_path_factory):
         vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None, tokenizer_2=tok2,
         unet=unet(5, WIDTH, 5), scheduler=scheduler, requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False, add_watermarker=False)
-    out = {"base": tmp / "base", "refiner": tmp / "refiner"}
-    for name, pipe in (("base", base), ("refiner", refiner)):
+    inpaint = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok1, tokenizer_2=tok2,
+        unet=unet(6, 2 * WIDTH, 6, in_channels=9), scheduler=scheduler, add_watermarker=False)
+    out = {"base": tmp / "base", "refiner": tmp / "refiner", "inpaint": tmp / "inpaint"}
+    for name, pipe in (("base", base), ("refiner", refiner), ("inpaint", inpaint)):
         pipe.save_pretrained(out[name])
         for sub in ("tokenizer", "tokenizer_2"):
             if (out[name] / sub).is_dir():
@@ -278,6 +281,40 @@ def test_base_to_refiner_hand_off_matches_diffusers(pipes, folders):
     want = diffusers_images(folders["refiner"], prompt="a cat", image=torch.from_numpy(want_latents.transpose(0, 3, 1, 2)),
                             num_inference_steps=steps, denoising_start=0.8)
     assert_close(got, want)
+
+
+def right_half_mask():
+    """Repaint the right half: [1, 16, 16, 1] in {0, 1}."""
+    mask = np.zeros((1, 16, 16, 1), np.float32)
+    mask[:, :, 8:] = 1.0
+    return mask
+
+
+def test_inpainting_unet_matches_diffusers(pipes, folders):
+    """A 9-channel U-Net from pure noise (strength 1) reads the mask and the masked image's latents."""
+    images, mask, noise = smooth_images(2, 1), right_half_mask(), seed_noise([7, 8])
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, strength=1.0, negative_prompt="zz")
+    got = pipes["inpaint"](PROMPTS, image=images, mask_image=mask, seed=[7, 8], **kw).images
+    assert_close(got, diffusers_images(folders["inpaint"], prompt=PROMPTS, image=images, mask_image=mask,
+                                       latents=noise, **kw))
+
+
+def test_inpainting_with_the_base_unet_blends_like_diffusers(pipes, folders):
+    """A 4-channel U-Net (the base model's) from the noised image, the known region blended in every step."""
+    base = pipes["base"]
+    pipe = sdxl.StableDiffusionXLInpaintPipeline(base.components, base.scheduler, tokenizers=base.tokenizers,
+                                                 config=base.config)
+    images, mask = smooth_images(3, 2), right_half_mask()
+    kw = dict(num_inference_steps=4, guidance_scale=5.0, strength=0.7)
+    got = pipe(PROMPTS, image=images, mask_image=mask, latents=img2img_noise(4), **kw).images
+    reference = diffusers.StableDiffusionXLInpaintPipeline(**diffusers_pipeline(str(folders["base"])).components)
+    reference.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = reference(PROMPTS, image=images, mask_image=mask, generator=torch.Generator().manual_seed(4),
+                         output_type="np", **kw).images
+    assert_close(got, want)
+    # The kept (left) half stays close to the image, the repainted half does not.
+    assert np.abs(got[:, :, :6] - images[:, :, :6]).mean() < np.abs(got[:, :, 10:] - images[:, :, 10:]).mean()
 
 
 def test_bad_inputs_are_one_line_errors(pipes):

@@ -35,7 +35,7 @@ import numpy as np
 
 from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, check_output_type, noise_from_seeds,
                                    register_pipeline, row_keys, seeds_for, to_unit_range)
-from diffax.pipelines.images import load_images
+from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.text_encoding import encode_prompt_sdxl, tokenize_prompts
 from diffax.sampling import loop_range, sample
 
@@ -122,13 +122,13 @@ def tokenize_pair(tokenizers: Sequence[Any], prompts: list[str], prompts_2: list
 # ----------------------------------------------------------------------------- pipelines
 
 # Random streams of an image's seed besides its starting noise (stream 0), as the Stable Diffusion pipelines.
-_POSTERIOR_STREAM, _SAMPLER_STREAM = 1, 2
+_POSTERIOR_STREAM, _SAMPLER_STREAM, _MASKED_POSTERIOR_STREAM = 1, 2, 3
 
 
 @dataclasses.dataclass(frozen=True)
 class Static:
     """The choices a program is compiled for; prompts, seeds, time ids, scales and strength are inputs."""
-    mode: str                            # 'txt2img' or 'img2img'
+    mode: str                            # 'txt2img', 'img2img' or 'inpaint'
     latent_shape: tuple[int, int, int]   # (h, w, C)
     steps: int
     sources: tuple[str, str | None]      # prompt / negative prompt: 'text', 'embeds', 'zeros' or None
@@ -141,6 +141,7 @@ class Static:
     decode: bool                         # False for output_type='latent'
     vae_tiling: bool
     progress: bool
+    full_strength: bool = False          # inpainting with strength 1: start from pure noise
 
 
 def _repeat(x: Any, n: int, name: str, ndim: int) -> np.ndarray:
@@ -195,7 +196,7 @@ class _StableDiffusionXLCommon(Pipeline):
         if height < 1 or width < 1 or height % f or width % f:
             raise PipelineInputError(f"height and width must be positive multiples of {f} for this model "
                                      f"(the VAE's factor {s} times the U-Net's), got {height}x{width}")
-        return height // s, width // s, self.module("unet").config.in_channels
+        return height // s, width // s, self.module("vae").config.latent_channels
 
     # -- host inputs
 
@@ -317,11 +318,15 @@ class _StableDiffusionXLCommon(Pipeline):
                                         "time_ids": rows["negative_time_ids"]}}
         return cond, uncond
 
-    def denoiser(self, params: Params) -> Any:
-        """denoise(x, t, **cond) over the U-Net, for `sampling.sample`."""
+    def denoiser(self, params: Params, extra: jax.Array | None = None) -> Any:
+        """denoise(x, t, **cond) over the U-Net, for `sampling.sample`; `extra` [N, h, w, c] (an inpainting
+        U-Net's mask and masked-image latents) is concatenated to its input channels, doubled under guidance."""
         unet = self.module("unet")
 
         def denoise(x: jax.Array, t: jax.Array, **cond: Any) -> jax.Array:
+            if extra is not None:
+                e = extra if extra.shape[0] == x.shape[0] else jnp.concatenate([extra, extra])
+                x = jnp.concatenate([x, e.astype(x.dtype)], axis=-1)
             t = jnp.broadcast_to(t, (x.shape[0],))
             return unet.apply({"params": params}, x, t, **cond).astype(jnp.float32)
 
@@ -350,21 +355,25 @@ class _StableDiffusionXLCommon(Pipeline):
         def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
             cond, uncond = self.conditioning(params, rows, static)
             noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], static.latent_shape)
-            init, start = None, None
-            if static.mode == "img2img":
-                init = rows["image"] if static.image_is_latents else self.encode_images(
-                    params["vae"], rows["image"], row_keys(rows["seeds"], _POSTERIOR_STREAM))
-                # denoising_start (a static choice) fixes the start itself; strength is a traced input.
-                start = None if static.denoising_start is not None else scalars["start"]
-            x = sample(scheduler, self.denoiser(params["unet"]), noise, num_inference_steps=static.steps,
-                       key=row_keys(rows["seeds"][:1], _SAMPLER_STREAM)[0], cond=cond, uncond=uncond,
-                       guidance_scale=scalars["guidance_scale"] if static.guided else None,
+            setup = self.latent_setup(params, rows, static, noise)
+            after = setup.get("after_step")
+            if progress is not None:
+                after = progress if after is None else (lambda x, i, state: progress(after(x, i, state), i, state))
+            # denoising_start (a static choice) fixes the start itself; strength is a traced input.
+            start = scalars.get("start") if static.denoising_start is None else None
+            x = sample(scheduler, self.denoiser(params["unet"], setup.get("extra")), noise,
+                       num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], _SAMPLER_STREAM)[0],
+                       cond=cond, uncond=uncond, guidance_scale=scalars["guidance_scale"] if static.guided else None,
                        guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
-                       init_sample=init, start_index=start, denoising_start=static.denoising_start,
-                       denoising_end=static.denoising_end, after_step=progress)
+                       init_sample=setup.get("init_sample"), start_index=start,
+                       denoising_start=static.denoising_start, denoising_end=static.denoising_end, after_step=after)
             return self.decode(params["vae"], x, static.vae_tiling) if static.decode else x.astype(jnp.float32)
 
         return program
+
+    def latent_setup(self, params: dict, rows: dict, static: Static, noise: jax.Array) -> dict[str, Any]:
+        """The mode's inputs of `sample` (init_sample, after_step) and the U-Net's extra channels."""
+        return {}
 
     def generate(self, static: Static, rows: dict[str, np.ndarray], scalars: dict[str, Any],
                  output_type: str) -> PipelineOutput:
@@ -443,19 +452,32 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
     folder has text_encoder_2 alone and `requires_aesthetics_score`, so its time ids end with an aesthetic
     score instead of the target size."""
 
-    def image_rows(self, image: Any, count: int) -> tuple[np.ndarray, bool]:
-        """(init rows [count, ...], whether they are latents). NHWC arrays with the U-Net's latent channel
-        count (a base model's output_type='latent') are latents; PIL images or float [N, H, W, 3] in [0, 1]
-        are images. Rows are tiled to one per output, as diffusers repeats init latents."""
-        channels = self.module("unet").config.in_channels
+    mode = "img2img"
+
+    def image_rows(self, image: Any, count: int, height: int | None = None,
+                   width: int | None = None) -> tuple[np.ndarray, bool]:
+        """(init rows [count, ...], whether they are latents). NHWC arrays with the VAE's latent channel count
+        (a base model's output_type='latent') are latents; PIL images or float [N, H, W, 3] in [0, 1] are
+        images, resized to height x width when given. Rows are tiled to one per output, as diffusers repeats
+        its init latents."""
+        channels = self.module("vae").config.latent_channels
         array = None if isinstance(image, (list, tuple)) or hasattr(image, "convert") else np.asarray(image)
         if array is not None and array.ndim in (3, 4) and array.shape[-1] == channels and channels != 3:
             x, is_latents = np.asarray(array if array.ndim == 4 else array[None], np.float32), True
         else:
-            x, is_latents = load_images(image, multiple=self.vae_scale_factor), False
+            x, is_latents = load_images(image, height, width, multiple=self.vae_scale_factor), False
         if count % x.shape[0]:
             raise PipelineInputError(f"image: {x.shape[0]} images do not divide into {count} outputs")
         return np.concatenate([x] * (count // x.shape[0])), is_latents
+
+    def latent_setup(self, params: dict, rows: dict, static: Static, noise: jax.Array) -> dict[str, Any]:
+        return {"init_sample": self.image_latents(params, rows, static)}
+
+    def image_latents(self, params: dict, rows: dict, static: Static) -> jax.Array:
+        """The init image's diffusion-space latents [N, h, w, C] (given, or a VAE posterior sample)."""
+        if static.image_is_latents:
+            return rows["image"]
+        return self.encode_images(params["vae"], rows["image"], row_keys(rows["seeds"], _POSTERIOR_STREAM))
 
     def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None,
                  image: Any = None, strength: float = 0.3, *, num_inference_steps: int = 50,
@@ -487,55 +509,144 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
         Sizes default to the image's; negative sizes default to the positive ones. Other arguments as the
         base pipeline.
         """
-        check_output_type(output_type)
-        guided, rescaled = self.guidance(guidance_scale, guidance_rescale)
-        self.check_clip_skip(clip_skip)
-        if image is None:
-            raise PipelineInputError("image: img2img and the refiner need an image (or a base model's latents)")
+        return self._run(locals())
+
+    def _run(self, call: dict[str, Any], mask_image: Any = None) -> PipelineOutput:
+        """The img2img / inpainting call: `call` holds the __call__ arguments by name."""
+        c = call
+        check_output_type(c["output_type"])
+        guided, rescaled = self.guidance(c["guidance_scale"], c["guidance_rescale"])
+        self.check_clip_skip(c["clip_skip"])
+        strength = c["strength"]
+        if c["image"] is None:
+            raise PipelineInputError(f"image: {self.mode} needs an image (or a base model's latents)")
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
             raise PipelineInputError(f"strength must be in [0, 1], got {strength!r}")
-        rows, sources, batch = self.prompt_rows(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
-                                                negative_prompt_embeds, pooled_prompt_embeds,
-                                                negative_pooled_prompt_embeds, num_images_per_prompt, guided)
-        count = batch * num_images_per_prompt
-        rows["image"], is_latents = self.image_rows(image, count)
+        start_fraction, end_fraction = c["denoising_start"], c["denoising_end"]
+        if start_fraction is not None and end_fraction is not None and start_fraction >= end_fraction:
+            raise PipelineInputError(f"denoising_start={start_fraction} must be below denoising_end={end_fraction}")
+        rows, sources, batch = self.prompt_rows(
+            c["prompt"], c["prompt_2"], c["negative_prompt"], c["negative_prompt_2"], c["prompt_embeds"],
+            c["negative_prompt_embeds"], c["pooled_prompt_embeds"], c["negative_pooled_prompt_embeds"],
+            c["num_images_per_prompt"], guided)
+        count = batch * c["num_images_per_prompt"]
+        rows["image"], is_latents = self.image_rows(c["image"], count, c.get("height"), c.get("width"))
         s = self.vae_scale_factor
-        height, width = (rows["image"].shape[1] * s, rows["image"].shape[2] * s) if is_latents else \
-            rows["image"].shape[1:3]
+        height, width = ((rows["image"].shape[1] * s, rows["image"].shape[2] * s) if is_latents
+                         else rows["image"].shape[1:3])
         shape = self.latent_shape(height, width)
         if is_latents and rows["image"].shape[1:] != shape:
             raise PipelineInputError(f"image: latents must be [N, h, w, {shape[-1]}], got {list(rows['image'].shape)}")
-        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise PipelineInputError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
-        start, _ = self.loop_bounds(num_inference_steps, shape, strength=max(float(strength), 1e-9),
-                                    denoising_start=denoising_start, denoising_end=denoising_end)
-        rows.update(self.noise_rows(seed, latents, count, shape))
-        original_size = tuple(original_size or (height, width))
-        target_size = tuple(target_size or (height, width))
-        negative_original_size = tuple(negative_original_size or original_size)
-        negative_target_size = tuple(negative_target_size or target_size)
+        if is_latents and mask_image is not None and self.nine_channel():
+            raise PipelineInputError("image: an inpainting U-Net masks the image itself; give the image, not latents")
+        start, _ = self.loop_bounds(c["num_inference_steps"], shape, strength=max(float(strength), 1e-9),
+                                    denoising_start=start_fraction, denoising_end=end_fraction)
+        rows.update(self.noise_rows(c["seed"], c["latents"], count, shape))
+        if mask_image is not None:
+            masks = load_masks(mask_image, height, width)
+            if count % masks.shape[0]:
+                raise PipelineInputError(f"mask_image: {masks.shape[0]} masks do not divide into {count} outputs")
+            rows["mask"] = np.concatenate([masks] * (count // masks.shape[0]))
+        original_size = tuple(c["original_size"] or (height, width))
+        target_size = tuple(c["target_size"] or (height, width))
+        negative_original_size = tuple(c["negative_original_size"] or original_size)
+        negative_target_size = tuple(c["negative_target_size"] or target_size)
+        crops = c["crops_coords_top_left"]
         if self.requires_aesthetics_score:
-            positive = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-                            aesthetic_score=aesthetic_score)
+            positive = dict(original_size=original_size, crops_coords_top_left=crops,
+                            aesthetic_score=c["aesthetic_score"])
             negative = dict(original_size=negative_original_size,
-                            crops_coords_top_left=negative_crops_coords_top_left,
-                            aesthetic_score=negative_aesthetic_score)
+                            crops_coords_top_left=c["negative_crops_coords_top_left"],
+                            aesthetic_score=c["negative_aesthetic_score"])
         else:
-            positive = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
-                            target_size=target_size)
-            # diffusers' img2img pairs the negative sizes with the positive crop here (not the negative one).
-            negative = dict(original_size=negative_original_size, crops_coords_top_left=crops_coords_top_left,
+            positive = dict(original_size=original_size, crops_coords_top_left=crops, target_size=target_size)
+            # diffusers pairs the negative sizes with the positive crop here (not the negative one).
+            negative = dict(original_size=negative_original_size, crops_coords_top_left=crops,
                             target_size=negative_target_size)
         rows["time_ids"] = self.time_id_rows(count, **positive)
         if guided:
             rows["negative_time_ids"] = self.time_id_rows(count, **negative)
-        static = Static("img2img", shape, num_inference_steps, sources, clip_skip, guided, rescaled, is_latents,
-                        denoising_start, denoising_end, output_type != "latent", vae_tiling,
-                        self.progress is not None)
-        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
-                   "start": np.int32(start)}
-        return self.generate(static, rows, scalars, output_type)
+        static = Static(self.mode, shape, c["num_inference_steps"], sources, c["clip_skip"], guided, rescaled,
+                        is_latents, start_fraction, end_fraction, c["output_type"] != "latent", c["vae_tiling"],
+                        self.progress is not None, full_strength=mask_image is not None and strength == 1.0)
+        scalars = {"guidance_scale": np.float32(c["guidance_scale"]),
+                   "guidance_rescale": np.float32(c["guidance_rescale"]), "start": np.int32(start)}
+        return self.generate(static, rows, scalars, c["output_type"])
+
+
+class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline):
+    """SDXL inpainting (diffusers' `StableDiffusionXLInpaintPipeline`): repaint where `mask_image` is white
+    (>= 0.5), keep the rest. A 9-channel inpainting U-Net reads the mask and the masked image's latents
+    beside its input; an ordinary 4-channel one gets the known region blended back after every step."""
+
+    mode = "inpaint"
+
+    def nine_channel(self) -> bool:
+        """Whether the U-Net is an inpainting one: latents, a mask channel and masked-image latents."""
+        latent = self.module("vae").config.latent_channels
+        channels = self.module("unet").config.in_channels
+        if channels not in (latent, 2 * latent + 1):
+            raise PipelineInputError(f"the U-Net takes {channels} input channels: an inpainting U-Net takes "
+                                     f"{2 * latent + 1}, an ordinary one {latent}")
+        return channels != latent
+
+    def latent_setup(self, params: dict, rows: dict, static: Static, noise: jax.Array) -> dict[str, Any]:
+        nine = self.nine_channel()
+        f = self.vae_scale_factor
+        # diffusers resizes the mask with nearest interpolation: pixel (f*i, f*j) of each latent cell.
+        mask_latent = rows["mask"][:, ::f, ::f, :].astype(jnp.float32)  # [N, h, w, 1]
+        from_image = static.denoising_start is not None or not static.full_strength
+        image_latents = self.image_latents(params, rows, static) if (from_image or not nine) else None
+        setup: dict[str, Any] = {"init_sample": image_latents if from_image else None}
+        if nine:
+            # The masked image is normalized before masking: masked pixels are 0 in [-1, 1], i.e. mid-grey.
+            masked = jnp.where(rows["mask"] < 0.5, rows["image"], 0.5)
+            keys = row_keys(rows["seeds"], _MASKED_POSTERIOR_STREAM)
+            setup["extra"] = jnp.concatenate([mask_latent, self.encode_images(params["vae"], masked, keys)], axis=-1)
+            return setup
+        scheduler = self.scheduler
+        # The last loop index + 1, where the known region goes in clean (denoising_end may cut the loop).
+        _, stop = self.loop_bounds(static.steps, static.latent_shape, denoising_end=static.denoising_end)
+
+        def blend(x: jax.Array, i: jax.Array, state: Any) -> jax.Array:
+            # The known region at the next step's noise level (clean after the last step).
+            renoised = scheduler.add_noise(state, image_latents, noise, jnp.minimum(i + 1, stop - 1))
+            proper = jnp.where(i < stop - 1, renoised, image_latents)
+            return (1 - mask_latent) * proper + mask_latent * x
+
+        setup["after_step"] = blend
+        return setup
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None,
+                 image: Any = None, mask_image: Any = None, *, height: int | None = None, width: int | None = None,
+                 strength: float = 0.9999, num_inference_steps: int = 50, denoising_start: float | None = None,
+                 denoising_end: float | None = None, guidance_scale: float = 7.5,
+                 negative_prompt: str | Sequence[str] | None = None,
+                 negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
+                 seed: int | Sequence[int] = 0, latents: Any = None, prompt_embeds: Any = None,
+                 negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
+                 negative_pooled_prompt_embeds: Any = None, output_type: str = "np",
+                 guidance_rescale: float = 0.0, original_size: Sequence[int] | None = None,
+                 crops_coords_top_left: Sequence[int] = (0, 0), target_size: Sequence[int] | None = None,
+                 negative_original_size: Sequence[int] | None = None,
+                 negative_crops_coords_top_left: Sequence[int] = (0, 0),
+                 negative_target_size: Sequence[int] | None = None, aesthetic_score: float = 6.0,
+                 negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
+                 vae_tiling: bool = False) -> PipelineOutput:
+        """Inpainting: `image` as in img2img (resized to height x width, default the U-Net's sample_size times
+        the VAE's factor, as diffusers), `mask_image` (PIL, float [N, H, W(, 1)] or [H, W]; >= 0.5 repaints)
+        resized alike. strength 1 starts from pure noise (`latents` is that noise), below 1 from the noised
+        image (diffusers' default 0.9999). Other arguments as the img2img pipeline."""
+        if mask_image is None:
+            raise PipelineInputError("mask_image: inpainting needs a mask (white repaints)")
+        self.nine_channel()
+        sample_size = self.module("unet").config.sample_size
+        side = (sample_size if isinstance(sample_size, int) else 128) * self.vae_scale_factor
+        call = dict(locals())
+        call["height"], call["width"] = height or side, width or side
+        return self._run(call, mask_image=mask_image)
 
 
 register_pipeline("StableDiffusionXLPipeline", StableDiffusionXLPipeline)
 register_pipeline("StableDiffusionXLImg2ImgPipeline", StableDiffusionXLImg2ImgPipeline)
+register_pipeline("StableDiffusionXLInpaintPipeline", StableDiffusionXLInpaintPipeline)
