@@ -19,14 +19,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
 
 import diffax.pipelines  # noqa: E402
 from diffax import parallel  # noqa: E402
 from diffax.pipelines.base import PipelineInputError, noise_from_seeds  # noqa: E402
 from diffax.pipelines.controlnet import (MultiControlNet, StableDiffusionControlNetImg2ImgPipeline,  # noqa: E402
                                          StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPipeline,
-                                         controlnet_keep, with_controlnet)
-from tests.pipeline_fixtures import build_sd_pipeline, diffusers_images, randomise  # noqa: E402
+                                         StableDiffusionXLControlNetPipeline, controlnet_keep, with_controlnet)
+from tests.pipeline_fixtures import (build_sd_pipeline, diffusers_images, randomise, tiny_clip,  # noqa: E402
+                                     tiny_vae, write_tokenizer)
 
 TOL = 1e-3
 STEPS = 3
@@ -47,6 +49,30 @@ def build_controlnet_pipelines(root: Path) -> dict[str, Path]:
         pipe.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+def build_sdxl_controlnet_pipeline(folder: Path) -> Path:
+    """A tiny StableDiffusionXLControlNetPipeline folder: two CLIPs (16 wide; the second with a projection),
+    a two-level 'text_time' U-Net on 8x8 latents and its ControlNet, an Euler scheduler."""
+    tok = write_tokenizer(folder.parent / f"{folder.name}_tokenizer")
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(tok)
+    te1 = tiny_clip(tok, seed=40, hidden_size=16)
+    te2 = tiny_clip(tok, seed=41, hidden_size=16, with_projection=True, hidden_act="gelu")
+    unet = randomise(diffusers.UNet2DConditionModel(
+        sample_size=8, block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time", addition_time_embed_dim=8, cross_attention_dim=32,
+        projection_class_embeddings_input_dim=6 * 8 + te2.config.projection_dim), seed=42, scale=0.2)
+    net = randomise(diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)),
+                    seed=43, scale=0.2)
+    scheduler = diffusers.EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                 timestep_spacing="leading", steps_offset=1)
+    pipe = diffusers.StableDiffusionXLControlNetPipeline(
+        vae=tiny_vae(44), text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer, tokenizer_2=tokenizer,
+        unet=unet, controlnet=net, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +147,19 @@ def test_inpaint_blending_matches_diffusers(folders, pipes):
     check(pipe(**call, seed=[1, 2]).images,
           diffusers_images(folders["cn1"], pipeline_class="StableDiffusionControlNetInpaintPipeline",
                            noise=latents_of([1, 2]), **call))
+
+
+def test_sdxl_guess_mode_with_scale_and_window_matches_diffusers(tmp_path):
+    # Guess mode halves the pooled text embeddings and time ids the SDXL ControlNet reads, too.
+    folder = build_sdxl_controlnet_pipeline(tmp_path / "sdxl_cn")
+    pipe = diffax.pipelines.load(folder, cache_dir=False)
+    assert isinstance(pipe, StableDiffusionXLControlNetPipeline)
+    image, _ = control_images(1, seed=5)
+    call = dict(prompt=PROMPTS, image=image, num_inference_steps=STEPS, guidance_scale=5.0, guess_mode=True,
+                controlnet_conditioning_scale=0.8, control_guidance_end=0.7)
+    ours = pipe(**call, seed=[7, 8]).images
+    check(ours, diffusers_images(folder, **call, latents=latents_of([7, 8])))
+    assert np.abs(ours - pipe(**{**call, "controlnet_conditioning_scale": 0.0}, seed=[7, 8]).images).max() > 1e-2
 
 
 def test_keep_table_follows_diffusers_fractions():

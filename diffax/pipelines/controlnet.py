@@ -43,6 +43,7 @@ from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.loading import register_component_loader
 from diffax.pipelines.stable_diffusion import (Static, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                                                StableDiffusionPipeline)
+from diffax.pipelines import stable_diffusion_xl as sdxl
 from diffax.pipelines.text_encoding import repeat_rows
 from diffax.sampling import sample
 
@@ -213,7 +214,7 @@ class _ControlNetMixin:
             rows[f"control_image_{k}"] = images
         return rows, height, width
 
-    def control_scalars(self, *, num_inference_steps: int, latent_size: tuple[int, int], start: int,
+    def control_scalars(self, *, num_inference_steps: int, latent_shape: tuple[int, int, int], start: int,
                         controlnet_conditioning_scale: Any, control_guidance_start: Any,
                         control_guidance_end: Any) -> dict[str, np.ndarray]:
         """{controlnet_scale [nets], controlnet_keep [T, nets]} checked as diffusers checks them."""
@@ -228,25 +229,25 @@ class _ControlNetMixin:
             if not 0.0 <= s < e <= 1.0:
                 raise PipelineInputError(f"control_guidance_start {s} and control_guidance_end {e} must satisfy "
                                          f"0 <= start < end <= 1")
-        state = self.scheduler.init(num_inference_steps,
-                                    jax.ShapeDtypeStruct((1, *latent_size, self.latent_channels), jnp.float32))
+        state = self.scheduler.init(num_inference_steps, jax.ShapeDtypeStruct((1, *latent_shape), jnp.float32))
         total = len(np.asarray(state.timesteps))
         return {"controlnet_scale": np.asarray(scales, np.float32),
                 "controlnet_keep": controlnet_keep(total, int(start), starts, ends)}
 
-    def control_static(self, static: Static, guess_mode: bool) -> ControlStatic:
-        """The static choices with guess mode (on for every net with global_pool_conditions, as diffusers)."""
+    def control_static(self, static: Any, guess_mode: bool, cls: type = ControlStatic) -> Any:
+        """`static` as a `cls` (its subclass with a guess_mode field) with guess mode, which a first net with
+        global_pool_conditions turns on, as diffusers."""
         guess = bool(guess_mode) or self.controlnets()[0].config.global_pool_conditions
-        fields = {f.name: getattr(static, f.name) for f in dataclasses.fields(Static)}
-        return ControlStatic(**fields, guess_mode=guess)
+        fields = {f.name: getattr(static, f.name) for f in dataclasses.fields(static)}
+        return cls(**fields, guess_mode=guess)
 
     # -- traced pieces
 
-    def control_denoiser(self, params: dict, scalars: dict, static: ControlStatic, extra: jax.Array | None):
-        """denoise(x, t, step_index, controlnet_cond, **cond): the nets' residuals, then the U-Net with them."""
-        unet_denoise = self.unet_fn(params, extra)
+    def control_denoiser(self, unet_denoise: Any, params: dict, scalars: dict, *, guess_mode: bool, guided: bool):
+        """denoise(x, t, step_index, controlnet_cond, **cond): the nets' residuals, then
+        `unet_denoise(x, t, **cond)` with them (down_block_additional_residuals, mid_block_additional_residual)."""
         nets = list(zip(self.controlnets(), self.controlnet_params(params)))
-        conditional_only = static.guess_mode and static.guided
+        conditional_only = guess_mode and guided
 
         def denoise(x: jax.Array, t: jax.Array, *, step_index: jax.Array, controlnet_cond: tuple[jax.Array, ...],
                     **cond: Any) -> jax.Array:
@@ -259,7 +260,7 @@ class _ControlNetMixin:
             t_rows = jnp.broadcast_to(t, (net_x.shape[0],))
             down, mid = apply_multi_controlnet(nets, net_x, t_rows, controlnet_cond=images,
                                                conditioning_scale=[scale[k] for k in range(len(nets))],
-                                               guess_mode=static.guess_mode, **net_cond)
+                                               guess_mode=guess_mode, **net_cond)
             if conditional_only:
                 down = tuple(jnp.concatenate([jnp.zeros_like(d), d]) for d in down)
                 mid = jnp.concatenate([jnp.zeros_like(mid), mid])
@@ -269,7 +270,8 @@ class _ControlNetMixin:
         return denoise
 
     def build(self, static: ControlStatic):
-        """The program for `static`: Stable Diffusion's, with the ControlNets inside the denoiser."""
+        """The program for `static`: Stable Diffusion's, with the ControlNets inside the denoiser (the SDXL
+        pipeline has its own)."""
         scheduler = self.scheduler
         progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
         n_nets = len(self.controlnets())
@@ -289,7 +291,9 @@ class _ControlNetMixin:
             after = blend
             if progress is not None:
                 after = progress if blend is None else (lambda x, i, s: progress(blend(x, i, s), i, s))
-            x = sample(scheduler, self.control_denoiser(params, scalars, static, setup.get("extra")), noise,
+            denoise = self.control_denoiser(self.unet_fn(params, setup.get("extra")), params, scalars,
+                                            guess_mode=static.guess_mode, guided=static.guided)
+            x = sample(scheduler, denoise, noise,
                        num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],
                        cond=cond, uncond=uncond,
                        guidance_scale=scalars["guidance_scale"] if static.guided else None,
@@ -341,7 +345,8 @@ class StableDiffusionControlNetPipeline(_ControlNetMixin, StableDiffusionPipelin
         rows.update(control)
         rows.update(self.noise_rows(seed, latents, count, static.latent_size, self.latent_channels))
         scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
-                   **self.control_scalars(num_inference_steps=num_inference_steps, latent_size=static.latent_size,
+                   **self.control_scalars(num_inference_steps=num_inference_steps,
+                                          latent_shape=(*static.latent_size, self.latent_channels),
                                           start=0, controlnet_conditioning_scale=controlnet_conditioning_scale,
                                           control_guidance_start=control_guidance_start,
                                           control_guidance_end=control_guidance_end)}
@@ -385,7 +390,8 @@ class StableDiffusionControlNetImg2ImgPipeline(_ControlNetMixin, StableDiffusion
         start = self.start_index(num_inference_steps, strength, static.latent_size)
         scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
                    "start": start,
-                   **self.control_scalars(num_inference_steps=num_inference_steps, latent_size=static.latent_size,
+                   **self.control_scalars(num_inference_steps=num_inference_steps,
+                                          latent_shape=(*static.latent_size, self.latent_channels),
                                           start=start, controlnet_conditioning_scale=controlnet_conditioning_scale,
                                           control_guidance_start=control_guidance_start,
                                           control_guidance_end=control_guidance_end)}
@@ -442,11 +448,100 @@ class StableDiffusionControlNetInpaintPipeline(_ControlNetMixin, StableDiffusion
         start = self.start_index(num_inference_steps, strength, static.latent_size)
         scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
                    "start": start,
-                   **self.control_scalars(num_inference_steps=num_inference_steps, latent_size=static.latent_size,
+                   **self.control_scalars(num_inference_steps=num_inference_steps,
+                                          latent_shape=(*static.latent_size, self.latent_channels),
                                           start=start, controlnet_conditioning_scale=controlnet_conditioning_scale,
                                           control_guidance_start=control_guidance_start,
                                           control_guidance_end=control_guidance_end)}
         return self.generate(static, rows, scalars, output_type)
+
+
+@dataclasses.dataclass(frozen=True)
+class XLControlStatic(sdxl.Static):
+    """Static choices of an SDXL ControlNet program: the SDXL ones and guess mode."""
+    guess_mode: bool = False
+
+
+class StableDiffusionXLControlNetPipeline(_ControlNetMixin, sdxl.StableDiffusionXLPipeline):
+    """diffusers' StableDiffusionXLControlNetPipeline: SDXL text to image steered by one or several ControlNets,
+    which also read the pooled text embeddings and time ids (`added_cond_kwargs`)."""
+
+    required_components = ("unet", "vae", "text_encoder_2", "controlnet")
+
+    def __init__(self, components: Any, scheduler: Any, **kwargs: Any):
+        super().__init__(components, scheduler, **kwargs)
+        self._control_inputs: tuple[dict, dict, bool] | None = None
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None, *,
+                 image: Any = None, height: int | None = None, width: int | None = None,
+                 num_inference_steps: int = 50, num_images_per_prompt: int = 1, prompt_embeds: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, **kwargs: Any) -> PipelineOutput:
+        """SDXL text to image under ControlNet conditioning: `image` and the ControlNet arguments as
+        `StableDiffusionControlNetPipeline.__call__` (height / width default to the conditioning image's size,
+        and with them original_size and target_size), every other argument as
+        `StableDiffusionXLPipeline.__call__`. The guidance window counts every step, `denoising_end` included,
+        as diffusers."""
+        if prompt_embeds is not None:
+            num_prompts = len(prompt_embeds)
+        else:
+            num_prompts = len(sdxl.as_prompt_list(prompt)) if prompt is not None else 1
+        rows, height, width = self.control_rows(image, num_prompts, num_images_per_prompt, height, width)
+        scalars = self.control_scalars(num_inference_steps=num_inference_steps,
+                                       latent_shape=self.latent_shape(height, width), start=0,
+                                       controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                       control_guidance_start=control_guidance_start,
+                                       control_guidance_end=control_guidance_end)
+        # The SDXL call prepares prompts, noise and time ids, then hands everything to `generate`, which adds
+        # these inputs for this call.
+        self._control_inputs = (rows, scalars, guess_mode)
+        try:
+            return super().__call__(prompt, prompt_2, height=height, width=width,
+                                    num_inference_steps=num_inference_steps,
+                                    num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds, **kwargs)
+        finally:
+            self._control_inputs = None
+
+    def generate(self, static: Any, rows: dict[str, np.ndarray], scalars: dict[str, Any],
+                 output_type: str) -> PipelineOutput:
+        if self._control_inputs is None:
+            raise PipelineInputError("image: the ControlNet needs a conditioning image")
+        control_rows, control_scalars, guess_mode = self._control_inputs
+        static = self.control_static(static, guess_mode, XLControlStatic)
+        return super().generate(static, {**rows, **control_rows}, {**scalars, **control_scalars}, output_type)
+
+    def build(self, static: XLControlStatic):
+        """The program for `static`: SDXL's, with the ControlNets inside the denoiser."""
+        scheduler = self.scheduler
+        progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
+        n_nets = len(self.controlnets())
+
+        def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
+            cond, uncond = self.conditioning(params, rows, static)
+            images = tuple(rows[f"control_image_{k}"] for k in range(n_nets))  # [N, H, W, 3] each
+            cond = {**cond, "controlnet_cond": images}
+            if uncond is not None:
+                uncond = {**uncond, "controlnet_cond": images}
+            noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], static.latent_shape)
+            setup = self.latent_setup(params, rows, static, noise)
+            blend = setup.get("after_step")
+            after = blend
+            if progress is not None:
+                after = progress if blend is None else (lambda x, i, st: progress(blend(x, i, st), i, st))
+            start = scalars.get("start") if static.denoising_start is None else None
+            denoise = self.control_denoiser(self.denoiser(params["unet"], setup.get("extra")), params, scalars,
+                                            guess_mode=static.guess_mode, guided=static.guided)
+            x = sample(scheduler, denoise, noise, num_inference_steps=static.steps,
+                       key=row_keys(rows["seeds"][:1], sdxl._SAMPLER_STREAM)[0], cond=cond, uncond=uncond,
+                       guidance_scale=scalars["guidance_scale"] if static.guided else None,
+                       guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
+                       init_sample=setup.get("init_sample"), start_index=start,
+                       denoising_start=static.denoising_start, denoising_end=static.denoising_end,
+                       pass_step_index=True, after_step=after)
+            return self.decode(params["vae"], x, static.vae_tiling) if static.decode else x.astype(jnp.float32)
+
+        return program
 
 
 def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache_dir: Any = None) -> Pipeline:
@@ -456,7 +551,8 @@ def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache
     controlnet: a ControlNet folder, a (ControlNetModel, params) pair, or a list of either (several nets)."""
     classes = {StableDiffusionPipeline: StableDiffusionControlNetPipeline,
                StableDiffusionImg2ImgPipeline: StableDiffusionControlNetImg2ImgPipeline,
-               StableDiffusionInpaintPipeline: StableDiffusionControlNetInpaintPipeline}
+               StableDiffusionInpaintPipeline: StableDiffusionControlNetInpaintPipeline,
+               sdxl.StableDiffusionXLPipeline: StableDiffusionXLControlNetPipeline}
     classes.update({c: c for c in list(classes.values())})  # a ControlNet pipeline gets its nets replaced
     cls = classes.get(type(pipe))
     if cls is None:
@@ -476,3 +572,4 @@ register_component_loader("MultiControlNetModel", load_multi_controlnet)
 register_pipeline("StableDiffusionControlNetPipeline", StableDiffusionControlNetPipeline)
 register_pipeline("StableDiffusionControlNetImg2ImgPipeline", StableDiffusionControlNetImg2ImgPipeline)
 register_pipeline("StableDiffusionControlNetInpaintPipeline", StableDiffusionControlNetInpaintPipeline)
+register_pipeline("StableDiffusionXLControlNetPipeline", StableDiffusionXLControlNetPipeline)
