@@ -211,6 +211,18 @@ class Pipeline(LoraMixin):
             self._scheduler = as_scheduler(scheduler)
             self.scheduler_config = to_diffusers_config(self._scheduler)
 
+    @classmethod
+    def from_pipe(cls, pipe: "Pipeline") -> "Pipeline":
+        """This class over another pipeline's components, tokenizers, scheduler, mesh, config and safety
+        checker (diffusers' `from_pipe`), e.g. `StableDiffusionImg2ImgPipeline.from_pipe(txt2img)`. Parameters
+        are shared, not copied; compiled programs are not (each class builds its own)."""
+        out = cls(pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers, mesh=pipe.mesh, rules=pipe.rules,
+                  dtype=pipe.dtype, config=pipe.config, source=pipe.source)
+        out.scheduler_config = dict(pipe.scheduler_config)
+        out.safety_checker = pipe.safety_checker
+        out.progress = pipe.progress
+        return out
+
     # -- components
 
     def module(self, name: str) -> nn.Module:
