@@ -243,13 +243,23 @@ def test_base_negative_prompts_clip_skip_rescale_and_images_per_prompt_match_dif
     assert_close(got, diffusers_images(folders["base"], prompt=PROMPTS, latents=seed_noise([20, 21, 22, 23]), **kw))
 
 
-def test_base_on_one_device_equals_eight(pipes, folders):
+def test_one_device_with_given_embeddings_equals_eight_devices_with_prompts(pipes, folders):
+    """Batch sharding (3 rows padded to 8 devices) and prompt_embeds / pooled ones passed in directly."""
     assert jax.device_count() == 8
     one = diffax.pipelines.load(folders["base"], cache_dir=False,
                                 mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
-    prompts = ["a cat", "ab", "z"]  # 3 rows: padded to 8 on the 8-device mesh
-    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, seed=[5, 6, 7])
-    np.testing.assert_allclose(one(prompts, **kw).images, pipes["base"](prompts, **kw).images, rtol=0, atol=1e-5)
+    prompts = ["a cat", "ab", "z"]
+    kw = dict(num_inference_steps=STEPS, guidance_scale=5.0, guidance_rescale=0.5, seed=[5, 6, 7])
+    # The static choices of the test above (negative text, clip_skip, rescale): its program, run again.
+    eight = pipes["base"](prompts, negative_prompt="zz", clip_skip=1, **kw).images
+    with torch.no_grad():
+        embeds = diffusers_pipeline(str(folders["base"])).encode_prompt(
+            prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=["zz"] * 3, clip_skip=1)
+    names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    got = one(**{name: e.numpy() for name, e in zip(names, embeds)}, **kw).images
+    # torch's embeddings differ from diffax's by ~1e-7; the images by ~2e-6 (measured).
+    np.testing.assert_allclose(got, eight, rtol=0, atol=1e-5)
 
 
 def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(pipes, folders):

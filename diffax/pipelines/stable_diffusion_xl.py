@@ -480,9 +480,9 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
         return self.encode_images(params["vae"], rows["image"], row_keys(rows["seeds"], _POSTERIOR_STREAM))
 
     def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None,
-                 image: Any = None, strength: float = 0.3, *, num_inference_steps: int = 50,
-                 denoising_start: float | None = None, denoising_end: float | None = None,
-                 guidance_scale: float = 5.0, negative_prompt: str | Sequence[str] | None = None,
+                 image: Any = None, strength: float = 0.3, *, height: int | None = None,
+                 width: int | None = None, num_inference_steps: int = 50, denoising_start: float | None = None,
+                 denoising_end: float | None = None, guidance_scale: float = 5.0, negative_prompt: str | Sequence[str] | None = None,
                  negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
                  seed: int | Sequence[int] = 0, latents: Any = None, prompt_embeds: Any = None,
                  negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
@@ -506,8 +506,9 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
         latents: NHWC standard normal noise [N, h, w, 4] added to the image (instead of the seeds' noise).
         aesthetic_score / negative_aesthetic_score: a refiner's time ids (requires_aesthetics_score);
           otherwise the ids are (original_size, crops_coords_top_left, target_size) as in the base.
-        Sizes default to the image's; negative sizes default to the positive ones. Other arguments as the
-        base pipeline.
+        height, width: resize the image to this size (default its own, rounded down to the VAE's factor; not
+          for latents). Micro-conditioning sizes default to the image's; negative sizes to the positive ones.
+        Other arguments as the base pipeline.
         """
         return self._run(locals())
 
@@ -530,13 +531,15 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
             c["negative_prompt_embeds"], c["pooled_prompt_embeds"], c["negative_pooled_prompt_embeds"],
             c["num_images_per_prompt"], guided)
         count = batch * c["num_images_per_prompt"]
-        rows["image"], is_latents = self.image_rows(c["image"], count, c.get("height"), c.get("width"))
+        rows["image"], is_latents = self.image_rows(c["image"], count, c["height"], c["width"])
         s = self.vae_scale_factor
         height, width = ((rows["image"].shape[1] * s, rows["image"].shape[2] * s) if is_latents
                          else rows["image"].shape[1:3])
         shape = self.latent_shape(height, width)
-        if is_latents and rows["image"].shape[1:] != shape:
-            raise PipelineInputError(f"image: latents must be [N, h, w, {shape[-1]}], got {list(rows['image'].shape)}")
+        if is_latents and (rows["image"].shape[1:] != shape or (c["height"] or height) != height
+                           or (c["width"] or width) != width):
+            raise PipelineInputError(f"image: latents [N, h, w, {shape[-1]}] of the requested size, got "
+                                     f"{list(rows['image'].shape)}")
         if is_latents and mask_image is not None and self.nine_channel():
             raise PipelineInputError("image: an inpainting U-Net masks the image itself; give the image, not latents")
         start, _ = self.loop_bounds(c["num_inference_steps"], shape, strength=max(float(strength), 1e-9),
