@@ -20,7 +20,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from diffax.sampling import loop_range, rescale_guidance, sample
-from diffax.schedulers import DDIMScheduler, DDPMScheduler
+from diffax.schedulers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from tests.sampler_harness import denoise_jax, denoise_torch
 
 SHAPE = (2, 4, 4, 3)
@@ -273,3 +273,31 @@ def test_bad_slicing_arguments_raise():
         loop_range(sched, state, 10, strength=0.05)
     with pytest.raises(ValueError, match="init_sample"):
         sample(sched, denoise_jax, jnp.zeros(SHAPE), num_inference_steps=10, strength=0.5)
+
+
+@pytest.mark.parametrize("sched", [DDIMScheduler(steps_offset=1, clip_sample=False),
+                                   DPMSolverMultistepScheduler(steps_offset=1)], ids=["ddim", "dpm++2m"])
+def test_traced_start_step_index_and_after_step(sched):
+    """start_index as a traced scalar runs the same trajectory as the static strength slice (one program for
+    every strength); pass_step_index hands the loop index to the denoiser; after_step edits x after a step."""
+    n, strength = 10, 0.6
+    init, z = jnp.asarray(normal(8) * 0.5), jnp.asarray(normal(9))
+    static = jax.jit(lambda x0, z: sample(sched, denoise_jax, z, num_inference_steps=n, init_sample=x0,
+                                          strength=strength))(init, z)
+    start, _ = loop_range(sched, sched.init(n, z), n, strength=strength)
+    seen = []
+
+    timesteps = jnp.asarray(sched.init(n, z).timesteps)
+
+    def denoise(x, t, step_index):  # reads the timestep through the index: a wrong index changes the result
+        seen.append(step_index)
+        return denoise_jax(x, timesteps[step_index])
+
+    traced = jax.jit(lambda x0, z, s: sample(sched, denoise, z, num_inference_steps=n, init_sample=x0,
+                                             start_index=s, pass_step_index=True))
+    assert rel_err(traced(init, z, jnp.int32(start)), static) < TIGHT
+    assert rel_err(traced(init, z, jnp.int32(0)), static) > 1e-3  # the start reached the loop, same program
+    assert traced._cache_size() == 1 and len(seen) == 1
+    clamped = jax.jit(lambda z: sample(sched, denoise_jax, z, num_inference_steps=3,
+                                       after_step=lambda x, i, state: jnp.clip(x, -0.1 * i, 0.1 * i)))(z)
+    assert float(jnp.abs(clamped).max()) <= 0.2 + 1e-6  # the last step (i = 2) clamped to [-0.2, 0.2]
