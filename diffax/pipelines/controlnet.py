@@ -1,18 +1,21 @@
-"""Stable Diffusion with ControlNets: one or several conditioning images steer the U-Net, one XLA program per call.
+"""Stable Diffusion and SDXL with ControlNets: one or several conditioning images steer the U-Net, one XLA
+program per call.
 
     pipe = diffax.pipelines.load("sd-controlnet-folder")               # a StableDiffusionControlNetPipeline folder
     pipe = with_controlnet(diffax.pipelines.load("sd-folder"), "sd-controlnet-canny")   # attach to plain SD
     edges = canny(photo)                                               # diffax.pipelines.canny
     out = pipe("a bird", image=edges, controlnet_conditioning_scale=0.8, seed=0)
 
-The arguments and their defaults are diffusers' (StableDiffusionControlNetPipeline and its img2img and
-inpainting variants). As diffusers computes it, inside the sampler's loop at every step:
+The arguments and their defaults are diffusers' (StableDiffusionControlNetPipeline, its img2img and
+inpainting variants, StableDiffusionXLControlNetPipeline). As diffusers computes it, inside the sampler's loop
+at every step:
 
 - each ControlNet sees the scheduler-scaled latents, the text embeddings and its conditioning image ([0, 1],
   resized to the output size, repeated per image and, under classifier-free guidance, for both halves), and
   returns residuals scaled by `controlnet_conditioning_scale` times `controlnet_keep[i]`: 1 while the step's
   fraction [i / n, (i + 1) / n] lies within [control_guidance_start, control_guidance_end], else 0 (n: the
-  steps the loop runs, after img2img's `strength`);
+  steps the loop runs after img2img's `strength`; SDXL's `denoising_end` does not shorten it, as in
+  diffusers);
 - several nets (diffusers' MultiControlNetModel) sum their residuals;
 - `guess_mode` (or a net with `global_pool_conditions`) runs the nets on the conditional half only, with the
   residuals scaled 0.1 ... 1 from the first skip to the mid block, and zeros for the unconditional half;
@@ -37,13 +40,13 @@ import numpy as np
 
 from diffax.models.controlnet import ControlNetModel, apply_multi_controlnet
 from diffax.pipelines import cache
+from diffax.pipelines import stable_diffusion_xl as sdxl
 from diffax.pipelines.base import (Component, Pipeline, PipelineInputError, PipelineOutput, noise_from_seeds,
                                    register_pipeline, row_keys)
 from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.loading import register_component_loader
 from diffax.pipelines.stable_diffusion import (Static, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                                                StableDiffusionPipeline)
-from diffax.pipelines import stable_diffusion_xl as sdxl
 from diffax.pipelines.text_encoding import repeat_rows
 from diffax.sampling import sample
 
@@ -53,10 +56,6 @@ class MultiControlNet:
     """Several ControlNets as one pipeline component (diffusers' MultiControlNetModel): the component's params
     are a tuple, one entry per net, in the same order."""
     nets: tuple[ControlNetModel, ...]
-
-    @property
-    def config(self) -> Any:
-        return self.nets[0].config
 
 
 def load_multi_controlnet(folder: str | Path, *, dtype: Any = None, cache_dir: Any = None,
@@ -134,7 +133,7 @@ def load_control_images(image: Any, height: int | None, width: int | None, multi
 
 def _as_list(x: Any, n: int, what: str) -> list[float]:
     """A float or list of floats as n floats (a single value repeated)."""
-    values = [float(v) for v in x] if isinstance(x, (list, tuple)) else [float(x)]
+    values = [float(v) for v in x] if isinstance(x, (list, tuple, np.ndarray)) else [float(x)]
     if len(values) == 1:
         values = values * n
     if len(values) != n:
@@ -149,8 +148,9 @@ class ControlStatic(Static):
 
 
 class _ControlNetMixin:
-    """The ControlNet parts shared by the text-to-image, img2img and inpainting pipelines (mixed in before a
-    StableDiffusion*Pipeline)."""
+    """The ControlNet parts every ControlNet pipeline shares, mixed in before a StableDiffusion*Pipeline or the
+    SDXL pipeline: the nets, their host inputs, the denoiser around the U-Net, and Stable Diffusion's program
+    (the SDXL class builds its own)."""
 
     def __init__(self, components: Any, scheduler: Any, **kwargs: Any):
         super().__init__(components, scheduler, **kwargs)
@@ -172,6 +172,7 @@ class _ControlNetMixin:
         return list(module.nets) if isinstance(module, MultiControlNet) else [module]
 
     def controlnet_params(self, params: dict) -> list[Any]:
+        """Each net's params, in order, from the program's {component: params}."""
         return list(params["controlnet"]) if isinstance(self.module("controlnet"), MultiControlNet) else [
             params["controlnet"]]
 
@@ -294,7 +295,7 @@ class _ControlNetMixin:
             denoise = self.control_denoiser(self.unet_fn(params, setup.get("extra")), params, scalars,
                                             guess_mode=static.guess_mode, guided=static.guided)
             x = sample(scheduler, denoise, noise,
-                       num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],
+                       num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],  # stream 2, as SD
                        cond=cond, uncond=uncond,
                        guidance_scale=scalars["guidance_scale"] if static.guided else None,
                        guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
