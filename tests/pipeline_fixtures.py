@@ -168,10 +168,10 @@ def diffusers_images(folder: Path, *, scheduler: Any = None, noise: np.ndarray |
     import torch
 
     saved = diffusers_pipeline(str(folder))
-    components = dict(saved.components)
-    # A fresh scheduler every call (never the saved pipeline's, which a call's steps mutate).
-    components["scheduler"] = (scheduler or type(saved.scheduler)).from_config(saved.scheduler.config)
-    pipe = getattr(diffusers, pipeline_class or type(saved).__name__)(**components)
+    # A fresh scheduler every call (never the saved pipeline's, which a call's steps mutate); from_pipe keeps
+    # the folder's model_index.json switches (force_zeros_for_empty_prompt, requires_aesthetics_score).
+    fresh = (scheduler or type(saved.scheduler)).from_config(saved.scheduler.config)
+    pipe = getattr(diffusers, pipeline_class or type(saved).__name__).from_pipe(saved, scheduler=fresh)
     pipe.set_progress_bar_config(disable=True)
     if "latents" in call and call["latents"] is not None:
         call["latents"] = torch.from_numpy(np.ascontiguousarray(np.asarray(call["latents"]).transpose(0, 3, 1, 2)))
