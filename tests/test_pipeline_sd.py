@@ -95,7 +95,7 @@ def test_no_guidance_prompt_embeds_and_output_types(pipe, folders):
 
 def test_img2img_matches_diffusers(pipe, folders):
     img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
-    assert img.params("unet") is pipe.params("unet")
+    assert img.params("unet") is pipe.params("unet") and img.device_params() is pipe.device_params()
     x, init = noise(3), image(0)
     got = img(PROMPTS, image=init, strength=0.7, num_inference_steps=4, guidance_scale=6.0, latents=x).images
     want = diffusers_images(folders["sd"], pipeline_class="StableDiffusionImg2ImgPipeline", noise=x,

@@ -215,9 +215,11 @@ class Pipeline(LoraMixin):
     def from_pipe(cls, pipe: "Pipeline") -> "Pipeline":
         """This class over another pipeline's components, tokenizers, scheduler, mesh, config and safety
         checker (diffusers' `from_pipe`), e.g. `StableDiffusionImg2ImgPipeline.from_pipe(txt2img)`. Parameters
-        are shared, not copied; compiled programs are not (each class builds its own)."""
+        are shared, on the host and on the devices (one copy in device memory for both); compiled programs are
+        not (each class builds its own)."""
         out = cls(pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers, mesh=pipe.mesh, rules=pipe.rules,
                   dtype=pipe.dtype, config=pipe.config, source=pipe.source)
+        out._placed = pipe.device_params()
         out.scheduler_config = dict(pipe.scheduler_config)
         out.safety_checker = pipe.safety_checker
         out.progress = pipe.progress
