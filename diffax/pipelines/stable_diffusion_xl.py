@@ -48,7 +48,7 @@ Params = Any
 def _pair(value: Sequence[int | float], name: str) -> tuple[float, float]:
     values = tuple(value)
     if len(values) != 2:
-        raise ValueError(f"{name} must be a pair (height, width) or (top, left), got {value!r}")
+        raise PipelineInputError(f"{name} must be a pair (height, width) or (top, left), got {value!r}")
     return float(values[0]), float(values[1])
 
 
@@ -61,7 +61,7 @@ def time_ids(*, original_size: Sequence[int], crops_coords_top_left: Sequence[in
     if aesthetic_score is not None:
         return np.asarray(ids + (float(aesthetic_score),), np.float32)
     if target_size is None:
-        raise ValueError("time_ids needs target_size (or aesthetic_score for a refiner)")
+        raise PipelineInputError("time_ids needs target_size (or aesthetic_score for a refiner)")
     return np.asarray(ids + _pair(target_size, "target_size"), np.float32)
 
 
@@ -90,10 +90,10 @@ def check_time_ids_width(unet_config: Any, num_ids: int, text_embeds_dim: int,
 
 
 def as_prompt_list(prompt: str | Sequence[str], name: str = "prompt") -> list[str]:
-    """`prompt` as a non-empty list of strings; ValueError naming the argument otherwise."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    """`prompt` as a non-empty list of strings; PipelineInputError naming the argument otherwise."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+        raise PipelineInputError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
     return prompts
 
 
@@ -106,7 +106,7 @@ def match_prompts(prompts: str | Sequence[str] | None, fallback: list[str], name
         return [prompts] * len(fallback)
     out = as_prompt_list(prompts, name)
     if len(out) != len(fallback):
-        raise ValueError(f"{name} has {len(out)} prompts, but prompt has {len(fallback)}")
+        raise PipelineInputError(f"{name} has {len(out)} prompts, but prompt has {len(fallback)}")
     return out
 
 
@@ -184,6 +184,12 @@ class _StableDiffusionXLCommon(Pipeline):
     def requires_aesthetics_score(self) -> bool:
         """model_index.json's switch (a refiner): time ids carry an aesthetic score instead of target_size."""
         return bool(self.config.get("requires_aesthetics_score", False))
+
+    def default_size(self) -> tuple[int, int]:
+        """(height, width) in pixels: the U-Net's sample_size (diffusers' 128 when null) times the VAE's factor."""
+        size = self.module("unet").config.sample_size or 128
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
 
     def encoder_names(self) -> list[str]:
         """The text encoders present: ['text_encoder', 'text_encoder_2'] (base) or ['text_encoder_2']."""
@@ -267,7 +273,7 @@ class _StableDiffusionXLCommon(Pipeline):
     def guidance(self, guidance_scale: float, guidance_rescale: float) -> tuple[bool, bool]:
         """(guided, rescaled): classifier-free guidance when guidance_scale > 1, as diffusers."""
         for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
                 raise PipelineInputError(f"{name} must be a finite number, got {value!r}")
         guided = guidance_scale > 1.0
         return guided, guided and guidance_rescale > 0.0
@@ -281,11 +287,15 @@ class _StableDiffusionXLCommon(Pipeline):
             raise PipelineInputError(f"clip_skip must be None or an int in [0, {layers - 1}] (the text encoders "
                                      f"have {layers} layers), got {clip_skip!r}")
 
-    def loop_bounds(self, static_steps: int, shape: tuple[int, int, int], **fractions: Any) -> tuple[int, int]:
-        """`loop_range` on the host: checks strength / denoising_start / denoising_end readably."""
-        state = self.scheduler.init(static_steps, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    def loop_bounds(self, num_inference_steps: int, shape: tuple[int, int, int], **fractions: Any) -> tuple[int, int]:
+        """[start, stop) loop indices (`loop_range`) on the host, where strength / denoising_start /
+        denoising_end and the step count are checked readably."""
+        steps = num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise PipelineInputError(f"num_inference_steps must be a positive int, got {steps!r}")
+        state = self.scheduler.init(int(steps), jax.ShapeDtypeStruct((1, *shape), jnp.float32))
         try:
-            return loop_range(self.scheduler, state, static_steps, **fractions)
+            return loop_range(self.scheduler, state, int(steps), **fractions)
         except ValueError as e:
             raise PipelineInputError(str(e)) from None
 
@@ -418,11 +428,8 @@ class StableDiffusionXLPipeline(_StableDiffusionXLCommon):
         check_output_type(output_type)
         guided, rescaled = self.guidance(guidance_scale, guidance_rescale)
         self.check_clip_skip(clip_skip)
-        sample_size = self.module("unet").config.sample_size
-        side = sample_size if isinstance(sample_size, int) else 128  # diffusers' default for a null sample_size
-        default_h, default_w = (side, side) if not isinstance(sample_size, (tuple, list)) else sample_size
-        height = int(height or default_h * self.vae_scale_factor)
-        width = int(width or default_w * self.vae_scale_factor)
+        default_h, default_w = self.default_size()
+        height, width = int(height or default_h), int(width or default_w)
         shape = self.latent_shape(height, width)
         self.loop_bounds(num_inference_steps, shape, denoising_end=denoising_end)
         rows, sources, batch = self.prompt_rows(prompt, prompt_2, negative_prompt, negative_prompt_2, prompt_embeds,
@@ -643,10 +650,9 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImg2ImgPipeline):
         if mask_image is None:
             raise PipelineInputError("mask_image: inpainting needs a mask (white repaints)")
         self.nine_channel()
-        sample_size = self.module("unet").config.sample_size
-        side = (sample_size if isinstance(sample_size, int) else 128) * self.vae_scale_factor
+        default_h, default_w = self.default_size()
         call = dict(locals())
-        call["height"], call["width"] = height or side, width or side
+        call["height"], call["width"] = height or default_h, width or default_w
         return self._run(call, mask_image=mask_image)
 
 
