@@ -39,12 +39,34 @@ Axes = tuple[str | None, ...]
 IMAGE_AXES: Axes = ("batch", None, None, "activation_channels")  # [B, H, W, C] feature maps
 
 
+class _QuantizableKernel:
+    """Reads a quantized kernel where the parameters hold one: beside an int8 / packed-int4 `kernel` sits
+    its fp32 `kernel_scale` (layout in `diffax.quant.qtensor`), and `kernel` is dequantised to the float
+    shape flax asks for, in the compute dtype, as the operand of this layer's matmul or convolution. The
+    parameters stay integers in device memory; float parameters take flax's own path unchanged."""
+
+    def param(self, name: str, init_fn: Any, *init_args: Any, unbox: bool = True, **init_kwargs: Any) -> Any:
+        if name == "kernel" and self.has_variable("params", "kernel_scale"):
+            from diffax.quant.qtensor import dequantize_kernel  # here: diffax.quant imports the models
+            stored, scale = (nn.meta.unbox(self.get_variable("params", n)) for n in ("kernel", "kernel_scale"))
+            return dequantize_kernel(stored, scale, init_args[0], self.dtype or jnp.float32)
+        return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+
+
+class Dense(_QuantizableKernel, nn.Dense):
+    """`nn.Dense` that also runs on a quantized kernel (see `_QuantizableKernel`)."""
+
+
+class Conv(_QuantizableKernel, nn.Conv):
+    """`nn.Conv` that also runs on a quantized kernel (see `_QuantizableKernel`)."""
+
+
 def dense(features: int, *, axes: Axes = ("embed", "mlp"), use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
           kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal(),
-          name: str | None = None) -> nn.Dense:
-    """An `nn.Dense` whose kernel [in, out] carries logical axes `axes` and whose bias carries `axes[-1]`."""
-    return nn.Dense(
+          name: str | None = None) -> Dense:
+    """A `Dense` whose kernel [in, out] carries logical axes `axes` and whose bias carries `axes[-1]`."""
+    return Dense(
         features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[-1],)))
@@ -54,8 +76,8 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides: int = 
          axes: Axes = (None, None, "conv_in", "conv_out"), use_bias: bool = True,
          dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal(),
-         name: str | None = None) -> nn.Conv:
-    """An NHWC `nn.Conv` with an HWIO kernel carrying logical axes.
+         name: str | None = None) -> Conv:
+    """An NHWC `Conv` with an HWIO kernel carrying logical axes.
 
     `padding` follows flax; pass an int p for torch's symmetric `padding=p` (a stride-2 3x3 conv with p=1
     differs from 'SAME' on even inputs, so parity with torch needs the explicit form).
@@ -63,7 +85,7 @@ def conv(features: int, kernel_size: int | Sequence[int] = 3, *, strides: int = 
     ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nn.Conv(
+    return Conv(
         features, ks, strides=(strides, strides), padding=padding, use_bias=use_bias,
         dtype=dtype, param_dtype=param_dtype, name=name,
         kernel_init=nn.with_logical_partitioning(kernel_init, axes),
