@@ -26,6 +26,7 @@ from diffax import parallel  # noqa: E402
 from diffax.pipelines.base import PipelineInputError, noise_from_seeds  # noqa: E402
 from diffax.pipelines.controlnet import (MultiControlNet, StableDiffusionControlNetImg2ImgPipeline,  # noqa: E402
                                          StableDiffusionControlNetInpaintPipeline, StableDiffusionControlNetPipeline,
+                                         StableDiffusionXLControlNetImg2ImgPipeline,
                                          StableDiffusionXLControlNetPipeline, controlnet_keep, with_controlnet)
 from tests.pipeline_fixtures import (build_sd_pipeline, diffusers_images, randomise, tiny_clip,  # noqa: E402
                                      tiny_vae, write_tokenizer)
@@ -149,17 +150,36 @@ def test_inpaint_blending_matches_diffusers(folders, pipes):
                            noise=latents_of([1, 2]), **call))
 
 
-def test_sdxl_guess_mode_with_scale_and_window_matches_diffusers(tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory) -> Path:
+    return build_sdxl_controlnet_pipeline(tmp_path_factory.mktemp("sdxl_controlnet") / "sdxl_cn")
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(sdxl_folder) -> StableDiffusionXLControlNetPipeline:
+    return diffax.pipelines.load(sdxl_folder, cache_dir=False)
+
+
+def test_sdxl_guess_mode_with_scale_and_window_matches_diffusers(sdxl_folder, sdxl_pipe):
     # Guess mode halves the pooled text embeddings and time ids the SDXL ControlNet reads, too.
-    folder = build_sdxl_controlnet_pipeline(tmp_path / "sdxl_cn")
-    pipe = diffax.pipelines.load(folder, cache_dir=False)
-    assert isinstance(pipe, StableDiffusionXLControlNetPipeline)
+    assert isinstance(sdxl_pipe, StableDiffusionXLControlNetPipeline)
     image, _ = control_images(1, seed=5)
     call = dict(prompt=PROMPTS, image=image, num_inference_steps=STEPS, guidance_scale=5.0, guess_mode=True,
                 controlnet_conditioning_scale=0.8, control_guidance_end=0.7)
-    ours = pipe(**call, seed=[7, 8]).images
-    check(ours, diffusers_images(folder, **call, latents=latents_of([7, 8])))
-    assert np.abs(ours - pipe(**{**call, "controlnet_conditioning_scale": 0.0}, seed=[7, 8]).images).max() > 1e-2
+    ours = sdxl_pipe(**call, seed=[7, 8]).images
+    check(ours, diffusers_images(sdxl_folder, **call, latents=latents_of([7, 8])))
+    assert np.abs(ours - sdxl_pipe(**{**call, "controlnet_conditioning_scale": 0.0}, seed=[7, 8]).images
+                  ).max() > 1e-2
+
+
+def test_sdxl_img2img_with_a_window_matches_diffusers(sdxl_folder, sdxl_pipe):
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pipe(sdxl_pipe)
+    image, control = control_images(1, seed=6)
+    call = dict(prompt=PROMPTS, image=image, control_image=control, strength=0.75, num_inference_steps=4,
+                guidance_scale=5.0, control_guidance_start=0.34)
+    check(pipe(**call, seed=[1, 2]).images,
+          diffusers_images(sdxl_folder, pipeline_class="StableDiffusionXLControlNetImg2ImgPipeline",
+                           noise=latents_of([1, 2]), **call))
 
 
 def test_keep_table_follows_diffusers_fractions():

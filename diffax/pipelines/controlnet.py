@@ -463,44 +463,28 @@ class XLControlStatic(sdxl.Static):
     guess_mode: bool = False
 
 
-class StableDiffusionXLControlNetPipeline(_ControlNetMixin, sdxl.StableDiffusionXLPipeline):
-    """diffusers' StableDiffusionXLControlNetPipeline: SDXL text to image steered by one or several ControlNets,
-    which also read the pooled text embeddings and time ids (`added_cond_kwargs`)."""
-
-    required_components = ("unet", "vae", "text_encoder_2", "controlnet")
+class _XLControlNetMixin(_ControlNetMixin):
+    """The SDXL ControlNet pipelines: the SDXL call prepares prompts, noise, init images and time ids as
+    usual and hands them to `generate`, which adds this call's conditioning images, scales and keep table;
+    the program is SDXL's with the nets inside the denoiser."""
 
     def __init__(self, components: Any, scheduler: Any, **kwargs: Any):
         super().__init__(components, scheduler, **kwargs)
-        self._control_inputs: tuple[dict, dict, bool] | None = None
+        self._control_inputs: tuple[dict[str, np.ndarray], dict[str, Any]] | None = None
 
-    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None, *,
-                 image: Any = None, height: int | None = None, width: int | None = None,
-                 num_inference_steps: int = 50, num_images_per_prompt: int = 1, prompt_embeds: Any = None,
-                 controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
-                 control_guidance_start: float | Sequence[float] = 0.0,
-                 control_guidance_end: float | Sequence[float] = 1.0, **kwargs: Any) -> PipelineOutput:
-        """SDXL text to image under ControlNet conditioning: `image` and the ControlNet arguments as
-        `StableDiffusionControlNetPipeline.__call__` (height / width default to the conditioning image's size,
-        and with them original_size and target_size), every other argument as
-        `StableDiffusionXLPipeline.__call__`. The guidance window counts every step, `denoising_end` included,
-        as diffusers."""
+    def control_call(self, run: Any, image: Any, *, prompt: Any, prompt_embeds: Any, num_images_per_prompt: int,
+                     height: int | None, width: int | None, what: str, **control: Any) -> PipelineOutput:
+        """Reads the conditioning images (their size is the output's unless height / width are given), then
+        returns `run(height, width)`, the SDXL call. `control`: controlnet_conditioning_scale,
+        control_guidance_start, control_guidance_end, guess_mode."""
         if prompt_embeds is not None:
             num_prompts = len(prompt_embeds)
         else:
             num_prompts = len(sdxl.as_prompt_list(prompt)) if prompt is not None else 1
-        rows, height, width = self.control_rows(image, num_prompts, num_images_per_prompt, height, width)
-        scalars = self.control_scalars(num_inference_steps=num_inference_steps,
-                                       latent_shape=self.latent_shape(height, width), start=0,
-                                       controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                       control_guidance_start=control_guidance_start,
-                                       control_guidance_end=control_guidance_end)
-        # The SDXL call prepares prompts, noise and time ids, then hands everything to `generate`, which adds
-        # these inputs for this call.
-        self._control_inputs = (rows, scalars, guess_mode)
+        rows, height, width = self.control_rows(image, num_prompts, num_images_per_prompt, height, width, what)
+        self._control_inputs = (rows, control)
         try:
-            return super().__call__(prompt, prompt_2, height=height, width=width,
-                                    num_inference_steps=num_inference_steps,
-                                    num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds, **kwargs)
+            return run(height, width)
         finally:
             self._control_inputs = None
 
@@ -508,9 +492,17 @@ class StableDiffusionXLControlNetPipeline(_ControlNetMixin, sdxl.StableDiffusion
                  output_type: str) -> PipelineOutput:
         if self._control_inputs is None:
             raise PipelineInputError("image: the ControlNet needs a conditioning image")
-        control_rows, control_scalars, guess_mode = self._control_inputs
-        static = self.control_static(static, guess_mode, XLControlStatic)
-        return super().generate(static, {**rows, **control_rows}, {**scalars, **control_scalars}, output_type)
+        control_rows, control = self._control_inputs
+        if static.denoising_start is None:
+            start = int(scalars.get("start", 0))
+        else:
+            start, _ = self.loop_bounds(static.steps, static.latent_shape, denoising_start=static.denoising_start)
+        keep = self.control_scalars(num_inference_steps=static.steps, latent_shape=static.latent_shape, start=start,
+                                    controlnet_conditioning_scale=control["controlnet_conditioning_scale"],
+                                    control_guidance_start=control["control_guidance_start"],
+                                    control_guidance_end=control["control_guidance_end"])
+        static = self.control_static(static, control["guess_mode"], XLControlStatic)
+        return super().generate(static, {**rows, **control_rows}, {**scalars, **keep}, output_type)
 
     def build(self, static: XLControlStatic):
         """The program for `static`: SDXL's, with the ControlNets inside the denoiser."""
@@ -545,6 +537,63 @@ class StableDiffusionXLControlNetPipeline(_ControlNetMixin, sdxl.StableDiffusion
         return program
 
 
+class StableDiffusionXLControlNetPipeline(_XLControlNetMixin, sdxl.StableDiffusionXLPipeline):
+    """diffusers' StableDiffusionXLControlNetPipeline: SDXL text to image steered by one or several ControlNets,
+    which also read the pooled text embeddings and time ids (`added_cond_kwargs`)."""
+
+    required_components = ("unet", "vae", "text_encoder_2", "controlnet")
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None, *,
+                 image: Any = None, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, prompt_embeds: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 1.0, guess_mode: bool = False,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, **kwargs: Any) -> PipelineOutput:
+        """SDXL text to image under ControlNet conditioning: `image` and the ControlNet arguments as
+        `StableDiffusionControlNetPipeline.__call__` (height / width default to the conditioning image's size,
+        and with them original_size and target_size), every other argument as
+        `StableDiffusionXLPipeline.__call__`. The guidance window counts every step, `denoising_end` included,
+        as diffusers."""
+        def run(h: int, w: int) -> PipelineOutput:
+            return sdxl.StableDiffusionXLPipeline.__call__(self, prompt, prompt_2, height=h, width=w,
+                                                           num_images_per_prompt=num_images_per_prompt,
+                                                           prompt_embeds=prompt_embeds, **kwargs)
+
+        return self.control_call(run, image, prompt=prompt, prompt_embeds=prompt_embeds,
+                                 num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                                 what="image", controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                 control_guidance_start=control_guidance_start,
+                                 control_guidance_end=control_guidance_end, guess_mode=guess_mode)
+
+
+class StableDiffusionXLControlNetImg2ImgPipeline(_XLControlNetMixin, sdxl.StableDiffusionXLImg2ImgPipeline):
+    """diffusers' StableDiffusionXLControlNetImg2ImgPipeline: SDXL img2img from `image`, steered by
+    `control_image`."""
+
+    required_components = ("unet", "vae", "text_encoder_2", "controlnet")
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None,
+                 image: Any = None, control_image: Any = None, strength: float = 0.8, *, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, prompt_embeds: Any = None,
+                 controlnet_conditioning_scale: float | Sequence[float] = 0.8, guess_mode: bool = False,
+                 control_guidance_start: float | Sequence[float] = 0.0,
+                 control_guidance_end: float | Sequence[float] = 1.0, **kwargs: Any) -> PipelineOutput:
+        """SDXL image to image under ControlNet conditioning: `image`, `strength` and every other SDXL argument
+        as `StableDiffusionXLImg2ImgPipeline.__call__`, the output (and the init image) at the control image's
+        size unless height / width are given, the ControlNet arguments as
+        `StableDiffusionControlNetPipeline.__call__`. The guidance window counts the steps `strength` keeps."""
+        def run(h: int, w: int) -> PipelineOutput:
+            return sdxl.StableDiffusionXLImg2ImgPipeline.__call__(
+                self, prompt, prompt_2, image, strength, height=h, width=w,
+                num_images_per_prompt=num_images_per_prompt, prompt_embeds=prompt_embeds, **kwargs)
+
+        return self.control_call(run, control_image, prompt=prompt, prompt_embeds=prompt_embeds,
+                                 num_images_per_prompt=num_images_per_prompt, height=height, width=width,
+                                 what="control_image", controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                 control_guidance_start=control_guidance_start,
+                                 control_guidance_end=control_guidance_end, guess_mode=guess_mode)
+
+
 def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache_dir: Any = None) -> Pipeline:
     """`pipe`'s components, tokenizers, scheduler and mesh with `controlnet` attached, as the matching
     ControlNet pipeline (text-to-image, img2img or inpainting).
@@ -553,7 +602,8 @@ def with_controlnet(pipe: Pipeline, controlnet: Any, *, dtype: Any = None, cache
     classes = {StableDiffusionPipeline: StableDiffusionControlNetPipeline,
                StableDiffusionImg2ImgPipeline: StableDiffusionControlNetImg2ImgPipeline,
                StableDiffusionInpaintPipeline: StableDiffusionControlNetInpaintPipeline,
-               sdxl.StableDiffusionXLPipeline: StableDiffusionXLControlNetPipeline}
+               sdxl.StableDiffusionXLPipeline: StableDiffusionXLControlNetPipeline,
+               sdxl.StableDiffusionXLImg2ImgPipeline: StableDiffusionXLControlNetImg2ImgPipeline}
     classes.update({c: c for c in list(classes.values())})  # a ControlNet pipeline gets its nets replaced
     cls = classes.get(type(pipe))
     if cls is None:
@@ -574,3 +624,4 @@ register_pipeline("StableDiffusionControlNetPipeline", StableDiffusionControlNet
 register_pipeline("StableDiffusionControlNetImg2ImgPipeline", StableDiffusionControlNetImg2ImgPipeline)
 register_pipeline("StableDiffusionControlNetInpaintPipeline", StableDiffusionControlNetInpaintPipeline)
 register_pipeline("StableDiffusionXLControlNetPipeline", StableDiffusionXLControlNetPipeline)
+register_pipeline("StableDiffusionXLControlNetImg2ImgPipeline", StableDiffusionXLControlNetImg2ImgPipeline)
