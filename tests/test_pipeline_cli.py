@@ -110,3 +110,28 @@ def test_parse_lora():
     assert command.parse_lora("a/b.safetensors") == ("a/b.safetensors", 1.0)
     assert command.parse_lora("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)
     assert command.parse_lora("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
+
+
+def test_controlnet_with_canny_equals_the_python_call(tmp_path):
+    from test_pipeline_controlnet import build_controlnet_pipelines
+
+    from diffax.pipelines.canny import canny
+    from diffax.pipelines.controlnet import with_controlnet
+
+    folders = build_controlnet_pipelines(tmp_path)
+    rng = np.random.default_rng(1)
+    photo = np.repeat(np.repeat(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), 2, 0), 2, 1)  # [16, 16, 3]
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    request = command.Request(prompt="a cat", control_image=str(tmp_path / "photo.png"), canny=True,
+                              controlnet_scale=0.7, num_inference_steps=STEPS, seed=3)
+    pipe, _ = command.build_pipeline(str(folders["sd"]), request, controlnets=[str(folders["cn1"] / "controlnet")])
+    assert type(pipe).__name__ == "StableDiffusionControlNetPipeline"
+    command.generate(pipe, request, tmp_path / "out")
+    by_hand = with_controlnet(command.build_pipeline(str(folders["sd"]), command.Request(prompt="a cat"))[0],
+                              str(folders["cn1"] / "controlnet"))
+    want = by_hand("a cat", image=canny(photo), controlnet_conditioning_scale=0.7, num_inference_steps=STEPS,
+                   seed=3).images[0]
+    assert np.abs(_png(tmp_path / "out" / "3.png") - np.round(want * 255)).max() <= 1
+    plain = by_hand("a cat", image=photo, controlnet_conditioning_scale=0.7, num_inference_steps=STEPS,
+                    seed=3).images[0]
+    assert np.abs(want - plain).max() > 1e-3  # the edge map, not the photo, conditioned the CLI's image

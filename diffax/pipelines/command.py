@@ -83,10 +83,7 @@ def for_task(pipe: Pipeline, task: str) -> Pipeline:
     target = TASK_CLASSES.get(name, {}).get(task)
     if target is None or target not in PIPELINES:
         raise PipelineInputError(f"{pipe.source}: no {task} pipeline for {name}")
-    out = PIPELINES[target](pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers, mesh=pipe.mesh,
-                            rules=pipe.rules, dtype=pipe.dtype, config=pipe.config, source=pipe.source)
-    out.safety_checker = pipe.safety_checker
-    return out
+    return PIPELINES[target].from_pipe(pipe)
 
 
 def _read_image(path: str, what: str) -> Any:
