@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import diffusers
 import numpy as np
@@ -20,6 +21,7 @@ import diffax.pipelines
 from diffax.convert import api
 from diffax.convert.io import CheckpointError
 from diffax.convert.rules import flatten
+from diffax.convert import single_file
 from diffax.convert.single_file import save_single_file
 from diffax.pipelines.class_conditional import DDIMPipeline, DDPMPipeline, DiTPipeline
 from diffax.pipelines.stable_diffusion import StableDiffusionPipeline
@@ -102,7 +104,7 @@ def test_corrupt_cache_entry_is_converted_again(sd_folder, tmp_path, count_conve
 # ----------------------------------------------------------------------------- single files
 
 
-def test_single_file_loads_the_same_weights_and_needs_a_tokenizer(sd_folder, tmp_path):
+def test_single_file_loads_the_same_weights_and_needs_a_tokenizer(sd_folder, tmp_path, monkeypatch):
     folder_pipe = diffax.pipelines.load(sd_folder, cache_dir=False)
     parts = {n: folder_pipe.components[n] for n in ("unet", "vae", "text_encoder")}
     path = save_single_file(tmp_path / "tiny.safetensors", parts, model_type="sd1")
@@ -110,9 +112,15 @@ def test_single_file_loads_the_same_weights_and_needs_a_tokenizer(sd_folder, tmp
     with pytest.raises(ValueError, match=r"tiny.safetensors: a single-file checkpoint holds no tokenizer; pass "
                                          r"tokenizer="):
         diffax.pipelines.load(path, model_type="sd1", single_file_configs=configs, cache_dir=tmp_path / "c")
-    for _ in range(2):  # converted, then restored from the cache
-        pipe = diffax.pipelines.load(path, model_type="sd1", single_file_configs=configs, cache_dir=tmp_path / "c",
-                                     tokenizer=sd_folder / "tokenizer")
+    conversions = []
+    original = single_file.load_single_file
+    monkeypatch.setattr(single_file, "load_single_file", lambda *a, **kw: conversions.append(1) or original(*a, **kw))
+    for expected in (1, 1):  # converted, then restored from the cache (no warning: the entry reads back)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pipe = diffax.pipelines.load(path, model_type="sd1", single_file_configs=configs,
+                                         cache_dir=tmp_path / "c", tokenizer=sd_folder / "tokenizer")
+        assert len(conversions) == expected
         assert type(pipe) is StableDiffusionPipeline
         assert type(pipe.scheduler).__name__ == "PNDMScheduler"
         for name in parts:

@@ -53,7 +53,7 @@ def source_key(sources: list[Path], options: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _fits(params: Any, config: Any) -> bool:
+def params_fit(params: Any, config: Any) -> bool:
     """Whether restored params have exactly the config's parameter paths, shapes and dtypes."""
     want = flatten(abstract_params(config))
     got = flatten(params)
@@ -62,12 +62,14 @@ def _fits(params: Any, config: Any) -> bool:
         for k in want)
 
 
-def _restore(entry: Path) -> Any:
+def restore_params(entry: Path) -> Any:
+    """The params tree stored at `entry` (host numpy arrays)."""
     import orbax.checkpoint as ocp
     return ocp.PyTreeCheckpointer().restore(entry.absolute())
 
 
-def _save(entry: Path, params: Any) -> None:
+def save_params(entry: Path, params: Any) -> None:
+    """Writes a params tree to `entry` atomically (a temporary folder renamed into place)."""
     import orbax.checkpoint as ocp
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
@@ -89,8 +91,8 @@ def cached(name: str, sources: list[Path], options: dict[str, Any], cache_dir: s
     if entry.is_dir():
         try:
             cfg = config()
-            params = _restore(entry)
-            if not _fits(params, cfg):
+            params = restore_params(entry)
+            if not params_fit(params, cfg):
                 raise ValueError("its arrays do not fit the component's config")
             return make_module(cfg), params
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for damaged files
@@ -99,10 +101,46 @@ def cached(name: str, sources: list[Path], options: dict[str, Any], cache_dir: s
             shutil.rmtree(entry, ignore_errors=True)
     module, params = convert()
     try:
-        _save(entry, params)
+        save_params(entry, params)
     except OSError as e:  # a read-only or full disk: the load still succeeds, uncached
         warnings.warn(f"{entry}: could not write the conversion cache ({e})", stacklevel=3)
     return module, params
+
+
+def cached_components(path: Path, options: dict[str, Any], cache_dir: str | os.PathLike | None | bool,
+                      convert: Callable[[], dict[str, tuple[nn.Module, Any]]],
+                      config_from: Callable[[str, dict[str, Any]], Any]) -> dict[str, tuple[nn.Module, Any]]:
+    """Several components converted from one file (a single-file checkpoint): {name: (module, params)},
+    restored from one cache entry (each component's params and a configs.json) when it is whole, else
+    `convert()` and stored. `config_from(class_name, config_json)` rebuilds a config."""
+    if cache_dir is False:
+        return convert()
+    entry = cache_root(cache_dir) / f"{path.stem}-{source_key([path], options)}"
+    configs_file = entry / "configs.json"
+    if configs_file.is_file():
+        try:
+            out = {}
+            for name, (class_name, cfg) in json.loads(configs_file.read_text()).items():
+                config = config_from(class_name, cfg)
+                params = restore_params(entry / name)
+                if not params_fit(params, config):
+                    raise ValueError(f"{name}: its arrays do not fit the component's config")
+                out[name] = (make_module(config), params)
+            return out
+        except Exception as e:  # noqa: BLE001 - a damaged entry is converted again
+            warnings.warn(f"{entry}: cached conversion unreadable ({type(e).__name__}: {str(e)[:200]}); "
+                          f"converting again", stacklevel=3)
+    shutil.rmtree(entry, ignore_errors=True)
+    components = convert()
+    try:
+        for name, (_, params) in components.items():
+            save_params(entry / name, params)
+        configs = {name: (m.config.class_name, m.config.to_diffusers()) for name, (m, _) in components.items()}
+        (entry / "configs.json").write_text(json.dumps(configs))
+    except (OSError, TypeError, ValueError) as e:  # unwritable, or a config JSON cannot hold: stay uncached
+        warnings.warn(f"{entry}: could not write the conversion cache ({e})", stacklevel=3)
+        shutil.rmtree(entry, ignore_errors=True)
+    return components
 
 
 def load_component(folder: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,

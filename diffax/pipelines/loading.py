@@ -14,18 +14,24 @@ the compiled programs.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import os
+import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from diffax.convert.io import CheckpointError
 from diffax.models.config_base import read_config_json
+from diffax.models.registry import get_family, make_module
 from diffax.pipelines import cache
 from diffax.pipelines.base import PIPELINES, Pipeline
 from diffax.schedulers import from_diffusers_config
@@ -155,7 +161,6 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
 
 def _download(repo_id: str) -> Path:
     """The local snapshot of hub pipeline `repo_id` (configs, tokenizers, safetensors weights)."""
-    import re
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", repo_id):
         raise CheckpointError(f"{repo_id}: no such file or folder")
     try:
@@ -244,63 +249,14 @@ def _load_single_file(path: Path, *, dtype: Any, attention_backend: str, cache_d
                                  f"pipeline's {name}/)")
             tokenizers[name] = load_tokenizer(folder)
     options = {"dtype": str(dtype), "model_type": model_type, "configs": repr(sorted((configs or {}).items()))}
-
-    def convert():
-        return None, load_single_file(path, model_type=model_type, dtype=dtype, param_dtype=dtype,
-                                      configs=configs)
-
+    runtime = {} if dtype is None else {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype)}
     # One cache entry for the whole file: its components are stored together.
-    module_params = _cached_single_file(path, options, cache_dir, convert)
+    module_params = cache.cached_components(
+        path, options, cache_dir,
+        lambda: load_single_file(path, model_type=model_type, dtype=dtype, param_dtype=dtype, configs=configs),
+        lambda class_name, cfg: get_family(class_name).config_cls.from_diffusers(cfg, **runtime))
     if attention_backend != "auto":
-        import dataclasses
-        from diffax.models.registry import make_module
         module_params = {n: (make_module(dataclasses.replace(m.config, attention_backend=attention_backend)), p)
                          for n, (m, p) in module_params.items()}
-    pipe = cls(module_params, scheduler if scheduler is not None else default_scheduler, tokenizers=tokenizers,
+    return cls(module_params, scheduler if scheduler is not None else default_scheduler, tokenizers=tokenizers,
                mesh=mesh, dtype=dtype, source=str(path))
-    return pipe
-
-
-def _cached_single_file(path: Path, options: dict, cache_dir: Any, convert: Any) -> dict:
-    """load_single_file's components through the conversion cache (configs are stored beside the params)."""
-    import json
-    if cache_dir is False:
-        return convert()[1]
-    entry = cache.cache_root(cache_dir) / f"{path.stem}-{cache.source_key([path], options)}"
-    configs_file = entry / "configs.json"
-    if configs_file.is_file():
-        try:
-            from diffax.models.registry import get_family, make_module
-            stored = json.loads(configs_file.read_text())
-            out = {}
-            for name, (family, cfg) in stored.items():
-                config = get_family(family).config_cls.from_diffusers(cfg, **_runtime(options))
-                params = cache._restore(entry / name)
-                if not cache._fits(params, config):
-                    raise ValueError(f"{name}: arrays do not fit the config")
-                out[name] = (make_module(config), params)
-            return out
-        except Exception as e:  # noqa: BLE001 - a damaged entry is converted again
-            warnings.warn(f"{entry}: cached conversion unreadable ({type(e).__name__}: {str(e)[:200]}); "
-                          f"converting again", stacklevel=3)
-    import shutil
-    shutil.rmtree(entry, ignore_errors=True)
-    components = convert()[1]
-    try:
-        for name, (module, params) in components.items():
-            cache._save(entry / name, params)
-        configs = {name: (module.config.class_name, module.config.to_diffusers())
-                   for name, (module, _) in components.items()}
-        (entry / "configs.json").write_text(json.dumps(configs))
-    except (OSError, TypeError, ValueError) as e:
-        warnings.warn(f"{entry}: could not write the conversion cache ({e})", stacklevel=3)
-        shutil.rmtree(entry, ignore_errors=True)
-    return components
-
-
-def _runtime(options: dict) -> dict:
-    import jax.numpy as jnp
-    dtype = options.get("dtype")
-    if dtype in (None, "None"):
-        return {}
-    return {"dtype": jnp.dtype(dtype), "param_dtype": jnp.dtype(dtype)}
