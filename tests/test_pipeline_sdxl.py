@@ -341,3 +341,40 @@ def test_bad_inputs_are_one_line_errors(pipes):
         base("a cat", clip_skip=3)
     with pytest.raises(ValueError, match="prompt_2 has 1 prompts"):
         base(PROMPTS, prompt_2=["a"])
+
+
+def test_lora_on_both_text_encoders_and_the_unet_matches_diffusers(pipes, folders, tmp_path):
+    """A diffusers-format SDXL LoRA (every linear layer of the U-Net and of both text encoders but the
+    projection) at weight 0.7: diffusers' images, the same compiled program, and the plain images back after
+    unloading."""
+    reference = diffusers.StableDiffusionXLPipeline.from_pretrained(folders["base"])
+    reference.set_progress_bar_config(disable=True)
+    gen, layers = torch.Generator().manual_seed(3), {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        layers[name] = {}
+        for module_name, module in getattr(reference, name).named_modules():
+            if isinstance(module, torch.nn.Linear) and not module_name.endswith("text_projection"):
+                down = torch.randn(4, module.in_features, generator=gen) * module.in_features ** -0.5 * 0.3
+                up = torch.randn(module.out_features, 4, generator=gen) * 0.15
+                layers[name][f"{module_name}.lora_A.weight"] = down
+                layers[name][f"{module_name}.lora_B.weight"] = up
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers["text_encoder"],
+        text_encoder_2_lora_layers=layers["text_encoder_2"], weight_name="sdxl_lora.safetensors")
+    base, kw = pipes["base"], dict(prompt=PROMPTS, num_inference_steps=STEPS, guidance_scale=5.0, seed=[11, 12])
+    plain = base(**kw).images
+    base.load_lora_weights(tmp_path / "sdxl_lora.safetensors", scale=0.7)
+    try:
+        traces = base.trace_count
+        got = base(**kw).images
+        assert base.trace_count == traces  # new parameters, the same program
+    finally:
+        base.unload_lora_weights()
+    reference.load_lora_weights(str(tmp_path), weight_name="sdxl_lora.safetensors")
+    reference.set_adapters(["default_0"], [0.7])
+    with torch.no_grad():
+        want = reference(latents=torch.from_numpy(seed_noise([11, 12]).transpose(0, 3, 1, 2).copy()),
+                         output_type="np", **{k: v for k, v in kw.items() if k != "seed"}).images
+    assert_close(got, want)
+    assert np.abs(got - plain).max() > 20 * ATOL
+    np.testing.assert_array_equal(base(**kw).images, plain)
