@@ -193,6 +193,8 @@ def test_bad_inputs_are_named(pipe):
         pipe("a cat", latents=np.zeros((1, 4, 8, 8), np.float32))
     with pytest.raises(PipelineInputError, match="seed"):
         pipe(["a cat", "a dog"], seed=[1])
+    with pytest.raises(PipelineInputError, match="seed must be an int"):
+        pipe("a cat", seed=None)
     with pytest.raises(PipelineInputError, match="negative_prompt"):
         pipe(["a cat", "a dog"], negative_prompt=["x", "y", "z"])
     img = StableDiffusionImg2ImgPipeline(pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers)

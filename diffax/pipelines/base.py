@@ -97,6 +97,8 @@ def seeds_for(seed: int | Sequence[int], n: int) -> np.ndarray:
     """uint32 [n] per-image seeds: seed, seed + 1, ... for an int, or the list itself (its length must be n)."""
     if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
         seeds = np.arange(int(seed), int(seed) + n, dtype=np.int64)
+    elif seed is None or isinstance(seed, (str, bytes, bool)) or not hasattr(seed, "__iter__"):
+        raise PipelineInputError(f"seed must be an int or one int per image, got {seed!r}")
     else:
         seeds = np.asarray(list(seed), dtype=np.int64).reshape(-1)
         if len(seeds) != n:
