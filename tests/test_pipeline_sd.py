@@ -153,6 +153,11 @@ def test_eight_devices_equal_one_and_images_depend_on_their_seed_only(pipe, num_
     single = one(["a cat", "a cat"], seed=[11, 12], **kw).images
     assert steps == [(i, STEPS) for i in range(1, STEPS + 1)]
     np.testing.assert_allclose(batch, single, atol=1e-5)
+    # FSDP: the same images with the weights split over 4 devices by the models' logical axes.
+    fsdp = diffax.pipelines.stable_diffusion.StableDiffusionPipeline(
+        pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers, mesh=parallel.make_mesh({"data": 2, "fsdp": 4}))
+    assert not all(x.sharding.is_fully_replicated for x in jax.tree.leaves(fsdp.device_params()["unet"]))
+    np.testing.assert_allclose(fsdp(["a cat", "a cat"], seed=[11, 12], **kw).images, single, atol=1e-4)
     alone = pipe("a cat", seed=12, **kw).images
     np.testing.assert_allclose(alone[0], batch[1], atol=1e-5)
     assert np.abs(batch[0] - batch[1]).max() > 1e-2  # same prompt, other seed: another image

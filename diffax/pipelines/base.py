@@ -13,7 +13,8 @@ prompt, seed, guidance scale or img2img strength reuses it; XLA's persistent com
 across processes (see `diffax.pipelines.loading`).
 
 Batch rows are split over the mesh's batch axes ('data' x 'fsdp'), padded to a multiple of the device count
-(the padding is dropped), parameters replicated on every device. Image k's starting noise is
+(the padding is dropped); parameters are replicated on every device, or split by the models' logical axis
+rules on a mesh with 'fsdp' / 'tensor' axes. Image k's starting noise is
 `jax.random.normal(jax.random.key(seed_k), latent_shape)`, drawn inside the program from its own seed, so an
 image depends on its seed only, whatever the batch size or device count (for deterministic samplers;
 stochastic ones draw their per-step noise for the whole batch from the first image's seed).
@@ -34,6 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffax import parallel
+from diffax.models.registry import logical_specs
 from diffax.pipelines.lora import LoraMixin
 from diffax.schedulers import EXTRAS_KEY, from_diffusers_config, scheduler_classes, to_diffusers_config
 from diffax.schedulers.base import Scheduler
@@ -248,11 +250,27 @@ class Pipeline(LoraMixin):
         if module is not None and module is not old_module:
             self.clear_programs()
 
+    def param_shardings(self, module: nn.Module, params: Params) -> Any:
+        """Where a component's params live: replicated on a data-parallel mesh; on a mesh with 'fsdp' or
+        'tensor' axes, split by the model's logical axis names through `self.rules` (for models that do not
+        fit one device). A tree the model's specs do not describe (e.g. with LoRA factors added) is
+        replicated."""
+        rep = parallel.replicated(self.mesh)
+        if self.mesh.shape["fsdp"] == 1 and self.mesh.shape["tensor"] == 1:
+            return rep
+        try:
+            specs = logical_specs(module.config)
+        except (AttributeError, KeyError, TypeError, ValueError):  # not a registered diffax model
+            return rep
+        if jax.tree.structure(specs) != jax.tree.structure(params):
+            return rep
+        return parallel.logical_shardings(specs, self.mesh, self.rules, shapes=params)
+
     def device_params(self) -> dict[str, Params]:
-        """{component: params} on the mesh, replicated (placed once, kept until params change)."""
+        """{component: params} on the mesh (placed once, kept until params change); see `param_shardings`."""
         if self._placed is None:
-            rep = parallel.replicated(self.mesh)
-            self._placed = {name: jax.device_put(params, rep) for name, (_, params) in self.components.items()}
+            self._placed = {name: jax.device_put(params, self.param_shardings(module, params))
+                            for name, (module, params) in self.components.items()}
         return self._placed
 
     # -- scheduler
