@@ -197,9 +197,9 @@ def test_encode_prompt_matches_diffusers(folders):
         assert g.shape == tuple(w.shape)
         np.testing.assert_allclose(np.asarray(g), w.numpy(), atol=2e-5)
     assert got[0].shape == (4, 77, 2 * WIDTH) and got[1].shape == (4, PROJECTION)
-    # The refiner's single encoder reads prompt_2.
-    assert [ids.tolist() for ids in sdxl.tokenize_pair(tokenizers[1:], prompts, prompts_2)] == \
-        [sdxl.tokenize_pair(tokenizers, prompts, prompts_2)[1].tolist()]
+    # The refiner's single encoder reads prompt (diffusers pairs prompts with the encoders present, in order).
+    single = sdxl.tokenize_pair(tokenizers[1:], prompts, prompts_2)
+    assert len(single) == 1 and single[0].tolist() == sdxl.tokenize_pair(tokenizers[::-1], prompts, prompts_2)[0].tolist()
 
 
 def test_base_matches_diffusers_and_new_inputs_reuse_the_program(pipes, folders):
@@ -265,8 +265,9 @@ def test_one_device_with_given_embeddings_equals_eight_devices_with_prompts(pipe
 def test_refiner_img2img_with_aesthetic_scores_matches_diffusers(pipes, folders):
     refiner = pipes["refiner"]
     images, noise = smooth_images(0, 2), img2img_noise(1)
-    kw = dict(num_inference_steps=4, guidance_scale=5.0, aesthetic_score=7.0, negative_aesthetic_score=2.0,
-              original_size=(32, 32))
+    # prompt_2 changes nothing here: diffusers' refiner encodes prompt with its one encoder.
+    kw = dict(prompt_2=PROMPTS_2, num_inference_steps=4, guidance_scale=5.0, aesthetic_score=7.0,
+              negative_aesthetic_score=2.0, original_size=(32, 32))
     for strength in (0.6, 0.9):  # a new strength reuses the program
         got = refiner(PROMPTS, image=images, strength=strength, latents=noise, **kw).images
         want = diffusers_images(folders["refiner"], prompt=PROMPTS, image=images, strength=strength,

@@ -15,7 +15,7 @@ Prompts (Podell et al. 2023, section 2.1). The base model reads two text encoder
 Each encoder's penultimate hidden states (or, with `clip_skip=k`, the states k layers before that) are
 concatenated along the feature axis into the cross-attention context [B, 77, 768 + 1280], and the second
 encoder's projected end-of-text state is the pooled `text_embeds` [B, 1280]. The refiner has
-`text_encoder_2` alone. An absent negative prompt is a zero context and zero pooled vector when the
+`text_encoder_2` alone, which reads `prompt` (as in diffusers, `prompt_2` goes unused there). An absent negative prompt is a zero context and zero pooled vector when the
 pipeline's `force_zeros_for_empty_prompt` is set (the base model's config), else the encoded empty prompt.
 
 Micro-conditioning (section 2.2). The U-Net also reads `time_ids`, six numbers for the base model,
@@ -113,9 +113,10 @@ def match_prompts(prompts: str | Sequence[str] | None, fallback: list[str], name
 def tokenize_pair(tokenizers: Sequence[Any], prompts: list[str], prompts_2: list[str],
                   num_images_per_prompt: int = 1) -> list[np.ndarray]:
     """[B * num_images_per_prompt, 77] int32 token ids for each text encoder, each prompt's row repeated per
-    image: `prompts` for the first of two encoders and `prompts_2` for the second; a single encoder (the
-    refiner's text_encoder_2) reads `prompts_2`, as diffusers."""
-    pairs = zip(tokenizers, [prompts_2] if len(tokenizers) == 1 else [prompts, prompts_2])
+    image: `prompts` for the first encoder and `prompts_2` for the second. A single encoder (the refiner's
+    text_encoder_2) reads `prompts`: diffusers pairs the prompts with the encoders present in order, so a
+    refiner never reads prompt_2."""
+    pairs = zip(tokenizers, [prompts, prompts_2])
     return [tokenize_prompts(tokenizer, texts, num_images_per_prompt) for tokenizer, texts in pairs]
 
 
