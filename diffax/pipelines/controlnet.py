@@ -249,6 +249,8 @@ class _ControlNetMixin:
         `unet_denoise(x, t, **cond)` with them (down_block_additional_residuals, mid_block_additional_residual)."""
         nets = list(zip(self.controlnets(), self.controlnet_params(params)))
         conditional_only = guess_mode and guided
+        # The float32 scales would promote bf16 residuals, and with them the U-Net's skips, to float32.
+        unet_dtype = self.module("unet").config.dtype
 
         def denoise(x: jax.Array, t: jax.Array, *, step_index: jax.Array, controlnet_cond: tuple[jax.Array, ...],
                     **cond: Any) -> jax.Array:
@@ -262,6 +264,7 @@ class _ControlNetMixin:
             down, mid = apply_multi_controlnet(nets, net_x, t_rows, controlnet_cond=images,
                                                conditioning_scale=[scale[k] for k in range(len(nets))],
                                                guess_mode=guess_mode, **net_cond)
+            down, mid = tuple(d.astype(unet_dtype) for d in down), mid.astype(unet_dtype)
             if conditional_only:
                 down = tuple(jnp.concatenate([jnp.zeros_like(d), d]) for d in down)
                 mid = jnp.concatenate([jnp.zeros_like(mid), mid])
