@@ -15,8 +15,9 @@ Prompts (Podell et al. 2023, section 2.1). The base model reads two text encoder
 Each encoder's penultimate hidden states (or, with `clip_skip=k`, the states k layers before that) are
 concatenated along the feature axis into the cross-attention context [B, 77, 768 + 1280], and the second
 encoder's projected end-of-text state is the pooled `text_embeds` [B, 1280]. The refiner has
-`text_encoder_2` alone, which reads `prompt` (as in diffusers, `prompt_2` goes unused there). An absent negative prompt is a zero context and zero pooled vector when the
-pipeline's `force_zeros_for_empty_prompt` is set (the base model's config), else the encoded empty prompt.
+`text_encoder_2` alone, which reads `prompt` (as in diffusers, `prompt_2` goes unused there). An absent
+negative prompt is a zero context and zero pooled vector when the pipeline's `force_zeros_for_empty_prompt`
+is set (the base model's config), else the encoded empty prompt.
 
 Micro-conditioning (section 2.2). The U-Net also reads `time_ids`, six numbers for the base model,
 (original_size, crops_coords_top_left, target_size), and five for the refiner, which replaces the target size
@@ -248,7 +249,8 @@ class _StableDiffusionXLCommon(Pipeline):
             negative = "zeros"
         else:
             negatives = match_prompts(negative_prompt, [""] * batch, "negative_prompt")
-            ids = tokenize_pair(tokenizers, negatives, match_prompts(negative_prompt_2, negatives, "negative_prompt_2"), n)
+            negatives_2 = match_prompts(negative_prompt_2, negatives, "negative_prompt_2")
+            ids = tokenize_pair(tokenizers, negatives, negatives_2, n)
             rows.update({f"negative_ids_{i}": x for i, x in enumerate(ids)})
             negative = "text"
         return rows, (positive, negative), batch
@@ -490,7 +492,8 @@ class StableDiffusionXLImg2ImgPipeline(_StableDiffusionXLCommon):
     def __call__(self, prompt: str | Sequence[str] | None = None, prompt_2: str | Sequence[str] | None = None,
                  image: Any = None, strength: float = 0.3, *, height: int | None = None,
                  width: int | None = None, num_inference_steps: int = 50, denoising_start: float | None = None,
-                 denoising_end: float | None = None, guidance_scale: float = 5.0, negative_prompt: str | Sequence[str] | None = None,
+                 denoising_end: float | None = None, guidance_scale: float = 5.0,
+                 negative_prompt: str | Sequence[str] | None = None,
                  negative_prompt_2: str | Sequence[str] | None = None, num_images_per_prompt: int = 1,
                  seed: int | Sequence[int] = 0, latents: Any = None, prompt_embeds: Any = None,
                  negative_prompt_embeds: Any = None, pooled_prompt_embeds: Any = None,
