@@ -235,6 +235,18 @@ class _ControlNetMixin:
         return {"controlnet_scale": np.asarray(scales, np.float32),
                 "controlnet_keep": controlnet_keep(total, int(start), starts, ends)}
 
+    def sd_scalars(self, guidance_scale: float, guidance_rescale: float, start: np.int32 | None,
+                   num_inference_steps: int, latent_size: tuple[int, int], **control: Any) -> dict[str, Any]:
+        """A Stable Diffusion ControlNet program's scalar inputs: the guidance scales, the loop start (None:
+        the first step) and `control_scalars` of the `control` arguments."""
+        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale)}
+        if start is not None:
+            scalars["start"] = start
+        scalars.update(self.control_scalars(num_inference_steps=num_inference_steps,
+                                            latent_shape=(*latent_size, self.latent_channels),
+                                            start=0 if start is None else int(start), **control))
+        return scalars
+
     def control_static(self, static: Any, guess_mode: bool, cls: type = ControlStatic) -> Any:
         """`static` as a `cls` (its subclass with a guess_mode field) with guess mode, which a first net with
         global_pool_conditions turns on, as diffusers."""
@@ -348,12 +360,10 @@ class StableDiffusionControlNetPipeline(_ControlNetMixin, StableDiffusionPipelin
         count = num_prompts * num_images_per_prompt
         rows.update(control)
         rows.update(self.noise_rows(seed, latents, count, static.latent_size, self.latent_channels))
-        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
-                   **self.control_scalars(num_inference_steps=num_inference_steps,
-                                          latent_shape=(*static.latent_size, self.latent_channels),
-                                          start=0, controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                          control_guidance_start=control_guidance_start,
-                                          control_guidance_end=control_guidance_end)}
+        scalars = self.sd_scalars(guidance_scale, guidance_rescale, None, num_inference_steps, static.latent_size,
+                                  controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                  control_guidance_start=control_guidance_start,
+                                  control_guidance_end=control_guidance_end)
         return self.generate(static, rows, scalars, output_type)
 
 
@@ -392,13 +402,10 @@ class StableDiffusionControlNetImg2ImgPipeline(_ControlNetMixin, StableDiffusion
         rows.update(self.noise_rows(seed, latents, count, static.latent_size, self.latent_channels))
         rows["image"] = self.image_rows(first, count, None, None)
         start = self.start_index(num_inference_steps, strength, static.latent_size)
-        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
-                   "start": start,
-                   **self.control_scalars(num_inference_steps=num_inference_steps,
-                                          latent_shape=(*static.latent_size, self.latent_channels),
-                                          start=start, controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                          control_guidance_start=control_guidance_start,
-                                          control_guidance_end=control_guidance_end)}
+        scalars = self.sd_scalars(guidance_scale, guidance_rescale, start, num_inference_steps, static.latent_size,
+                                  controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                  control_guidance_start=control_guidance_start,
+                                  control_guidance_end=control_guidance_end)
         return self.generate(static, rows, scalars, output_type)
 
 
@@ -450,13 +457,10 @@ class StableDiffusionControlNetInpaintPipeline(_ControlNetMixin, StableDiffusion
             raise PipelineInputError(f"mask_image: {masks.shape[0]} masks do not divide into {count} outputs")
         rows["mask"] = np.concatenate([masks] * (count // masks.shape[0]))
         start = self.start_index(num_inference_steps, strength, static.latent_size)
-        scalars = {"guidance_scale": np.float32(guidance_scale), "guidance_rescale": np.float32(guidance_rescale),
-                   "start": start,
-                   **self.control_scalars(num_inference_steps=num_inference_steps,
-                                          latent_shape=(*static.latent_size, self.latent_channels),
-                                          start=start, controlnet_conditioning_scale=controlnet_conditioning_scale,
-                                          control_guidance_start=control_guidance_start,
-                                          control_guidance_end=control_guidance_end)}
+        scalars = self.sd_scalars(guidance_scale, guidance_rescale, start, num_inference_steps, static.latent_size,
+                                  controlnet_conditioning_scale=controlnet_conditioning_scale,
+                                  control_guidance_start=control_guidance_start,
+                                  control_guidance_end=control_guidance_end)
         return self.generate(static, rows, scalars, output_type)
 
 
