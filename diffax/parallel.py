@@ -5,6 +5,7 @@ diffax/models/layers.py). A rule table maps each logical name to a mesh axis, so
 and tensor parallelism are a choice of mesh shape and rules, not a code change:
 
     mesh, rules = mesh_from_config(config.mesh)               # {"data": -1, "fsdp": 1, "tensor": 1, "rules": ...}
+    # or across slices: {"data": 1, "fsdp": 8, "dcn_data": 4} is data 4 (one per slice) x fsdp 8 (within)
     param_shardings = logical_shardings(logical_specs, mesh, rules)  # NamedSharding per parameter
     step = jit_with_rules(train_step, mesh, rules, in_shardings=...)  # activation constraints take effect
     batch = shard_batch(local_batch, mesh)                     # global jax.Array, rows over data x fsdp
@@ -27,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -86,37 +88,86 @@ def parse_rules(rules: Any, where: str = "config key 'mesh.rules'") -> Rules:
     return tuple(out)
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh over `devices` (default: all, across hosts) with axes `MESH_AXES`; one size may be -1 (all
-    remaining devices). Built by `jax.make_mesh`, which orders devices by the physical topology (TPU rings),
-    with Auto axes: shardings come from jit's in/out shardings and the logical constraints."""
+def _sizes(shape: Mapping[str, int], prefix: str, allow_all: bool) -> list[int]:
+    """The axis sizes of `shape` in MESH_AXES order (missing: 1), checked."""
+    sizes = [shape.get(a, 1) for a in MESH_AXES]
+    for axis, size in zip(MESH_AXES, sizes):
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
+                size < 1 and not (allow_all and size == -1)):
+            raise MeshConfigError(f"mesh.{prefix}{axis} must be a positive int{' or -1' if allow_all else ''}, "
+                                  f"got {size!r}")
+    return [int(s) for s in sizes]
+
+
+def _granules(devices: Sequence[jax.Device]) -> tuple[list[int], bool]:
+    """The slice (or, where devices have no slice index, process) of each device: the units that DCN, the
+    slower network between slices or hosts, connects. Returns (granule ids, whether they are processes)."""
+    slices = [getattr(d, "slice_index", None) for d in devices]
+    if None not in slices and len(set(slices)) > 1:
+        return slices, False
+    return [d.process_index for d in devices], True
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None,
+              dcn: Mapping[str, int] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all, across hosts) with axes `MESH_AXES`.
+
+    `shape` holds the axis sizes within one slice (ICI, the fast interconnect; one size may be -1: all
+    remaining devices of a slice); `dcn` the sizes across slices (multi-slice TPU) or, for devices without a
+    slice index (GPUs, CPUs), across processes. Each mesh axis then has size shape x dcn, with the dcn part
+    outermost, so that only the axes given dcn sizes cross the slow network: usually data (gradient
+    all-reduce once a step) and never tensor. One slice: `jax.make_mesh`, which orders devices by the
+    physical topology (TPU rings); several: `mesh_utils.create_hybrid_device_mesh`. Axes are Auto:
+    shardings come from jit's in/out shardings and the logical constraints.
+    """
     unknown = set(shape) - set(MESH_AXES)
     if unknown:
         raise MeshConfigError(f"mesh axes must be among {MESH_AXES}, got unknown {sorted(unknown)}")
+    unknown = set(dcn or {}) - set(MESH_AXES)
+    if unknown:
+        raise MeshConfigError(f"dcn mesh axes must be among {MESH_AXES}, got unknown {sorted(unknown)}")
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [shape.get(a, 1) for a in MESH_AXES]
-    for axis, size in zip(MESH_AXES, sizes):
-        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
-            raise MeshConfigError(f"mesh.{axis} must be a positive int or -1, got {size!r}")
-    sizes = [int(s) for s in sizes]
+    sizes = _sizes(shape, "", allow_all=True)
+    dcn_sizes = _sizes(dcn or {}, "dcn_", allow_all=False)
+    num_granules = int(np.prod(dcn_sizes))
+    described = dict(zip(MESH_AXES, sizes))
+    if num_granules > 1:
+        described.update({f"dcn_{a}": n for a, n in zip(MESH_AXES, dcn_sizes) if n > 1})
     if sizes.count(-1) > 1:
-        raise MeshConfigError(f"at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise MeshConfigError(f"at most one mesh axis may be -1, got {described}")
+    if len(devices) % num_granules:
+        raise MeshConfigError(f"mesh {described}: the dcn sizes multiply to {num_granules}, which does not "
+                              f"divide the {len(devices)} devices")
+    per_granule = len(devices) // num_granules
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        if len(devices) % known:
-            raise MeshConfigError(f"{len(devices)} devices do not divide into mesh {dict(zip(MESH_AXES, sizes))}")
-        sizes[sizes.index(-1)] = len(devices) // known
-    if int(np.prod(sizes)) != len(devices):
-        raise MeshConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+        if per_granule % known:
+            raise MeshConfigError(f"{per_granule} devices{' per slice' if num_granules > 1 else ''} do not "
+                                  f"divide into mesh {described}")
+        sizes[sizes.index(-1)] = per_granule // known
+    if int(np.prod(sizes)) * num_granules != len(devices):
+        raise MeshConfigError(f"mesh {described} needs {int(np.prod(sizes)) * num_granules} devices, "
                               f"have {len(devices)}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    axis_types = (AxisType.Auto,) * len(MESH_AXES)
+    if num_granules == 1:
+        return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=axis_types, devices=devices)
+    granules, by_process = _granules(devices)
+    if len(set(granules)) != num_granules:
+        unit = "processes" if by_process else "slices"
+        raise MeshConfigError(f"mesh {described}: the dcn sizes multiply to {num_granules}, but the "
+                              f"{len(devices)} devices are in {len(set(granules))} {unit}")
+    array = mesh_utils.create_hybrid_device_mesh(sizes, dcn_sizes, devices, process_is_granule=by_process)
+    return Mesh(array, MESH_AXES, axis_types=axis_types)
 
 
 def mesh_from_config(mesh_config: Mapping[str, Any]) -> tuple[Mesh, Rules]:
-    """(mesh, rules) from a run config's `mesh` block: the axis sizes and `rules` (default `DEFAULT_RULES`)."""
+    """(mesh, rules) from a run config's `mesh` block: the axis sizes within a slice (`data`, `fsdp`,
+    `tensor`), across slices or processes (`dcn_data`, `dcn_fsdp`, `dcn_tensor`; default 1) and `rules`
+    (default `DEFAULT_RULES`)."""
     block = dict(mesh_config.to_dict() if hasattr(mesh_config, "to_dict") else mesh_config)
     rules = parse_rules(block.pop("rules", DEFAULT_RULES))
-    return make_mesh(block), rules
+    dcn = {key[len("dcn_"):]: block.pop(key) for key in list(block) if key.startswith("dcn_")}
+    return make_mesh(block, dcn=dcn), rules
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run: train state, EMA params, the config, the data iterator position, checksums.
 
 Layout of `workdir/checkpoints/<step>/`:
-  train_state/  {step, params, opt_state}     what resuming needs
+  train_state/  {step, params, opt_state, skipped}  what resuming needs
   ema_params/   the EMA weights                  all that sampling needs (restored alone)
   config/       the run's ConfigDict as JSON     rebuilds the model without the original config file
   data/         grain iterator state per process the next batch after resuming
@@ -62,11 +62,13 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def make_manager(workdir: str | Path, *, max_to_keep: int = 3, read_only: bool = False,
+def make_manager(workdir: str | Path, *, max_to_keep: int = 3, keep_every: int = 0, read_only: bool = False,
                  enable_async: bool = True) -> ocp.CheckpointManager:
-    """A CheckpointManager over `workdir/checkpoints` keeping the last `max_to_keep` steps."""
+    """A CheckpointManager over `workdir/checkpoints` keeping the last `max_to_keep` steps, and also every
+    step that is a multiple of `keep_every` (0: none) for good: the milestones of a long run."""
     _quiet_orbax_failures()
-    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep, create=not read_only,
+    options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else max_to_keep,
+                                           keep_period=keep_every or None, create=not read_only,
                                            read_only=read_only, save_interval_steps=0 if read_only else 1,
                                            enable_async_checkpointing=enable_async,
                                            cleanup_tmp_directories=not read_only)
@@ -165,7 +167,8 @@ def save(manager: ocp.CheckpointManager, state: Any, config: ml_collections.Conf
 
     Raises CheckpointSaveError when this save, or the previous asynchronous one, cannot be written.
     """
-    train_state = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    train_state = {"step": state.step, "params": state.params, "opt_state": state.opt_state,
+                   "skipped": state.skipped}
     integrity = {"version": INTEGRITY_VERSION, "train_state": checksums(train_state),
                  "ema_params": checksums(state.ema_params)}
     items = {
@@ -350,9 +353,12 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, dat
         # Orbax would fall back to the saved shardings, which only exist on the saving topology.
         raise ValueError("restore_train_state needs a sharding on every leaf of abstract_state")
     directory = step_dir(manager, step)
+    target = {"step": abstract_state.step, "params": abstract_state.params, "opt_state": abstract_state.opt_state}
+    has_skipped = _saved_keys(directory, "train_state") >= {"skipped"}
+    if has_skipped:  # steps saved before skipped updates were counted have none: 0
+        target["skipped"] = abstract_state.skipped
     items = {
-        "train_state": ocp.args.StandardRestore({"step": abstract_state.step, "params": abstract_state.params,
-                                                 "opt_state": abstract_state.opt_state}),
+        "train_state": ocp.args.StandardRestore(target),
         "ema_params": ocp.args.StandardRestore(abstract_state.ema_params),
     }
     data_dir = directory / "data"
@@ -374,8 +380,19 @@ def restore_train_state(manager: ocp.CheckpointManager, abstract_state: Any, dat
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise CorruptCheckpointError(directory, f"cannot read {saved[0].name}: {first_line(e)}") from e
     ts = restored["train_state"]
+    skipped = ts["skipped"] if has_skipped else jax.device_put(np.int32(0), abstract_state.skipped.sharding)
     return abstract_state.replace(step=ts["step"], params=ts["params"], opt_state=ts["opt_state"],
-                                  ema_params=restored["ema_params"])
+                                  ema_params=restored["ema_params"], skipped=skipped)
+
+
+def _saved_keys(directory: Path, item: str) -> set[str]:
+    """The top-level keys of a saved pytree item, from its metadata file (empty when unreadable: the
+    restore that follows then reports the damage)."""
+    try:
+        tree = json.loads((directory / item / "_METADATA").read_text())["tree_metadata"]
+        return {entry["key_metadata"][0]["key"] for entry in tree.values()}
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return set()
 
 
 def set_aside(manager: ocp.CheckpointManager, steps: Iterable[int], folder: str) -> list[Path]:

@@ -31,13 +31,19 @@ def base_config() -> ml_collections.ConfigDict:
         weight_decay=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
         ema_decay=0.999, ema_warmup=True, label_dropout=0.1,
         log_every=50, checkpoint_every=500, keep_checkpoints=3, sample_every=0,
+        keep_every=0,  # also keep every checkpoint whose step is a multiple of this for good; 0: none
+        # Updates skipped for a non-finite loss or gradient (the step keeps the old state) that the run
+        # survives, counted over the whole run; one more stops it. 0: stop at the first.
+        max_nonfinite_skips=10,
         # Peak FLOP/s of one device (e.g. 989e12: an H100's dense bf16) for the logged model FLOP
         # utilisation, mfu; 0: not logged.
         peak_flops=0.0))
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0))
-    # Axis sizes (-1: all remaining devices) and the logical-axis rules, (logical name, mesh axes) pairs that
-    # lay out parameters and activations (docs/training.md): FSDP and tensor parallelism are set here.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=parallel.DEFAULT_RULES))
+    # Axis sizes within a slice (ici; -1: all remaining devices), across slices or hosts (dcn_*: the axis
+    # size is ici x dcn) and the logical-axis rules, (logical name, mesh axes) pairs that lay out parameters
+    # and activations (docs/training.md): FSDP and tensor parallelism are set here.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1, dcn_tensor=1,
+                                            rules=parallel.DEFAULT_RULES))
     return c
 
 
@@ -90,6 +96,11 @@ RANGES = (
     # 0 would let Orbax delete every checkpoint, those of the run being resumed included.
     ("train.keep_checkpoints", ">= 1", lambda v: v >= 1),
     ("train.sample_every", ">= 0 (0: no grids while training)", lambda v: v >= 0),
+    ("train.keep_every", ">= 0 (0: keep only the last keep_checkpoints)", lambda v: v >= 0),
+    ("train.max_nonfinite_skips", ">= 0 (0: stop at the first non-finite step)", lambda v: v >= 0),
+    ("mesh.dcn_data", ">= 1", lambda v: v >= 1),
+    ("mesh.dcn_fsdp", ">= 1", lambda v: v >= 1),
+    ("mesh.dcn_tensor", ">= 1", lambda v: v >= 1),
     ("train.peak_flops", ">= 0 (0: no mfu)", lambda v: v >= 0),
     ("sample.steps", ">= 1", lambda v: v >= 1),
 )

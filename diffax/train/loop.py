@@ -4,11 +4,15 @@
 
 The loop is thin on purpose: the step is `diffax.train.step.make_train_step`, jitted once with shardings
 and a donated state; the loop only feeds batches, logs every `log_every` steps (the only host sync),
-saves asynchronous Orbax checkpoints and writes sample grids.
+saves asynchronous Orbax checkpoints and writes sample grids. It stops when more than
+`train.max_nonfinite_skips` updates were skipped for a non-finite loss or gradient, and saves and returns
+at the step all processes agree on when the job is preempted (SIGTERM).
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from diffax import parallel
@@ -93,6 +98,39 @@ def jit_health_check(model: nn.Module, objective: Objective, mesh, rules: parall
         out_shardings=parallel.replicated(mesh))
 
 
+class PreemptionWatch:
+    """Whether the job was told to stop (SIGTERM, the notice schedulers and TPU maintenance send), as a
+    step number every process agrees on.
+
+    Several processes: jax's preemption service (started by `jax.distributed.initialize`) catches the
+    signal on any of them and `multihost_utils.reached_preemption_sync_point` turns it into the same step
+    everywhere. One process: a SIGTERM handler sets a flag, installed while the watch is open (main thread
+    only) and then put back.
+    """
+
+    def __init__(self):
+        self.signalled = False
+        self._previous = None
+
+    def __enter__(self) -> "PreemptionWatch":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int) -> bool:
+        """Call after every step with its number: True at the step to save at before stopping."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.signalled
+
+
 def _stop_non_finite(manager, what: str) -> NonFiniteLossError:
     """The error that ends a diverged run, naming the last checkpoint on disk (all of them are good)."""
     checkpoint.wait_until_saved(manager)  # a failed save in flight is reported as such, in one line
@@ -149,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     key = jax.random.key(config.seed)
     init_key, step_key, sample_key = jax.random.split(key, 3)
     state, shardings = create_train_state(model, tx, mesh, init_key, rules)
-    manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints)
+    manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     restored = resume.resume(manager, abstract, it, config, workdir, step)
     if restored is None:
@@ -170,51 +208,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     writer = MetricsWriter(workdir, resume_step=start)
     schedule = make_schedule(tc)
     step_flops = None
-    t0, last_logged = time.perf_counter(), start
-    try:
-        for step in range(start, tc.steps):
-            batch = parallel.shard_batch(model_batch(next(it), model), mesh)
-            if step == start:  # compile ahead (the call reuses it) so throughput excludes compilation
-                step_flops = compiled_flops(step_fn, state, batch, step_key)
-                t0 = time.perf_counter()
-            state, metrics = step_fn(state, batch, step_key)
-            done = step + 1
-            saving = done % tc.checkpoint_every == 0 or done == tc.steps
-            if saving or done % tc.log_every == 0:
-                metrics = jax.device_get(metrics)  # the only host sync
-                if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
-                    raise _stop_non_finite(manager, f"loss {metrics['loss']}, gradient norm "
-                                                    f"{metrics['grad_norm']} in step {done}")
-                scalars = step_scalars(metrics, steps=done - last_logged, seconds=time.perf_counter() - t0,
-                                       batch_size=tc.batch_size, step_flops=step_flops, peak_flops=tc.peak_flops,
-                                       learning_rate=schedule((done - 1) // tc.grad_accum_steps))
-                t0, last_logged = time.perf_counter(), done
-                rate, mfu = scalars["images_per_sec"], scalars.get("mfu")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}",
-                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
-                bar.update(done - bar.n)
-                if done % tc.log_every == 0 or done == tc.steps:
-                    writer.write(done, scalars)
-                if bar.disable and jax.process_index() == 0:
-                    print(f"step {done}/{tc.steps} loss {metrics['loss']:.4f} "
-                          f"grad_norm {metrics['grad_norm']:.3f} lr {scalars['learning_rate']:.3g} img/s {rate:.0f}"
-                          + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
-            if saving:
-                # The metrics above are of the weights before this step's update; a saved state must be good
-                # itself: its own loss and gradient finite, every weight finite. Once per checkpoint.
-                health = jax.device_get(check_fn(state, batch, step_key))
-                if not (health["weights_finite"] and np.isfinite(health["loss"])
-                        and np.isfinite(health["grad_norm"])):
-                    raise _stop_non_finite(
-                        manager, f"the weights after step {done} give loss {health['loss']}, gradient norm "
-                                 f"{health['grad_norm']}" + ("" if health["weights_finite"] else
-                                                             " and are not all finite"))
-                checkpoint.save(manager, state, config, it)
-            if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps):
-                write_samples(pipe, state.ema_params, config, workdir / "samples" / f"step_{done:06d}.png",
-                              sample_key)
-    finally:  # an error mid-run still completes the checkpoint being written
-        bar.close()
-        writer.close()
-        checkpoint.finish(manager)
+    t0, last_logged, skipped_seen = time.perf_counter(), start, int(state.skipped)
+    with PreemptionWatch() as preemption:
+        try:
+            for step in range(start, tc.steps):
+                batch = parallel.shard_batch(model_batch(next(it), model), mesh)
+                if step == start:  # compile ahead (the call reuses it) so throughput excludes compilation
+                    step_flops = compiled_flops(step_fn, state, batch, step_key)
+                    t0 = time.perf_counter()
+                state, metrics = step_fn(state, batch, step_key)
+                done = step + 1
+                preempted = preemption.reached(done)
+                saving = done % tc.checkpoint_every == 0 or done == tc.steps or preempted
+                if saving or done % tc.log_every == 0:
+                    metrics = jax.device_get(metrics)  # the only host sync
+                    skipped = int(metrics["skipped"])
+                    if skipped > skipped_seen:
+                        checkpoint.report(f"step {done}: {skipped - skipped_seen} update(s) since step {last_logged} "
+                                          f"skipped for a non-finite loss or gradient ({skipped} in this run, "
+                                          f"train.max_nonfinite_skips={tc.max_nonfinite_skips})")
+                        skipped_seen = skipped
+                    if skipped > tc.max_nonfinite_skips:
+                        raise _stop_non_finite(
+                            manager, f"{skipped} updates were skipped for a non-finite loss or gradient by step "
+                                     f"{done}, more than train.max_nonfinite_skips={tc.max_nonfinite_skips} "
+                                     f"(step {done}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']})")
+                    scalars = step_scalars(metrics, steps=done - last_logged, seconds=time.perf_counter() - t0,
+                                           batch_size=tc.batch_size, step_flops=step_flops,
+                                           peak_flops=tc.peak_flops,
+                                           learning_rate=schedule((done - 1) // tc.grad_accum_steps))
+                    t0, last_logged = time.perf_counter(), done
+                    rate, mfu = scalars["images_per_sec"], scalars.get("mfu")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{rate:.0f}",
+                                    **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+                    bar.update(done - bar.n)
+                    if done % tc.log_every == 0 or done == tc.steps:
+                        writer.write(done, scalars)
+                    if bar.disable and jax.process_index() == 0:
+                        print(f"step {done}/{tc.steps} loss {metrics['loss']:.4f} "
+                              f"grad_norm {metrics['grad_norm']:.3f} lr {scalars['learning_rate']:.3g} "
+                              f"img/s {rate:.0f}" + (f" mfu {mfu:.1%}" if mfu is not None else ""), flush=True)
+                if saving:
+                    # A saved state must be good itself: its own loss and gradient finite (the metrics above
+                    # are of the weights before this step's update), every weight finite. Once per checkpoint.
+                    health = jax.device_get(check_fn(state, batch, step_key))
+                    what = (f"the weights after step {done} give loss {health['loss']}, gradient norm "
+                            f"{health['grad_norm']}" + ("" if health["weights_finite"] else
+                                                        " and are not all finite"))
+                    if health["weights_finite"] and np.isfinite(health["loss"]) and np.isfinite(
+                            health["grad_norm"]):
+                        checkpoint.save(manager, state, config, it)
+                    elif health["weights_finite"] and tc.max_nonfinite_skips and (done < tc.steps or preempted):
+                        # The next step's update will be skipped (and counted) if this persists.
+                        checkpoint.report(f"not saving step {done}: {what}; the last checkpoint stays")
+                    else:
+                        raise _stop_non_finite(manager, what)
+                if preempted:
+                    checkpoint.wait_until_saved(manager)
+                    checkpoint.report(f"preempted: stopped after step {done}, the latest checkpoint is step "
+                                      f"{manager.latest_step()}; run the same command to resume")
+                    break
+                if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps):
+                    write_samples(pipe, state.ema_params, config, workdir / "samples" / f"step_{done:06d}.png",
+                                  sample_key)
+        finally:  # an error mid-run still completes the checkpoint being written
+            bar.close()
+            writer.close()
+            checkpoint.finish(manager)
     return state

@@ -1,4 +1,5 @@
-"""The train state (params, EMA params, optimizer state, step) and the optimizer built from a config."""
+"""The train state (params, EMA params, optimizer state, step, skipped updates) and the optimizer built from
+a config."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,10 +13,11 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-    step: jax.Array        # [] int32, optimizer updates applied so far
-    params: Any            # the trained weights
+    step: jax.Array        # [] int32, batches trained on so far (micro-batches under accumulation)
+    params: Any            # the trained weights (master copy, in the config's param_dtype)
     ema_params: Any        # exponential moving average of params: what sampling uses
     opt_state: optax.OptState
+    skipped: jax.Array     # [] int32, steps whose update was skipped for a non-finite loss or gradient
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -65,4 +67,5 @@ def update_ema(ema_params: Any, params: Any, decay: jax.Array) -> Any:
 def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
     """Step 0: EMA starts as a copy of the initial params."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params))
+                      ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
+                      skipped=jnp.zeros((), jnp.int32))

@@ -89,22 +89,59 @@ def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: d
     return loss, {"loss": loss}
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """[] bool: whether every element of every leaf of `tree` is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _applied_update(opt_state: Any) -> jax.Array:
+    """Whether the optimizer update just taken moved the parameters: always, except inside gradient
+    accumulation (optax.MultiSteps), which moves them on the last micro-batch of each group only."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return opt_state.mini_step == 0
+    return jnp.asarray(True)
+
+
+def _updates_so_far(state: TrainState) -> jax.Array:
+    """Parameter updates applied before this step: the EMA warm-up's clock."""
+    if isinstance(state.opt_state, optax.MultiStepsState):
+        return state.opt_state.gradient_step
+    return state.step - state.skipped
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objective: Objective, *,
                     ema_max_decay: float = 0.9999, ema_warmup: bool = True
                     ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """(state, batch, key) -> (state, metrics); `key` is the run's base key, folded with the step so a
-    resumed run draws exactly the noise an uninterrupted one would."""
+    resumed run draws exactly the noise an uninterrupted one would.
+
+    A step whose loss, gradient or updated weights are not finite changes nothing but `step` and `skipped`: the parameters,
+    EMA and optimizer state (moments, accumulated gradients, schedule count) stay as they were, so one bad
+    batch cannot poison the run; the loop decides when too many skips end it. Under gradient accumulation
+    (`tx` an optax.MultiSteps) the EMA moves only on the micro-batches where the parameters do.
+    Metrics: the loss terms, `grad_norm`, `skipped` (the run's total so far).
+    """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
         grad_fn = jax.value_and_grad(
             lambda p: diffusion_loss(model, p, objective, batch, step_key), has_aux=True)
-        (_, metrics), grads = grad_fn(state.params)
+        (loss, metrics), grads = grad_fn(state.params)
+        grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = update_ema(state.ema_params, params, ema_decay(state.step, ema_max_decay, ema_warmup))
-        metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
-        return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
+        # A finite gradient can still overflow a weight (a learning rate far too high): checked too.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(params)
+        ema = update_ema(state.ema_params, params, ema_decay(_updates_so_far(state), ema_max_decay, ema_warmup))
+        ema = jax.tree.map(lambda new, old: jnp.where(_applied_update(opt_state), new, old), ema,
+                           state.ema_params)
+        # Bit-exact selects: a finite step is exactly the unguarded one.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        skipped = state.skipped + (~finite).astype(jnp.int32)
+        metrics = {**metrics, "grad_norm": grad_norm, "skipped": skipped}
+        return TrainState(step=state.step + 1, params=keep(params, state.params),
+                          ema_params=keep(ema, state.ema_params), opt_state=keep(opt_state, state.opt_state),
+                          skipped=skipped), metrics
 
     return train_step
 
@@ -124,8 +161,7 @@ def make_health_check(model: nn.Module, objective: Objective
         grad_fn = jax.value_and_grad(
             lambda p: diffusion_loss(model, p, objective, batch, step_key)[0])
         loss, grads = grad_fn(state.params)
-        leaves = jax.tree.leaves((state.params, state.ema_params))
-        weights_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+        weights_finite = all_finite((state.params, state.ema_params))
         return {"loss": loss, "grad_norm": optax.global_norm(grads), "weights_finite": weights_finite}
 
     return health_check
