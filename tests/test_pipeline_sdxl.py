@@ -166,9 +166,9 @@ def test_time_ids_match_diffusers(folders):
     sdxl.check_time_ids_width(refiner.unet.config, 5, PROJECTION, requires_aesthetics_score=True)
     # A refiner read as a base model (6 ids) and the reverse: diffusers refuses both, and so does diffax.
     with pytest.raises(ValueError, match="requires_aesthetics_score=true"):
-        sdxl.check_time_ids_width(base.unet.config, 5, PROJECTION, requires_aesthetics_score=False)
+        sdxl.check_time_ids_width(refiner.unet.config, 6, PROJECTION, requires_aesthetics_score=False)
     with pytest.raises(ValueError, match="requires_aesthetics_score=false"):
-        sdxl.check_time_ids_width(refiner.unet.config, 6, PROJECTION, requires_aesthetics_score=True)
+        sdxl.check_time_ids_width(base.unet.config, 5, PROJECTION, requires_aesthetics_score=True)
     with pytest.raises(ValueError, match="projection_class_embeddings_input_dim=64"):
         sdxl.check_time_ids_width(base.unet.config, 6, 32, requires_aesthetics_score=False)
     with pytest.raises(ValueError, match="crops_coords_top_left must be a pair"):
@@ -328,6 +328,20 @@ def test_inpainting_with_the_base_unet_blends_like_diffusers(pipes, folders):
     assert_close(got, want)
     # The kept (left) half stays close to the image, the repainted half does not.
     assert np.abs(got[:, :, :6] - images[:, :, :6]).mean() < np.abs(got[:, :, 10:] - images[:, :, 10:]).mean()
+
+
+def test_switches_without_model_index_follow_the_released_configs(pipes):
+    """A single-file checkpoint has no model_index.json: the U-Net's widths tell a refiner (5 time ids), and
+    force_zeros_for_empty_prompt follows the released base (on) and refiner (off) configs."""
+    for name, refiner in (("base", False), ("refiner", True)):
+        pipe = pipes[name]
+        assert pipe.requires_aesthetics_score is refiner and pipe.force_zeros_for_empty_prompt is not refiner
+        bare = type(pipe)(pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers, mesh=pipe.mesh)
+        assert bare.requires_aesthetics_score is refiner and bare.force_zeros_for_empty_prompt is not refiner
+    flipped = type(pipes["refiner"])(pipes["refiner"].components, pipes["refiner"].scheduler,
+                                     tokenizers=pipes["refiner"].tokenizers, config={"requires_aesthetics_score": False})
+    with pytest.raises(ValueError, match="requires_aesthetics_score=true"):
+        flipped("a cat", image=smooth_images(0, 1))
 
 
 def test_bad_inputs_are_one_line_errors(pipes):

@@ -77,10 +77,10 @@ def check_time_ids_width(unet_config: Any, num_ids: int, text_embeds_dim: int,
     if passed == expected:
         return
     flag = "requires_aesthetics_score"
-    if expected - passed == width and not requires_aesthetics_score:
-        hint = f"; the U-Net wants one more id: set {flag}=true in model_index.json (a refiner)"
-    elif passed - expected == width and requires_aesthetics_score:
-        hint = f"; the U-Net wants one id less: set {flag}=false in model_index.json (not a refiner)"
+    if passed - expected == width and not requires_aesthetics_score:
+        hint = f"; the U-Net takes 5 ids (a refiner's): set {flag}=true in model_index.json"
+    elif expected - passed == width and requires_aesthetics_score:
+        hint = f"; the U-Net takes 6 ids (a base model's): set {flag}=false in model_index.json"
     else:
         hint = "; check unet/config.json addition_time_embed_dim and text_encoder_2's projection_dim"
     raise ValueError(f"unet/config.json: projection_class_embeddings_input_dim={expected}, but {num_ids} time ids "
@@ -179,13 +179,21 @@ class _StableDiffusionXLCommon(Pipeline):
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:
-        """model_index.json's switch (diffusers' default True): no negative prompt is a zero conditioning."""
-        return bool(self.config.get("force_zeros_for_empty_prompt", True))
+        """model_index.json's switch: no negative prompt is a zero conditioning. Without the key (a
+        single-file checkpoint) as the released configs: on for a base model, off for a refiner."""
+        if "force_zeros_for_empty_prompt" in self.config:
+            return bool(self.config["force_zeros_for_empty_prompt"])
+        return not self.requires_aesthetics_score
 
     @property
     def requires_aesthetics_score(self) -> bool:
-        """model_index.json's switch (a refiner): time ids carry an aesthetic score instead of target_size."""
-        return bool(self.config.get("requires_aesthetics_score", False))
+        """model_index.json's switch (a refiner): time ids carry an aesthetic score instead of target_size.
+        Without the key (a single-file checkpoint): whether the U-Net's added embedding fits 5 ids."""
+        if "requires_aesthetics_score" in self.config:
+            return bool(self.config["requires_aesthetics_score"])
+        unet = self.module("unet").config
+        text = self.module("text_encoder_2").config.projection_dim
+        return unet.projection_class_embeddings_input_dim == 5 * unet.addition_time_embed_dim + text
 
     def default_size(self) -> tuple[int, int]:
         """(height, width) in pixels: the U-Net's sample_size (diffusers' 128 when null) times the VAE's factor."""
