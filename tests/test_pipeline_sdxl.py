@@ -290,9 +290,11 @@ def test_base_to_refiner_hand_off_matches_diffusers(pipes, folders):
     want_latents = want_latents.numpy().transpose(0, 2, 3, 1)
     # Unsettled latents of a random U-Net reach ~30: DESIGN's relative bar, 1e-4 of the largest value.
     assert np.abs(latents - want_latents).max() <= 1e-4 * np.abs(want_latents).max()
-    got = pipes["refiner"]("a cat", image=latents, num_inference_steps=steps, denoising_start=0.8).images
+    # The refiner without guidance (guidance_scale 1: one U-Net call per step), the path no other test takes.
+    got = pipes["refiner"]("a cat", image=latents, num_inference_steps=steps, denoising_start=0.8,
+                           guidance_scale=1.0).images
     want = diffusers_images(folders["refiner"], prompt="a cat", num_inference_steps=steps, denoising_start=0.8,
-                            image=torch.from_numpy(want_latents.transpose(0, 3, 1, 2)))
+                            guidance_scale=1.0, image=torch.from_numpy(want_latents.transpose(0, 3, 1, 2)))
     assert_close(got, want)
 
 
