@@ -142,8 +142,11 @@ def abstract_ratios(name: str, config: Any) -> dict[str, Any]:
 
 
 def _vae_decode(module: Any) -> Callable:
-    return lambda p, a, k: module.apply({"params": p}, a[0][..., :module.config.latent_channels],
-                                        method=module.decode_raw)
+    """The VAE's decoder on random latents of the input's batch and side (the decode that sampling runs)."""
+    def decode(p: Any, a: tuple, k: dict) -> jax.Array:
+        z = jax.random.normal(jax.random.key(8), a[0].shape[:-1] + (module.config.latent_channels,))
+        return module.apply({"params": p}, z, method=module.decode_raw)
+    return decode
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ every weight, with scale = absmax / 127.5 (int8) or absmax / 7.5 (int4) of its c
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Iterable, Mapping
@@ -129,7 +130,7 @@ def quantize_kernel(w: Any, bits: int, group_size: int | None = None, *, name: s
                     ) -> tuple[jax.Array, jax.Array]:
     """(stored kernel, kernel_scale) of one float kernel [..., out] (layout in `diffax.quant.qtensor`)."""
     try:
-        import qwix
+        import qwix  # noqa: F401  (used by _quantize_jit; checked here for a clear message)
     except ImportError:
         raise QuantizationError("quantize_params needs qwix: pip install 'diffax[quant]'") from None
     _check_options(bits, group_size)
@@ -138,6 +139,13 @@ def quantize_kernel(w: Any, bits: int, group_size: int | None = None, *, name: s
         raise QuantizationError(f"{name}: a {w.dtype} kernel is not a float weight (already quantized?)")
     if not bool(jnp.isfinite(w).all()):
         raise QuantizationError(f"{name}: holds NaN or inf; its scale would be meaningless")
+    return _quantize_jit(w, bits, group_size)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_jit(w: jax.Array, bits: int, group_size: int | None) -> tuple[jax.Array, jax.Array]:
+    """One program per kernel shape: op-by-op, qwix's dozen small ops would each compile per shape."""
+    import qwix
     out = w.shape[-1]
     k = math.prod(w.shape[:-1])
     kp, groups = stored_rows(k, bits, group_size)

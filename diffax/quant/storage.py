@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,9 @@ def _meta(qp: QuantizedParams, config: Any) -> dict[str, Any]:
                             "shapes": {name: list(shape) for name, shape in qp.shapes}}
     if config is not None:
         from diffax.models.registry import family_of
-        meta["config"] = {"class_name": family_of(config).class_name, "config": config.to_diffusers()}
+        with warnings.catch_warnings():  # what diffusers would compute differently: diffax reads this back
+            warnings.simplefilter("ignore")
+            meta["config"] = {"class_name": family_of(config).class_name, "config": config.to_diffusers()}
     return meta
 
 
