@@ -96,7 +96,8 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
       from the conditional half; None guides every channel.
     init_sample: x_0 for img2img (noised here to the first step's level), or, with `denoising_start`, an
       already-noisy latent handed over by a base model (used as is).
-    key: PRNG key for stochastic samplers (required by them; ignored by deterministic ones).
+    key: PRNG key for stochastic samplers (required by them; ignored by deterministic ones), or one typed key
+      per row ([B]): each row's step noise then comes from its own key, whatever the batch it is in.
     guidance_rescale: a Python float (0 skips the rescale) or a traced scalar (always rescaled, by its value).
     start_index: the first loop index, overriding the one `strength` gives; an int32 scalar array makes it a
       traced input, so a pipeline computes it on the host with `loop_range` and a new img2img strength reuses
@@ -135,6 +136,10 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
         x = scheduler.add_noise(state, init_sample, noise, start)
 
     rescaled = not isinstance(guidance_rescale, (int, float)) or guidance_rescale > 0
+    per_row = key.ndim == 1
+
+    def step_key(i: jax.Array) -> jax.Array:
+        return jax.vmap(lambda k: jax.random.fold_in(k, i))(key) if per_row else jax.random.fold_in(key, i)
 
     def model_output(x_in: jax.Array, t: jax.Array, i: jax.Array) -> jax.Array:
         step_kw = {"step_index": i} if pass_step_index else {}
@@ -150,7 +155,7 @@ def sample(scheduler: Scheduler, denoise_fn: DenoiseFn, noise: jax.Array, *, num
     def body(i, carry):
         x, state = carry
         out = model_output(scheduler.scale_model_input(state, x, i), state.timesteps[i], i)
-        x, _, state = scheduler.step(state, out.astype(x.dtype), x, i, jax.random.fold_in(key, i))
+        x, _, state = scheduler.step(state, out.astype(x.dtype), x, i, step_key(i))
         if after_step is not None:
             x = after_step(x, i, state)
         return x, state

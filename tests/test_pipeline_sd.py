@@ -124,6 +124,23 @@ def test_inpaint_4_channel_unet_blends_latents_like_diffusers(pipe, folders):
     assert np.abs(got[:, :, :6] - init[:, :, :6]).mean() < np.abs(got[:, :, 10:] - init[:, :, 10:]).mean()
 
 
+def test_ddim_eta_matches_diffusers_given_the_same_step_noise(pipe, folders, monkeypatch):
+    import torch
+    from diffusers.schedulers import scheduling_ddim
+
+    seeds, x = [21, 22], noise(8)
+    kw = dict(num_inference_steps=STEPS, guidance_scale=6.0, latents=x)
+    got = pipe(PROMPTS, seed=seeds, eta=1.0, **kw).images
+    # diffax's step noise: image b at loop index i from fold_in(fold_in(key(seed_b), 2), i).
+    streams = [jax.random.fold_in(jax.random.key(s), 2) for s in seeds]
+    draws = iter([np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), (8, 8, 4))) for k in streams])
+                  for i in range(STEPS)])
+    monkeypatch.setattr(scheduling_ddim, "randn_tensor",
+                        lambda shape, **_: torch.from_numpy(next(draws).transpose(0, 3, 1, 2)).reshape(shape))
+    assert_close(got, diffusers_images(folders["sd"], prompt=PROMPTS, eta=1.0, **kw))
+    assert np.abs(got - pipe(PROMPTS, seed=seeds, **kw).images).max() > 1e-2  # eta reached the sampler
+
+
 def test_new_prompt_seed_guidance_and_strength_do_not_retrace(pipe):
     # The programs of the parity tests above (same sizes, steps and kinds of inputs) serve new values.
     pipe(PROMPTS, negative_prompt=["x", "y"], num_inference_steps=STEPS, guidance_scale=6.0, latents=noise(0))
@@ -141,12 +158,13 @@ def test_new_prompt_seed_guidance_and_strength_do_not_retrace(pipe):
     assert np.abs(a - b).max() > 1e-2  # the strength reached the program
 
 
-def test_eight_devices_equal_one_and_images_depend_on_their_seed_only(pipe, num_devices):
+def test_eight_devices_equal_one_and_images_depend_on_their_seed_only_even_with_step_noise(pipe, num_devices):
     assert num_devices == 8
     one = diffax.pipelines.stable_diffusion.StableDiffusionPipeline(
         pipe.components, pipe.scheduler, tokenizers=pipe.tokenizers,
         mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
-    kw = dict(num_inference_steps=STEPS, guidance_scale=4.0)
+    # eta=1: DDIM draws noise every step, from each image's own seed as its starting noise.
+    kw = dict(num_inference_steps=STEPS, guidance_scale=4.0, eta=1.0)
     batch = pipe(["a cat", "a cat"], seed=[11, 12], **kw).images  # 2 rows padded to 8 devices
     steps = []
     one.progress = lambda step, total: steps.append((step, total))  # the host callback of each step

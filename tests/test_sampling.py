@@ -301,3 +301,15 @@ def test_traced_start_step_index_and_after_step(sched):
     clamped = jax.jit(lambda z: sample(sched, denoise_jax, z, num_inference_steps=3,
                                        after_step=lambda x, i, state: jnp.clip(x, -0.1 * i, 0.1 * i)))(z)
     assert float(jnp.abs(clamped).max()) <= 0.2 + 1e-6  # the last step (i = 2) clamped to [-0.2, 0.2]
+
+
+def test_per_row_keys_make_each_rows_step_noise_its_own():
+    """With one key per row, a stochastic sampler's row b depends on key b only: the same in any batch."""
+    sched = DDPMScheduler(clip_sample=False)
+    x_T = jnp.asarray(normal(11))
+    keys = jax.vmap(jax.random.key)(jnp.arange(4, 4 + SHAPE[0]))
+    run = jax.jit(lambda x, k: sample(sched, denoise_jax, x, num_inference_steps=5, key=k))
+    batch = run(x_T, keys)
+    alone = run(x_T[1:2], keys[1:2])
+    assert rel_err(alone[0], batch[1]) < TIGHT
+    assert rel_err(run(x_T, keys[::-1]), batch) > 0.01  # the keys drive the noise

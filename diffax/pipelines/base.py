@@ -15,9 +15,9 @@ across processes (see `diffax.pipelines.loading`).
 Batch rows are split over the mesh's batch axes ('data' x 'fsdp'), padded to a multiple of the device count
 (the padding is dropped); parameters are replicated on every device, or split by the models' logical axis
 rules on a mesh with 'fsdp' / 'tensor' axes. Image k's starting noise is
-`jax.random.normal(jax.random.key(seed_k), latent_shape)`, drawn inside the program from its own seed, so an
-image depends on its seed only, whatever the batch size or device count (for deterministic samplers;
-stochastic ones draw their per-step noise for the whole batch from the first image's seed).
+`jax.random.normal(jax.random.key(seed_k), latent_shape)`, drawn inside the program from its own seed, and a
+stochastic sampler's step noise comes from the same seed (`row_keys(seeds, 2)`), so an image depends on its
+seed only, whatever the batch size or device count.
 
 Pipeline modules register their classes under diffusers' class names with `register_pipeline`, so
 `diffax.pipelines.load` can dispatch on a folder's `_class_name`.

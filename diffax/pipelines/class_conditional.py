@@ -75,7 +75,7 @@ class _NoiseToImage(Pipeline):
                 return out[..., :keep].astype(jnp.float32)
 
             x = sample(scheduler, denoise, noise, num_inference_steps=steps,
-                       key=row_keys(rows["seeds"][:1], 2)[0], cond=cond, uncond=uncond,
+                       key=row_keys(rows["seeds"], 2), cond=cond, uncond=uncond,
                        guidance_scale=scalars["guidance_scale"] if guided else None,
                        guided_channels=channels, after_step=hook)[..., :channels]
             if not decode:

@@ -32,6 +32,7 @@ from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput,
 from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.text_encoding import encode_prompt, repeat_rows, tokenize_prompts
 from diffax.sampling import loop_range, sample
+from diffax.schedulers import DDIMScheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Static:
     vae_tiling: bool
     full_strength: bool       # inpainting with strength 1: start from pure noise
     progress: bool
+    eta: float | None = None  # DDIM's eta for this call (None: the scheduler's own)
 
 
 class StableDiffusionPipeline(Pipeline):
@@ -185,9 +187,18 @@ class StableDiffusionPipeline(Pipeline):
         """Mode-specific inputs of `sample` (init_sample, after_step) and the U-Net's extra channels."""
         return {}
 
+    def call_scheduler(self, eta: float | None) -> Any:
+        """The scheduler of a call: with `eta` given, a DDIM scheduler with that eta (diffusers passes eta to
+        schedulers whose step takes it, i.e. DDIM, and ignores it for the others)."""
+        if eta is None or not isinstance(self.scheduler, DDIMScheduler):
+            return self.scheduler
+        if not 0.0 <= eta <= 1.0:
+            raise PipelineInputError(f"eta must be in [0, 1], got {eta}")
+        return dataclasses.replace(self.scheduler, eta=float(eta))
+
     def build(self, static: Static):
         """The program for `static`: (params, rows, scalars) -> images [N, H, W, 3] or latents [N, h, w, C]."""
-        scheduler = self.scheduler
+        scheduler = self.call_scheduler(static.eta)
         progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
 
         def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
@@ -200,7 +211,7 @@ class StableDiffusionPipeline(Pipeline):
             if progress is not None:
                 after = progress if blend is None else (lambda x, i, s: progress(blend(x, i, s), i, s))
             x = sample(scheduler, self.unet_fn(params, setup.get("extra")), noise,
-                       num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],
+                       num_inference_steps=static.steps, key=row_keys(rows["seeds"], 2),
                        cond=cond, uncond=uncond,
                        guidance_scale=scalars["guidance_scale"] if static.guided else None,
                        guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
@@ -218,7 +229,7 @@ class StableDiffusionPipeline(Pipeline):
 
     def static_choices(self, *, height: int | None, width: int | None, num_inference_steps: int,
                        guidance_scale: float, guidance_rescale: float, output_type: str, clip_skip: int | None,
-                       vae_tiling: bool, full_strength: bool = True) -> Static:
+                       vae_tiling: bool, full_strength: bool = True, eta: float | None = None) -> Static:
         check_output_type(output_type)
         if num_inference_steps < 1:
             raise PipelineInputError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
@@ -230,15 +241,18 @@ class StableDiffusionPipeline(Pipeline):
         latent_size = self.check_size(height or default_h, width or default_w)
         # diffusers: guidance only above 1 (and never for a U-Net with a guidance embedding, which SD lacks).
         guided = guidance_scale > 1.0
+        self.call_scheduler(eta)  # checks eta
+        eta = None if eta is None or not isinstance(self.scheduler, DDIMScheduler) else float(eta)
         return Static(self.mode, latent_size, int(num_inference_steps), guided, guided and guidance_rescale > 0,
-                      output_type != "latent", clip_skip, bool(vae_tiling), full_strength, self.progress is not None)
+                      output_type != "latent", clip_skip, bool(vae_tiling), full_strength, self.progress is not None,
+                      eta)
 
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int = 50,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
                  seed: int | Sequence[int] = 0, latents: Any = None, output_type: str = "np",
                  clip_skip: int | None = None, prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
-                 vae_tiling: bool = False) -> PipelineOutput:
+                 vae_tiling: bool = False, eta: float | None = None) -> PipelineOutput:
         """Text to image. Returns `PipelineOutput(images, nsfw_content_detected)`.
 
         prompt / negative_prompt: a string or one per prompt; num_images_per_prompt images each (rows in
@@ -250,10 +264,13 @@ class StableDiffusionPipeline(Pipeline):
             starting noise instead (N = prompts x num_images_per_prompt).
         output_type: 'np' (float32 [N, H, W, 3] in [0, 1]), 'pil' or 'latent' (NHWC, no VAE decode).
         vae_tiling: decode in overlapping tiles (large images with bounded memory).
+        eta: DDIM's eta for this call (0 deterministic, 1 DDPM-like noise); None keeps the scheduler's own;
+            ignored by other samplers, as in diffusers.
         """
         static = self.static_choices(height=height, width=width, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                     output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling)
+                                     output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling,
+                                     eta=eta)
         rows, num_prompts = self.text_rows(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                            num_images_per_prompt, static.guided)
         count = num_prompts * num_images_per_prompt
@@ -296,7 +313,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                  guidance_rescale: float = 0.0, num_images_per_prompt: int = 1, seed: int | Sequence[int] = 0,
                  latents: Any = None, output_type: str = "np", clip_skip: int | None = None,
                  prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
-                 vae_tiling: bool = False) -> PipelineOutput:
+                 vae_tiling: bool = False, eta: float | None = None) -> PipelineOutput:
         """Image to image: `image` (PIL, a list of them, or float [N, H, W, 3] / [H, W, 3] in [0, 1]) is
         encoded and noised to the level `strength` selects (1: all steps, pure noise at the end of the
         schedule; 0.5: the second half). height / width resize it (default: its own size, rounded down to
@@ -307,7 +324,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         height, width = first.shape[1:3]
         static = self.static_choices(height=height, width=width, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                                     output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling)
+                                     output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling,
+                                     eta=eta)
         rows, num_prompts = self.text_rows(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
                                            num_images_per_prompt, static.guided)
         count = num_prompts * num_images_per_prompt
@@ -363,7 +381,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, num_images_per_prompt: int = 1,
                  seed: int | Sequence[int] = 0, latents: Any = None, output_type: str = "np",
                  clip_skip: int | None = None, prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
-                 vae_tiling: bool = False) -> PipelineOutput:
+                 vae_tiling: bool = False, eta: float | None = None) -> PipelineOutput:
         """Inpainting: `image` as in img2img, `mask_image` (PIL, float [N, H, W(, 1)] or [H, W]; >= 0.5
         repaints) resized alike. height / width default to the U-Net's size, as diffusers'. strength 1 starts
         from pure noise (`latents` is that noise); below 1 from the noised image."""
@@ -374,7 +392,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
         static = self.static_choices(height=height, width=width, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
                                      output_type=output_type, clip_skip=clip_skip, vae_tiling=vae_tiling,
-                                     full_strength=strength == 1.0)
+                                     full_strength=strength == 1.0, eta=eta)
         unet_channels = self.module("unet").config.in_channels
         if unet_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
             raise PipelineInputError(f"the U-Net takes {unet_channels} channels: an inpainting U-Net takes "

@@ -176,9 +176,13 @@ def compute_dtype(sample: jax.Array) -> jnp.dtype:
 
 
 def gaussian(key: jax.Array | None, sample: jax.Array, owner: str) -> jax.Array:
-    """The step's standard normal draw, shaped like `sample`."""
+    """The step's standard normal draw, shaped like `sample`. `key` is one key, or one typed key per row
+    ([B], from `diffax.sampling.sample` with per-row keys): then row b is drawn from key b alone, so it does
+    not depend on the batch it is in."""
     if key is None:
         raise ValueError(f"{owner}.step draws noise: pass a PRNG key")
+    if key.ndim == 1 and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.vmap(lambda k: jax.random.normal(k, sample.shape[1:], sample.dtype))(key)
     return jax.random.normal(key, sample.shape, sample.dtype)
 
 
