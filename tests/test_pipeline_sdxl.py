@@ -317,11 +317,13 @@ def test_inpainting_unet_matches_diffusers(pipes, folders):
 def test_inpainting_with_the_base_unet_blends_like_diffusers(pipes, folders):
     """A 4-channel U-Net (the base model's) from the noised image, the known region blended in every step."""
     base = pipes["base"]
-    pipe = sdxl.StableDiffusionXLInpaintPipeline(base.components, base.scheduler, tokenizers=base.tokenizers,
-                                                 config=base.config)
+    pipe = sdxl.StableDiffusionXLInpaintPipeline.from_pipe(base)
+    steps = []
+    pipe.progress = lambda step, total: steps.append((step, total))  # chained after the blending, as sample.py
     images, mask = smooth_images(3, 2), right_half_mask()
     kw = dict(num_inference_steps=4, guidance_scale=5.0, strength=0.7)
     got = pipe(PROMPTS, image=images, mask_image=mask, latents=img2img_noise(4), **kw).images
+    assert sorted(set(steps)) == [(3, 4), (4, 4)]  # strength 0.7 of 4 steps runs the last 2
     reference = diffusers.StableDiffusionXLInpaintPipeline(**diffusers_pipeline(str(folders["base"])).components)
     reference.set_progress_bar_config(disable=True)
     with torch.no_grad():

@@ -377,9 +377,10 @@ class _StableDiffusionXLCommon(Pipeline):
             cond, uncond = self.conditioning(params, rows, static)
             noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], static.latent_shape)
             setup = self.latent_setup(params, rows, static, noise)
-            after = setup.get("after_step")
+            blend = setup.get("after_step")
+            after = blend
             if progress is not None:
-                after = progress if after is None else (lambda x, i, state: progress(after(x, i, state), i, state))
+                after = progress if blend is None else (lambda x, i, state: progress(blend(x, i, state), i, state))
             # denoising_start (a static choice) fixes the start itself; strength is a traced input.
             start = scalars.get("start") if static.denoising_start is None else None
             x = sample(scheduler, self.denoiser(params["unet"], setup.get("extra")), noise,
