@@ -24,7 +24,8 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
 UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=CROSS, attention_head_dim=4, norm_num_groups=8)
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
@@ -100,7 +101,8 @@ def build_sd_pipeline(folder: Path, kind: str = "txt2img", scheduler: str = "DDI
         unet_cfg["in_channels"] = 9
     unet = randomise(diffusers.UNet2DConditionModel(**unet_cfg), seed + 10)
     classes = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-               "inpaint": diffusers.StableDiffusionInpaintPipeline, "inpaint4": diffusers.StableDiffusionInpaintPipeline}
+               "inpaint": diffusers.StableDiffusionInpaintPipeline,
+               "inpaint4": diffusers.StableDiffusionInpaintPipeline}
     sched = getattr(diffusers, scheduler)(**SD_SCHEDULER) if scheduler == "DDIMScheduler" else \
         getattr(diffusers, scheduler).from_config(diffusers.DDIMScheduler(**SD_SCHEDULER).config)
     pipe = classes[kind](vae=tiny_vae(seed + 11), text_encoder=tiny_clip(tok_folder, seed + 12), tokenizer=tokenizer,

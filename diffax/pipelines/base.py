@@ -166,6 +166,13 @@ def as_scheduler(scheduler: Scheduler | Mapping[str, Any] | str, base_config: Ma
     return dataclasses.replace(out, **options) if options else out
 
 
+def num_loop_steps(scheduler: Scheduler, num_inference_steps: int) -> int:
+    """Model evaluations in a full run (len(state.timesteps)): steps x order, less one for Heun-style
+    samplers whose first step has no corrector half, as diffusers' timesteps."""
+    state = scheduler.init(num_inference_steps, jax.ShapeDtypeStruct((1, 1, 1, 1), jnp.float32))
+    return int(np.shape(state.timesteps)[0])
+
+
 def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
     """x with its last row repeated `pad` times (padding rows stay valid inputs: seeds, ids, images)."""
     return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, check_output_type,
-                                   noise_from_seeds, register_pipeline, row_keys, seeds_for, to_unit_range)
+                                   noise_from_seeds, num_loop_steps, register_pipeline, row_keys, seeds_for,
+                                   to_unit_range)
 from diffax.sampling import sample
 from diffax.schedulers import DDIMScheduler, from_diffusers_config, to_diffusers_config
 from diffax.schedulers.base import Scheduler
@@ -61,7 +62,7 @@ class _NoiseToImage(Pipeline):
         channels = shape[-1]
         learned = self.keeps_variance and cfg.learn_sigma and _wants_variance(scheduler) and not guided
         keep = 2 * channels if learned else channels
-        hook = self.progress_hook(steps * scheduler.order) if progress else None
+        hook = self.progress_hook(num_loop_steps(scheduler, steps)) if progress else None
         vae = self.module("vae") if self.has("vae") else None
 
         def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
@@ -110,7 +111,8 @@ class DiTPipeline(_NoiseToImage):
         words = [label] if isinstance(label, str) else list(label)
         missing = [w for w in words if w not in lookup]
         if missing:
-            raise PipelineInputError(f"unknown label(s) {missing}" + ("" if lookup else ": this folder has no id2label"))
+            where = "" if lookup else ": this folder has no id2label"
+            raise PipelineInputError(f"unknown label(s) {missing}{where}")
         return [lookup[w] for w in words]
 
     def __call__(self, class_labels: Sequence[int], guidance_scale: float = 4.0, num_inference_steps: int = 50,

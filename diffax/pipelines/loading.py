@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import json
 import os
 import re
-import shutil
 import sys
 import warnings
 from pathlib import Path

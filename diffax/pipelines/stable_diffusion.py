@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, check_output_type,
-                                   noise_from_seeds, prompt_list, register_pipeline, row_keys, seeds_for,
-                                   to_unit_range)
+                                   noise_from_seeds, num_loop_steps, prompt_list, register_pipeline, row_keys,
+                                   seeds_for, to_unit_range)
 from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.text_encoding import encode_prompt, repeat_rows, tokenize_prompts
 from diffax.sampling import loop_range, sample
@@ -199,7 +199,7 @@ class StableDiffusionPipeline(Pipeline):
     def build(self, static: Static):
         """The program for `static`: (params, rows, scalars) -> images [N, H, W, 3] or latents [N, h, w, C]."""
         scheduler = self.call_scheduler(static.eta)
-        progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
+        progress = self.progress_hook(num_loop_steps(scheduler, static.steps)) if static.progress else None
 
         def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
             cond, uncond = self.encode_text(params, rows, static)
@@ -363,7 +363,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionImg2ImgPipeline):
                 [mask_latent, self.encode_images(params, masked, row_keys(rows["seeds"], 3))], axis=-1)
         else:
             scheduler = self.scheduler
-            stop = static.steps * scheduler.order  # the last loop index + 1 (no denoising_end here)
+            stop = num_loop_steps(scheduler, static.steps)  # the last loop index + 1 (no denoising_end here)
 
             def blend(x: jax.Array, i: jax.Array, state: Any) -> jax.Array:
                 # The known region at the next step's noise level (clean after the last step).
