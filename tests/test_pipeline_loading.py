@@ -205,3 +205,20 @@ def test_ddpm_and_ddim_pipelines_match_diffusers(tmp_path):
     assert isinstance(pipe, DDIMPipeline)
     np.testing.assert_allclose(pipe(batch_size=2, num_inference_steps=3, latents=x).images,
                                diffusers_images(ddim, noise=x, batch_size=2, num_inference_steps=3), rtol=0, atol=ATOL)
+
+
+def test_scheduler_swaps_keep_the_folders_schedule(sd_folder, tmp_path):
+    pipe = diffax.pipelines.load(sd_folder, cache_dir=tmp_path)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.steps_offset == 1
+    pipe._programs["x"] = None  # stands for a compiled program
+    sched = pipe.set_scheduler("dpm++2m_karras", solver_order=3)
+    assert pipe.scheduler is sched and not pipe._programs
+    assert (type(sched).__name__, sched.use_karras_sigmas, sched.solver_order) == ("DPMSolverMultistepScheduler",
+                                                                                  True, 3)
+    assert (sched.beta_schedule, sched.beta_start, sched.steps_offset) == ("scaled_linear", 0.00085, 1)
+    pipe.scheduler = "EulerDiscreteScheduler"
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler" and pipe.scheduler.beta_end == 0.012
+    pipe.scheduler = {"_class_name": "DDPMScheduler", "num_train_timesteps": 500}
+    assert pipe.scheduler.num_train_timesteps == 500
+    with pytest.raises(ValueError, match="unknown sampler 'nope'"):
+        pipe.set_scheduler("nope")
