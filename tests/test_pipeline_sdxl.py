@@ -298,6 +298,25 @@ def test_base_to_refiner_hand_off_matches_diffusers(pipes, folders):
     assert_close(got, want)
 
 
+def test_command_line_refiner_runs_the_hand_off(pipes, tmp_path):
+    """sample.py --refiner: the base's latents at high_noise_frac go to the refiner, image k from seed k."""
+    from PIL import Image
+
+    from diffax.pipelines import command
+
+    request = command.Request(prompt="a cat", num_inference_steps=5, seed=9, num_images=2, batch_size=2,
+                              high_noise_frac=0.8)
+    result = command.generate(pipes["base"], request, tmp_path, refiner=pipes["refiner"])
+    assert [p.name for p in result["paths"]] == ["9.png", "10.png"]
+    latents = pipes["base"]("a cat", num_inference_steps=5, denoising_end=0.8, seed=[9, 10],
+                            num_images_per_prompt=2, output_type="latent").images
+    want = pipes["refiner"]("a cat", image=latents, num_inference_steps=5, denoising_start=0.8, seed=[9, 10],
+                            num_images_per_prompt=2).images
+    for path, image in zip(result["paths"], want):
+        got = np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+        assert np.abs(got - np.round(image * 255)).max() <= 1
+
+
 def right_half_mask():
     """Repaint the right half: [1, 16, 16, 1] in {0, 1}."""
     mask = np.zeros((1, 16, 16, 1), np.float32)
