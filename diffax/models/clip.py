@@ -72,8 +72,34 @@ LEGACY_EOS_TOKEN_ID = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class _CLIPTextFields(DiffusersConfig):
+class TransformersConfig(DiffusersConfig):
+    """A config that transformers writes: config.json names the class in `architectures` and the model in
+    `model_type`, beside transformers' bookkeeping keys (`TRANSFORMERS_KEYS` plus `ignored_keys`)."""
+    model_type: ClassVar[str]
+    description: ClassVar[str]               # what the model is, for errors: 'a CLIP text encoder'
+    ignored_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def _translate(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
+        """Drops transformers' bookkeeping keys; a config of another transformers model is refused."""
+        model_type = cfg.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(f"{source}: model_type is {model_type!r}, not {cls.model_type!r} ({cls.description})")
+        return {k: v for k, v in cfg.items() if k not in TRANSFORMERS_KEYS | cls.ignored_keys}
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """transformers' config.json (`architectures`, `model_type`, the config's keys), which
+        `transformers.<class_name>.from_pretrained` reads and `from_diffusers` reads back to an equal config."""
+        out = super().to_diffusers()
+        del out["_class_name"]
+        return {"architectures": [self.class_name], "model_type": self.model_type, **out}
+
+
+@dataclasses.dataclass(frozen=True)
+class _CLIPTextFields(TransformersConfig):
     """The keys of transformers' `CLIPTextConfig` (same defaults: OpenAI CLIP ViT-B/32's text tower)."""
+    model_type: ClassVar[str] = MODEL_TYPE
+    description: ClassVar[str] = "a CLIP text encoder"
     vocab_size: int = 49408
     hidden_size: int = 512
     intermediate_size: int = 2048
@@ -130,21 +156,6 @@ class _CLIPTextFields(DiffusersConfig):
                 raise bad(key, "a non-negative int" + ("" if key == "eos_token_id" else " or null"))
         if self.attention_backend not in BACKENDS:
             raise bad("attention_backend", " or ".join(repr(b) for b in BACKENDS))
-
-    @classmethod
-    def _translate(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Drops transformers' bookkeeping keys; a config of another transformers model is refused."""
-        model_type = cfg.get("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"{source}: model_type is {model_type!r}, not {MODEL_TYPE!r} (a CLIP text encoder)")
-        return {k: v for k, v in cfg.items() if k not in TRANSFORMERS_KEYS}
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """transformers' config.json (`architectures`, `model_type`, the CLIPTextConfig keys), which
-        `transformers.<class_name>.from_pretrained` reads and `from_diffusers` reads back to an equal config."""
-        out = super().to_diffusers()
-        del out["_class_name"]
-        return {"architectures": [self.class_name], "model_type": MODEL_TYPE, **out}
 
     def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """((input_ids [1, max_position_embeddings] int32,), {})."""

@@ -34,8 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from diffax.models.attention import BACKENDS
-from diffax.models.clip import ACTIVATIONS, TRANSFORMERS_KEYS, CLIPEncoder
-from diffax.models.config_base import DiffusersConfig
+from diffax.models.clip import ACTIVATIONS, CLIPEncoder, TransformersConfig
 from diffax.models.layers import LayerNorm, conv, dense
 from diffax.models.registry import ModelFamily, register
 from diffax.models.transformer import TOKEN_AXES
@@ -43,13 +42,15 @@ from diffax.models.transformer import TOKEN_AXES
 Dtype = Any
 
 MODEL_TYPE = "clip_vision_model"
-# Token ids transformers 4 wrote (as null) into every sub-config, vision ones included: read and ignored.
-IGNORED_KEYS = TRANSFORMERS_KEYS | {"bos_token_id", "eos_token_id", "pad_token_id"}
 
 
 @dataclasses.dataclass(frozen=True)
-class _CLIPVisionFields(DiffusersConfig):
+class _CLIPVisionFields(TransformersConfig):
     """The keys of transformers' `CLIPVisionConfig` (same defaults: OpenAI CLIP ViT-B/32's image tower)."""
+    model_type: ClassVar[str] = MODEL_TYPE
+    description: ClassVar[str] = "a CLIP image encoder"
+    # Token ids transformers 4 wrote (as null) into every sub-config, vision ones included: read and ignored.
+    ignored_keys: ClassVar[frozenset[str]] = frozenset({"bos_token_id", "eos_token_id", "pad_token_id"})
     hidden_size: int = 768
     intermediate_size: int = 3072
     projection_dim: int = 512           # width of `visual_projection` (used by the WithProjection family)
@@ -97,21 +98,6 @@ class _CLIPVisionFields(DiffusersConfig):
                 raise bad(key, "a finite float")
         if self.attention_backend not in BACKENDS:
             raise bad("attention_backend", " or ".join(repr(b) for b in BACKENDS))
-
-    @classmethod
-    def _translate(cls, cfg: dict[str, Any], source: str) -> dict[str, Any]:
-        """Drops transformers' bookkeeping keys; a config of another transformers model is refused."""
-        model_type = cfg.get("model_type", MODEL_TYPE)
-        if model_type != MODEL_TYPE:
-            raise ValueError(f"{source}: model_type is {model_type!r}, not {MODEL_TYPE!r} (a CLIP image encoder)")
-        return {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """transformers' config.json (`architectures`, `model_type`, the CLIPVisionConfig keys), which
-        `transformers.<class_name>.from_pretrained` reads and `from_diffusers` reads back to an equal config."""
-        out = super().to_diffusers()
-        del out["_class_name"]
-        return {"architectures": [self.class_name], "model_type": MODEL_TYPE, **out}
 
     def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """((pixel_values [1, image_size, image_size, num_channels],), {})."""
