@@ -169,6 +169,21 @@ def test_include_exclude_and_abstract_sizes():
         jax.tree.map(lambda a: (a.shape, jnp.dtype(a.dtype)), qp.params)
 
 
+def test_quantized_specs_fit_the_tree():
+    from diffax.models import logical_specs
+    from diffax.quant import quantized_specs
+    config = FAMILIES["dit"]
+    qp = quantize_params(random_weights(config), 4, 32)
+    specs = quantized_specs(logical_specs(config), qp)
+    leaves = jax.tree_util.tree_leaves_with_path(qp.params)
+    spec_leaves = jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert [p for p, _ in leaves] == [p for p, _ in spec_leaves]
+    for (path, leaf), (_, spec) in zip(leaves, spec_leaves):
+        assert len(spec) <= leaf.ndim, path
+    block = specs["transformer_blocks_0"]["attn1"]["to_q"]
+    assert tuple(block["kernel"]) == (None, "heads") and tuple(block["kernel_scale"]) == (None, "heads")
+
+
 def test_full_size_memory_goals():
     """Weight memory of full-size SD 1.5 U-Net and DiT-XL/2, from shapes: int8 <= 0.27, int4 <= 0.15 of fp32."""
     sd15 = UNet2DConditionConfig.from_diffusers(dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8))

@@ -228,3 +228,18 @@ def is_quantized(params: Params) -> bool:
     """Whether any layer of `params` holds a stored (integer) kernel."""
     return any(p[-1] == KERNEL_SCALE for p in flatten(params))
 
+
+
+
+def quantized_specs(specs: Params, qp: QuantizedParams) -> Params:
+    """The logical PartitionSpecs of `qp.params` from those of the float tree (`logical_specs(config)`):
+    a quantized kernel [rows, out] and its `kernel_scale` [G, out] keep the float kernel's output axis and
+    replicate the rows (padded and packed, they need not divide a mesh axis the float input axis did)."""
+    from jax.sharding import PartitionSpec
+    flat = flatten(specs)  # a PartitionSpec is a tuple, so it is a leaf here
+    for name, _ in qp.shapes:
+        path = tuple(name.split("/"))
+        out_axis = tuple(flat[path])[-1] if len(flat[path]) else None
+        flat[path] = PartitionSpec(None, out_axis)
+        flat[path[:-1] + (KERNEL_SCALE,)] = PartitionSpec(None, out_axis)
+    return unflatten(flat)
