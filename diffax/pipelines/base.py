@@ -181,6 +181,21 @@ def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- the base class
 
 
+def chain_hooks(*hooks: Callable[[jax.Array, jax.Array, Any], jax.Array] | None
+                ) -> Callable[[jax.Array, jax.Array, Any], jax.Array] | None:
+    """One `after_step` hook running the given ones in order (None ones skipped); None when there are none."""
+    hooks = tuple(h for h in hooks if h is not None)
+    if not hooks:
+        return None
+
+    def run(x: jax.Array, i: jax.Array, state: Any) -> jax.Array:
+        for hook in hooks:
+            x = hook(x, i, state)
+        return x
+
+    return run
+
+
 class Pipeline(LoraMixin):
     """A diffusers-style pipeline over diffax components. Subclasses set `required_components` and
     implement `__call__` with `run_program`."""
@@ -362,6 +377,20 @@ class Pipeline(LoraMixin):
             return x
 
         return hook
+
+    # -- hooks for pipelines that steer the denoiser (ControlNet); the defaults leave it as it is
+
+    pass_step_index: ClassVar[bool] = False  # call the denoiser with step_index=i (diffax.sampling.sample)
+
+    def extra_conditioning(self, rows: dict[str, Any], static: Any, cond: dict[str, Any],
+                           uncond: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """More keyword inputs of the denoiser, beside the text conditioning (inside the program)."""
+        return cond, uncond
+
+    def wrap_denoiser(self, denoise: Callable[..., jax.Array], params: dict[str, Params], scalars: dict[str, Any],
+                      static: Any) -> Callable[..., jax.Array]:
+        """The denoiser the sampler calls, given the U-Net's (inside the program)."""
+        return denoise
 
     def run_safety_checker(self, images: np.ndarray) -> tuple[np.ndarray, list[bool] | None]:
         """(images, nsfw flags): flagged images blacked out by the checker; (images, None) without one."""

@@ -41,14 +41,12 @@ import numpy as np
 from diffax.models.controlnet import ControlNetModel, apply_multi_controlnet
 from diffax.pipelines import cache
 from diffax.pipelines import stable_diffusion_xl as sdxl
-from diffax.pipelines.base import (Component, Pipeline, PipelineInputError, PipelineOutput, noise_from_seeds,
-                                   register_pipeline, row_keys)
+from diffax.pipelines.base import Component, Pipeline, PipelineInputError, PipelineOutput, register_pipeline
 from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.loading import register_component_loader
 from diffax.pipelines.stable_diffusion import (Static, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                                                StableDiffusionPipeline)
 from diffax.pipelines.text_encoding import repeat_rows
-from diffax.sampling import sample
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +254,21 @@ class _ControlNetMixin:
 
     # -- traced pieces
 
+    pass_step_index = True  # the keep table is indexed by the loop step
+
+    def extra_conditioning(self, rows: dict, static: Any, cond: dict, uncond: dict | None) -> tuple[dict, dict | None]:
+        """The control images as a conditioning input: under guidance they are doubled with [uncond; cond],
+        as diffusers doubles them (guess mode takes the conditional half back)."""
+        images = tuple(rows[f"control_image_{k}"] for k in range(len(self.controlnets())))  # [N, H, W, 3] each
+        cond = {**cond, "controlnet_cond": images}
+        if uncond is not None:
+            uncond = {**uncond, "controlnet_cond": images}
+        return cond, uncond
+
+    def wrap_denoiser(self, denoise: Any, params: dict, scalars: dict, static: Any) -> Any:
+        """The U-Net's denoiser with the ControlNets' residuals added."""
+        return self.control_denoiser(denoise, params, scalars, guess_mode=static.guess_mode, guided=static.guided)
+
     def control_denoiser(self, unet_denoise: Any, params: dict, scalars: dict, *, guess_mode: bool, guided: bool):
         """denoise(x, t, step_index, controlnet_cond, **cond): the nets' residuals, then
         `unet_denoise(x, t, **cond)` with them (down_block_additional_residuals, mid_block_additional_residual)."""
@@ -284,41 +297,6 @@ class _ControlNetMixin:
                                 **cond)
 
         return denoise
-
-    def build(self, static: ControlStatic):
-        """The program for `static`: Stable Diffusion's, with the ControlNets inside the denoiser (the SDXL
-        pipeline has its own)."""
-        scheduler = self.scheduler
-        progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
-        n_nets = len(self.controlnets())
-
-        def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
-            cond, uncond = self.encode_text(params, rows, static)
-            images = tuple(rows[f"control_image_{k}"] for k in range(n_nets))  # [N, H, W, 3] each
-            # As a conditioning input the images are doubled with [uncond; cond] under guidance, as diffusers
-            # doubles them (guess mode takes the conditional half back).
-            cond = {**cond, "controlnet_cond": images}
-            if uncond is not None:
-                uncond = {**uncond, "controlnet_cond": images}
-            shape = (*static.latent_size, self.latent_channels)
-            noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], shape)
-            setup = self.latent_setup(params, rows, static, noise)
-            blend = setup.get("after_step")
-            after = blend
-            if progress is not None:
-                after = progress if blend is None else (lambda x, i, s: progress(blend(x, i, s), i, s))
-            denoise = self.control_denoiser(self.unet_fn(params, setup.get("extra")), params, scalars,
-                                            guess_mode=static.guess_mode, guided=static.guided)
-            x = sample(scheduler, denoise, noise,
-                       num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], 2)[0],  # stream 2, as SD
-                       cond=cond, uncond=uncond,
-                       guidance_scale=scalars["guidance_scale"] if static.guided else None,
-                       guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
-                       init_sample=setup.get("init_sample"), start_index=scalars.get("start"),
-                       pass_step_index=True, after_step=after)
-            return self.decode_latents(params, x, static.vae_tiling) if static.decode else x
-
-        return program
 
 
 class StableDiffusionControlNetPipeline(_ControlNetMixin, StableDiffusionPipeline):
@@ -510,38 +488,6 @@ class _XLControlNetMixin(_ControlNetMixin):
                                     control_guidance_end=control["control_guidance_end"])
         static = self.control_static(static, control["guess_mode"], XLControlStatic)
         return super().generate(static, {**rows, **control_rows}, {**scalars, **keep}, output_type)
-
-    def build(self, static: XLControlStatic):
-        """The program for `static`: SDXL's, with the ControlNets inside the denoiser."""
-        scheduler = self.scheduler
-        progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
-        n_nets = len(self.controlnets())
-
-        def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
-            cond, uncond = self.conditioning(params, rows, static)
-            images = tuple(rows[f"control_image_{k}"] for k in range(n_nets))  # [N, H, W, 3] each
-            cond = {**cond, "controlnet_cond": images}
-            if uncond is not None:
-                uncond = {**uncond, "controlnet_cond": images}
-            noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], static.latent_shape)
-            setup = self.latent_setup(params, rows, static, noise)
-            blend = setup.get("after_step")
-            after = blend
-            if progress is not None:
-                after = progress if blend is None else (lambda x, i, st: progress(blend(x, i, st), i, st))
-            start = scalars.get("start") if static.denoising_start is None else None
-            denoise = self.control_denoiser(self.denoiser(params["unet"], setup.get("extra")), params, scalars,
-                                            guess_mode=static.guess_mode, guided=static.guided)
-            x = sample(scheduler, denoise, noise, num_inference_steps=static.steps,
-                       key=row_keys(rows["seeds"][:1], sdxl._SAMPLER_STREAM)[0], cond=cond, uncond=uncond,
-                       guidance_scale=scalars["guidance_scale"] if static.guided else None,
-                       guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
-                       init_sample=setup.get("init_sample"), start_index=start,
-                       denoising_start=static.denoising_start, denoising_end=static.denoising_end,
-                       pass_step_index=True, after_step=after)
-            return self.decode(params["vae"], x, static.vae_tiling) if static.decode else x.astype(jnp.float32)
-
-        return program
 
 
 class StableDiffusionXLControlNetPipeline(_XLControlNetMixin, sdxl.StableDiffusionXLPipeline):

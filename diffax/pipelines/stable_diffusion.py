@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, check_output_type,
+from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, chain_hooks, check_output_type,
                                    noise_from_seeds, num_loop_steps, prompt_list, register_pipeline, row_keys,
                                    seeds_for, to_unit_range)
 from diffax.pipelines.images import load_images, load_masks
@@ -202,21 +202,19 @@ class StableDiffusionPipeline(Pipeline):
         progress = self.progress_hook(num_loop_steps(scheduler, static.steps)) if static.progress else None
 
         def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
-            cond, uncond = self.encode_text(params, rows, static)
+            cond, uncond = self.extra_conditioning(rows, static, *self.encode_text(params, rows, static))
             shape = (*static.latent_size, self.latent_channels)
             noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], shape)
             setup = self.latent_setup(params, rows, static, noise)
-            blend = setup.get("after_step")
-            after = blend
-            if progress is not None:
-                after = progress if blend is None else (lambda x, i, s: progress(blend(x, i, s), i, s))
-            x = sample(scheduler, self.unet_fn(params, setup.get("extra")), noise,
+            denoise = self.wrap_denoiser(self.unet_fn(params, setup.get("extra")), params, scalars, static)
+            x = sample(scheduler, denoise, noise,
                        num_inference_steps=static.steps, key=row_keys(rows["seeds"], 2),
                        cond=cond, uncond=uncond,
                        guidance_scale=scalars["guidance_scale"] if static.guided else None,
                        guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
                        init_sample=setup.get("init_sample"), start_index=scalars.get("start"),
-                       after_step=after)
+                       pass_step_index=self.pass_step_index,
+                       after_step=chain_hooks(setup.get("after_step"), progress))
             return self.decode_latents(params, x, static.vae_tiling) if static.decode else x
 
         return program

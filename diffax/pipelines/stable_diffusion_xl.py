@@ -34,8 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, check_output_type, noise_from_seeds,
-                                   register_pipeline, row_keys, seeds_for, to_unit_range)
+from diffax.pipelines.base import (Pipeline, PipelineInputError, PipelineOutput, chain_hooks, check_output_type,
+                                   noise_from_seeds, num_loop_steps, register_pipeline, row_keys, seeds_for,
+                                   to_unit_range)
 from diffax.pipelines.images import load_images, load_masks
 from diffax.pipelines.text_encoding import encode_prompt_sdxl, tokenize_prompts
 from diffax.sampling import loop_range, sample
@@ -371,24 +372,23 @@ class _StableDiffusionXLCommon(Pipeline):
     def build(self, static: Static):
         """The program for `static`: (params, rows, scalars) -> images [N, H, W, 3] or latents [N, h, w, C]."""
         scheduler = self.scheduler
-        progress = self.progress_hook(static.steps * scheduler.order) if static.progress else None
+        progress = self.progress_hook(num_loop_steps(scheduler, static.steps)) if static.progress else None
 
         def program(params: dict, rows: dict, scalars: dict) -> jax.Array:
-            cond, uncond = self.conditioning(params, rows, static)
+            cond, uncond = self.extra_conditioning(rows, static, *self.conditioning(params, rows, static))
             noise = rows["latents"] if "latents" in rows else noise_from_seeds(rows["seeds"], static.latent_shape)
             setup = self.latent_setup(params, rows, static, noise)
-            blend = setup.get("after_step")
-            after = blend
-            if progress is not None:
-                after = progress if blend is None else (lambda x, i, state: progress(blend(x, i, state), i, state))
             # denoising_start (a static choice) fixes the start itself; strength is a traced input.
             start = scalars.get("start") if static.denoising_start is None else None
-            x = sample(scheduler, self.denoiser(params["unet"], setup.get("extra")), noise,
-                       num_inference_steps=static.steps, key=row_keys(rows["seeds"][:1], _SAMPLER_STREAM)[0],
+            denoise = self.wrap_denoiser(self.denoiser(params["unet"], setup.get("extra")), params, scalars, static)
+            x = sample(scheduler, denoise, noise,
+                       num_inference_steps=static.steps, key=row_keys(rows["seeds"], _SAMPLER_STREAM),
                        cond=cond, uncond=uncond, guidance_scale=scalars["guidance_scale"] if static.guided else None,
                        guidance_rescale=scalars["guidance_rescale"] if static.rescaled else 0.0,
                        init_sample=setup.get("init_sample"), start_index=start,
-                       denoising_start=static.denoising_start, denoising_end=static.denoising_end, after_step=after)
+                       denoising_start=static.denoising_start, denoising_end=static.denoising_end,
+                       pass_step_index=self.pass_step_index,
+                       after_step=chain_hooks(setup.get("after_step"), progress))
             return self.decode(params["vae"], x, static.vae_tiling) if static.decode else x.astype(jnp.float32)
 
         return program
