@@ -28,13 +28,17 @@ def _is_pil(x: Any) -> bool:
 
 
 def _nearest(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """[N, H, W, C] -> [N, height, width, C]: torch's 'nearest' (source index floor(dst * in / out))."""
+    """[N, H, W, C] -> [N, height, width, C]: torch's 'nearest' (source index floor(dst * (in / out)), with
+    torch's float32 scale: in float64 the index differs for many size pairs, e.g. 2 -> 82)."""
     n, h, w, c = x.shape
     if (h, w) == (height, width):
         return x
-    rows = np.minimum(np.floor(np.arange(height) * (h / height)).astype(np.int64), h - 1)
-    cols = np.minimum(np.floor(np.arange(width) * (w / width)).astype(np.int64), w - 1)
-    return x[:, rows][:, :, cols]
+
+    def index(size_in: int, size_out: int) -> np.ndarray:
+        scale = np.float32(np.float32(size_in) / np.float32(size_out))
+        return np.minimum(np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int64), size_in - 1)
+
+    return x[:, index(h, height)][:, :, index(w, width)]
 
 
 def _size(h: int, w: int, height: int | None, width: int | None, multiple: int) -> tuple[int, int]:
