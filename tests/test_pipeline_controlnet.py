@@ -208,7 +208,12 @@ def test_attached_to_plain_sd_equals_saved_pipeline(folders, pipes):
     plain = diffax.pipelines.load(folders["sd"], cache_dir=False)
     attached = with_controlnet(plain, [folders["cn2"] / "controlnet", folders["cn2"] / "controlnet_1"])
     call = dict(prompt=PROMPTS, image=control_images(), num_inference_steps=STEPS)
-    np.testing.assert_array_equal(attached(**call).images, pipes["cn2"](**call).images)
+    want = pipes["cn2"](**call).images
+    np.testing.assert_array_equal(attached(**call).images, want)
+    loaded = diffax.pipelines.load(folders["sd"], cache_dir=False,
+                                   controlnet=[folders["cn2"] / "controlnet", folders["cn2"] / "controlnet_1"])
+    assert type(loaded).__name__ == "StableDiffusionControlNetPipeline"
+    np.testing.assert_array_equal(loaded(**call).images, want)
 
 
 def test_uint8_edge_maps_and_input_errors(pipes):
