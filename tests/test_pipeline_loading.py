@@ -14,10 +14,12 @@ import sys
 import warnings
 
 import diffusers
+import jax
 import numpy as np
 import pytest
 
 import diffax.pipelines
+from diffax import parallel
 from diffax.convert import api
 from diffax.convert.io import CheckpointError
 from diffax.convert.rules import flatten
@@ -184,6 +186,11 @@ def test_dit_pipeline_matches_diffusers(tmp_path):
     want = diffusers_images(folder, noise=x, **kw)
     assert got.shape == (2, 8, 8, 3) and want.std() > 0.05
     np.testing.assert_allclose(got, want, rtol=0, atol=ATOL)
+    # 2 rows padded over the 8 devices of the default mesh, against one device; seeds instead of latents.
+    one = DiTPipeline(pipe.components, pipe.scheduler, config=pipe.config,
+                      mesh=parallel.make_mesh({"data": 1}, devices=jax.devices()[:1]))
+    assert len(pipe.mesh.devices.flat) == 8
+    np.testing.assert_allclose(one(seed=[3, 4], **kw).images, pipe(seed=[3, 4], **kw).images, atol=1e-5)
     with pytest.raises(ValueError, match="class_labels must be ids in 0..999"):
         pipe(class_labels=[1000])
 
