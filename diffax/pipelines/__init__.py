@@ -12,10 +12,18 @@ from __future__ import annotations
 from typing import Any
 
 
-def load(path: Any, **kwargs: Any) -> Any:
-    """`diffax.pipelines.loading.load`: the pipeline at `path` (see there for the arguments)."""
+def load(path: Any, *, controlnet: Any = None, **kwargs: Any) -> Any:
+    """`diffax.pipelines.loading.load`: the pipeline at `path` (see there for the other arguments).
+
+    controlnet: a ControlNet folder (or a list of them) to attach; the result is then the matching ControlNet
+    pipeline (`diffax.pipelines.controlnet.with_controlnet`).
+    """
     from diffax.pipelines.loading import load as _load
-    return _load(path, **kwargs)
+    pipe = _load(path, **kwargs)
+    if controlnet is not None:
+        from diffax.pipelines.controlnet import with_controlnet
+        pipe = with_controlnet(pipe, controlnet, dtype=kwargs.get("dtype"), cache_dir=kwargs.get("cache_dir"))
+    return pipe
 
 
 def __getattr__(name: str) -> Any:
@@ -35,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 # Submodule names: importing them must not go through __getattr__.
 _SUBMODULES = frozenset({"base", "cache", "class_conditional", "controlnet", "generation", "images", "loading",
-                         "lora", "stable_diffusion", "stable_diffusion_xl", "text_encoding", "canny"})
+                         "lora", "stable_diffusion", "stable_diffusion_xl", "text_encoding", "canny",
+                         "command", "safety"})
 
 __all__ = ["load"]

@@ -121,7 +121,7 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
          safety_checker: bool = True, cache_dir: str | os.PathLike | None | bool = None, mesh: Mesh | None = None,
          tokenizer: str | os.PathLike | None = None, tokenizer_2: str | os.PathLike | None = None,
          model_type: str | None = None, scheduler: Any = None, single_file_configs: Mapping[str, Any] | None = None,
-         compilation_cache: bool = True, controlnet: Any = None) -> Pipeline:
+         compilation_cache: bool = True) -> Pipeline:
     """The pipeline at `path`: a diffusers pipeline folder (model_index.json), a hub id, or a single-file
     Stable Diffusion checkpoint (.safetensors / .ckpt).
 
@@ -137,8 +137,6 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
         scheduler: a scheduler, config or sampler name replacing the loaded / default one.
         single_file_configs: component -> diffax config for a single file of non-standard sizes.
         compilation_cache: turn on XLA's persistent compilation cache (see the module doc).
-        controlnet: a ControlNet folder (or a list of them) to attach: the result is the matching ControlNet
-            pipeline (`diffax.pipelines.controlnet.with_controlnet`).
     Raises:
         CheckpointError / ValueError naming the file and key: no such path, an unknown pipeline class, a
         missing component, a model config diffax does not support.
@@ -158,9 +156,6 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
     else:
         pipe = _load_folder(local, dtype=dtype, attention_backend=attention_backend, safety_checker=safety_checker,
                             cache_dir=cache_dir, mesh=mesh, scheduler=scheduler)
-    if controlnet is not None:
-        from diffax.pipelines.controlnet import with_controlnet  # it registers its loaders with this module
-        pipe = with_controlnet(pipe, controlnet, dtype=dtype, cache_dir=cache_dir)
     return pipe
 
 
