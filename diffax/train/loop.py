@@ -60,21 +60,26 @@ def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any
     return {"image": batch["image"], "cond": cond}
 
 
-def create_train_state(model: nn.Module, tx, mesh, key: jax.Array,
-                       rules: parallel.Rules = parallel.DEFAULT_RULES) -> tuple[TrainState, Any]:
-    """A fresh TrainState laid out on `mesh` by the parameters' logical axes (through `rules`), and its
-    shardings.
+def train_state_shardings(model: nn.Module, tx, mesh, rules: parallel.Rules = parallel.DEFAULT_RULES
+                          ) -> tuple[TrainState, Any]:
+    """(the TrainState as ShapeDtypeStructs, its NamedShardings on `mesh`) from the parameters' logical axes
+    through `rules`, without computing anything: what placing or restoring a state on a mesh needs.
 
     The optimizer state inherits the parameters' partitioning boxes (optax maps over them), so one
     `nn.get_partition_spec` gives shardings for params, EMA and Adam moments alike.
     """
-    def init(key):
-        return init_train_state(boxed_init(model.config, key), tx)
+    abstract_boxed = jax.eval_shape(lambda k: init_train_state(boxed_init(model.config, k), tx), jax.random.key(0))
+    abstract = nn.meta.unbox(abstract_boxed)
+    return abstract, parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules, shapes=abstract)
 
-    abstract_boxed = jax.eval_shape(init, key)
-    shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules,
-                                           shapes=nn.meta.unbox(abstract_boxed))
-    state = parallel.jit_with_rules(lambda k: nn.meta.unbox(init(k)), mesh, rules, out_shardings=shardings)(key)
+
+def create_train_state(model: nn.Module, tx, mesh, key: jax.Array,
+                       rules: parallel.Rules = parallel.DEFAULT_RULES) -> tuple[TrainState, Any]:
+    """A fresh TrainState laid out on `mesh` by the parameters' logical axes (through `rules`), and its
+    shardings (`train_state_shardings`)."""
+    _, shardings = train_state_shardings(model, tx, mesh, rules)
+    state = parallel.jit_with_rules(lambda k: nn.meta.unbox(init_train_state(boxed_init(model.config, k), tx)),
+                                    mesh, rules, out_shardings=shardings)(key)
     return state, shardings
 
 
