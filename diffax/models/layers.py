@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffax.quant.qtensor import dequantize_kernel
+
 Dtype = Any
 Axes = tuple[str | None, ...]
 
@@ -47,7 +49,6 @@ class _QuantizableKernel:
 
     def param(self, name: str, init_fn: Any, *init_args: Any, unbox: bool = True, **init_kwargs: Any) -> Any:
         if name == "kernel" and self.has_variable("params", "kernel_scale"):
-            from diffax.quant.qtensor import dequantize_kernel  # here: diffax.quant imports the models
             stored, scale = (nn.meta.unbox(self.get_variable("params", n)) for n in ("kernel", "kernel_scale"))
             return dequantize_kernel(stored, scale, init_args[0], self.dtype or jnp.float32)
         return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)

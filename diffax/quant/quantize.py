@@ -56,7 +56,8 @@ class QuantizedParams:
 
 
 def flatten(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, Any]:
-    """{('a', 'b'): leaf} from a nested dict."""
+    """{('a', 'b'): leaf} from a nested dict (as `diffax.convert.rules.flatten`, which this package cannot
+    import: the model layers import it, and diffax.convert imports the models)."""
     out: dict[Path, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
