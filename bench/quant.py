@@ -55,9 +55,11 @@ VARIANTS = {"int8": dict(bits=8), "int4": dict(bits=4), "int4_g64": dict(bits=4,
             "int4_g128": dict(bits=4, group_size=128)}
 
 
-def _random_inputs(config: Any, batch: int, key: jax.Array, spatial: int | None = None) -> tuple[tuple, dict]:
+def _random_inputs(config: Any, batch: int, key: jax.Array, spatial: int | None = None,
+                   tokens: int | None = None) -> tuple[tuple, dict]:
     """The family's init inputs with batch `batch`, random values (timesteps in [0, 1000), ids < 1000,
-    class labels < 10) and, for image inputs, side `spatial`."""
+    class labels < 10), image inputs of side `spatial` and text embeddings [B, L, D] of `tokens` tokens
+    (init inputs are the smallest valid ones, e.g. 4x4 images and one token)."""
     args, kwargs = config.init_inputs()
     leaves, tree = jax.tree.flatten((args, kwargs))
     out = []
@@ -66,6 +68,8 @@ def _random_inputs(config: Any, batch: int, key: jax.Array, spatial: int | None 
         shape = (batch,) + leaf.shape[1:] if leaf.ndim else ()
         if leaf.ndim == 4 and spatial:
             shape = (batch, spatial, spatial, leaf.shape[-1])
+        if leaf.ndim == 3 and tokens and jnp.issubdtype(leaf.dtype, jnp.floating):
+            shape = (batch, tokens, leaf.shape[-1])
         if jnp.issubdtype(leaf.dtype, jnp.floating):
             out.append(jax.random.uniform(k, shape, leaf.dtype, 0, 999) if leaf.ndim == 1 else
                        jax.random.normal(k, shape, leaf.dtype))
@@ -95,11 +99,11 @@ def _output(out: Any) -> jax.Array:
     return jax.tree.leaves(out)[0]
 
 
-def measure(name: str, config: Any, *, batch: int, spatial: int | None, repeats: int,
+def measure(name: str, config: Any, *, batch: int, spatial: int | None, repeats: int, tokens: int | None = None,
             forward: Callable[[Any], Callable] | None = None) -> dict[str, Any]:
     """The table rows of one family: bytes, errors and times of fp32, bf16 and the quantized variants."""
     params = random_weights(config)
-    args, kwargs = _random_inputs(config, batch, jax.random.key(7), spatial)
+    args, kwargs = _random_inputs(config, batch, jax.random.key(7), spatial, tokens)
     bf16 = dataclasses.replace(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     runs = {"fp32": (make_module(config), params),
             "bf16": (make_module(bf16), jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))}
@@ -126,7 +130,7 @@ def measure(name: str, config: Any, *, batch: int, spatial: int | None, repeats:
                    **_errors(outputs[v], outputs["fp32"]), "median_s": statistics.median(times[v]),
                    "iqr_s": q[2] - q[0]}
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    return {"family": name, "params": n_params, "batch": batch, "spatial": spatial, "rows": rows}
+    return {"family": name, "params": n_params, "batch": batch, "spatial": spatial, "tokens": tokens, "rows": rows}
 
 
 def abstract_ratios(name: str, config: Any) -> dict[str, Any]:
@@ -155,13 +159,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="family names to run")
     opts = parser.parse_args()
     runs = {
-        "unet_digits": lambda: measure("UNet2DModel digits (configs/digits.py)", UNet2DConfig(**DIGITS_UNET),
-                                       batch=8, spatial=None, repeats=opts.repeats),
+        "unet_digits": lambda: measure("UNet2DModel digits (configs/digits.py), 16x16", UNet2DConfig(**DIGITS_UNET),
+                                       batch=8, spatial=16, repeats=opts.repeats),
         "dit_s2": lambda: measure("DiT-S/2 (256px latents 32x32x4)", DiTConfig.preset("DiT-S/2"), batch=2,
                                   spatial=None, repeats=opts.repeats),
-        "sd_small_unet": lambda: measure("SD-shaped UNet2DCondition, quarter width, 32x32 latents",
-                                         UNet2DConditionConfig.from_diffusers(SD_SMALL_UNET), batch=2, spatial=None,
-                                         repeats=opts.repeats),
+        "sd_small_unet": lambda: measure("SD-shaped UNet2DCondition, quarter width, 32x32 latents, 77 tokens",
+                                         UNet2DConditionConfig.from_diffusers(SD_SMALL_UNET), batch=2, spatial=32,
+                                         tokens=77, repeats=opts.repeats),
         "sd_vae_decode": lambda: measure("SD VAE decoder (AutoencoderKL, 8x8 latents -> 64x64)",
                                          AutoencoderKLConfig.from_diffusers(SD_VAE), batch=1, spatial=8,
                                          repeats=opts.repeats, forward=_vae_decode),
