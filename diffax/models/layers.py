@@ -26,6 +26,7 @@ and for activations (`nn.with_logical_constraint`, a no-op outside `nn.logical_a
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Any, Sequence
 
@@ -41,6 +42,10 @@ Axes = tuple[str | None, ...]
 IMAGE_AXES: Axes = ("batch", None, None, "activation_channels")  # [B, H, W, C] feature maps
 
 
+# The input of the Dense / Conv being traced, so that its quantized kernel can be made to wait for it.
+_LAYER_INPUT: contextvars.ContextVar = contextvars.ContextVar("layer_input", default=None)
+
+
 class _QuantizableKernel:
     """Reads a quantized kernel where the parameters hold one: beside an int8 / packed-int4 `kernel` sits
     its fp32 `kernel_scale` (layout in `diffax.quant.qtensor`), and `kernel` is dequantised to the float
@@ -50,8 +55,22 @@ class _QuantizableKernel:
     def param(self, name: str, init_fn: Any, *init_args: Any, unbox: bool = True, **init_kwargs: Any) -> Any:
         if name == "kernel" and self.has_variable("params", "kernel_scale"):
             stored, scale = (nn.meta.unbox(self.get_variable("params", n)) for n in ("kernel", "kernel_scale"))
+            # Make the float weight depend on this layer's input, so XLA converts it when the layer is
+            # reached: XLA:CPU otherwise converts every weight up front and holds all the float copies at
+            # once (an optimization_barrier is stripped before scheduling there). 0 * x is not folded for
+            # floats (NaN semantics); it costs one scalar multiply, and scale is unchanged for finite x.
+            x = _LAYER_INPUT.get()
+            scale = scale * (1 + 0 * x.reshape(-1)[0].astype(scale.dtype))
             return dequantize_kernel(stored, scale, init_args[0], self.dtype or jnp.float32)
         return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        """flax's layer, with `inputs` visible to `param` while it runs."""
+        token = _LAYER_INPUT.set(inputs)
+        try:
+            return super().__call__(inputs)
+        finally:
+            _LAYER_INPUT.reset(token)
 
 
 class Dense(_QuantizableKernel, nn.Dense):
