@@ -167,6 +167,22 @@ def test_quantized_params_stay_integers_under_jit():
     assert qp.params["conv_in"]["kernel"].dtype == jnp.int8
 
 
+def test_quantized_program_peak_memory_is_smaller():
+    """XLA's buffer assignment: weights + temporaries of the int8 program stay well under fp32's (measured
+    0.54x on this DiT). Were every float weight converted up front, the temporaries alone would hold a
+    full fp32 copy and the int8 program would need more than the fp32 one (1.15x)."""
+    config = FAMILIES["dit"]
+    module, params = make_module(config), random_weights(config)
+    args, kwargs = _inputs(config, jax.random.key(3))
+    forward = jax.jit(lambda p: module.apply({"params": p}, *args, **kwargs))
+
+    def peak(p):
+        m = forward.lower(p).compile().memory_analysis()
+        return m.argument_size_in_bytes + m.temp_size_in_bytes
+
+    assert peak(quantize_params(params, 8).params) < 0.75 * peak(params)
+
+
 def test_include_exclude_and_abstract_sizes():
     config = FAMILIES["dit"]
     params = random_weights(config)
