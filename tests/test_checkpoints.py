@@ -1,9 +1,13 @@
 """Checkpoints: checksums catch silent corruption, bad steps are skipped with one line, --step resumes an
-older step, config changes are checked on resume, and a full disk stops the run with the last step intact."""
+older step, config changes are checked on resume, a full disk stops the run with the last step intact,
+milestones outlive keep-N, a preempted run saves and resumes exactly, and a state saved on an fsdp mesh of 8
+devices restores bit for bit onto 4 data-parallel devices."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -182,6 +186,7 @@ def test_train_step_flag_resumes_an_older_step(trained, tmp_path, capfd):
     ("diffusion.prediction_type", "v_prediction", 'diffusion.prediction_type "epsilon" -> "v_prediction"'),
     ("train.batch_size", 32, "train.batch_size 16 -> 32"),
     ("data.image_size", 8, "data.image_size 16 -> 8"),
+    ("model.name", "DiTTransformer2DModel", 'model.name "UNet2DModel" -> "DiTTransformer2DModel"'),
 ])
 def test_a_config_change_that_alters_the_checkpoint_is_an_error(trained, key, value, message):
     config = tiny_config(steps=6)
@@ -258,3 +263,100 @@ def test_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path):
     manager = checkpoint.make_manager(workdir, read_only=True)
     assert sorted(manager.all_steps()) == [3]  # the half-written step 6 is a temporary folder Orbax ignores
     assert checkpoint.restore_for_sampling(workdir)[2] == 3  # and step 3 reads back, checksums and all
+
+
+def test_keep_every_outlives_keep_n(tmp_path):
+    """keep_checkpoints=2, keep_every=3, saves at steps 1..7: the last two and the multiples of 3 stay."""
+    import jax.numpy as jnp
+    from diffax.train.config import base_config
+    from diffax.train.state import TrainState
+    manager = checkpoint.make_manager(tmp_path, max_to_keep=2, keep_every=3)
+    for step in range(1, 8):
+        state = TrainState(step=jnp.int32(step), params={"w": jnp.full((4,), step, jnp.float32)},
+                           ema_params={"w": jnp.zeros((4,), jnp.float32)}, opt_state=(), skipped=jnp.int32(0))
+        checkpoint.save(manager, state, base_config(), None)
+    checkpoint.finish(manager)
+    assert sorted(checkpoint.make_manager(tmp_path, read_only=True).all_steps()) == [3, 6, 7]
+
+
+def test_preempted_run_saves_at_the_next_step_and_resumes_exactly(trained, tmp_path, monkeypatch, capfd):
+    """SIGTERM during step 2's save: the run finishes step 3, saves it, says so and returns; resumed, it
+    ends with the uninterrupted run's weights (same devices and programs: rounding-free, compared at 1e-6)."""
+    from diffax.train import loop
+    save = checkpoint.save
+
+    def save_then_preempt(manager, state, *args):
+        save(manager, state, *args)
+        if int(state.step) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = tiny_config(steps=6)
+    config.train.checkpoint_every = 2
+    monkeypatch.setattr(loop.checkpoint, "save", save_then_preempt)
+    handler = signal.getsignal(signal.SIGTERM)
+    state = train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 3
+    assert "preempted: stopped after step 3, the latest checkpoint is step 3" in capfd.readouterr().err
+    monkeypatch.setattr(loop.checkpoint, "save", save)
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    train_and_evaluate(config, tmp_path)
+    for a, b in zip(_raw_ema(tmp_path, 6), _raw_ema(trained, 6)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+RESTORE_ON_4 = """
+import sys, numpy as np, jax
+sys.path.insert(0, {tests!r})
+from test_train import tiny_config
+from diffax import parallel
+from diffax.models import build_model
+from diffax.train import checkpoint
+from diffax.train.loop import create_train_state
+from diffax.train.state import make_optimizer
+assert jax.device_count() == 4
+config = tiny_config()
+model, tx = build_model(config.model), make_optimizer(config.train)
+mesh = parallel.make_mesh({{"data": -1}})  # data-parallel: every weight replicated
+state, shardings = create_train_state(model, tx, mesh, jax.random.key(9))
+abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+manager = checkpoint.make_manager({workdir!r}, read_only=True)
+restored = checkpoint.restore_train_state(manager, abstract, None, 1)
+assert all(x.sharding.is_fully_replicated and len(x.sharding.device_set) == 4
+           for x in jax.tree.leaves(restored.params))
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(restored)])
+"""
+
+
+def test_fsdp_checkpoint_restores_bit_exact_on_4_data_parallel_devices(tmp_path):
+    """Saved from (data 1, fsdp 8, tensor 1) after one step; restored in a process with 4 devices on a
+    data-parallel mesh: every leaf of the state (params, EMA, Adam moments, step) is bit-identical."""
+    from diffax import parallel
+    from diffax.models import build_model
+    from diffax.train.loop import create_train_state, jit_train_step, make_objective, model_batch
+    from diffax.train.state import make_optimizer
+    config = tiny_config()
+    model, tx = build_model(config.model), make_optimizer(config.train)
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    state, shardings = create_train_state(model, tx, mesh, jax.random.key(0))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated
+               for x in jax.tree.leaves(state.params))
+    step = jit_train_step(model, tx, make_objective(config, model), mesh, parallel.DEFAULT_RULES, shardings,
+                          config.train)
+    rng = np.random.default_rng(0)
+    batch = model_batch({"image": rng.uniform(-1, 1, (16, 16, 16, 1)).astype(np.float32),
+                         "label": rng.integers(0, 10, (16,)).astype(np.int32)}, model)
+    state, _ = step(state, parallel.shard_batch(batch, mesh), jax.random.key(1))
+    manager = checkpoint.make_manager(tmp_path)
+    checkpoint.save(manager, state, config, None)
+    checkpoint.finish(manager)
+
+    out = tmp_path / "restored.npz"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    script = RESTORE_ON_4.format(tests=str(Path(__file__).parent), workdir=str(tmp_path), out=str(out))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = np.load(out)
+    leaves = jax.tree.leaves(jax.device_get(state))
+    assert len(restored.files) == len(leaves)
+    for i, leaf in enumerate(leaves):
+        np.testing.assert_array_equal(restored[f"arr_{i}"], np.asarray(leaf))

@@ -7,6 +7,7 @@ Parameter tables use shapes only (`abstract_params` / `logical_specs`): nothing 
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -21,7 +22,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffax import parallel
-from diffax.models import abstract_params, build_model, logical_specs
+from diffax.models import abstract_params, boxed_init, build_model, logical_specs
 from diffax.models.dit import DiTConfig
 from diffax.models.registry import config_from_block
 from diffax.pipelines.generation import GenerationPipeline
@@ -258,3 +259,54 @@ def test_bad_mesh_shapes_are_named(shape, message, num_devices):
     assert num_devices == 8
     with pytest.raises(ValueError, match=message):
         parallel.make_mesh(shape)
+
+
+# SD 1.5's UNet2DConditionModel (859,520,964 parameters in 686 arrays) under the default rules on a
+# (data 2, fsdp 2, tensor 2) mesh: how many arrays get each PartitionSpec, and a representative of each kind.
+SD15_SPEC_COUNTS = {
+    P(FSDP, TP): 135,              # q/k/v, ff in, time embedding in, resnet time projections
+    P(TP, FSDP): 49,               # attention and ff outputs, time embedding out
+    P(None, None, FSDP, TP): 98,   # every convolution (HWIO), 1x1 proj_in / proj_out included
+    P(TP): 137,                    # biases of column-split layers
+    P(FSDP): 49,                   # biases of row-split layers
+    P(None): 218,                  # group / layer norms
+}
+SD15_SAMPLES = {
+    "conv_in/kernel": P(None, None, FSDP, TP),  # [3, 3, 4, 320]: 4 latent channels split over fsdp 2
+    "conv_out/kernel": P(None, None, FSDP, TP),  # [3, 3, 320, 4]
+    "time_embedding/linear_1/kernel": P(FSDP, TP),
+    "time_embedding/linear_2/kernel": P(TP, FSDP),
+    "down_blocks_0/resnets_0/conv1/kernel": P(None, None, FSDP, TP),
+    "down_blocks_0/resnets_0/norm1/scale": P(None),
+    "down_blocks_1/attentions_0/proj_in/kernel": P(None, None, FSDP, TP),
+    "down_blocks_1/attentions_0/transformer_blocks_0/attn1/to_q/kernel": P(FSDP, TP),
+    "down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_k/kernel": P(FSDP, TP),  # [768 text, 640]
+    "down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_out_0/kernel": P(TP, FSDP),
+    "down_blocks_1/attentions_0/transformer_blocks_0/attn2/to_out_0/bias": P(FSDP),
+    "down_blocks_1/attentions_0/transformer_blocks_0/ff/net_0/proj/kernel": P(FSDP, TP),  # GEGLU [640, 5120]
+    "down_blocks_1/attentions_0/transformer_blocks_0/ff/net_2/kernel": P(TP, FSDP),
+    "down_blocks_1/attentions_0/transformer_blocks_0/norm2/scale": P(None),
+    "mid_block/attentions_0/transformer_blocks_0/attn1/to_v/kernel": P(FSDP, TP),
+    "up_blocks_1/resnets_2/conv_shortcut/kernel": P(None, None, FSDP, TP),
+    "up_blocks_2/upsamplers_0/conv/bias": P(TP),
+    "up_blocks_3/attentions_2/proj_out/kernel": P(None, None, FSDP, TP),
+}
+
+
+def test_sd15_unet_layout_under_the_default_rules():
+    """The golden layout of the SD 1.5 UNet's parameters (shapes only, from the single-file 'sd1' config)."""
+    from diffax.convert.single_file_configs import MODEL_TYPES
+    name, values = MODEL_TYPES["sd1"]["unet"]
+    config = config_from_block({"name": name, **values})
+    boxed = jax.eval_shape(functools.partial(boxed_init, config), jax.random.key(0))  # traced once: ~10 s
+    shapes = nn.meta.unbox(boxed)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    shardings = parallel.logical_shardings(nn.get_partition_spec(boxed), mesh, shapes=shapes)
+    specs = {"/".join(k.key for k in path): s.spec
+             for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == 859_520_964
+    counts = {}
+    for spec in specs.values():
+        counts[spec] = counts.get(spec, 0) + 1
+    assert counts == SD15_SPEC_COUNTS
+    assert {path: specs[path] for path in SD15_SAMPLES} == SD15_SAMPLES

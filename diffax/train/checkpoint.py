@@ -143,7 +143,10 @@ def checksums(tree: Any) -> dict[str, str]:
     replicated = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
                   if isinstance(sharding, jax.sharding.NamedSharding) else None)
     checksum = _checksum_fn(replicated)
-    sums = [checksum(x) for _, x in leaves]  # dispatched asynchronously, fetched together below
+    # One at a time: on XLA:CPU, many small programs with collectives (the all-reduce of a sharded leaf's
+    # sum) in flight at once can exhaust the thread pool before every device joins the rendezvous, a
+    # deadlock that aborts the process after 40 s.
+    sums = [jax.block_until_ready(checksum(x)) for _, x in leaves]
     return {jax.tree_util.keystr(path, simple=True, separator="/"): f"{int(s):08x}"
             for (path, _), s in zip(leaves, jax.device_get(sums))}
 
