@@ -1,6 +1,8 @@
-"""Training: sharded step == single-device step, exact resume after a kill, NaN stop, bad config errors."""
+"""Training: sharded step == single-device step, exact resume after a kill, non-finite steps skipped and
+counted, the stop after too many, bad config errors."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -124,6 +126,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     config.train.checkpoint_every = 1
     config.train.log_every = 1
     config.train.warmup_steps = 2  # step 1 updates with lr 0: its weights are the good ones
+    config.train.max_nonfinite_skips = 0  # stop at the first non-finite step
     with pytest.raises(NonFiniteLossError, match="The last good checkpoint is step") as stop:
         train_and_evaluate(config, tmp_path)
     manager = checkpoint.make_manager(tmp_path, read_only=True)
@@ -140,6 +143,52 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     state = train_and_evaluate(config, tmp_path)
     assert int(state.step) == last + 4
     assert all(np.all(np.isfinite(leaf)) for leaf in _params(tmp_path))
+
+
+def _poison_batches(monkeypatch, steps: set[int]) -> None:
+    """The loop's batches of the given (1-based) steps get a NaN pixel."""
+    from diffax.train import loop
+    model_batch_of, count = loop.model_batch, [0]
+
+    def poisoned(batch, model):
+        out = model_batch_of(batch, model)
+        count[0] += 1
+        if count[0] in steps:
+            out["image"] = np.array(out["image"])
+            out["image"][0, 0, 0, 0] = np.nan
+        return out
+
+    monkeypatch.setattr(loop, "model_batch", poisoned)
+
+
+def test_a_poisoned_batch_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, capfd):
+    """Step 4's batch holds a NaN: its update is skipped (one line says so), counted in the state and the
+    metrics, and the run ends at step 6 with finite weights."""
+    _poison_batches(monkeypatch, {4})
+    config = tiny_config(steps=6)
+    config.train.log_every = 1
+    state = train_and_evaluate(config, tmp_path)
+    assert int(state.step) == 6 and int(state.skipped) == 1
+    assert ("step 4: 1 update(s) since step 3 skipped for a non-finite loss or gradient (1 in this run, "
+            "train.max_nonfinite_skips=10)") in capfd.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    assert np.isnan(rows[3]["loss"]) and np.isfinite(rows[4]["loss"])
+    assert all(np.all(np.isfinite(leaf)) for leaf in _params(tmp_path))
+
+
+def test_too_many_skips_stop_the_run_at_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Every batch from step 3 on is bad and 2 skips are allowed: the third stops the run, naming the last
+    checkpoint (step 2: a state whose loss on its batch is not finite is not saved)."""
+    _poison_batches(monkeypatch, set(range(3, 20)))
+    config = tiny_config(steps=12)
+    config.train.max_nonfinite_skips = 2
+    config.train.log_every = config.train.checkpoint_every = 1
+    with pytest.raises(NonFiniteLossError, match=r"3 updates were skipped for a non-finite loss or gradient by "
+                                                 r"step 5, more than train.max_nonfinite_skips=2 .*The last good "
+                                                 r"checkpoint is step 2 in"):
+        train_and_evaluate(config, tmp_path)
+    assert checkpoint.make_manager(tmp_path, read_only=True).latest_step() == 2
 
 
 @pytest.mark.parametrize("block, key, value, message", [
