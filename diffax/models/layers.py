@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffax.quant.qtensor import dequantize_kernel
+from diffax.models.qtensor import dequantize_kernel
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -48,7 +48,7 @@ _LAYER_INPUT: contextvars.ContextVar = contextvars.ContextVar("layer_input", def
 
 class _QuantizableKernel:
     """Reads a quantized kernel where the parameters hold one: beside an int8 / packed-int4 `kernel` sits
-    its fp32 `kernel_scale` (layout in `diffax.quant.qtensor`), and `kernel` is dequantised to the float
+    its fp32 `kernel_scale` (layout in `diffax.models.qtensor`), and `kernel` is dequantised to the float
     shape flax asks for, in the compute dtype, as the operand of this layer's matmul or convolution. The
     parameters stay integers in device memory; float parameters take flax's own path unchanged."""
 

@@ -1,7 +1,7 @@
 """Quantized weights: int8 / int4 weight-only quantization of diffax models (`quantize_params`), run by the
 same modules (the Dense / Conv layers dequantise a stored kernel in place), stored as integers + scales
 in safetensors or Orbax (`diffax.quant.storage`)."""
-from diffax.quant.qtensor import dequantize_kernel, pack_int4, unpack_int4
+from diffax.models.qtensor import dequantize_kernel, pack_int4, unpack_int4
 from diffax.quant.quantize import (QuantizationError, QuantizedParams, abstract_quantized, dequantize, device_bytes,
                                    is_quantized, quantize_kernel, quantize_params, quantized_specs, selected)
 from diffax.quant.storage import load_orbax, load_safetensors, save_orbax, save_safetensors

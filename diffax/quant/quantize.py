@@ -6,7 +6,7 @@ channel or per group, symmetric and uniform.
     out = module.apply({"params": qp.params}, x, t)           # the same module: layers dequantise in place
 
 Every projection and convolution in diffax is a `layers.Dense` / `layers.Conv`, whose parameter is named
-`kernel`; those leaves are replaced by their stored form (`diffax.quant.qtensor`: integers + fp32
+`kernel`; those leaves are replaced by their stored form (`diffax.models.qtensor`: integers + fp32
 `kernel_scale`). Biases, norms and embedding tables stay float: they are a small share of the weights and
 the most sensitive to rounding.
 
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.quant.qtensor import KERNEL_SCALE, dequantize_kernel, pack_int4
+from diffax.models.qtensor import KERNEL_SCALE, dequantize_kernel, pack_int4
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -129,7 +129,7 @@ def stored_rows(k: int, bits: int, group_size: int | None) -> tuple[int, int]:
 
 def quantize_kernel(w: Any, bits: int, group_size: int | None = None, *, name: str = "kernel"
                     ) -> tuple[jax.Array, jax.Array]:
-    """(stored kernel, kernel_scale) of one float kernel [..., out] (layout in `diffax.quant.qtensor`)."""
+    """(stored kernel, kernel_scale) of one float kernel [..., out] (layout in `diffax.models.qtensor`)."""
     try:
         import qwix  # noqa: F401  (used by _quantize_jit; checked here for a clear message)
     except ImportError:

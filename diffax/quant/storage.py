@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from diffax.quant.qtensor import KERNEL_SCALE, dequantize_kernel
+from diffax.models.qtensor import KERNEL_SCALE, dequantize_kernel
 from diffax.quant.quantize import QuantizationError, QuantizedParams, flatten, unflatten
 
 FORMAT = "diffax-quant"

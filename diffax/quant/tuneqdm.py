@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.quant.qtensor import KERNEL_SCALE
+from diffax.models.qtensor import KERNEL_SCALE
 from diffax.quant.quantize import QuantizationError, QuantizedParams, flatten, selected, unflatten
 
 Scales = dict[str, jax.Array]  # '/'-joined kernel path -> factors [K, G or 1, out or 1]
