@@ -1,12 +1,14 @@
-"""Multi-host: cluster detection at start-up, two local processes train exactly like one, and the
-checkpoint restores on any device and process count."""
+"""Multi-host: cluster detection at start-up, two local processes train exactly like one, the checkpoint
+restores on any device and process count, and two processes on a hybrid (dcn) mesh survive a preemption."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -241,4 +243,46 @@ def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     finally:
         (out,) = _finish([proc])
     assert f"resumed from {two / 'checkpoints'} at step 4" in out
+    _assert_same(_params(two), _params(one))
+
+
+def test_two_processes_preempted_on_a_hybrid_mesh_resume_like_an_uninterrupted_run(tmp_path):
+    """Two processes on a hybrid mesh, one per granule (dcn_data=2, fsdp 4 within each). SIGTERM to process
+    1 alone after the step-2 checkpoint: the preemption service brings both to the same step, where they
+    save and exit 0. Started again, they finish 10 steps at the weights of an uninterrupted one-process run
+    on the same (data 2, fsdp 4) layout."""
+    from diffax.train import checkpoint
+    from diffax.train.loop import train_and_evaluate
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    mesh_flags = ["--config.mesh.data=1", "--config.mesh.fsdp=4", "--config.mesh.dcn_data=2"]
+
+    def start() -> list[subprocess.Popen]:
+        port = _free_port()
+        return [_train(two, 10, *mesh_flags, env=_env(4, DIFFAX_COORDINATOR=f"127.0.0.1:{port}",
+                                                      DIFFAX_NUM_PROCESSES="2", DIFFAX_PROCESS_ID=str(i)))
+                for i in range(2)]
+
+    procs = start()
+    try:
+        deadline = time.time() + 300
+        while not (two / "checkpoints" / "2" / "_CHECKPOINT_METADATA").exists():
+            assert all(p.poll() is None for p in procs), "training exited before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        outs = _finish(procs)
+    stopped = checkpoint.make_manager(two, read_only=True).latest_step()
+    assert 2 < stopped < 10, "the preemption must land mid-run"
+    assert f"preempted: stopped after step {stopped}, the latest checkpoint is step {stopped}" in outs[0]
+
+    config = _tiny_config(10)
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    procs = start()
+    try:
+        train_and_evaluate(config, one)
+    finally:
+        out0, _ = _finish(procs)
+    assert f"resumed from {two / 'checkpoints'} at step {stopped}" in out0
     _assert_same(_params(two), _params(one))
