@@ -1,5 +1,5 @@
-"""Sharding is configuration and in force: the parameter layouts the default rules give DiT-S/2 and the
-digits U-Net (golden tables), the activation constraints present in the programs the train loop and the
+"""Sharding is configuration and in force: the parameter layouts the default rules give DiT-S/2, the
+digits U-Net and SD 1.5's UNet (golden tables), the activation constraints present in the programs the train loop and the
 pipeline compile, rule tables in configs (validation, the JSON round trip), and a step on an
 (fsdp 4, tensor 2) mesh equal to the single-device step.
 
