@@ -279,6 +279,7 @@ def test_keep_every_outlives_keep_n(tmp_path):
     assert sorted(checkpoint.make_manager(tmp_path, read_only=True).all_steps()) == [3, 6, 7]
 
 
+@pytest.mark.slow  # subprocesses / whole runs: `make test-slow`
 def test_preempted_run_saves_at_the_next_step_and_resumes_exactly(trained, tmp_path, monkeypatch, capfd):
     """SIGTERM during step 2's save: the run finishes step 3, saves it, says so and returns; resumed, it
     ends with the uninterrupted run's weights (same devices and programs: rounding-free, compared at 1e-6)."""
@@ -327,6 +328,7 @@ np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(restored)])
 """
 
 
+@pytest.mark.slow  # subprocesses / whole runs: `make test-slow`
 def test_fsdp_checkpoint_restores_bit_exact_on_4_data_parallel_devices(tmp_path):
     """Saved from (data 1, fsdp 8, tensor 1) after one step; restored in a process with 4 devices on a
     data-parallel mesh: every leaf of the state (params, EMA, Adam moments, step) is bit-identical."""

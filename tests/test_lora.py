@@ -353,15 +353,12 @@ def test_stable_diffusion_pipeline_with_lora_matches_diffusers(tmp_path):
     from diffax.pipelines.stable_diffusion import StableDiffusionPipeline
     from tests.pipeline_fixtures import build_sd_pipeline
 
-    class LoraStableDiffusion(LoraMixin, StableDiffusionPipeline):
-        pass
-
     folder = build_sd_pipeline(tmp_path / "sd")
     ref = diffusers.DiffusionPipeline.from_pretrained(folder)
     ref.set_progress_bar_config(disable=True)
     write_kohya(tmp_path / "kohya.safetensors", ref.unet, ref.text_encoder)
     loaded = diffax.pipelines.load(folder, cache_dir=tmp_path / "cache")
-    pipe = LoraStableDiffusion(loaded.components, loaded.scheduler, tokenizers=loaded.tokenizers)
+    pipe = StableDiffusionPipeline(loaded.components, loaded.scheduler, tokenizers=loaded.tokenizers)
     latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     kw = dict(prompt=["a cat", "a dog"], num_inference_steps=2, guidance_scale=5.0)
     plain = pipe(latents=latents, **kw).images

@@ -19,7 +19,7 @@ from diffax.train.state import make_schedule
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import tiny_config  # noqa: E402
 
-KEYS = {"step", "loss", "grad_norm", "learning_rate", "steps_per_sec", "images_per_sec"}
+KEYS = {"step", "loss", "grad_norm", "learning_rate", "steps_per_sec", "images_per_sec", "skipped"}
 
 
 def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:

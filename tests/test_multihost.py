@@ -246,6 +246,7 @@ def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     _assert_same(_params(two), _params(one))
 
 
+@pytest.mark.slow  # three training processes: `make test-slow`
 def test_two_processes_preempted_on_a_hybrid_mesh_resume_like_an_uninterrupted_run(tmp_path):
     """Two processes on a hybrid mesh, one per granule (dcn_data=2, fsdp 4 within each). SIGTERM to process
     1 alone after the step-2 checkpoint: the preemption service brings both to the same step, where they
