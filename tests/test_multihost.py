@@ -129,6 +129,10 @@ def _free_port() -> int:
 
 def _env(devices: int | None, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DIFFAX_") and k != "XLA_FLAGS"}
+    if "DIFFAX_NUM_PROCESSES" in extra:
+        # Without the suite's persistent compilation cache: a process that finds a program there while the
+        # other compiles it waits at the first collective past gloo's fixed 30 s and the run fails.
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if devices is not None:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return {**env, "JAX_PLATFORMS": "cpu", **extra}
