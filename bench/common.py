@@ -104,6 +104,11 @@ class Timing:
     def min(self) -> float:
         return min(self.times)
 
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median of the timed calls: how much one measurement can be trusted."""
+        return (max(self.times) - min(self.times)) / self.median
+
 
 def jax_blocking(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
     """A no-argument call of fn(*args) that returns only once every output array is computed."""
@@ -286,6 +291,8 @@ def case_row(case: str, *, diffax: Timing, torch: Timing, program: CompiledProgr
         "case": case, **extra,
         "diffax_ms": 1e3 * diffax.median, "torch_ms": 1e3 * torch.median,
         "speedup": torch.median / diffax.median,
+        "diffax_spread_pct": 100 * diffax.spread, "torch_spread_pct": 100 * torch.spread,
+        "spread": f"{100 * diffax.spread:.0f}%/{100 * torch.spread:.0f}%",
         "compile_s": program.compile_total_s, "lower_s": program.lower_s, "xla_compile_s": program.compile_s,
         "diffax_first_call_ms": 1e3 * first_call_s[0], "torch_first_call_ms": 1e3 * first_call_s[1],
         "gflop": None if flops is None else flops / 1e9,
@@ -311,6 +318,7 @@ SUMMARY_COLUMNS = (
     ("case", "case", "{}"),
     ("diffax ms", "diffax_ms", "{:.1f}"),
     ("torch ms", "torch_ms", "{:.1f}"),
+    ("spread d/t", "spread", "{}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("compile s", "compile_s", "{:.1f}"),
     ("GFLOP", "gflop", "{:.1f}"),
