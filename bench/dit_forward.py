@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import tempfile
 from typing import Any, Sequence
 
@@ -22,37 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common  # importing the bench package first sets OMP_WAIT_POLICY for torch
+from bench.models import torch_dit
 from diffax import convert
 from diffax.models.dit import PRESETS, DiT, DiTConfig
 
 
 # diffax attention backends that run fp32 (cuDNN attention needs half precision).
 ATTENTION = ("auto", "xla", "chunked")
-
-
-def torch_dit(config: DiTConfig, seed: int = 0) -> Any:
-    """diffusers' DiTTransformer2DModel for `config` with random weights.
-
-    Every tensor is redrawn, the zero-initialised adaLN and output layers included (else adaLN-Zero makes
-    every block the identity and the output zero, and the check would prove nothing): weight matrices
-    std 1/sqrt(fan_in), vectors std 0.1, the label table std 1. diffusers keeps a copy of the timestep and
-    label embedders in every block and uses block 0's; the copies are tied, as in a converted checkpoint.
-    """
-    import torch
-    from diffusers import DiTTransformer2DModel
-
-    kwargs = {k: v for k, v in config.to_diffusers().items() if not k.startswith("_")}
-    model = DiTTransformer2DModel(**kwargs).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            fan_in = math.prod(p.shape[1:]) if p.ndim > 1 else 0
-            std = 1.0 if "embedding_table" in name else (fan_in ** -0.5 if fan_in else 0.1)
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-        first = model.transformer_blocks[0].norm1.emb.state_dict()
-        for block in model.transformer_blocks[1:]:
-            block.norm1.emb.load_state_dict(first)
-    return model
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -109,7 +84,8 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     row = common.case_row(
         f"{args.preset} {side}x{side} forward b{b} ({args.attention})", diffax=timing["diffax"],
         torch=timing["torch"], program=program, flops=flops, peak=peak,
-        max_rel_err=err, first_call_s=(d_first, t_first), torch_peak=common.torch_peak_bytes(torch_forward, device))
+        max_rel_err=err, first_call_s=(d_first, t_first), torch_peak=common.torch_peak_bytes(torch_forward, device),
+        group="forward")
     name = f"dit_{args.preset.replace('DiT-', '').replace('/', '_')}_{args.attention}"
     common.write_json(name, {
         "benchmark": "dit_forward", "args": vars(args), "model_config": config.to_diffusers(),
