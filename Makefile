@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install -q -c constraints.txt
 TORCH := torch==2.13.0
 
-.PHONY: demo demo-dit test test-slow venv-test venv-demo bench clean
+.PHONY: demo demo-dit test test-slow venv-test venv-demo venv-bench bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,13 @@ $(VENV)/.stamp-test: pyproject.toml constraints.txt | $(PY)
 	$(PIP_INSTALL) -e '.[torch,demo,test]'
 	touch $@
 
+$(VENV)/.stamp-bench: $(VENV)/.stamp-test
+	$(PIP_INSTALL) -e '.[torch,demo,test,bench]'
+	touch $@
+
 venv-demo: $(VENV)/.stamp-demo
 venv-test: $(VENV)/.stamp-test
+venv-bench: $(VENV)/.stamp-bench
 
 demo: venv-demo
 	$(PY) train.py --config=configs/digits.py --workdir=runs/digits
@@ -47,8 +52,13 @@ test: venv-test
 test-slow: venv-test
 	$(PY) -m pytest -q -m slow --durations=15 tests || [ $$? -eq 5 ]
 
-bench: venv-test
-	$(PY) -m bench.run_all
+# Every case against diffusers/torch at full size (~30 min on 2 cores; run it on an otherwise idle machine),
+# rewriting docs/benchmarks.md's results and plot; bench-quick: the small sizes, docs untouched.
+bench: venv-bench
+	$(PY) -m bench.run_all --docs
+
+bench-quick: venv-bench
+	$(PY) -m bench.run_all --quick
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

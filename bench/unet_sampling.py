@@ -130,7 +130,7 @@ def forward_case(args: argparse.Namespace, model: Any, config: UNet2DConfig, par
     return common.case_row(
         f"unet-{args.size} forward b{args.batch}", diffax=timing["diffax"], torch=timing["torch"],
         program=program, flops=program.flops, peak=peak, max_rel_err=err, first_call_s=(d_first, t_first),
-        torch_peak=common.torch_peak_bytes(torch_call, device))
+        torch_peak=common.torch_peak_bytes(torch_call, device), group="forward")
 
 
 def sampling_case(args: argparse.Namespace, model: Any, config: UNet2DConfig, params: Any, device: Any,
@@ -181,7 +181,7 @@ def sampling_case(args: argparse.Namespace, model: Any, config: UNet2DConfig, pa
     return common.case_row(
         f"unet-{args.size} DDIM-{steps} CFG 2x{half}", diffax=timing["diffax"], torch=timing["torch"],
         program=program, flops=None if step_flops is None else steps * step_flops, peak=peak, max_rel_err=err,
-        first_call_s=(d_first, t_first), torch_peak=common.torch_peak_bytes(torch_call, device))
+        first_call_s=(d_first, t_first), torch_peak=common.torch_peak_bytes(torch_call, device), group="sampling")
 
 
 def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
