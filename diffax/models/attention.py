@@ -1,14 +1,19 @@
 """The one attention function every diffax model calls, with a backend switch.
 
 backends:
-  'xla'      einsum -> fp32 softmax -> einsum, which XLA fuses; portable reference, any dtype.
-  'cudnn'    cuDNN flash attention through the same API (GPU, fp16/bf16 inputs only).
-  'chunked'  memory-efficient attention (Rabe & Staats 2021): queries in chunks, so the [Lq, Lk] logits
-             never exist whole; for large images on any backend.
-  'auto'     'cudnn' on GPU with half-precision inputs and heads cuDNN's flash attention takes (at most 128
-             wide, a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
+  'xla'      one shot: scores -> fp32 softmax -> weighted sum, heads-major, which XLA fuses; any dtype. The
+             whole [B, H, Lq, Lk] score matrix exists at once.
+  'chunked'  memory-bounded flash-style attention: queries in chunks of `chunk_size`, and for each chunk an
+             online softmax (Milakov & Gimelshein 2018) over blocks of `key_chunk_size` keys in a `lax.scan`,
+             so at most [B, H, chunk_size, key_chunk_size] scores exist at once. A problem that fits in one
+             block falls through to the one-shot path, so short sequences pay nothing for it.
+  'cudnn'    cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, fp16/bf16 inputs only).
+  'auto'     GPU: 'cudnn' for half-precision inputs and heads cuDNN's flash attention takes (at most 128 wide,
+             a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
+             CPU: 'xla' up to `ONE_SHOT_MAX_KEYS` keys, 'chunked' with the CPU block sizes above it (the score
+             matrix then no longer fits in cache). Other platforms: 'xla'.
 Softmax always runs in fp32. An optional boolean `mask` (True: attend) serves causal and padding masks
-(CLIP's text encoder); every backend takes it.
+(CLIP's text encoder); every backend takes it. docs/performance.md has the measurements behind the choices.
 """
 from __future__ import annotations
 
@@ -19,51 +24,120 @@ import jax.numpy as jnp
 
 BACKENDS = ("auto", "xla", "cudnn", "chunked")
 
+# CPU block sizes, measured on x86 with XLA's CPU backend (docs/performance.md): one-shot attention wins while
+# the [Lq, Lk] scores of a head stay small; above that, 256-key blocks and 1024-query chunks keep each step's
+# scores near the L2 cache and cost 0.3-0.5x the one-shot time at 1024-4096 tokens.
+ONE_SHOT_MAX_KEYS = 512
+CPU_KEY_CHUNK = 256
+CPU_QUERY_CHUNK = 1024
 
-def _resolve(backend: str, dtype: jnp.dtype, head_dim: int) -> str:
+_MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives uniform weights, not NaN
+
+
+def _resolve(backend: str, dtype: jnp.dtype, head_dim: int, keys: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend != "auto":
+        return backend
+    platform = jax.default_backend()
+    if platform == "gpu":
         half = dtype in (jnp.bfloat16, jnp.float16)
         flash_head = head_dim <= 128 and head_dim % 8 == 0
-        return "cudnn" if half and flash_head and jax.default_backend() == "gpu" else "xla"
-    return backend
+        return "cudnn" if half and flash_head else "xla"
+    if platform == "cpu" and keys > ONE_SHOT_MAX_KEYS:
+        return "chunked"
+    return "xla"
 
 
-def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None = None) -> jax.Array:
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+def _even_chunks(length: int, chunk: int) -> tuple[int, int]:
+    """(number of chunks, chunk length) covering `length` with chunks of at most `chunk` and the least padding."""
+    n = -(-length // chunk)
+    return n, -(-length // n)
+
+
+def _one_shot(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None) -> jax.Array:
+    """q [B, H, Lq, D], k = v [B, H, Lk, D] heads-major, mask [B|1, H|1, Lq|1, Lk] -> fp32 [B, H, Lq, D]."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
-        # The finite minimum, not -inf: a fully masked row gives uniform weights instead of NaN.
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        logits = jnp.where(mask, logits, _MASKED)
+    # The scale rides in the exponent (max commutes with a positive scale), so it costs no pass of its own,
+    # and the normalisation divides the [Lq, D] output, not the [Lq, Lk] probabilities.
+    p = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)
+    out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out / p.sum(-1, keepdims=True)
 
 
-def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, chunk: int,
-             mask: jax.Array | None = None) -> jax.Array:
-    lq = q.shape[1]
-    chunk = min(chunk, lq)  # fewer queries than a chunk: one block, no padded work
-    pad = -lq % chunk
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    blocks = qp.reshape(q.shape[0], -1, chunk, *q.shape[2:]).swapaxes(0, 1)  # [n, B, chunk, H, D]
-    if mask is None:
-        out = jax.lax.map(lambda qb: _reference(qb, k, v, scale), blocks)  # [n, B, chunk, H, D]
+def _online(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
+            key_chunk: int) -> jax.Array:
+    """`_one_shot` with the keys in blocks of at most `key_chunk`: a running max, sum and output per query."""
+    b, h, lq, d = q.shape
+    lk = k.shape[2]
+    n, kc = _even_chunks(lk, key_chunk)
+    if n == 1:
+        return _one_shot(q, k, v, scale, mask)
+    pad = n * kc - lk  # < kc, so every block holds a real key and its max is finite
+
+    def blocks(x: jax.Array) -> jax.Array:  # [..., Lk, D] -> [n, ..., kc, D]
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
+        return jnp.moveaxis(x.reshape(*x.shape[:-2], n, kc, x.shape[-1]), -3, 0)
+
+    xs = {"k": blocks(k), "v": blocks(v), "valid": (jnp.arange(n * kc) < lk).reshape(n, kc)}
+    if mask is not None:  # [B|1, H|1, Lq|1, Lk] -> [n, B|1, H|1, Lq|1, kc]
+        m = jnp.pad(mask, [(0, 0)] * 3 + [(0, pad)])
+        xs["mask"] = jnp.moveaxis(m.reshape(*m.shape[:3], n, kc), 3, 0)
+
+    # Checkpointed: the backward pass recomputes each block's scores instead of saving all of them.
+    @jax.checkpoint
+    def step(carry, x):
+        top, total, acc = carry  # [B, H, Lq], [B, H, Lq], [B, H, Lq, D], fp32
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, x["k"], preferred_element_type=jnp.float32)
+        if mask is not None:
+            logits = jnp.where(x["mask"], logits, _MASKED)
+        if pad:
+            logits = jnp.where(x["valid"], logits, -jnp.inf)  # padding keys get no weight, even in masked rows
+        new_top = jnp.maximum(top, logits.max(-1))
+        p = jnp.exp((logits - new_top[..., None]) * scale)
+        rescale = jnp.exp((top - new_top) * scale)  # exp(-inf) = 0 on the first block
+        total = total * rescale + p.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), x["v"],
+                                                    preferred_element_type=jnp.float32)
+        return (new_top, total, acc), None
+
+    init = (jnp.full((b, h, lq), -jnp.inf, jnp.float32), jnp.zeros((b, h, lq), jnp.float32),
+            jnp.zeros((b, h, lq, d), jnp.float32))
+    (_, total, acc), _ = jax.lax.scan(step, init, xs)
+    return acc / total[..., None]
+
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
+             chunk: int, key_chunk: int) -> jax.Array:
+    """q [B, H, Lq, D] in query chunks of at most `chunk`, each through `_online` -> fp32 [B, H, Lq, D]."""
+    b, h, lq, d = q.shape
+    n, qc = _even_chunks(lq, chunk)
+    if n == 1:
+        return _online(q, k, v, scale, mask, key_chunk)
+    pad = n * qc - lq
+    qs = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    qs = jnp.moveaxis(qs.reshape(b, h, n, qc, d), 2, 0)  # [n, B, H, qc, D]
+    if mask is None or mask.shape[2] == 1:  # no mask, or one row that every query shares
+        out = jax.lax.map(lambda qb: _online(qb, k, v, scale, mask, key_chunk), qs)
     else:  # the mask's query axis is cut into the same chunks
-        m = jnp.broadcast_to(mask, (*mask.shape[:2], lq, mask.shape[3]))
-        m = jnp.pad(m, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-        m = jnp.moveaxis(m.reshape(*m.shape[:2], -1, chunk, m.shape[3]), 2, 0)  # [n, B|1, H|1, chunk, Lk]
-        out = jax.lax.map(lambda qm: _reference(qm[0], k, v, scale, qm[1]), (blocks, m))
-    return out.swapaxes(0, 1).reshape(q.shape[0], -1, *q.shape[2:])[:, :lq]
+        m = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
+        m = jnp.moveaxis(m.reshape(*m.shape[:2], n, qc, m.shape[3]), 2, 0)  # [n, B|1, H|1, qc, Lk]
+        out = jax.lax.map(lambda x: _online(x[0], k, v, scale, x[1], key_chunk), (qs, m))
+    return jnp.moveaxis(out, 0, 2).reshape(b, h, n * qc, d)[:, :, :lq]
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto",
-                          scale: float | None = None, chunk_size: int = 1024,
-                          mask: jax.Array | None = None) -> jax.Array:
+                          scale: float | None = None, chunk_size: int | None = None,
+                          key_chunk_size: int | None = None, mask: jax.Array | None = None) -> jax.Array:
     """softmax(q k^T * scale) v over heads.
 
-    q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype. `scale` defaults to D**-0.5.
+    q: [B, Lq, H, D], k and v: [B, Lk, H, D] -> [B, Lq, H, D] in q's dtype. `scale` (> 0) defaults to D**-0.5.
     mask: booleans broadcastable to [B, H, Lq, Lk], True where a query may attend to a key (a causal mask
     [1, 1, Lq, Lk] and a padding mask [B, 1, 1, Lk] combine with `&`); None attends everywhere.
+    chunk_size, key_chunk_size: the 'chunked' backend's queries per chunk and keys per block (default
+    `CPU_QUERY_CHUNK` and `CPU_KEY_CHUNK`); smaller blocks bound memory tighter.
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention expects q [B, Lq, H, D], k = v [B, Lk, H, D]; got {q.shape}, "
@@ -74,9 +148,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
             raise ValueError(f"attention mask {mask.shape} does not broadcast to [B, H, Lq, Lk] = {full}")
         mask = jnp.broadcast_to(mask, (1,) * (4 - mask.ndim) + mask.shape).astype(bool)  # [B|1, H|1, Lq|1, Lk]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    backend = _resolve(backend, q.dtype, q.shape[-1])
-    if backend == "chunked":
-        return _chunked(q, k, v, scale, chunk_size, mask)
+    if not scale > 0:
+        raise ValueError(f"attention scale must be positive, got {scale}")
+    chunk = CPU_QUERY_CHUNK if chunk_size is None else chunk_size
+    key_chunk = CPU_KEY_CHUNK if key_chunk_size is None else key_chunk_size
+    if chunk < 1 or key_chunk < 1:
+        raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk}, {key_chunk}")
+    backend = _resolve(backend, q.dtype, q.shape[-1], k.shape[1])
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-    return _reference(q, k, v, scale, mask)
+    # Heads-major [B, H, L, D]: each head's scores are one plain matmul with contiguous rows. XLA writes the
+    # three transposes as copies (O(L D), cheap next to the O(L^2) scores); in [B, L, H, D] it instead picks
+    # transposed layouts for k, v and the output and scales and normalises the whole [Lq, Lk] matrix.
+    qh, kh, vh = (x.swapaxes(1, 2) for x in (q, k, v))
+    if backend == "chunked":
+        out = _chunked(qh, kh, vh, scale, mask, chunk, key_chunk)
+    else:
+        out = _one_shot(qh, kh, vh, scale, mask)
+    return out.swapaxes(1, 2).astype(q.dtype)
