@@ -48,14 +48,17 @@ def test_backends_match_numpy(backend, chunk_size, key_chunk_size, masked):
 
 
 def test_auto_on_cpu_blocks_long_keys_only():
-    """Up to ONE_SHOT_MAX_KEYS keys 'auto' is the one-shot path; past it, the blocked online softmax, which
-    must give the same numbers (600 keys: 3 blocks of 200)."""
+    """Up to ONE_SHOT_MAX_KEYS keys 'auto' is the one-shot path; past it, the blocked online softmax (600 keys:
+    3 blocks of 200), and 'xla' past it is the [B, L, H, D] einsum form; all give the same numbers."""
     assert jax.default_backend() == "cpu"
     assert attention._resolve("auto", jnp.float32, 64, attention.ONE_SHOT_MAX_KEYS) == "xla"
     assert attention._resolve("auto", jnp.float32, 64, attention.ONE_SHOT_MAX_KEYS + 1) == "chunked"
     q, k, v = _qkv(40, 600, heads=2, batch=1)
-    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, backend="auto"))(q, k, v)
-    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v), rtol=1e-5, atol=1e-5)
+    mask = jnp.asarray(np.arange(600) < 590)  # [Lk]: padding, broadcast over batch, heads and queries
+    for backend in ("auto", "xla"):
+        out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, backend=backend, mask=mask))(q, k, v)
+        np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, np.asarray(mask)), rtol=1e-5,
+                                   atol=1e-5)
 
 
 def test_bf16_inputs_give_bf16_close_to_numpy():

@@ -1,8 +1,9 @@
 """The one attention function every diffax model calls, with a backend switch.
 
 backends:
-  'xla'      one shot: scores -> fp32 softmax -> weighted sum, heads-major, which XLA fuses; any dtype. The
-             whole [B, H, Lq, Lk] score matrix exists at once.
+  'xla'      one shot: scores -> fp32 softmax -> weighted sum, which XLA fuses; any dtype. The whole
+             [B, H, Lq, Lk] score matrix exists at once. On CPU, up to `ONE_SHOT_MAX_KEYS` keys, heads-major with
+             the scale in the exponent and the normalisation on the output; else einsums on [B, L, H, D].
   'chunked'  memory-bounded flash-style attention: queries in chunks of `chunk_size`, and for each chunk an
              online softmax (Milakov & Gimelshein 2018) over blocks of `key_chunk_size` keys in a `lax.scan`,
              so at most [B, H, chunk_size, key_chunk_size] scores exist at once. A problem that fits in one
@@ -27,7 +28,7 @@ BACKENDS = ("auto", "xla", "cudnn", "chunked")
 # CPU block sizes, measured on x86 with XLA's CPU backend (docs/performance.md): one-shot attention wins while
 # the [Lq, Lk] scores of a head stay small; above that, 256-key blocks and 1024-query chunks keep each step's
 # scores near the L2 cache and cost 0.3-0.5x the one-shot time at 1024-4096 tokens.
-ONE_SHOT_MAX_KEYS = 512
+ONE_SHOT_MAX_KEYS = 256
 CPU_KEY_CHUNK = 256
 CPU_QUERY_CHUNK = 1024
 
@@ -53,6 +54,15 @@ def _even_chunks(length: int, chunk: int) -> tuple[int, int]:
     """(number of chunks, chunk length) covering `length` with chunks of at most `chunk` and the least padding."""
     n = -(-length // chunk)
     return n, -(-length // n)
+
+
+def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None) -> jax.Array:
+    """q [B, Lq, H, D], k = v [B, Lk, H, D] -> [B, Lq, H, D]: einsums on the models' layout."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _one_shot(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None) -> jax.Array:
@@ -157,6 +167,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     backend = _resolve(backend, q.dtype, q.shape[-1], k.shape[1])
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if backend == "xla" and not (jax.default_backend() == "cpu" and k.shape[1] <= ONE_SHOT_MAX_KEYS):
+        # Measured on CPU: past a few hundred keys XLA's one-shot fusion is faster on this form than on the
+        # heads-major one (docs/performance.md); other platforms keep the form their compilers were tuned on.
+        return _reference(q, k, v, scale, mask)
     # Heads-major [B, H, L, D]: each head's scores are one plain matmul with contiguous rows. XLA writes the
     # three transposes as copies (O(L D), cheap next to the O(L^2) scores); in [B, L, H, D] it instead picks
     # transposed layouts for k, v and the output and scales and normalises the whole [Lq, Lk] matrix.
