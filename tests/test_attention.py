@@ -32,8 +32,8 @@ def _mask(lq, lk):
 
 
 # (backend, chunk_size, key_chunk_size): chunks of 7 queries and 5 keys leave padded last blocks for 23 queries
-# and 19 keys; 1024/256 fit everything in one block and fall through to the one-shot path.
-CASES = [("xla", None, None), ("chunked", 1024, 256), ("chunked", 7, 5), ("chunked", 23, 4)]
+# and 19 keys; 7/256 runs each query chunk one-shot (one block holds every key); 23/4 is one query chunk.
+CASES = [("xla", None, None), ("chunked", 7, 256), ("chunked", 7, 5), ("chunked", 23, 4)]
 
 
 @pytest.mark.parametrize("backend, chunk_size, key_chunk_size", CASES)

@@ -77,64 +77,80 @@ def _one_shot(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.
     return out / p.sum(-1, keepdims=True)
 
 
-def _online(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
-            key_chunk: int) -> jax.Array:
-    """`_one_shot` with the keys in blocks of at most `key_chunk`: a running max, sum and output per query."""
-    b, h, lq, d = q.shape
+def _key_blocks(k: jax.Array, v: jax.Array, mask: jax.Array | None, key_chunk: int) -> dict[str, jax.Array] | None:
+    """k = v [B, H, Lk, D] and mask [B|1, H|1, Lq|1, Lk] cut into blocks of at most `key_chunk` keys along a
+    new leading axis (the scan's), or None when one block holds every key."""
     lk = k.shape[2]
     n, kc = _even_chunks(lk, key_chunk)
     if n == 1:
-        return _one_shot(q, k, v, scale, mask)
+        return None
     pad = n * kc - lk  # < kc, so every block holds a real key and its max is finite
 
-    def blocks(x: jax.Array) -> jax.Array:  # [..., Lk, D] -> [n, ..., kc, D]
-        x = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, pad), (0, 0)])
-        return jnp.moveaxis(x.reshape(*x.shape[:-2], n, kc, x.shape[-1]), -3, 0)
+    def cut(x: jax.Array) -> jax.Array:  # [B, H, Lk, D] -> [n, B, H, kc, D]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        return jnp.moveaxis(x.reshape(*x.shape[:2], n, kc, x.shape[3]), 2, 0)
 
-    xs = {"k": blocks(k), "v": blocks(v), "valid": (jnp.arange(n * kc) < lk).reshape(n, kc)}
+    blocks = {"k": cut(k), "v": cut(v)}
+    if pad:
+        blocks["valid"] = (jnp.arange(n * kc) < lk).reshape(n, kc)
     if mask is not None:  # [B|1, H|1, Lq|1, Lk] -> [n, B|1, H|1, Lq|1, kc]
-        m = jnp.pad(mask, [(0, 0)] * 3 + [(0, pad)])
-        xs["mask"] = jnp.moveaxis(m.reshape(*m.shape[:3], n, kc), 3, 0)
+        m = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, pad)))
+        blocks["mask"] = jnp.moveaxis(m.reshape(*m.shape[:3], n, kc), 3, 0)
+    return blocks
+
+
+def _online(q: jax.Array, blocks: dict[str, jax.Array], scale: float) -> jax.Array:
+    """`_one_shot` over `_key_blocks`: a running max, sum and output per query, one key block per scan step."""
+    b, h, lq, d = q.shape
 
     # Checkpointed: the backward pass recomputes each block's scores instead of saving all of them.
     @jax.checkpoint
     def step(carry, x):
         top, total, acc = carry  # [B, H, Lq], [B, H, Lq], [B, H, Lq, D], fp32
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, x["k"], preferred_element_type=jnp.float32)
-        if mask is not None:
+        if "mask" in x:
             logits = jnp.where(x["mask"], logits, _MASKED)
-        if pad:
+        if "valid" in x:
             logits = jnp.where(x["valid"], logits, -jnp.inf)  # padding keys get no weight, even in masked rows
         new_top = jnp.maximum(top, logits.max(-1))
         p = jnp.exp((logits - new_top[..., None]) * scale)
         rescale = jnp.exp((top - new_top) * scale)  # exp(-inf) = 0 on the first block
         total = total * rescale + p.sum(-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), x["v"],
+        acc = acc * rescale[..., None] + jnp.einsum("bhqk,bhkd->bhqd", p.astype(x["v"].dtype), x["v"],
                                                     preferred_element_type=jnp.float32)
         return (new_top, total, acc), None
 
     init = (jnp.full((b, h, lq), -jnp.inf, jnp.float32), jnp.zeros((b, h, lq), jnp.float32),
             jnp.zeros((b, h, lq, d), jnp.float32))
-    (_, total, acc), _ = jax.lax.scan(step, init, xs)
+    (_, total, acc), _ = jax.lax.scan(step, init, blocks)
     return acc / total[..., None]
 
 
 def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
              chunk: int, key_chunk: int) -> jax.Array:
-    """q [B, H, Lq, D] in query chunks of at most `chunk`, each through `_online` -> fp32 [B, H, Lq, D]."""
+    """q [B, H, Lq, D] in query chunks of at most `chunk`, each an online softmax over key blocks of at most
+    `key_chunk` (or one shot when one block holds every key) -> fp32 [B, H, Lq, D]."""
     b, h, lq, d = q.shape
+    blocks = _key_blocks(k, v, mask, key_chunk)  # cut once, outside the loop over query chunks
+
+    def attend(qb: jax.Array, mb: jax.Array | None) -> jax.Array:  # mb: this chunk's rows of the mask
+        if blocks is None:
+            return _one_shot(qb, k, v, scale, mask if mb is None else mb)
+        return _online(qb, blocks if mb is None else {**blocks, "mask": mb}, scale)
+
     n, qc = _even_chunks(lq, chunk)
     if n == 1:
-        return _online(q, k, v, scale, mask, key_chunk)
+        return attend(q, None)
     pad = n * qc - lq
     qs = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0)))
     qs = jnp.moveaxis(qs.reshape(b, h, n, qc, d), 2, 0)  # [n, B, H, qc, D]
     if mask is None or mask.shape[2] == 1:  # no mask, or one row that every query shares
-        out = jax.lax.map(lambda qb: _online(qb, k, v, scale, mask, key_chunk), qs)
+        out = jax.lax.map(lambda qb: attend(qb, None), qs)
     else:  # the mask's query axis is cut into the same chunks
-        m = jnp.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)), constant_values=True)
-        m = jnp.moveaxis(m.reshape(*m.shape[:2], n, qc, m.shape[3]), 2, 0)  # [n, B|1, H|1, qc, Lk]
-        out = jax.lax.map(lambda x: _online(x[0], k, v, scale, x[1], key_chunk), (qs, m))
+        m, axis = (mask, 2) if blocks is None else (blocks["mask"], 3)
+        m = jnp.pad(m, [(0, pad) if i == axis else (0, 0) for i in range(m.ndim)], constant_values=True)
+        m = jnp.moveaxis(m.reshape(*m.shape[:axis], n, qc, *m.shape[axis + 1:]), axis, 0)
+        out = jax.lax.map(lambda x: attend(*x), (qs, m))
     return jnp.moveaxis(out, 0, 2).reshape(b, h, n * qc, d)[:, :, :lq]
 
 
