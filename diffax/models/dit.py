@@ -43,6 +43,7 @@ import numpy as np
 from diffax.models.config_base import DenoiserConfigBase
 from diffax.models.layers import LayerNorm, TimestepEmbedding, conv, dense, timestep_embedding
 from diffax.models.registry import ModelFamily, abstract_params, register
+from diffax.models.remat import check_policy, remat_call
 from diffax.models.transformer import TOKEN_AXES, BasicTransformerBlock
 
 Dtype = Any
@@ -112,7 +113,7 @@ class DiTConfig(DenoiserConfigBase):
     dtype: Dtype = jnp.float32       # compute dtype; norms and softmax run in fp32 regardless
     param_dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
-    remat: bool = False              # rematerialise each block in the backward pass (saves activation memory)
+    remat: str | bool = "none"       # rematerialisation policy of each block (diffax/models/remat.py)
 
     class_name: ClassVar[str] = "DiTTransformer2DModel"
     accepted_class_names: ClassVar[tuple[str, ...]] = ("Transformer2DModel",)
@@ -120,6 +121,7 @@ class DiTConfig(DenoiserConfigBase):
     extra_fields: ClassVar[tuple[str, ...]] = ("freq_shift", "mlp_ratio", "class_dropout_prob")
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", check_policy(self.remat))
         for key, want in _REQUIRED.items():
             if getattr(self, key) != want:
                 raise ValueError(f"{key}={getattr(self, key)!r} is not supported (DiT needs {want!r})")
@@ -351,10 +353,9 @@ def dit_block(config: DiTConfig, *, name: str | None = None) -> BasicTransformer
 
     diffusers' `BasicTransformerBlock(norm_type='ada_norm_zero', activation_fn='gelu-approximate',
     attention_bias=True, norm_elementwise_affine=False)` with the reference code's initialisers, called as
-    `block(x [B, L, D], None, c [B, D])`. Rematerialised in the backward pass when `config.remat`.
+    `block(x [B, L, D], None, c [B, D])`.
     """
-    block = nn.remat(BasicTransformerBlock) if config.remat else BasicTransformerBlock
-    return block(config.num_heads, config.attention_head_dim, activation_fn="gelu-approximate", attention_bias=True,
+    return BasicTransformerBlock(config.num_heads, config.attention_head_dim, activation_fn="gelu-approximate", attention_bias=True,
                  norm_elementwise_affine=False, norm_type="ada_norm_zero", norm_eps=config.norm_eps,
                  ff_inner_dim=int(config.hidden_size * config.mlp_ratio), qkv_kernel_init=_qkv_init,
                  out_kernel_init=_xavier, ff_kernel_init=_xavier, attention_backend=config.attention_backend,
@@ -389,7 +390,7 @@ class DiT(nn.Module):
         c = ConditionEmbedding(cfg, name="emb")(timesteps, class_labels)  # [B, D]
 
         for i in range(cfg.depth):
-            x = dit_block(cfg, name=f"transformer_blocks_{i}")(x, None, c)
+            x = remat_call(dit_block(cfg, name=f"transformer_blocks_{i}"), cfg.remat, x, None, c)
 
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, kernel_init=_zeros)
         shift, scale = jnp.split(dense(2 * cfg.hidden_size, axes=("embed", "mlp"), name="proj_out_1", **kw)(

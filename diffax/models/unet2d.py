@@ -28,6 +28,7 @@ from diffax.models.attention import BACKENDS
 from diffax.models.config_base import DenoiserConfigBase
 from diffax.models.layers import IMAGE_AXES, GroupNorm, TimestepEmbedding, conv, timestep_embedding
 from diffax.models.registry import ModelFamily, register
+from diffax.models.remat import check_policy, remat_call
 from diffax.models.unet_blocks import (AttnDownBlock2D, AttnUpBlock2D, DownBlock2D, UNetMidBlock2D,
                                        UpBlock2D)
 
@@ -80,10 +81,13 @@ class UNet2DConfig(DenoiserConfigBase):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat: str | bool = "none"  # rematerialisation policy of the down / mid / up blocks (diffax/models/remat.py)
 
     class_name: ClassVar[str] = "UNet2DModel"
+    runtime_fields: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend", "remat")
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", check_policy(self.remat))
         for name in _TUPLE_FIELDS:  # JSON gives lists; a flax module attribute must be hashable.
             value = getattr(self, name)
             if isinstance(value, list):
@@ -229,22 +233,24 @@ class UNet2DModel(nn.Module):
         last = len(cfg.block_out_channels) - 1
         for i, (kind, channels) in enumerate(zip(cfg.down_block_types, cfg.block_out_channels)):
             attn = {"attention_head_dim": head_dim(channels)} if kind.startswith("Attn") else {}
-            x, res = DOWN_BLOCKS[kind](channels, cfg.layers_per_block, add_downsample=i < last,
-                                       downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
-                                       **attn, **block_kw)(x, emb, train=train)
+            block = DOWN_BLOCKS[kind](channels, cfg.layers_per_block, add_downsample=i < last,
+                                      downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}",
+                                      **attn, **block_kw)
+            x, res = remat_call(block, cfg.remat, x, emb, train=train)
             skips.extend(res)
 
         if cfg.mid_block_type is not None:
             channels = cfg.block_out_channels[-1]
-            x = UNetMidBlock2D(attention_head_dim=head_dim(channels) if cfg.add_attention else None,
-                               attn_groups=cfg.attn_norm_num_groups, output_scale_factor=cfg.mid_block_scale_factor,
-                               name="mid_block", **block_kw)(x, emb, train=train)
+            block = UNetMidBlock2D(attention_head_dim=head_dim(channels) if cfg.add_attention else None,
+                                   attn_groups=cfg.attn_norm_num_groups,
+                                   output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **block_kw)
+            x = remat_call(block, cfg.remat, x, emb, train=train)
 
         n = cfg.layers_per_block + 1  # each up block consumes one skip per resnet
         for i, (kind, channels) in enumerate(zip(cfg.up_block_types, reversed(cfg.block_out_channels))):
             attn = {"attention_head_dim": head_dim(channels)} if kind.startswith("Attn") else {}
-            x = UP_BLOCKS[kind](channels, n, add_upsample=i < last, name=f"up_blocks_{i}", **attn, **block_kw)(
-                x, skips[-n:], emb, train=train)
+            block = UP_BLOCKS[kind](channels, n, add_upsample=i < last, name=f"up_blocks_{i}", **attn, **block_kw)
+            x = remat_call(block, cfg.remat, x, skips[-n:], emb, train=train)
             skips = skips[:-n]
 
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))

@@ -29,6 +29,7 @@ from diffax.models.attention import BACKENDS
 from diffax.models.config_base import DenoiserConfigBase
 from diffax.models.layers import IMAGE_AXES, GroupNorm, TimestepEmbedding, conv, timestep_embedding
 from diffax.models.registry import ModelFamily, register
+from diffax.models.remat import check_policy, remat_call
 from diffax.models.unet_blocks import DownBlock2D, UNetMidBlock2D, UpBlock2D
 from diffax.models.unet_cond_blocks import CrossAttnDownBlock2D, CrossAttnUpBlock2D, UNetMidBlock2DCrossAttn
 
@@ -111,10 +112,13 @@ class UNet2DConditionConfig(DenoiserConfigBase):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat: str | bool = "none"  # rematerialisation policy of the down / mid / up blocks (diffax/models/remat.py)
 
     class_name: ClassVar[str] = "UNet2DConditionModel"
+    runtime_fields: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend", "remat")
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", check_policy(self.remat))
         self._validate()
 
     def _validate(self) -> None:
@@ -285,10 +289,10 @@ class UNet2DConditionModel(nn.Module):
             n = layers[j] + 1  # each up block consumes one skip per resnet
             common = dict(num_layers=n, add_upsample=i < n_blocks - 1, name=f"up_blocks_{i}", **block_kw)
             if kind == "CrossAttnUpBlock2D":
-                x = CrossAttnUpBlock2D(channels, **attention_kwargs(cfg, j), **common)(x, skips[-n:], emb, context,
-                                                                                       train=train)
+                block = CrossAttnUpBlock2D(channels, **attention_kwargs(cfg, j), **common)
+                x = remat_call(block, cfg.remat, x, skips[-n:], emb, context, train=train)
             else:
-                x = UpBlock2D(channels, **common)(x, skips[-n:], emb, train=train)
+                x = remat_call(UpBlock2D(channels, **common), cfg.remat, x, skips[-n:], emb, train=train)
             skips = skips[:-n]
 
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
@@ -375,10 +379,10 @@ def down_blocks(cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array, contex
         common = dict(num_layers=layers[i], add_downsample=i < n_blocks - 1,
                       downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **block_kwargs(cfg))
         if kind == "CrossAttnDownBlock2D":
-            x, res = CrossAttnDownBlock2D(channels, **attention_kwargs(cfg, i), **common)(x, emb, context,
-                                                                                           train=train)
+            block = CrossAttnDownBlock2D(channels, **attention_kwargs(cfg, i), **common)
+            x, res = remat_call(block, cfg.remat, x, emb, context, train=train)
         else:
-            x, res = DownBlock2D(channels, **common)(x, emb, train=train)
+            x, res = remat_call(DownBlock2D(channels, **common), cfg.remat, x, emb, train=train)
         skips.extend(res)
     return x, skips
 
@@ -388,10 +392,11 @@ def mid_block(cfg: UNet2DConditionConfig, x: jax.Array, emb: jax.Array, context:
     """`mid_block` ([B, h, w, C] -> same), or x unchanged when mid_block_type is None."""
     common = dict(output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **block_kwargs(cfg))
     if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
-        return UNetMidBlock2DCrossAttn(**attention_kwargs(cfg, len(cfg.block_out_channels) - 1), **common)(
-            x, emb, context, train=train)
+        block = UNetMidBlock2DCrossAttn(**attention_kwargs(cfg, len(cfg.block_out_channels) - 1), **common)
+        return remat_call(block, cfg.remat, x, emb, context, train=train)
     if cfg.mid_block_type == "UNetMidBlock2D":
-        return UNetMidBlock2D(num_layers=0, attention_head_dim=None, **common)(x, emb, train=train)
+        block = UNetMidBlock2D(num_layers=0, attention_head_dim=None, **common)
+        return remat_call(block, cfg.remat, x, emb, train=train)
     return x
 
 

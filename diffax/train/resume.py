@@ -4,7 +4,8 @@ The newest step that reads back intact is used (or `--step`); bad newer steps ar
 and moved to `checkpoints/corrupt/<step>`. Before any array is restored, the config saved with the step is
 compared with the new one:
 
-* keys that fix what the checkpoint means may not change: the whole `model` block, `diffusion.*` (the
+* keys that fix what the checkpoint means may not change: the `model` block except `remat` (it changes
+  memory and compute, not the math), `diffusion.*` (the
   noise schedule and prediction type the weights were trained for) except `snr_gamma`, the data set's
   identity (`data.source`, `image_size`, `channels`, `tfds_name`, `split`, `image_key`, `label_key`), and
   what the saved state and data position are counted in: `seed` (the shuffle order the position indexes),
@@ -35,7 +36,7 @@ HISTORY_FILE = "config_history.jsonl"
 FIXED_KEYS = ("model", "diffusion", "data.source", "data.image_size", "data.channels", "data.tfds_name",
               "data.split", "data.image_key", "data.label_key", "seed", "train.batch_size",
               "train.grad_accum_steps")
-FREE_KEYS = ("diffusion.snr_gamma",)
+FREE_KEYS = ("diffusion.snr_gamma", "model.remat")
 _ABSENT = "<absent>"
 
 
