@@ -2,8 +2,9 @@
 same modules (the Dense / Conv layers dequantise a stored kernel in place), stored as integers + scales
 in safetensors or Orbax (`diffax.quant.storage`)."""
 from diffax.models.qtensor import dequantize_kernel, pack_int4, unpack_int4
-from diffax.quant.quantize import (QuantizationError, QuantizedParams, abstract_quantized, dequantize, device_bytes,
-                                   is_quantized, quantize_kernel, quantize_params, quantized_specs, selected)
+from diffax.quant.quantize import (MODES, QuantizationError, QuantizedParams, abstract_quantized, dequantize,
+                                   device_bytes, is_quantized, mode_bits, quantize_kernel, quantize_params,
+                                   quantized_paths, quantized_specs, selected)
 from diffax.quant.storage import load_orbax, load_safetensors, save_orbax, save_safetensors
 from diffax.quant.tuneqdm import (apply_scales, init_scales, load_scales, sample_group_timesteps, save_scales,
                                   timestep_group)

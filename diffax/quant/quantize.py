@@ -78,6 +78,16 @@ def unflatten(flat: Mapping[Path, Any]) -> Params:
     return out
 
 
+MODES = {"int8": 8, "int4": 4}  # the names of the user-facing switches (sample.py --quantize, pipelines)
+
+
+def mode_bits(mode: str, where: str = "quantize") -> int:
+    """8 for 'int8', 4 for 'int4'; a QuantizationError naming `where` (the flag or argument) otherwise."""
+    if mode not in MODES:
+        raise QuantizationError(f"{where}: quantization must be one of {', '.join(MODES)}, got {mode!r}")
+    return MODES[mode]
+
+
 def _check_options(bits: int, group_size: int | None) -> None:
     if bits not in (4, 8):
         raise QuantizationError(f"quantize_params: bits must be 8 or 4, got {bits!r}")
@@ -138,14 +148,16 @@ def quantize_kernel(w: Any, bits: int, group_size: int | None = None, *, name: s
     w = jnp.asarray(w)
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise QuantizationError(f"{name}: a {w.dtype} kernel is not a float weight (already quantized?)")
-    if not bool(jnp.isfinite(w).all()):
+    q, scale, finite = _quantize_jit(w, bits, group_size)
+    if not bool(finite):
         raise QuantizationError(f"{name}: holds NaN or inf; its scale would be meaningless")
-    return _quantize_jit(w, bits, group_size)
+    return q, scale
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_jit(w: jax.Array, bits: int, group_size: int | None) -> tuple[jax.Array, jax.Array]:
-    """One program per kernel shape: op-by-op, qwix's dozen small ops would each compile per shape."""
+def _quantize_jit(w: jax.Array, bits: int, group_size: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(stored kernel, scale, whether every weight is finite): one program per kernel shape, since op by op
+    qwix's dozen small ops (and the finiteness check) would each compile per shape."""
     import qwix
     out = w.shape[-1]
     k = math.prod(w.shape[:-1])
@@ -155,7 +167,7 @@ def _quantize_jit(w: jax.Array, bits: int, group_size: int | None) -> tuple[jax.
     tiles = {0: kp // groups} if groups > 1 else {}
     qa = qwix.quantize(w2, qtype, channelwise_axes=(1,), tiled_axes=tiles)  # qvalue [Kp, out], scale [G, out]
     q = qa.qvalue.astype(jnp.int8)
-    return (q if bits == 8 else pack_int4(q)), qa.scale.astype(jnp.float32)
+    return (q if bits == 8 else pack_int4(q)), qa.scale.astype(jnp.float32), jnp.isfinite(w).all()
 
 
 def quantize_params(params: Params, bits: int = 8, group_size: int | None = None, *,
@@ -232,14 +244,21 @@ def is_quantized(params: Params) -> bool:
 
 
 
-def quantized_specs(specs: Params, qp: QuantizedParams) -> Params:
-    """The logical PartitionSpecs of `qp.params` from those of the float tree (`logical_specs(config)`):
-    a quantized kernel [rows, out] and its `kernel_scale` [G, out] keep the float kernel's output axis and
-    replicate the rows (padded and packed, they need not divide a mesh axis the float input axis did)."""
+def quantized_paths(params: Params) -> list[Path]:
+    """The paths of the stored (integer) kernels of a plain parameter tree: those with a `kernel_scale`."""
+    return [p[:-1] + ("kernel",) for p in flatten(params) if p[-1] == KERNEL_SCALE]
+
+
+def quantized_specs(specs: Params, qp: QuantizedParams | Params) -> Params:
+    """The logical PartitionSpecs of `qp.params` (or of a plain quantized tree, as a pipeline holds it) from
+    those of the float tree (`logical_specs(config)`): a quantized kernel [rows, out] and its `kernel_scale`
+    [G, out] keep the float kernel's output axis and replicate the rows (padded and packed, they need not
+    divide a mesh axis the float input axis did)."""
     from jax.sharding import PartitionSpec
     flat = flatten(specs)  # a PartitionSpec is a tuple, so it is a leaf here
-    for name, _ in qp.shapes:
-        path = tuple(name.split("/"))
+    paths = ([tuple(name.split("/")) for name, _ in qp.shapes] if isinstance(qp, QuantizedParams)
+             else quantized_paths(qp))
+    for path in paths:
         out_axis = tuple(flat[path])[-1] if len(flat[path]) else None
         flat[path] = PartitionSpec(None, out_axis)
         flat[path[:-1] + (KERNEL_SCALE,)] = PartitionSpec(None, out_axis)
