@@ -118,6 +118,21 @@ def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     return Loaded(make_module(config), params, mismatch, source, layout)
 
 
+def check_not_quantized(params: Params, where: str) -> None:
+    """CheckpointError when `params` hold quantized kernels (integers + `kernel_scale`, `diffax.quant`).
+
+    PyTorch layouts hold float weights. Writing the dequantised floats would make a file as large as the
+    original whose weights are not the original's (rounded to 256 or 16 levels) without saying so, so the
+    choice is left to the caller: keep the quantized form, or dequantise knowingly.
+    """
+    scales = [p for p in rules.flatten(params) if p[-1] == "kernel_scale"]
+    if scales:
+        kernel = "/".join(scales[0][:-1] + ("kernel",))
+        raise CheckpointError(f"{where}: the params are quantized ({kernel!r} and {len(scales) - 1} more kernels are "
+                              f"integers); save them with diffax.quant.save_safetensors, or export floats with "
+                              f"diffax.quant.dequantize(qp) (rounded weights, fp32 size)")
+
+
 def save(folder: str | os.PathLike, module: nn.Module, params: Params, *, layout: str = "diffusers") -> Path:
     """Writes `module.config` and `params` in a PyTorch layout; returns the weight file's path.
 
@@ -126,13 +141,14 @@ def save(folder: str | os.PathLike, module: nn.Module, params: Params, *, layout
     layout='reference': the family's research-code layout (DiT only) as one file: `folder` is the file path,
         a torch state dict if it ends in .pt, else safetensors.
     Tensors keep the dtype of `params` (cast them first for an fp16 / bf16 file). Params that do not fit
-    the config raise CheckpointError before anything is written.
+    the config, or quantized params (`check_not_quantized`), raise CheckpointError before anything is written.
     """
     config = module.config
     converter = _converter_of(config)
     params = nn.meta.unbox(params)
     if set(params) == {"params"}:  # the {'params': ...} variables dict of module.init
         params = params["params"]
+    check_not_quantized(params, f"save({str(folder)!r})")
     mismatch = rules.compare({p: np.shape(v) for p, v in rules.flatten(params).items()}, abstract_params(config))
     if mismatch:
         raise CheckpointError("\n".join(mismatch.lines(f"params passed to save for {converter.class_name}")))

@@ -32,7 +32,7 @@ import flax.linen as nn
 import numpy as np
 
 from diffax.convert import rules
-from diffax.convert.api import _converter_of, _dtype, _import
+from diffax.convert.api import _converter_of, _dtype, _import, check_not_quantized
 from diffax.convert.io import CheckpointError, StateDict, Tensors, open_tensors, write_safetensors
 from diffax.convert.registry import Converter, ImportHook, Items
 from diffax.convert.single_file_configs import MODEL_TYPES
@@ -436,6 +436,7 @@ def save_single_file(path: str | os.PathLike, components: Mapping[str, tuple[nn.
         if set(params) == {"params"}:
             params = params["params"]
         what = f"params passed to save_single_file for {component} ({converter.class_name})"
+        check_not_quantized(params, f"{path}: {component}")
         mismatch = rules.compare({p: np.shape(v) for p, v in rules.flatten(params).items()}, abstract_params(config))
         if mismatch:
             raise CheckpointError("\n".join(mismatch.lines(what)))

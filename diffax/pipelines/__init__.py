@@ -12,17 +12,24 @@ from __future__ import annotations
 from typing import Any
 
 
-def load(path: Any, *, controlnet: Any = None, **kwargs: Any) -> Any:
+def load(path: Any, *, controlnet: Any = None, quantize: str | None = None, **kwargs: Any) -> Any:
     """`diffax.pipelines.loading.load`: the pipeline at `path` (see there for the other arguments).
 
     controlnet: a ControlNet folder (or a list of them) to attach; the result is then the matching ControlNet
     pipeline (`diffax.pipelines.controlnet.with_controlnet`).
+    quantize: 'int8' or 'int4' quantizes the denoiser, ControlNets and text encoders once loaded
+    (`Pipeline.quantize`, which takes other components and a group size).
     """
     from diffax.pipelines.loading import load as _load
+    if quantize is not None:
+        from diffax.quant import mode_bits
+        mode_bits(quantize, "load(quantize=...)")  # a bad name fails before minutes of loading
     pipe = _load(path, **kwargs)
     if controlnet is not None:
         from diffax.pipelines.controlnet import with_controlnet
         pipe = with_controlnet(pipe, controlnet, dtype=kwargs.get("dtype"), cache_dir=kwargs.get("cache_dir"))
+    if quantize is not None:
+        pipe.quantize(quantize)
     return pipe
 
 

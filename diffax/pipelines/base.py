@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffax import parallel
+from diffax import parallel, quant
 from diffax.models.registry import logical_specs
 from diffax.pipelines.lora import LoraMixin
 from diffax.schedulers import EXTRAS_KEY, from_diffusers_config, scheduler_classes, to_diffusers_config
@@ -48,6 +48,9 @@ OUTPUT_TYPES = ("np", "pil", "latent")
 Program = Callable[[dict[str, Params], dict[str, Any], dict[str, Any]], Any]
 
 PIPELINES: dict[str, type["Pipeline"]] = {}
+# What `Pipeline.quantize` quantizes by default: the denoiser (with its ControlNets) and the text encoders,
+# where most weights and every step's weight reads are; the VAE runs once per image and is left float.
+QUANTIZED_BY_DEFAULT = ("unet", "transformer", "controlnet", "text_encoder", "text_encoder_2")
 
 
 def register_pipeline(name: str, cls: type["Pipeline"] | None = None) -> Any:
@@ -178,6 +181,12 @@ def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:
     return np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) if pad else x
 
 
+def _holds_quantized(params: Params) -> bool:
+    """Whether a component's params (a tree, or a tuple of trees for several ControlNets) hold integer kernels."""
+    trees = params if isinstance(params, tuple) else (params,)
+    return any(isinstance(t, Mapping) and quant.is_quantized(t) for t in trees)
+
+
 # ----------------------------------------------------------------------------- the base class
 
 
@@ -284,9 +293,51 @@ class Pipeline(LoraMixin):
             specs = logical_specs(module.config)
         except (AttributeError, KeyError, TypeError, ValueError):  # not a registered diffax model
             return rep
+        if isinstance(params, Mapping) and quant.is_quantized(params):
+            specs = quant.quantized_specs(specs, params)  # integer kernels keep the float kernel's output axis
         if jax.tree.structure(specs) != jax.tree.structure(params):
             return rep
         return parallel.logical_shardings(specs, self.mesh, self.rules, shapes=params)
+
+    def quantized_components(self) -> list[str]:
+        """The components whose params hold quantized (integer) kernels."""
+        return [name for name, (_, params) in self.components.items() if _holds_quantized(params)]
+
+    def quantize(self, mode: str = "int8", components: Sequence[str] | None = None, *,
+                 group_size: int | None = None) -> dict[str, Any]:
+        """Weight-only quantization of components' Dense / Conv kernels in place (`diffax.quant`): int8 or
+        int4 integers with fp32 scales, dequantised inside each layer, so the same programs run them.
+
+        mode: 'int8' or 'int4'. components: names to quantize; default those of `QUANTIZED_BY_DEFAULT` the
+        pipeline has (the denoiser, ControlNets, text encoders; add 'vae' to quantize it too).
+        group_size: None for one scale per output channel, else the most input rows one scale covers.
+        Returns {component: QuantizedParams} (a tuple of them for several ControlNets), e.g. for
+        `diffax.quant.save_safetensors`. Adapters must be fused and unloaded first (LoRA merges into float
+        weights); a component quantized already is an error, as is a name the pipeline does not have.
+        """
+        bits = quant.mode_bits(mode, "Pipeline.quantize")
+        names = ([n for n in QUANTIZED_BY_DEFAULT if n in self.components] if components is None
+                 else [components] if isinstance(components, str) else list(components))
+        where = self.source or type(self).__name__
+        for name in names:
+            if name not in self.components:
+                raise ValueError(f"{where}: quantize: no component {name!r} (have {', '.join(self.components)})")
+            if _holds_quantized(self.components[name][1]):
+                raise ValueError(f"{where}: quantize: {name} is quantized already")
+        lora = self.__dict__.get("_lora_state")
+        if lora is not None and lora.adapters:
+            raise ValueError(f"{where}: quantize: LoRA adapters {', '.join(lora.adapters)} are loaded; fold them into "
+                             f"the weights first with fuse_lora() and unload_lora_weights()")
+        out = {}
+        for name in names:
+            params = self.components[name][1]
+            if isinstance(params, tuple):  # several ControlNets: one tree each
+                out[name] = tuple(quant.quantize_params(p, bits, group_size) for p in params)
+                self.set_component(name, params=tuple(q.params for q in out[name]))
+            else:
+                out[name] = quant.quantize_params(params, bits, group_size)
+                self.set_component(name, params=out[name].params)
+        return out
 
     def device_params(self) -> dict[str, Params]:
         """{component: params} on the mesh (placed once, kept until params change); see `param_shardings`."""

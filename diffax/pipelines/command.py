@@ -6,6 +6,7 @@
     python sample.py --model=sd-folder --prompt="..." --controlnet=cn-folder --control_image=edges.png --out=out/
     python sample.py --model=sdxl-folder --refiner=refiner-folder --prompt="..." --out=out/
     python sample.py --model=sd-folder --prompt="..." --lora=style.safetensors:0.8 --out=out/
+    python sample.py --model=sd-folder --prompt="..." --quantize=int8 --out=out/
 
 `generate` does the work with plain arguments (sample.py maps its flags onto them), so it runs from Python too.
 The task follows from the inputs: an `image` makes a text-to-image folder an img2img pipeline, a `mask` an
@@ -125,11 +126,16 @@ def _call_arguments(pipe: Pipeline, request: Request) -> dict[str, Any]:
 
 def build_pipeline(model: str, request: Request, *, controlnets: Sequence[str] = (), refiner: str | None = None,
                    loras: Sequence[str] = (), sampler: str | None = None, sampler_options: dict | None = None,
-                   dtype: Any = None, safety_checker: bool = True,
-                   attention_backend: str = "auto") -> tuple[Pipeline, Pipeline | None]:
+                   dtype: Any = None, safety_checker: bool = True, attention_backend: str = "auto",
+                   quantize: str | None = None, quantize_group_size: int | None = None
+                   ) -> tuple[Pipeline, Pipeline | None]:
     """(pipeline, refiner or None) for a request: loaded, switched to its task, ControlNets and LoRAs attached,
-    the sampler swapped."""
+    the sampler swapped. quantize ('int8' / 'int4'): the denoisers, ControlNets and text encoders quantized
+    last (`Pipeline.quantize`), after the LoRAs are fused into their float weights."""
     from diffax.pipelines import load
+    from diffax.quant import mode_bits
+    if quantize is not None:
+        mode_bits(quantize, "--quantize")  # before minutes of loading
     pipe = load(model, dtype=dtype, safety_checker=safety_checker, attention_backend=attention_backend)
     if request.mask is not None:
         if request.image is None:
@@ -156,6 +162,13 @@ def build_pipeline(model: str, request: Request, *, controlnets: Sequence[str] =
         for p in (pipe, second):
             if p is not None:
                 p.set_scheduler(sampler, **(sampler_options or {}))
+    if quantize is not None:
+        if loras:  # LoRA merges into float weights: fold the adapters in before the weights become integers
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        for p in (pipe, second):
+            if p is not None:
+                p.quantize(quantize, group_size=quantize_group_size)
     return pipe, second
 
 

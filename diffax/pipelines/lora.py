@@ -29,6 +29,9 @@ import numpy as np
 
 from diffax.convert import rules
 from diffax.convert.lora import LoraLayer, read_lora
+from diffax.models.qtensor import KERNEL_SCALE
+from diffax.models.registry import abstract_params
+from diffax.quant import is_quantized
 
 Params = dict[str, Any]
 Layers = Mapping[str, LoraLayer]  # 'a/b/kernel' -> LoraLayer: one adapter on one component
@@ -66,6 +69,9 @@ def apply(params: Params, adapters: Sequence[Layers], weights: Sequence[float]) 
         key = tuple(path.split("/"))
         if key not in flat:
             raise ValueError(f"apply: the params have no {path} for a LoRA layer")
+        if key[:-1] + (KERNEL_SCALE,) in flat:  # integers + a scale: adding a float delta would corrupt them
+            raise ValueError(f"apply: {path} is quantized; apply LoRA to the float params, then quantize "
+                             f"(or diffax.quant.dequantize first)")
         kernels[path] = flat[key]
     if not kernels:
         return params
@@ -142,7 +148,17 @@ class LoraMixin:
         if adapter_name in state.adapters:
             raise ValueError(f"{path}: adapter name {adapter_name!r} is already loaded (pass another adapter_name, "
                              f"or delete_adapters first)")
-        layers = read_lora(path, self.components, weight_name=weight_name)
+        # Quantized components are read against their float shapes, so that a LoRA for them is named below
+        # rather than failing as a shape mismatch on the integer kernels.
+        quantized = {name for name, (_, params) in self.components.items()
+                     if isinstance(params, Mapping) and is_quantized(params)}
+        targets = {name: (module, abstract_params(module.config) if name in quantized else params)
+                   for name, (module, params) in self.components.items()}
+        layers = read_lora(path, targets, weight_name=weight_name)
+        hit = sorted(quantized & set(layers))
+        if hit:
+            raise ValueError(f"{path}: LoRA for the quantized {' and '.join(hit)}; load it into the float pipeline, "
+                             f"fuse_lora() and unload_lora_weights(), then quantize")
         for component in layers:
             if component not in state.base:
                 state.base[component] = self.components[component][1]
