@@ -7,6 +7,7 @@ diffusers pipeline folder (text-to-image, img2img, inpainting, ControlNet, SDXL 
     python sample.py --workdir=runs/digits --labels=3,3,7 --sampler=dpm++2m --steps=20 \
         --sampler_options=lambda_min_clipped=-5.1 --out=three.npz   # cosine-schedule model: docs/samplers.md
     python sample.py --workdir=runs/digits --out=grid.png,grid.npz      # the same samples, both forms
+    python sample.py --workdir=runs/digits --quantize=int8 --out=int8.png  # int8 weights (diffax.quant)
 
     python sample.py --checkpoint=DiT-XL-2-256x256.pt --labels=207,360 --sampler=ddpm --steps=250 \
         --guidance_scale=4 --reference_guidance --out=latents.npz
@@ -81,6 +82,10 @@ flags.DEFINE_integer("num_images", 1, "Images to generate (--model); image k use
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype (--model).")
 flags.DEFINE_bool("safety_checker", True, "Run the folder's safety checker (--model).")
 flags.DEFINE_string("attention_backend", "auto", "auto, xla, cudnn or chunked (--model).")
+flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization (diffax.quant) of the model (with "
+                  "--model: the denoiser, ControlNets and text encoders) before sampling.")
+flags.DEFINE_integer("quantize_group_size", None, "With --quantize: the most input rows one scale covers; default "
+                     "one scale per output channel.")
 
 
 def load(workdir: str | None, checkpoint: str | None):
@@ -111,6 +116,17 @@ def check_params_match(params: Any, model_config: Any, where: str) -> None:
     if differ:
         raise ValueError(f"{where}: the weights do not match the model of the saved config ({len(differ)} keys "
                          f"differ, weights vs config: {'; '.join(differ[:3])}{'; ...' if len(differ) > 3 else ''})")
+
+
+def quantize_for_sampling(params: Any, mode: str, group_size: int | None) -> Any:
+    """`params` with every Dense / Conv kernel quantized (`diffax.quant.quantize_params`), as the model's
+    layers run them; prints the parameter bytes before and after."""
+    from diffax.quant import device_bytes, mode_bits, quantize_params
+    qp = quantize_params(params, mode_bits(mode, "--quantize"), group_size)
+    if jax.process_index() == 0:
+        print(f"quantized {len(qp.shapes)} kernels to {mode}: parameters {device_bytes(params) / 2**20:.2f} -> "
+              f"{device_bytes(qp.params) / 2**20:.2f} MiB")
+    return qp.params
 
 
 # XLA's lowering and compilation of a program (jax.monitoring events): the part of the first batch that is
@@ -168,10 +184,12 @@ def main_pipeline() -> None:
     pipe, refiner = command.build_pipeline(
         FLAGS.model, request, controlnets=FLAGS.controlnet, refiner=FLAGS.refiner, loras=FLAGS.lora,
         sampler=FLAGS.sampler, sampler_options=parse_options(FLAGS.sampler_options), dtype=dtype,
-        safety_checker=FLAGS.safety_checker, attention_backend=FLAGS.attention_backend)
+        safety_checker=FLAGS.safety_checker, attention_backend=FLAGS.attention_backend,
+        quantize=FLAGS.quantize, quantize_group_size=FLAGS.quantize_group_size)
     made_with = dict(model=FLAGS.model, pipeline=type(pipe).__name__, refiner=FLAGS.refiner,
                      controlnet=FLAGS.controlnet, lora=FLAGS.lora, sampler=type(pipe.scheduler).__name__,
-                     sampler_options=list(FLAGS.sampler_options), dtype=FLAGS.dtype,
+                     sampler_options=list(FLAGS.sampler_options), dtype=FLAGS.dtype, quantize=FLAGS.quantize,
+                     quantize_group_size=FLAGS.quantize_group_size,
                      **{k: v for k, v in vars(request).items() if k not in ("seed", "num_images", "batch_size")})
     result = command.generate(pipe, request, FLAGS.out[0], refiner=refiner, made_with=made_with)
     if jax.process_index() == 0:
@@ -187,6 +205,8 @@ def main(argv):
     del argv
     parallel.initialize_distributed()
     logging.set_verbosity(logging.WARNING)
+    if FLAGS.quantize_group_size is not None and not FLAGS.quantize:
+        raise ValueError("--quantize_group_size needs --quantize=int8 or int4")
     if FLAGS.model:
         return main_pipeline()
     for name, value in (("num_samples", FLAGS.num_samples), ("batch_size", FLAGS.batch_size),
@@ -198,6 +218,8 @@ def main(argv):
         if out.suffix not in (".png", ".npz"):
             raise ValueError(f"--out must end in .png or .npz, got {out}")
     model, params, schedule, defaults, source = load(FLAGS.workdir, FLAGS.checkpoint)
+    if FLAGS.quantize:
+        params = quantize_for_sampling(params, FLAGS.quantize, FLAGS.quantize_group_size)
     sampler = FLAGS.sampler or defaults.sampler
     scheduler = scheduler_for(sampler, schedule, **parse_options(FLAGS.sampler_options))
     n_cls = model.config.num_classes
@@ -228,7 +250,8 @@ def main(argv):
     made_with = dict(model=type(model).__name__, checkpoint=FLAGS.workdir or FLAGS.checkpoint, source=source,
                      sampler=sampler, sampler_options=list(FLAGS.sampler_options), steps=steps,
                      guidance_scale=guidance, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-                     labels=None if labels is None else [int(x) for x in labels])
+                     labels=None if labels is None else [int(x) for x in labels], quantize=FLAGS.quantize,
+                     quantize_group_size=FLAGS.quantize_group_size)
     if jax.process_index() == 0:
         for out in outs:
             if out.suffix == ".png" and labels is None:
