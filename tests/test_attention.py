@@ -48,11 +48,11 @@ def test_backends_match_numpy(backend, chunk_size, key_chunk_size, masked):
 
 
 def test_auto_on_cpu_blocks_long_keys_only():
-    """Up to ONE_SHOT_MAX_KEYS keys 'auto' is the one-shot path; past it, the blocked online softmax (600 keys:
-    3 blocks of 200), and 'xla' past it is the [B, L, H, D] einsum form; all give the same numbers."""
+    """On CPU 'auto' is 'chunked' with the CPU block sizes: the blocked online softmax past CPU_KEY_CHUNK keys
+    (600 keys: 3 blocks of 200); 'xla' past ONE_SHOT_MAX_KEYS is the [B, L, H, D] einsum form. Same numbers."""
     assert jax.default_backend() == "cpu"
-    assert attention._resolve("auto", jnp.float32, 64, attention.ONE_SHOT_MAX_KEYS) == "xla"
-    assert attention._resolve("auto", jnp.float32, 64, attention.ONE_SHOT_MAX_KEYS + 1) == "chunked"
+    assert attention._resolve("auto", jnp.float32, 64) == "chunked"
+    assert attention.CPU_KEY_CHUNK < 600 and attention.ONE_SHOT_MAX_KEYS < 600
     q, k, v = _qkv(40, 600, heads=2, batch=1)
     mask = jnp.asarray(np.arange(600) < 590)  # [Lk]: padding, broadcast over batch, heads and queries
     for backend in ("auto", "xla"):
@@ -111,9 +111,9 @@ def test_auto_picks_cudnn_only_for_heads_it_takes(monkeypatch):
     """On GPU with half-precision inputs 'auto' is cuDNN flash attention, except for heads it refuses:
     wider than 128 (SD 1.x's 160, the VAE's 512) or not a multiple of 8."""
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
-    assert attention._resolve("auto", jnp.bfloat16, 64, 4096) == "cudnn"
-    assert attention._resolve("auto", jnp.bfloat16, 160, 4096) == "xla"
-    assert attention._resolve("auto", jnp.bfloat16, 512, 4096) == "xla"
-    assert attention._resolve("auto", jnp.float16, 100, 77) == "xla"
-    assert attention._resolve("auto", jnp.float32, 64, 4096) == "xla"
-    assert attention._resolve("chunked", jnp.bfloat16, 512, 4096) == "chunked"
+    assert attention._resolve("auto", jnp.bfloat16, 64) == "cudnn"
+    assert attention._resolve("auto", jnp.bfloat16, 160) == "xla"
+    assert attention._resolve("auto", jnp.bfloat16, 512) == "xla"
+    assert attention._resolve("auto", jnp.float16, 100) == "xla"
+    assert attention._resolve("auto", jnp.float32, 64) == "xla"
+    assert attention._resolve("chunked", jnp.bfloat16, 512) == "chunked"

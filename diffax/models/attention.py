@@ -11,8 +11,9 @@ backends:
   'cudnn'    cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, fp16/bf16 inputs only).
   'auto'     GPU: 'cudnn' for half-precision inputs and heads cuDNN's flash attention takes (at most 128 wide,
              a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
-             CPU: 'xla' up to `ONE_SHOT_MAX_KEYS` keys, 'chunked' with the CPU block sizes above it (the score
-             matrix then no longer fits in cache). Other platforms: 'xla'.
+             CPU: 'chunked' with the CPU block sizes: one shot (heads-major) up to `CPU_KEY_CHUNK` keys and
+             `CPU_QUERY_CHUNK` queries, blocked past that, where the score matrix no longer fits in cache.
+             Other platforms: 'xla'.
 Softmax always runs in fp32. An optional boolean `mask` (True: attend) serves causal and padding masks
 (CLIP's text encoder); every backend takes it. docs/performance.md has the measurements behind the choices.
 """
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 BACKENDS = ("auto", "xla", "cudnn", "chunked")
 
-# CPU block sizes, measured with XLA's CPU backend on a 2-core x86 machine with a 32 MiB L3 cache
+# CPU sizes, measured with XLA's CPU backend on a 2-core x86 machine with a 32 MiB L3 cache
 # (docs/performance.md): one-shot attention wins while the scores are small; above that, 256-key blocks and
 # 1024-query chunks keep each step's scores (B * H MiB in fp32) in cache instead of streaming the whole
 # [B, H, Lq, Lk] matrix (64 MiB-1 GiB) through memory, at 0.4-0.6x the one-shot time at 1024-4096 tokens.
@@ -36,7 +37,7 @@ CPU_QUERY_CHUNK = 1024
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives uniform weights, not NaN
 
 
-def _resolve(backend: str, dtype: jnp.dtype, head_dim: int, keys: int) -> str:
+def _resolve(backend: str, dtype: jnp.dtype, head_dim: int) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "auto":
@@ -46,9 +47,7 @@ def _resolve(backend: str, dtype: jnp.dtype, head_dim: int, keys: int) -> str:
         half = dtype in (jnp.bfloat16, jnp.float16)
         flash_head = head_dim <= 128 and head_dim % 8 == 0
         return "cudnn" if half and flash_head else "xla"
-    if platform == "cpu" and keys > ONE_SHOT_MAX_KEYS:
-        return "chunked"
-    return "xla"
+    return "chunked" if platform == "cpu" else "xla"
 
 
 def _even_chunks(length: int, chunk: int) -> tuple[int, int]:
@@ -181,7 +180,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     key_chunk = CPU_KEY_CHUNK if key_chunk_size is None else key_chunk_size
     if chunk < 1 or key_chunk < 1:
         raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk}, {key_chunk}")
-    backend = _resolve(backend, q.dtype, q.shape[-1], k.shape[1])
+    backend = _resolve(backend, q.dtype, q.shape[-1])
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if backend == "xla" and not (jax.default_backend() == "cpu" and k.shape[1] <= ONE_SHOT_MAX_KEYS):
