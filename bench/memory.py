@@ -28,6 +28,7 @@ runs the way time does).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import sys
@@ -70,7 +71,10 @@ class _Stages:
     def result(self) -> dict[str, Any]:
         # Without resets VmHWM is the whole process's peak, the import's included.
         peak = self.peak if self.resets else fresh.rss_mib("VmHWM")
-        return {**self.out, "peak_mib": peak, "delta_mib": peak - self.base}
+        # What the allocator holds but no object uses: glibc's malloc_trim hands freed pages back, so the
+        # resident size after it is what is still live (weights, executable, caches).
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        return {**self.out, "peak_mib": peak, "delta_mib": peak - self.base, "trimmed_rss_mib": fresh.rss_mib()}
 
 
 def _xla_stats(compiled: Any) -> dict[str, float]:
@@ -239,6 +243,7 @@ def run_work(args: argparse.Namespace, name: str, work: str, remat: str | None, 
         "diffax_held_mib": d["load_rss_mib"] - d["base_mib"], "torch_held_mib": t["load_rss_mib"] - t["base_mib"],
         "diffax_compile_mib": d["compile_peak_mib"] - d["load_rss_mib"],
         "diffax_after_compile_mib": d["compile_rss_mib"] - d["load_rss_mib"],
+        "diffax_live_mib": d["trimmed_rss_mib"] - d["base_mib"], "torch_live_mib": t["trimmed_rss_mib"] - t["base_mib"],
         "diffax_run_mib": d["run_peak_mib"] - d["compile_rss_mib"],
         "torch_run_mib": t["run_peak_mib"] - t["load_rss_mib"],
         **{k: v for k, v in d.items() if k.startswith("xla_")},
@@ -252,7 +257,8 @@ def _label(name: str) -> str:
 
 # (header, row key, format) of the memory table, MiB. peak: the process's peak above its resident size
 # before the model; weights: resident after loading; compile +: the compiler's peak above that (retained
-# after: the allocator keeps most of it); run +: the work's peak above what was resident before it.
+# after: the allocator keeps most of it); run +: the work's peak above what was resident before it; live:
+# resident at the end after malloc_trim (what is still in use), above the base.
 COLUMNS = (
     ("case", "case", "{}"),
     ("diffax peak", "diffax_delta_mib", "{:.0f}"),
@@ -266,6 +272,8 @@ COLUMNS = (
     ("retained", "diffax_after_compile_mib", "{:.0f}"),
     ("diffax run +", "diffax_run_mib", "{:.0f}"),
     ("torch run +", "torch_run_mib", "{:.0f}"),
+    ("diffax live", "diffax_live_mib", "{:.0f}"),
+    ("torch live", "torch_live_mib", "{:.0f}"),
     ("XLA args", "xla_args_mib", "{:.0f}"),
     ("XLA temp", "xla_temp_mib", "{:.0f}"),
     ("diffax abs", "diffax_peak_mib", "{:.0f}"),
