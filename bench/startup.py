@@ -173,9 +173,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a small UNet2DConditionModel and the digits U-Net")
     parser.add_argument("--cases", nargs="*", choices=sorted(fresh.CASES), default=None,
                         help="default: sd15 (--quick: sd-small digits)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds of fresh processes per case, each with a new cache (median; default 3, "
-                             "1 at full size, where a round takes minutes)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of fresh processes per case, each with a new cache (median; default 1: "
+                             "a round is four processes, ~30 s for a --quick case on an idle 2-core machine, "
+                             "minutes at full size)")
     parser.add_argument("--repeats", type=int, default=5,
                         help="calls after the first in each process (median: the steady-state columns)")
     parser.add_argument("--torch_compile", action="store_true", help="also time torch.compile's first call")
@@ -184,8 +185,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cases is None:
         args.cases = ["sd-small", "digits"] if args.quick else ["sd15"]
-    if args.rounds is None:
-        args.rounds = 3 if args.quick else 1
     if args.rounds < 1 or args.repeats < 1:
         parser.error(f"--rounds and --repeats must be >= 1, got {args.rounds}, {args.repeats}")
     return args
