@@ -2,8 +2,9 @@
 
     python -m bench.sampling                   # SD 1.5's U-Net layout, narrowed, at 32x32 latents (CPU-sized)
     python -m bench.sampling --quick           # a tiny U-Net at 16x16 latents: seconds per case
-    python -m bench.sampling --full            # SD 1.5's U-Net at 64x64 latents and a 512x512 SD 1.5 pipeline
-                                               # (860 M + 84 M + 123 M parameters): for a GPU
+    flock /tmp/diffax-big.lock python -m bench.sampling --full
+                                               # SD 1.5's U-Net at 64x64 latents and a 512x512 SD 1.5 pipeline
+                                               # (860 M + 84 M + 123 M parameters, ~8 GB per library): for a GPU
     python -m bench.sampling --skip_pipeline   # the two sampling loops only
 
 Cases (group "sampling"), each compared for agreement before it is timed, both libraries interleaved:
@@ -16,8 +17,9 @@ Cases (group "sampling"), each compared for agreement before it is timed, both l
       torch.inference_mode. Samplers: DDIMScheduler with SD 1.5's config (scaled_linear betas
       0.00085-0.012, steps_offset 1, "leading" spacing, eta 0) and DPMSolverMultistepScheduler with the same
       betas and its own defaults, as diffusers builds it for SD (dpmsolver++, order 2, midpoint,
-      lower_order_final, "linspace" spacing). The same rounds time one batched CFG model call alone (x and
-      the embeddings of one step, t = 500) in both libraries, and the row reports each loop's
+      lower_order_final, "linspace" spacing). The same rounds time the model call alone in both libraries:
+      one batched CFG call (x and the embeddings of one step, t = 500), 10 calls back to back per round
+      (as a loop makes them: weights warm in the caches), their mean; and the row reports each loop's
       overhead = run time / (steps x model call time) - 1: what the loop costs beyond its model calls.
   pipeline  a whole prompt -> image call: tokenizer, CLIP text encoder (prompt and empty negative prompt),
       the DDIM-50 loop with guidance 7.5, VAE decode, output_type "np" (float images [1, H, W, 3]).
@@ -29,7 +31,8 @@ Cases (group "sampling"), each compared for agreement before it is timed, both l
 Sizes. U-Nets keep SD 1.5's layout (CrossAttnDown x3 + Down, Up + CrossAttnUp x3, 2 layers per block,
 8 heads, 32 norm groups, 77 text tokens):
   default  block_out_channels (64, 128, 256, 256), cross-attention width 768, 32x32 latents: 37.5 M
-           parameters, ~0.3 s per CFG call in torch on 2 CPU cores (~15 s per DDIM-50 run).
+           parameters, 0.32 s per CFG call (2 rows) in torch on 2 idle CPU cores (~16 s per DDIM-50 run;
+           the module takes ~6 CPU-minutes in all).
   quick    block_out_channels (32, 32, 64, 64), 1 layer per block, cross-attention width 64, 16x16 latents.
   full     SD 1.5's U-Net (bench.models.SD15_UNET) at 64x64 latents.
 The pipeline (default and quick): the quick U-Net, bench.models.SMALL_SD_VAE (SD's VAE layout at widths
@@ -61,6 +64,7 @@ GUIDANCE = 7.5
 TOKENS = 77
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 PIPELINE_STEPS = 50
+MODEL_CALLS = 10  # back-to-back model calls per round that give the model call time
 
 UNET_SIZES = {
     "default": dict(models.SD15_UNET, sample_size=32, block_out_channels=(64, 128, 256, 256)),
@@ -171,7 +175,7 @@ def loop_case(args: argparse.Namespace, name: str, torch_sched: Any, steps: int,
     # The checked calls above were each library's warm-up.
     timing = common.time_interleaved({"diffax": diffax_call, "torch": torch_call, **model_calls},
                                      repeats=args.repeats, warmup=0)
-    model_s = {who: timing[f"{who}_model"].median for who in ("diffax", "torch")}
+    model_s = {who: timing[f"{who}_model"].median / MODEL_CALLS for who in ("diffax", "torch")}
     side = inputs["noise"].shape[1]
     # XLA counts the loop body once, so the run's work is steps x one guided model call.
     return common.case_row(
@@ -182,7 +186,8 @@ def loop_case(args: argparse.Namespace, name: str, torch_sched: Any, steps: int,
         diffax_model_ms=1e3 * model_s["diffax"], torch_model_ms=1e3 * model_s["torch"],
         diffax_overhead_pct=100 * (timing["diffax"].median / (steps * model_s["diffax"]) - 1),
         torch_overhead_pct=100 * (timing["torch"].median / (steps * model_s["torch"]) - 1),
-        diffax_model_times_s=timing["diffax_model"].times, torch_model_times_s=timing["torch_model"].times)
+        diffax_model_times_s=[t / MODEL_CALLS for t in timing["diffax_model"].times],
+        torch_model_times_s=[t / MODEL_CALLS for t in timing["torch_model"].times])
 
 
 def loop_cases(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> list[dict[str, Any]]:
@@ -210,11 +215,13 @@ def loop_cases(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> l
 
     forward_program = common.compile_jax(forward, params, jx, jt, je)
     tx, te, tt = _nchw(x2, device), torch.from_numpy(e2).to(device), torch.tensor(500, device=device)
-    model_calls = {"diffax_model": common.jax_blocking(forward_program.compiled, params, jx, jt, je),
-                   "torch_model": common.torch_blocking(
-                       lambda: model(tx, tt, encoder_hidden_states=te, return_dict=False)[0], device)}
-    got, want = model_calls["diffax_model"](), model_calls["torch_model"]()
+    diffax_forward = common.jax_blocking(forward_program.compiled, params, jx, jt, je)
+    torch_forward = common.torch_blocking(lambda: model(tx, tt, encoder_hidden_states=te, return_dict=False)[0],
+                                          device)
+    got, want = diffax_forward(), torch_forward()
     common.check_agreement("U-Net forward", common.rel_err(got, _nhwc(want)), common.agreement_tolerance(device))
+    model_calls = {"diffax_model": lambda: [diffax_forward() for _ in range(MODEL_CALLS)],
+                   "torch_model": lambda: [torch_forward() for _ in range(MODEL_CALLS)]}
 
     rows = []
     for name, class_name, sched_config, steps in SAMPLERS:
