@@ -220,6 +220,36 @@ def torch_peak_bytes(call: Callable[[], Any], device: Any) -> int | None:
     return int(torch.cuda.max_memory_allocated(device))
 
 
+def compile_jitted(jitted: Any, *args: Any) -> CompiledProgram:
+    """`compile_jax` for a function that is jitted already (anything with `.lower`, such as the train loop's
+    step), so that its shardings and donated arguments are part of the compiled program."""
+    start = time.perf_counter()
+    lowered = jitted.lower(*args)
+    lowered_at = time.perf_counter()
+    compiled = lowered.compile()
+    compiled_at = time.perf_counter()
+    flops = _cost(compiled.cost_analysis()).get("flops")
+    return CompiledProgram(compiled, lowered_at - start, compiled_at - lowered_at,
+                           None if flops is None else float(flops), _peak_bytes(compiled))
+
+
+def reset_peak_rss() -> None:
+    """Restart this process's peak resident memory (VmHWM) from its current size (Linux: /proc/self/clear_refs),
+    so that `peak_rss_bytes` measures one phase of a run."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident memory (VmHWM) since it started or since `reset_peak_rss`; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 # ----------------------------------------------------------------------------- machine
 
 
