@@ -31,8 +31,7 @@ Cases (group "sampling"), each compared for agreement before it is timed, both l
 Sizes. U-Nets keep SD 1.5's layout (CrossAttnDown x3 + Down, Up + CrossAttnUp x3, 2 layers per block,
 8 heads, 32 norm groups, 77 text tokens):
   default  block_out_channels (64, 128, 256, 256), cross-attention width 768, 32x32 latents: 37.5 M
-           parameters, 0.32 s per CFG call (2 rows) in torch on 2 idle CPU cores (~16 s per DDIM-50 run;
-           the module takes ~6 CPU-minutes in all).
+           parameters, 0.32 s per CFG call (2 rows) in torch on 2 idle CPU cores (~16 s per DDIM-50 run).
   quick    block_out_channels (32, 32, 64, 64), 1 layer per block, cross-attention width 64, 16x16 latents.
   full     SD 1.5's U-Net (bench.models.SD15_UNET) at 64x64 latents.
 The pipeline (default and quick): the quick U-Net, bench.models.SMALL_SD_VAE (SD's VAE layout at widths
