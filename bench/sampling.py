@@ -4,7 +4,8 @@
     python -m bench.sampling --quick           # a tiny U-Net at 16x16 latents: seconds per case
     flock /tmp/diffax-big.lock python -m bench.sampling --full
                                                # SD 1.5's U-Net at 64x64 latents and a 512x512 SD 1.5 pipeline
-                                               # (860 M + 84 M + 123 M parameters, 4.3 GB of fp32 weights per library): for a GPU
+                                               # (860 M + 84 M + 123 M parameters: 4.3 GB of fp32
+                                               # weights per library): for a GPU
     python -m bench.sampling --skip_pipeline   # the two sampling loops only
 
 Cases (group "sampling"), each compared for agreement before it is timed, both libraries interleaved:
