@@ -116,6 +116,24 @@ def test_weights_that_do_not_match_the_saved_config(workdir, tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_quantize(workdir):
+    """--quantize: the tiny digits U-Net (2 training steps, so close to random weights, which the sampler's
+    3 steps amplify) samples within 32 levels (max) / 3 levels (mean) of its fp32 uint8 samples in int8
+    (measured 17 / 1.7); int4 with groups of 16 rows differs more (measured 197 / 23)."""
+    runs = {}
+    for mode, flags in (("fp32", []), ("int8", ["--quantize=int8"]),
+                        ("int4", ["--quantize=int4", "--quantize_group_size=16"])):
+        result = _sample(workdir, "--num_samples=10", *flags, f"--out={workdir / f'q_{mode}.npz'}")
+        assert result.returncode == 0, result.stderr
+        assert ("kernels to" in result.stdout) == (mode != "fp32")
+        runs[mode] = np.load(workdir / f"q_{mode}.npz")["images"].astype(np.int16)
+    d8, d4 = np.abs(runs["int8"] - runs["fp32"]), np.abs(runs["int4"] - runs["fp32"])
+    assert d8.max() <= 32 and d8.mean() <= 3, (d8.max(), d8.mean())
+    assert d8.max() > 0 and d4.mean() > d8.mean()
+    result = _sample(workdir, "--quantize_group_size=16", f"--out={workdir / 'x.npz'}")
+    assert result.returncode == 1 and result.stderr.strip() == "error: --quantize_group_size needs --quantize=int8 or int4"
+
+
 def test_no_checkpoint(tmp_path):
     result = _sample(tmp_path, f"--out={tmp_path / 'x.png'}")
     assert result.returncode != 0 and "no checkpoints/ folder" in result.stderr
