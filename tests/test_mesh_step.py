@@ -97,8 +97,8 @@ def _run(name: str, shape: tuple[int, int, int]):
 # jax 0.10.2 on fake CPU devices: the U-Net's gradient on (2, 2, 2) is wrong (up to ~50% relative on some
 # leaves; the loss itself is exact), with or without the activation constraints, while (1, 4, 2) and every DiT
 # mesh agree to rounding. A one-level U-Net does not show it; a two-level one, conditional or not, does. The
-# ops tried alone on that mesh (dense, conv, stride-2 conv, nearest upsampling, group norm) are right, so the
-# pattern is not yet reduced to a pure-jax script. Strict: when jax fixes it, this fails and the mark goes.
+# pattern (a channel-padded 3x3 conv, kernel split over fsdp x tensor, output scaled) is reduced to pure jax
+# in tests/test_jax_mesh_bug.py. Strict: when jax fixes it, this fails and the mark goes.
 JAX_222_BUG = pytest.mark.xfail(strict=True, reason="jax 0.10.2: wrong U-Net gradients on a (2, 2, 2) mesh of "
                                                     "fake CPU devices")
 # Compiling the U-Net's step takes 40-120 s per mesh on a shared 2-core machine: by default it runs on
