@@ -347,13 +347,15 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     rows, seconds = [], {}
     for name in args.cases:
         start = time.perf_counter()
-        rows.extend(CASE_FUNCTIONS[name](args, device, peak))
+        case_rows = CASE_FUNCTIONS[name](args, device, peak)
         models.free()
         seconds[name] = time.perf_counter() - start
-        print(f"forward: {name} took {seconds[name]:.0f} s", flush=True)
-    common.write_json("forward_quick" if args.quick else "forward", {
-        "benchmark": "forward", "args": vars(args), "machine": common.machine_info(), "matmul_peak": peak,
-        "case_seconds": seconds, "rows": rows})
+        rows.extend(case_rows)
+        # A full-size run takes many minutes per case: show and keep each case's rows as soon as they exist.
+        print(f"forward: {name} took {seconds[name]:.0f} s\n{common.format_table(case_rows)}", flush=True)
+        common.write_json("forward_quick" if args.quick else "forward", {
+            "benchmark": "forward", "args": vars(args), "machine": common.machine_info(), "matmul_peak": peak,
+            "case_seconds": seconds, "rows": rows})
     return rows
 
 
