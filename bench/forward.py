@@ -338,9 +338,16 @@ CASE_FUNCTIONS = {"dit": dit_rows, "sd15": sd15_rows, "sdxl": sdxl_rows, "vae": 
                   "controlnet": controlnet_rows}
 
 
+def results_name(args: argparse.Namespace) -> str:
+    """The results file's name: forward[_quick][_<cases>], the cases named only when some are left out, so
+    that a partial run never overwrites a whole one."""
+    parts = ["forward"] + (["quick"] if args.quick else []) + ([] if set(args.cases) == set(CASES) else args.cases)
+    return "_".join(parts)
+
+
 def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Runs the chosen cases one after the other, each freeing its models before the next; writes
-    bench/results/forward.json (forward_quick.json with --quick) and returns the rows.
+    bench/results/<results_name(args)>.json after each case and returns the rows.
     `peak` is `common.matmul_peak(device)` when the caller has measured it already."""
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
@@ -353,7 +360,7 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
         rows.extend(case_rows)
         # A full-size run takes many minutes per case: show and keep each case's rows as soon as they exist.
         print(f"forward: {name} took {seconds[name]:.0f} s\n{common.format_table(case_rows)}", flush=True)
-        common.write_json("forward_quick" if args.quick else "forward", {
+        common.write_json(results_name(args), {
             "benchmark": "forward", "args": vars(args), "machine": common.machine_info(), "matmul_peak": peak,
             "case_seconds": seconds, "rows": rows})
     return rows
