@@ -1,7 +1,7 @@
 """diffax vs torch on one full train step: noise, forward, MSE loss, backward, AdamW, EMA.
 
     python -m bench.train_step                          # every full-size case (DiT-XL/2 and SD 1.5 under the lock)
-    python -m bench.train_step --quick                  # small widths only, ~1 min on 2 cores
+    python -m bench.train_step --quick                  # small widths only (digits b16, 2-layer DiT, small SD U-Net)
     python -m bench.train_step --cases=digits,dit-s     # a subset (names below)
     flock /tmp/diffax-big.lock python -m bench.train_step --cases=dit-xl,sd15
 
@@ -18,8 +18,9 @@ The torch model is built with random weights, saved with `save_pretrained` and l
 and noise (drawn from the key diffax's step uses): the loss, the Adam first moment (the clipped gradient),
 the weight change and the EMA change must agree. Cases that fit twice in memory are timed interleaved;
 DiT-XL/2 and SD 1.5 (params + grads + two moments + EMA ~ 5x the weights per library) are timed in two
-phases, diffax first, each library's peak resident memory read from VmHWM, and marked interleaved=False.
-images/s = batch / median step time.
+phases, diffax first, each library's peak resident memory read from VmHWM, and marked interleaved=False;
+the diffax program is compiled from the state's shapes first and refused (MemoryError) when XLA's buffers
+would not fit in the memory available. images/s = batch / median step time.
 """
 from __future__ import annotations
 
@@ -145,6 +146,17 @@ def step_draws(key: jax.Array, step: int, batch: int, shape: tuple[int, ...], nu
 # ----------------------------------------------------------------------------- the two train steps
 
 
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo: what a new allocation can take without swapping; None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class DiffaxTrainer:
     """diffax's train step as the train loop builds and jits it, with its state carried between calls."""
 
@@ -153,13 +165,21 @@ class DiffaxTrainer:
         mesh, rules = parallel.mesh_from_config(config.mesh)
         tx = make_optimizer(config.train)
         objective = make_objective(config, module)
-        _, shardings = train_state_shardings(module, tx, mesh, rules)
-        self.state = jax.device_put(init_train_state(params, tx), shardings)
+        abstract, shardings = train_state_shardings(module, tx, mesh, rules)
         self.batch = parallel.shard_batch({"image": x0, "cond": cond}, mesh)
         self.key = jax.random.key(0)
         self.num_t = objective.alphas_cumprod.shape[0]
         step = jit_train_step(module, tx, objective, mesh, rules, shardings, config.train)
-        self.program = common.compile_jitted(step, self.state, self.batch, self.key)
+        # Compiled from the state's shapes, so that a program too big for this machine is refused before the
+        # state (4x the weights) is allocated.
+        shapes = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
+        self.program = common.compile_jitted(step, shapes, self.batch, self.key)
+        held = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
+        need, free = (self.program.peak_bytes or 0) - held, available_bytes()
+        if free is not None and need > free:
+            raise MemoryError(f"{module.config.class_name} train step: XLA's buffers need {need / 2**30:.1f} GiB beyond "
+                              f"the loaded weights, {free / 2**30:.1f} GiB is available; not run")
+        self.state = jax.device_put(init_train_state(params, tx), shardings)
         self.converter = converter_for(module.config.class_name)
 
     def step(self) -> dict[str, Any]:
@@ -223,7 +243,7 @@ class TorchTrainer:
             noise_t = torch.randn_like(x0)
             t_t = torch.randint(0, self.abar.shape[0], (x0.shape[0],), device=self.device)
         else:
-            noise_t = torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))).to(self.device)
+            noise_t = torch.from_numpy(np.array(noise.transpose(0, 3, 1, 2))).to(self.device)
             t_t = torch.from_numpy(t.astype(np.int64)).to(self.device)
         abar = self.abar[t_t].view(-1, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise_t  # DDPMScheduler.add_noise
@@ -432,7 +452,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Runs the cases, writes bench/results/train_step[_quick].json and returns the rows."""
+    """Runs the cases, writes bench/results/train_step[_quick][_<case>...].json and returns the rows."""
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
     chosen = [c for c in cases(args.quick) if not args.cases or c.name in args.cases.split(",")]
@@ -443,7 +463,8 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
         with tempfile.TemporaryDirectory() as folder:
             rows.append(run_case(case, args, device, peak, Path(folder)))
         common.print_table(rows[-1:], COLUMNS)
-    common.write_json("train_step_quick" if args.quick else "train_step", {
+    name = "train_step" + ("_quick" if args.quick else "") + "".join(f"_{c}" for c in args.cases.split(",") if c)
+    common.write_json(name.replace("-", "_"), {
         "benchmark": "train_step", "args": vars(args), "train": TRAIN,
         "machine": common.machine_info(), "matmul_peak": peak, "rows": rows})
     return rows
