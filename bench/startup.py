@@ -14,8 +14,9 @@ Per round (`--rounds`, each with a new empty cache folder), every step a new pro
   aot      `cold` wrote `jax.experimental.serialize_executable.serialize(compiled)` to a file; a new process
            reads it with `deserialize_and_load` (no tracing, lowering or compiling) and calls it.
   torch    `from_pretrained`, the first eager call and `--repeats` more (torch has no compile step).
-Weight loading (diffax: `convert.load` + `bench.models.to_device`; torch: `from_pretrained`) is timed apart from
-compilation and reported in its own columns, so warm / cold is a ratio of compilation alone. The persistent
+Weight loading (diffax: `convert.load` + `bench.models.to_device`; torch: `from_pretrained`) and the first
+call (one forward pass, the same work in every phase) are timed apart from compilation, so warm / cold and
+AOT / cold are ratios of compilation alone; time to a first result is reported beside. The persistent
 cache writes every entry here (`jax_persistent_cache_min_compile_time_secs=0`, min entry size off); diffax's
 `enable_compilation_cache` keeps jax's defaults, under which a program that compiles in < 1 s is not cached.
 The first calls' outputs of every phase are compared with torch's before anything is reported.
@@ -226,27 +227,41 @@ def run_case(args: argparse.Namespace, name: str, work: Path) -> dict[str, Any]:
             raise RuntimeError(f"{name}: the model's program was not compiled cold and read warm (cold missed "
                                f"{cold['missed']}, warm missed {warm['missed']})")
 
-    med = {p: {k: _median(results[p], k) for k in results[p][0]} for p in phases}
+    cache_mib = sum(f.stat().st_size for f in (work / f"{name}-cache-0").rglob("*") if f.is_file()) / 2 ** 20
+    return summarise(name, results, cache_mib=cache_mib, max_rel_err=err)
+
+
+def summarise(name: str, results: dict[str, list[dict[str, Any]]], *, cache_mib: float,
+              max_rel_err: float) -> dict[str, Any]:
+    """The row of one case from its phases' results (phase -> one dict per round; medians over rounds).
+
+    The ratios compare compilation alone: cold = trace + lower + XLA compile; warm = trace + lower + the cache
+    read; AOT = deserialize_and_load. The first call after each runs the model (the same work in all
+    three), so time to a first result, reported beside, also holds one forward pass.
+    """
+    med = {p: {k: _median(rs, k) for k in rs[0]} for p, rs in results.items()}
     c, w, a, t = med["cold"], med["warm"], med["aot"], med["torch"]
-    cold_s = c["lower_s"] + c["compile_s"] + c["first_run_s"]
-    warm_s = w["lower_s"] + w["compile_s"] + w["first_run_s"]
-    aot_s = a["deserialize_s"] + a["first_run_s"]
-    row = {
-        "case": _label(name), "group": "startup", "rounds": args.rounds,
-        "cold_s": cold_s, "warm_s": warm_s, "aot_s": aot_s, "warm_pct": 100 * warm_s / cold_s,
-        "aot_pct": 100 * aot_s / cold_s,
+    cold_compile = c["lower_s"] + c["compile_s"]
+    warm_compile = w["lower_s"] + w["compile_s"]
+    return {
+        "case": _label(name), "group": "startup", "rounds": len(results["cold"]),
+        "cold_compile_s": cold_compile, "warm_compile_s": warm_compile, "aot_load_s": a["deserialize_s"],
+        "warm_pct": 100 * warm_compile / cold_compile, "aot_pct": 100 * a["deserialize_s"] / cold_compile,
+        "lower_compile": f"{c['lower_s']:.2f} / {c['compile_s']:.2f}",
+        "warm_lower_read": f"{w['lower_s']:.2f} / {w['compile_s']:.2f}",
         "lower_s": c["lower_s"], "xla_compile_s": c["compile_s"], "warm_lower_s": w["lower_s"],
         "cache_read_s": w["compile_s"], "deserialize_s": a["deserialize_s"],
-        "serialize_s": c["serialize_s"], "exe_mib": c["exe_mib"], "steady_run_s": c["steady_s"],
+        "cold_first_result_s": cold_compile + c["first_run_s"], "warm_first_result_s": warm_compile + w["first_run_s"],
+        "aot_first_result_s": a["deserialize_s"] + a["first_run_s"],
+        "first_run_s": c["first_run_s"], "steady_run_s": c["steady_s"],
+        "serialize_s": c["serialize_s"], "exe_mib": c["exe_mib"], "cache_mib": cache_mib,
         "diffax_load_s": c["load_s"], "torch_load_s": t["load_s"],
         "jax_imports_s": c["imports_s"], "jax_backend_s": c["backend_s"], "torch_imports_s": t["imports_s"],
         "torch_first_s": t["first_run_s"], "torch_steady_s": t["steady_s"],
-        "torch_compile_first_s": med["torch_compile"]["first_run_s"] if args.torch_compile else None,
-        "cache_mib": sum(f.stat().st_size for f in (work / f"{name}-cache-0").rglob("*") if f.is_file()) / 2 ** 20,
+        "torch_compile_first_s": med["torch_compile"]["first_run_s"] if "torch_compile" in med else None,
         "warm_misses": sorted({m for r in results["warm"] for m in r["missed"]}),
-        "max_rel_err": err, "rounds": results,
+        "max_rel_err": max_rel_err, "rounds_results": results,
     }
-    return row
 
 
 def _label(name: str) -> str:
@@ -254,18 +269,23 @@ def _label(name: str) -> str:
             "digits": "digits UNet 16x16 b2"}[name]
 
 
-# (header, row key, format) of the start-up table.
+# (header, row key, format) of the start-up table. Compilation columns (cold, warm, AOT, the ratios) hold no
+# model execution; "1st result" columns add the first call, which runs one forward pass.
 COLUMNS = (
     ("case", "case", "{}"),
-    ("cold s", "cold_s", "{:.2f}"),
-    ("(lower / compile)", "lower_compile", "{}"),
-    ("warm s", "warm_s", "{:.2f}"),
+    ("cold compile s", "cold_compile_s", "{:.2f}"),
+    ("(lower / XLA)", "lower_compile", "{}"),
+    ("warm s", "warm_compile_s", "{:.2f}"),
+    ("(lower / cache read)", "warm_lower_read", "{}"),
     ("warm/cold", "warm_pct", "{:.0f}%"),
-    ("AOT s", "aot_s", "{:.2f}"),
+    ("AOT load s", "aot_load_s", "{:.2f}"),
     ("AOT/cold", "aot_pct", "{:.0f}%"),
+    ("cold 1st result s", "cold_first_result_s", "{:.1f}"),
+    ("warm 1st result s", "warm_first_result_s", "{:.1f}"),
+    ("AOT 1st result s", "aot_first_result_s", "{:.1f}"),
     ("steady call s", "steady_run_s", "{:.2f}"),
-    ("diffax load s", "diffax_load_s", "{:.2f}"),
-    ("torch load s", "torch_load_s", "{:.2f}"),
+    ("diffax load s", "diffax_load_s", "{:.1f}"),
+    ("torch load s", "torch_load_s", "{:.1f}"),
     ("torch 1st call s", "torch_first_s", "{:.2f}"),
     ("torch steady s", "torch_steady_s", "{:.2f}"),
     ("torch.compile 1st s", "torch_compile_first_s", "{:.1f}"),
@@ -281,7 +301,6 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
         for name in args.cases:
             start = time.perf_counter()
             row = run_case(args, name, Path(work))
-            row["lower_compile"] = f"{row['lower_s']:.2f} / {row['xla_compile_s']:.2f}"
             row["bench_s"] = time.perf_counter() - start
             rows.append(row)
     common.write_json("startup" + ("_quick" if args.quick else ""), {
