@@ -10,6 +10,9 @@ converted checkpoints and config.json are the same for every policy. The policie
                  cheap elementwise work (norms, activations, softmax) in between
   dots_no_batch  keep the outputs of matmuls without batch dimensions (weight projections:
                  dots_with_no_batch_dims_saveable); attention's batched q.k and p.v are recomputed
+  offload        as dots_no_batch, but the kept outputs move to host memory ("pinned_host") until the
+                 backward pass needs them (offload_dot_with_no_batch_dims): device memory of `full`,
+                 recompute of `dots_no_batch`, paid in host transfers
 
 Only the memory / compute trade changes, never the math: gradients agree to fp32 rounding.
 """
@@ -25,6 +28,7 @@ POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
 }
 NAMES = ("none", *POLICIES)
 
