@@ -203,12 +203,12 @@ def _has_remat(case: fresh.Case) -> bool:
 
 
 def _works(args: argparse.Namespace, case: fresh.Case) -> list[tuple[str, str | None]]:
-    works = [("infer fp32", None)]
+    works = [("infer fp32", None), ("infer bf16", None)]
     if not args.skip_train:
         works.append(("train", None))
         if _has_remat(case):
             works.append(("train", "full"))
-    return works + [("infer bf16", None)]  # last: torch's bf16 convolutions are slow on a CPU
+    return works
 
 
 def run_work(args: argparse.Namespace, name: str, work: str, remat: str | None, tmp: Path) -> dict[str, Any]:
@@ -291,7 +291,12 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
             fresh.run_child(MODULE, {"phase": "build", "case": name, "folder": str(Path(tmp) / name)})
             for work, remat in _works(args, fresh.CASES[name]):
                 start = time.perf_counter()
-                row = run_work(args, name, work, remat, Path(tmp))
+                try:
+                    row = run_work(args, name, work, remat, Path(tmp))
+                except RuntimeError as e:  # e.g. a child killed for memory: keep the other rows
+                    row = {"case": f"{_label(name)} {work}{' remat' if remat else ''}", "group": "memory",
+                           "work": work, "remat": remat, "error": str(e).splitlines()[0]}
+                    print(row["error"], flush=True)
                 row["bench_s"] = time.perf_counter() - start
                 rows.append(row)
                 print(f"{row['case']}: {row['bench_s']:.0f} s", flush=True)
