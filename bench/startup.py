@@ -111,7 +111,8 @@ def _jax_phase(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     y = jax.block_until_ready(compiled(*args))
     out["first_run_s"] = time.perf_counter() - start
-    out["steady_s"] = _steady(lambda: jax.block_until_ready(compiled(*args)), spec["repeats"])
+    if spec["phase"] == "cold":  # the same executable in every phase: its steady state is measured once
+        out["steady_s"] = _steady(lambda: jax.block_until_ready(compiled(*args)), spec["repeats"])
     np.save(spec["out"], np.asarray(y))
     if spec["phase"] == "cold":  # after the timed calls, so writing the file costs them nothing
         from jax.experimental.serialize_executable import serialize
@@ -179,7 +180,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "a round is four processes, ~30 s for a --quick case on an idle 2-core machine, "
                              "minutes at full size)")
     parser.add_argument("--repeats", type=int, default=5,
-                        help="calls after the first in each process (median: the steady-state columns)")
+                        help="calls after the first in the cold and torch processes (median: the steady-state "
+                             "columns; each is a whole forward pass, ~30 s for sd15 on 2 CPU cores)")
     parser.add_argument("--torch_compile", action="store_true", help="also time torch.compile's first call")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
