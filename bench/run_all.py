@@ -27,15 +27,23 @@ from typing import Any, Sequence
 
 from bench import common
 
-# (module, flags at full size, flags for --quick), in the order they run: small cases first.
+# (module, flags at full size, flags for --quick), in the order they run: small cases first. A module's
+# flags come after the suite's --repeats, so they may override it (start-up's full-size repeats are whole
+# SD 1.5 forwards in fresh processes, and the medians there are of compile and load times, not calls).
 MODULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("attention", (), ("--quick",)),
+    ("attention", tuple(f"--case={c}" for c in ("dit", "sd15_32", "sd2_64", "sd15_64", "sdxl_128", "vae_512")),
+     ("--quick",)),
     ("unet_sampling", (), ()),
     ("dit_forward", ("--attention=auto",), ("--attention=auto",)),
-    ("forward", (), ("--quick",)),
+    # SDXL's UNet is left out at full size: 6 TFLOP a call, minutes per call on 2 CPU cores (run it alone:
+    # `python -m bench.forward --cases=sdxl`); every other forward case runs.
+    ("forward", ("--cases=dit,sd15,vae,clip,controlnet",), ("--quick",)),
     ("sampling", (), ("--quick",)),
-    ("train_step", (), ("--quick",)),
-    ("startup", (), ("--quick",)),
+    ("train_step", ("--cases=digits,dit-s",), ("--quick",)),
+    # The full-size train steps in a process of their own: one that does not fit in memory is refused
+    # before anything is allocated, and must not take the rows above with it.
+    ("train_step", ("--cases=dit-xl,sd15",), ()),
+    ("startup", ("--repeats=1",), ("--quick",)),
     ("memory", (), ("--quick",)),
 )
 GROUPS = ("attention", "forward", "sampling", "train", "startup", "memory")
@@ -53,6 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and case (median, spread)")
     parser.add_argument("--only", default="", help="comma-separated module names (default: all)")
     parser.add_argument("--docs", action="store_true", help="rewrite docs/benchmarks.md's results and the plot")
+    parser.add_argument("--docs_only", action="store_true",
+                        help="rewrite them from the last run's bench/results/run_all.json, running nothing")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rows_out", default="", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
@@ -124,13 +134,32 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def write_docs(summary: str) -> None:
-    """Replaces the text between the results markers of docs/benchmarks.md."""
+def summarise(record: dict[str, Any]) -> str:
+    """Markdown: the run's command, machine, versions, peak and seconds per module, then the group tables."""
+    machine, peak = record["machine"], record["matmul_peak"]
+    seconds = ", ".join(f"{k} {v:.0f}" for k, v in record["seconds"].items())
+    failed = f" Failed: {', '.join(record['failed'])}." if record["failed"] else ""
+    header = (f"Run of {record['date']}: `{record['command']}`, {record['elapsed_s'] / 60:.0f} min. Machine: "
+              f"{machine['cpu']}, {machine['cpu_count']} cores; jax {machine['jax']} ({machine['jax_device']}), "
+              f"torch {machine['torch']} ({machine['torch_device']}, {machine['torch_threads']} threads), "
+              f"diffusers {machine['diffusers']}. fp32 matmul peak (n={peak['n']}, best of the run): jax "
+              f"{peak['jax_gflops']:.0f} GFLOP/s, torch {peak['torch_gflops']:.0f} GFLOP/s. Seconds per module: "
+              f"{seconds}.{failed}")
+    return f"{header}\n\n{group_tables(record['rows'], record['columns'])}"
+
+
+def write_docs(record: dict[str, Any]) -> None:
+    """Rewrites the text between the results markers of docs/benchmarks.md and the plot."""
+    machine = record["machine"]
+    plot(record["rows"], PLOT, f"diffax vs diffusers/torch, {machine['cpu']} x{machine['cpu_count']}, "
+                               f"{record['date']}")
     text = DOCS.read_text()
     if BEGIN not in text or END not in text:
         raise RuntimeError(f"{DOCS} has no {BEGIN} ... {END} section to rewrite")
     head, rest = text.split(BEGIN, 1)
+    summary = summarise(record) + "\n\n![speedups](images/benchmarks.png)"
     DOCS.write_text(f"{head}{BEGIN}\n{summary}\n{END}{rest.split(END, 1)[1]}")
+    print(f"wrote {DOCS} and {PLOT}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -138,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.child:
         run_child(args.child, args.module_flags, args.rows_out)
+        return
+    if args.docs_only:
+        write_docs(json.loads((common.RESULTS_DIR / "run_all.json").read_text()))
         return
     start = time.perf_counter()
     machine = common.machine_info()
@@ -147,12 +179,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, full, quick in MODULES:
         if args.only and name not in args.only:
             continue
-        flags = [*(quick if args.quick else full), f"--repeats={args.repeats}", *args.module_flags]
+        flags = [f"--repeats={args.repeats}", *(quick if args.quick else full), *args.module_flags]
+        if args.quick and not quick and name in seconds:
+            continue  # a full-size-only entry
         print(f"\n== {name} {' '.join(flags)}", flush=True)
         result = run_module(name, flags)
-        seconds[name] = result["seconds"]
+        label = name if name not in seconds else f"{name} {' '.join(quick if args.quick else full)}"
+        seconds[label] = result["seconds"]
         if "error" in result:
-            failed.append(name)
+            failed.append(label)
             print(f"!! {name} failed ({result['error']}) after {result['seconds']:.0f} s", flush=True)
             continue
         peaks.append(result["peak"])
@@ -168,23 +203,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "diffax_gflops" in row:
             common.set_peak(row, peak)
     elapsed = time.perf_counter() - start
-    date = datetime.date.today().isoformat()
-    header = (f"Run of {date}: `python -m bench.run_all{' --quick' if args.quick else ''} --repeats={args.repeats}`, "
-              f"{elapsed / 60:.0f} min. Machine: {machine['cpu']}, {machine['cpu_count']} cores; jax "
-              f"{machine['jax']} ({machine['jax_device']}), torch {machine['torch']} ({machine['torch_device']}, "
-              f"{machine['torch_threads']} threads), diffusers {machine.get('diffusers', '?')}. fp32 matmul peak "
-              f"(n={peak['n']}): jax {peak['jax_gflops']:.0f} GFLOP/s, torch {peak['torch_gflops']:.0f} GFLOP/s. "
-              f"Seconds per module: {', '.join(f'{k} {v:.0f}' for k, v in seconds.items())}.")
-    summary = f"{header}\n\n{group_tables(rows, columns)}"
-    print("\n" + summary)
-    path = common.write_json("run_all", {"benchmark": "run_all", "args": {k: v for k, v in vars(args).items()},
-                                         "machine": machine, "matmul_peak": peak, "elapsed_s": elapsed,
-                                         "seconds": seconds, "failed": failed, "rows": rows})
+    record = {"benchmark": "run_all", "date": datetime.date.today().isoformat(),
+              "command": f"python -m bench.run_all{' --quick' if args.quick else ''} --repeats={args.repeats}",
+              "machine": machine, "matmul_peak": peak, "elapsed_s": elapsed, "seconds": seconds,
+              "failed": failed, "columns": columns, "rows": rows}
+    print("\n" + summarise(record))
+    path = common.write_json("run_all", record)
     print(f"\nwrote {path}")
     if args.docs:
-        plot(rows, PLOT, f"diffax vs diffusers/torch, {machine['cpu']} x{machine['cpu_count']}, {date}")
-        write_docs(summary + "\n\n![speedups](images/benchmarks.png)")
-        print(f"wrote {DOCS} and {PLOT}")
+        write_docs(record)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
 
