@@ -100,13 +100,19 @@ def run_module(name: str, flags: Sequence[str]) -> dict[str, Any]:
 
 
 def group_tables(rows: Sequence[dict[str, Any]], columns: dict[str, Any]) -> str:
-    """Markdown: one table per group, in GROUPS order, each with its module's own columns if it has them."""
+    """Markdown: one section per group, in GROUPS order, holding a table per module with that module's own
+    columns if it has them (the sampling module's overhead, the train step's images/s)."""
     parts = []
     for group in GROUPS + tuple(sorted({r.get("group", "other") for r in rows} - set(GROUPS))):
         members = [r for r in rows if r.get("group", "other") == group]
-        if members:
-            cols = columns.get(members[0]["_module"]) or common.SUMMARY_COLUMNS
-            parts.append(f"### {group}\n\n{common.format_table(members, [tuple(c) for c in cols])}")
+        if not members:
+            continue
+        tables = []
+        for module in dict.fromkeys(r["_module"] for r in members):
+            cols = columns.get(module) or common.SUMMARY_COLUMNS
+            tables.append(common.format_table([r for r in members if r["_module"] == module],
+                                              [tuple(c) for c in cols]))
+        parts.append(f"### {group}\n\n" + "\n\n".join(tables))
     return "\n\n".join(parts)
 
 

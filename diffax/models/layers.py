@@ -74,7 +74,16 @@ class _QuantizableKernel:
 
 
 class Dense(_QuantizableKernel, nn.Dense):
-    """`nn.Dense` that also runs on a quantized kernel (see `_QuantizableKernel`)."""
+    """`nn.Dense` that also runs on a quantized kernel (see `_QuantizableKernel`).
+
+    Inputs [..., in] are multiplied as rows [N, in]: the kernel gradient of a dot over several leading axes
+    contracts two or more dimensions, which XLA's CPU backend runs ~30x slower than the same product over
+    one (DiT-S/2's [2, 256, 384] x [384, 1536]: 43 ms against 1.5 ms for the forward dot).
+    """
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))  # [N, out]
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
 
 
 class Conv(_QuantizableKernel, nn.Conv):
