@@ -467,7 +467,11 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     rows = []
     for case in chosen:
         with tempfile.TemporaryDirectory() as folder:
-            rows.append(run_case(case, args, device, peak, Path(folder)))
+            try:
+                rows.append(run_case(case, args, device, peak, Path(folder)))
+            except MemoryError as e:  # refused before allocating: the other cases still run
+                print(f"{case.name}: {e}", flush=True)
+                rows.append({"case": f"{case.name}: not run (does not fit in memory)", "note": str(e), "group": "train"})
         common.print_table(rows[-1:], COLUMNS)
     name = "train_step" + ("_quick" if args.quick else "") + "".join(f"_{c}" for c in args.cases.split(",") if c)
     common.write_json(name.replace("-", "_"), {
