@@ -45,7 +45,7 @@ demo-dit: venv-demo
 	$(PY) -m diffax.evaluation.digits_classifier runs/dit_digits/samples.npz
 
 test: venv-test
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
 
 # The full-size tests that `make test` leaves out (pyproject's addopts deselect `slow`).
 # pytest's exit status 5 (no test carries the mark yet) counts as success.

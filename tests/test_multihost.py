@@ -194,6 +194,7 @@ def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # two training processes (~3 min on 2 cores): `make test-slow`
 def test_two_processes_train_like_one_and_restore_anywhere(tmp_path):
     from diffax.train.loop import train_and_evaluate
 

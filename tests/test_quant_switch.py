@@ -58,6 +58,7 @@ def test_int8_pipeline_is_close_to_fp32_and_smaller(fp32, int8):
     assert ratio["unet"] < 0.3 and ratio["text_encoder"] < 0.5 and ratio["vae"] == 1.0, ratio
 
 
+@pytest.mark.slow  # a whole sample.py pipeline run: `make test-slow`
 def test_sample_py_model_quantize(folder, int8, tmp_path):
     """sample.py --model --quantize=int8 writes the images of the Python API's int8 pipeline, and says so."""
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), f"--model={folder}", "--prompt=a cat",

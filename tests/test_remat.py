@@ -65,10 +65,10 @@ def _loss_and_grad(name: str, policy: str):
     return jax.device_get(jax.jit(fn)(_params(name)))
 
 
-# Every policy on DiT; the U-Nets' steps take 10-20 s each to compile on 2 cores, so by default they run
-# 'full' and the conditional U-Net (Stable Diffusion's) also 'dots_no_batch'; the rest with `-m slow`.
-DEFAULT = {("unet2d", "full"), ("unet2d_condition", "full"), ("unet2d_condition", "dots_no_batch")}
-CASES = [pytest.param(name, policy, marks=[] if name == "dit" or (name, policy) in DEFAULT else [pytest.mark.slow])
+# The U-Nets' steps take 10-20 s each to compile on 2 cores, so by default DiT runs 'full' and
+# 'dots_no_batch', the conditional U-Net (Stable Diffusion's) 'dots_no_batch'; the rest with `-m slow`.
+DEFAULT = {("dit", "full"), ("dit", "dots_no_batch"), ("unet2d_condition", "dots_no_batch")}
+CASES = [pytest.param(name, policy, marks=[] if (name, policy) in DEFAULT else [pytest.mark.slow])
          for name in sorted(BLOCKS) for policy in NAMES if policy != "none"]
 
 
