@@ -191,14 +191,7 @@ def _peak_bytes(compiled: Any) -> int | None:
 
 def compile_jax(fn: Callable[..., Any], *args: Any) -> CompiledProgram:
     """jit, lower and compile fn for these arguments (arrays or pytrees of arrays), timing each stage."""
-    start = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    compiled_at = time.perf_counter()
-    flops = _cost(compiled.cost_analysis()).get("flops")
-    return CompiledProgram(compiled, lowered_at - start, compiled_at - lowered_at,
-                           None if flops is None else float(flops), _peak_bytes(compiled))
+    return compile_jitted(jax.jit(fn), *args)
 
 
 def count_flops(fn: Callable[..., Any], *args: Any) -> float:
@@ -233,21 +226,38 @@ def compile_jitted(jitted: Any, *args: Any) -> CompiledProgram:
                            None if flops is None else float(flops), _peak_bytes(compiled))
 
 
-def reset_peak_rss() -> None:
+def proc_kib(path: str, field: str) -> int | None:
+    """The kB value of `field` in a /proc file (`/proc/self/status`' VmRSS / VmHWM, `/proc/meminfo`'s
+    MemAvailable); None off Linux."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
     """Restart this process's peak resident memory (VmHWM) from its current size (Linux: /proc/self/clear_refs),
-    so that `peak_rss_bytes` measures one phase of a run."""
-    Path("/proc/self/clear_refs").write_text("5")
+    so that `peak_rss_bytes` measures one phase of a run. False where the kernel refuses."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def peak_rss_bytes() -> int | None:
     """This process's peak resident memory (VmHWM) since it started or since `reset_peak_rss`; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    kib = proc_kib("/proc/self/status", "VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo: what a new allocation can take without swapping; None off Linux."""
+    kib = proc_kib("/proc/meminfo", "MemAvailable")
+    return None if kib is None else kib * 1024
 
 
 # ----------------------------------------------------------------------------- machine

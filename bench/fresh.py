@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from bench import common  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+from bench import common  # importing the bench package first sets OMP_WAIT_POLICY for torch
 from bench import models
 
 MARKER = "RESULT "
@@ -128,20 +128,10 @@ def nhwc(y: Any) -> np.ndarray:
 
 def rss_mib(field: str = "VmRSS") -> float:
     """This process's resident size (`VmRSS`) or its peak so far (`VmHWM`) from /proc/self/status, MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
-
-
-def reset_peak_rss() -> bool:
-    """Resets VmHWM to the current resident size (Linux: write 5 to /proc/self/clear_refs), so that a later
-    peak belongs to the work after this call. False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    kib = common.proc_kib("/proc/self/status", field)
+    if kib is None:
+        raise RuntimeError(f"/proc/self/status has no {field} line (Linux only)")
+    return kib / 1024
 
 
 def run_child(module: str, spec: Mapping[str, Any], timeout: float = 3600) -> dict[str, Any]:

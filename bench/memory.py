@@ -52,7 +52,7 @@ class _Stages:
 
     def __init__(self) -> None:
         self.base = fresh.rss_mib()
-        self.resets = fresh.reset_peak_rss()
+        self.resets = common.reset_peak_rss()
         self.out: dict[str, Any] = {"base_mib": self.base, "peak_resets": self.resets}
         self.peak = self.base
         self.start = time.perf_counter()
@@ -65,7 +65,7 @@ class _Stages:
         self.out[f"{stage}_rss_mib"] = fresh.rss_mib()
         self.out[f"{stage}_s"] = time.perf_counter() - self.start
         if self.resets:
-            fresh.reset_peak_rss()
+            common.reset_peak_rss()
         self.start = time.perf_counter()
 
     def result(self) -> dict[str, Any]:

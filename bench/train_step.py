@@ -150,17 +150,6 @@ def step_draws(key: jax.Array, step: int, batch: int, shape: tuple[int, ...], nu
 # ----------------------------------------------------------------------------- the two train steps
 
 
-def available_bytes() -> int | None:
-    """MemAvailable of /proc/meminfo: what a new allocation can take without swapping; None off Linux."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class DiffaxTrainer:
     """diffax's train step as the train loop builds and jits it, with its state carried between calls."""
 
@@ -179,7 +168,7 @@ class DiffaxTrainer:
         shapes = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), abstract, shardings)
         self.program = common.compile_jitted(step, shapes, self.batch, self.key)
         held = sum(np.size(a) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
-        need, free = (self.program.peak_bytes or 0) - held, available_bytes()
+        need, free = (self.program.peak_bytes or 0) - held, common.available_bytes()
         if free is not None and need > free:
             raise MemoryError(f"{module.config.class_name} train step: XLA's buffers need {need / 2**30:.1f} GiB beyond "
                               f"the loaded weights, {free / 2**30:.1f} GiB is available; not run")
