@@ -1,0 +1,223 @@
+"""Frechet distance between feature distributions (FID), with statistics accumulated batch by batch.
+
+    python -m diffax.evaluation.fid runs/digits/samples.npz digits              # digits features
+    python -m diffax.evaluation.fid --inception=pt_inception-2015-12-05-6726825d.pth real/ fake/
+
+The FID of two image sets is the Frechet distance between Gaussians fitted to their features:
+
+    d^2 = |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2))
+
+computed as pytorch-fid does: `scipy.linalg.sqrtm` of the product, with `eps` added to both diagonals
+when that square root is not finite (a singular product), and the imaginary part dropped when it is
+numerical noise. Features come from any extractor: the digits feature network (`digits_features`, the
+default for the digits recipes) or Inception-v3's 2048-d pool features (`diffax.evaluation.inception`,
+converted from pytorch-fid's weight file, for natural images).
+
+`FeatureStats` holds the count, mean and the sum of centred outer products in float64 and merges batches
+with Chan et al.'s parallel update, so statistics of any number of samples are accumulated without keeping
+the features, and a batch that is a jax.Array sharded over devices is reduced on the devices (one
+all-reduce) before its [F] and [F, F] moments come to the host.
+
+FID is biased upwards for few samples (it is an estimate of a distance from estimated covariances), so
+compare numbers made with the same sample counts. Where a CPU cannot make enough samples for a stable FID,
+`precision_recall` (fidelity and coverage, Kynkaanniemi et al. 2019) and the class accuracy of
+`diffax.evaluation.digits_classifier` are the measures that stay meaningful at a hundred samples.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+import warnings
+from pathlib import Path
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffax.evaluation.digits_features import digits_features
+
+MeanCov = tuple[np.ndarray, np.ndarray]  # (mu [F], sigma [F, F])
+
+
+@jax.jit
+def _device_moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:  # [N, F] -> mean [F], M2 [F, F]
+    # Centring on the batch mean before the outer products keeps float32 accurate for features far from 0.
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=0)
+    c = x - mean
+    return mean, jnp.matmul(c.T, c, precision=jax.lax.Precision.HIGHEST)
+
+
+@dataclasses.dataclass
+class FeatureStats:
+    """Streaming mean and covariance of features [N, F].
+
+    count: samples seen; mu: their mean [F] (float64); m2: the sum of outer products of the centred
+    features [F, F] (float64). Empty (count 0, arrays None) until the first `update`.
+    """
+    count: int = 0
+    mu: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    @property
+    def num_features(self) -> int | None:
+        return None if self.mu is None else self.mu.shape[0]
+
+    def update(self, features: np.ndarray | jax.Array) -> "FeatureStats":
+        """Adds a batch [N, F] in place (and returns self). A jax.Array (sharded or not) is reduced on its
+        devices in float32 after centring; numpy is reduced on the host in float64."""
+        if features.ndim != 2:
+            raise ValueError(f"FeatureStats.update: features must be [N, F], got shape {features.shape}")
+        if self.mu is not None and features.shape[1] != self.mu.shape[0]:
+            raise ValueError(f"FeatureStats.update: features have {features.shape[1]} channels, the statistics "
+                             f"{self.mu.shape[0]}")
+        n = int(features.shape[0])
+        if n == 0:
+            return self
+        if isinstance(features, jax.Array):
+            mean, m2 = (np.asarray(a, np.float64) for a in _device_moments(features))
+        else:
+            x = np.asarray(features, np.float64)
+            mean = x.mean(axis=0)
+            c = x - mean
+            m2 = c.T @ c
+        merged = self.merge(FeatureStats(n, mean, m2))
+        self.count, self.mu, self.m2 = merged.count, merged.mu, merged.m2
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """The statistics of both sets together (a new object; Chan et al.'s pairwise update)."""
+        if other.count == 0:
+            return dataclasses.replace(self)
+        if self.count == 0:
+            return dataclasses.replace(other)
+        if other.mu.shape != self.mu.shape:
+            raise ValueError(f"FeatureStats.merge: {self.mu.shape[0]} against {other.mu.shape[0]} features")
+        n = self.count + other.count
+        delta = other.mu - self.mu
+        mu = self.mu + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + np.outer(delta, delta) * (self.count * other.count / n)
+        return FeatureStats(n, mu, m2)
+
+    def mean(self) -> np.ndarray:
+        """The mean [F] (float64)."""
+        self._check(1)
+        return self.mu
+
+    def cov(self) -> np.ndarray:
+        """The unbiased covariance [F, F] (float64), as `np.cov(features, rowvar=False)`."""
+        self._check(2)
+        return self.m2 / (self.count - 1)
+
+    def _check(self, least: int) -> None:
+        if self.count < least:
+            raise ValueError(f"FeatureStats: {self.count} samples, need at least {least}")
+
+    def save(self, path: str | Path) -> None:
+        """Writes an .npz with pytorch-fid's keys `mu` and `sigma`, plus `count` and `m2` for merging."""
+        np.savez(path, mu=self.mean(), sigma=self.cov(), count=np.int64(self.count), m2=self.m2)
+
+
+def feature_stats(features: np.ndarray | jax.Array) -> FeatureStats:
+    """`FeatureStats` of one set of features [N, F]."""
+    return FeatureStats().update(features)
+
+
+StatsLike = Union[FeatureStats, MeanCov]
+
+
+def _mean_cov(stats: StatsLike, name: str) -> MeanCov:
+    if isinstance(stats, FeatureStats):
+        return stats.mean(), stats.cov()
+    mu, sigma = (np.asarray(a, np.float64) for a in stats)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"frechet_distance: {name} must be (mu [F], sigma [F, F]), got {mu.shape}, {sigma.shape}")
+    return mu, sigma
+
+
+def frechet_distance(a: StatsLike, b: StatsLike, *, eps: float = 1e-6) -> float:
+    """Frechet distance between the Gaussians of `a` and `b` (FeatureStats or (mu, sigma) each).
+
+    pytorch-fid's computation: sqrtm(S_a S_b) by scipy; if it is not finite, eps * I is added to both
+    covariances; a complex result whose diagonal has an imaginary part above 1e-3 is an error.
+    """
+    from scipy import linalg
+    mu1, sigma1 = _mean_cov(a, "a")
+    mu2, sigma2 = _mean_cov(b, "b")
+    if mu1.shape != mu2.shape:
+        raise ValueError(f"frechet_distance: {mu1.shape[0]} against {mu2.shape[0]} features")
+    diff = mu1 - mu2
+    with warnings.catch_warnings():
+        # A singular product is expected (dead feature channels); the finiteness check below handles it,
+        # where pytorch-fid passes sqrtm's since-removed disp=False.
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        imag = np.max(np.abs(np.diagonal(covmean).imag))
+        if imag > 1e-3:
+            raise ValueError(f"frechet_distance: sqrtm has an imaginary component {imag:.3g}")
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=4)
+def digits_reference_stats(image_size: int = 16) -> FeatureStats:
+    """Digits-feature statistics of all 1797 real digits prepared at `image_size` (cached)."""
+    from diffax.data.digits import load_digits_arrays
+    images, _ = load_digits_arrays(image_size, 1)
+    return feature_stats(digits_features(images))
+
+
+def digits_fid(images: np.ndarray | jax.Array) -> float:
+    """FID of digit images [N, S, S, C] (uint8, or float in [-1, 1]) against all real digits at size S,
+    in the digits feature network's space."""
+    return frechet_distance(feature_stats(digits_features(images)), digits_reference_stats(images.shape[1]))
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _kth_nearest_radius(feats: jax.Array, k: int) -> jax.Array:  # [N, F] -> [N]
+    d = _pairwise_sq_dist(feats, feats)
+    return jnp.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def _pairwise_sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:  # [N, F], [M, F] -> [N, M]
+    d = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2 * jnp.matmul(
+        a, b.T, precision=jax.lax.Precision.HIGHEST)
+    return jnp.maximum(d, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames="k")
+def _precision_recall(real: jax.Array, fake: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    real_r, fake_r = _kth_nearest_radius(real, k), _kth_nearest_radius(fake, k)
+    d = _pairwise_sq_dist(real, fake)  # [N_real, N_fake]
+    precision = jnp.mean(jnp.any(d <= real_r[:, None], axis=0))  # fake inside some real ball
+    recall = jnp.mean(jnp.any(d <= fake_r[None, :], axis=1))  # real inside some fake ball
+    return precision, recall
+
+
+def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N, F] and [M, F].
+
+    Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour.
+    Precision: the fraction of fake samples inside the real manifold (are samples realistic?); recall: the
+    fraction of real samples inside the fake manifold (do samples cover the data?). Exact pairwise
+    distances: memory grows as N * M, fine for tens of thousands of samples.
+    """
+    real, fake = np.asarray(real_feats, np.float32), np.asarray(fake_feats, np.float32)
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"precision_recall: features must be [N, F] and [M, F], got {real.shape}, {fake.shape}")
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision_recall: need more than k={k} samples in each set, got {len(real)}, {len(fake)}")
+    precision, recall = _precision_recall(jnp.asarray(real), jnp.asarray(fake), k)
+    return float(precision), float(recall)
