@@ -53,6 +53,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and case (median)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and compute of both libraries (bfloat16: what GPU and TPU runs use)")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="time torch.compile'd models (the compilation is the untimed first call)")
     args = parser.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     unknown = sorted(set(args.cases) - set(CASES))
@@ -64,20 +68,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _nchw(x: np.ndarray, device: Any) -> Any:
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+def _nchw(x: np.ndarray, device: Any, dtype: Any = None) -> Any:
+    return _tensor(x.transpose(0, 3, 1, 2), device, dtype)
 
 
 def _nhwc(x: Any) -> np.ndarray:
     return x.float().cpu().numpy().transpose(0, 2, 3, 1)
 
 
-def _tensor(x: np.ndarray, device: Any) -> Any:
+def _tensor(x: np.ndarray, device: Any, dtype: Any = None) -> Any:
+    """x on `device`; a float array in `dtype` (the models' --dtype) when given, integers as they are."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(device)
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _torch_dtype(args: argparse.Namespace) -> Any:
+    import torch
+
+    return getattr(torch, args.dtype)
+
+
+def _twin(model: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any], Any]:
+    """(diffax module, its params on the device, the torch model) in --dtype, from the fp32 torch model:
+    diffax reads the saved fp32 weights with `dtype=param_dtype=--dtype`, torch casts its own."""
+    module, params = models.to_diffax(model, dtype=args.dtype, param_dtype=args.dtype)
+    return module, models.to_device(params), model.to(_torch_dtype(args))
+
+
+def _compiled(fn: Any, args: argparse.Namespace) -> Any:
+    """`torch.compile(fn)` under --torch_compile, else fn."""
+    import torch
+
+    return torch.compile(fn) if args.torch_compile else fn
+
+
+def _suffix(args: argparse.Namespace) -> str:
+    """What a row's name adds for the non-default settings."""
+    return ("" if args.dtype == "float32" else f" {args.dtype}") + (" torch.compile" if args.torch_compile else "")
+
+
+def _tolerance(args: argparse.Namespace, device: Any) -> float:
+    """The agreement bound: `common.agreement_tolerance`, or 0.1 in bfloat16 (8 mantissa bits through
+    every layer; a real mismatch still moves the output by O(1))."""
+    return common.agreement_tolerance(device) if args.dtype == "float32" else 0.1
 
 
 def _count(params: Any) -> int:
@@ -107,17 +142,18 @@ def compare_and_time(case: Case, args: argparse.Namespace, device: Any, peak: di
     (got, d_first), (want, t_first) = common.timed(diffax_call), common.timed(torch_call)
     err = common.rel_err(*case.to_numpy(got, want))
     del got, want
-    common.check_agreement(case.name, err, common.agreement_tolerance(device))
+    common.check_agreement(case.name, err, _tolerance(args, device))
     timing = common.time_interleaved({"diffax": diffax_call, "torch": torch_call}, repeats=args.repeats, warmup=0)
     return common.case_row(
         case.name, diffax=timing["diffax"], torch=timing["torch"], program=program, flops=program.flops,
         peak=peak, max_rel_err=err, first_call_s=(d_first, t_first),
         torch_peak=common.torch_peak_bytes(torch_call, device), group="forward", interleaved=True,
-        parameters=case.parameters, case_s=time.perf_counter() - start)
+        parameters=case.parameters, case_s=time.perf_counter() - start, dtype=args.dtype,
+        torch_compile=args.torch_compile)
 
 
 def _label(args: argparse.Namespace, full: str, small: str) -> str:
-    return small if args.quick else full
+    return (small if args.quick else full) + _suffix(args)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -127,20 +163,19 @@ def dit_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> lis
     """DiT-XL/2 (or DiT-S/2 with --quick) on 32x32x4 latents, batch 2, random labels and timesteps."""
     preset = "DiT-S/2" if args.quick else "DiT-XL/2"
     base = DiTConfig.preset(preset, sample_size=32, num_embeds_ada_norm=1000, freq_shift=1.0, norm_eps=1e-5)
-    model = models.torch_dit(base).to(device)
-    module, params = models.to_diffax(model)
-    params = models.to_device(params)
-    net = DiT(module.config)
+    module, params, model = _twin(models.torch_dit(base).to(device), args)
+    net, call = DiT(module.config), _compiled(model, args)
     rng = np.random.default_rng(0)
     b = 2
     x = rng.standard_normal((b, 32, 32, base.in_channels)).astype(np.float32)
     t = rng.integers(0, 1000, b).astype(np.int32)
     y = rng.integers(0, 1000, b).astype(np.int32)
-    tx, tt, ty = _nchw(x, device), _tensor(t.astype(np.int64), device), _tensor(y.astype(np.int64), device)
-    case = Case(f"{preset} 32x32 b{b}",
+    tx, tt, ty = (_nchw(x, device, _torch_dtype(args)), _tensor(t.astype(np.int64), device),
+                  _tensor(y.astype(np.int64), device))
+    case = Case(f"{preset} 32x32 b{b}{_suffix(args)}",
                 lambda p, x, t, y: net.apply({"params": p}, x, t, class_labels=y),
                 (params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)),
-                lambda: model(tx, timestep=tt, class_labels=ty).sample,
+                lambda: call(tx, timestep=tt, class_labels=ty).sample,
                 lambda got, want: (np.asarray(got), _nhwc(want)), _count(params))
     return [compare_and_time(case, args, device, peak)]
 
@@ -165,11 +200,14 @@ def _unet_jax(module: Any) -> Callable[..., Any]:
     return fn
 
 
-def _unet_torch_args(inp: dict[str, np.ndarray], device: Any) -> tuple[Any, Any, Any, dict[str, Any] | None]:
+def _unet_torch_args(inp: dict[str, np.ndarray], device: Any, dtype: Any
+                     ) -> tuple[Any, Any, Any, dict[str, Any] | None]:
     added = None
     if "text_embeds" in inp:
-        added = {"text_embeds": _tensor(inp["text_embeds"], device), "time_ids": _tensor(inp["time_ids"], device)}
-    return _nchw(inp["x"], device), _tensor(inp["t"].astype(np.int64), device), _tensor(inp["ctx"], device), added
+        added = {"text_embeds": _tensor(inp["text_embeds"], device, dtype),
+                 "time_ids": _tensor(inp["time_ids"], device, dtype)}
+    return (_nchw(inp["x"], device, dtype), _tensor(inp["t"].astype(np.int64), device),
+            _tensor(inp["ctx"], device, dtype), added)
 
 
 def _unet_jax_args(params: Any, inp: dict[str, np.ndarray]) -> tuple[Any, ...]:
@@ -182,15 +220,14 @@ def _unet_jax_args(params: Any, inp: dict[str, np.ndarray]) -> tuple[Any, ...]:
 def sd15_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> list[dict[str, Any]]:
     """SD 1.5's U-Net with 77 text tokens, batch 1 and 2 (one model, two rows)."""
     config = models.SMALL_SD15_UNET if args.quick else models.SD15_UNET
-    model = models.torch_unet(config).to(device)
-    module, params = models.to_diffax(model)
-    params = models.to_device(params)
+    module, params, model = _twin(models.torch_unet(config).to(device), args)
+    call = _compiled(model, args)
     side, rows = config["sample_size"], []
     for batch in (1, 2):
         inp = _unet_inputs(config, batch, seed=batch)
-        tx, tt, tctx, _ = _unet_torch_args(inp, device)
+        tx, tt, tctx, _ = _unet_torch_args(inp, device, _torch_dtype(args))
         case = Case(f"{_label(args, 'SD1.5', 'SD1.5-small')} UNet {side}x{side} b{batch}", _unet_jax(module),
-                    _unet_jax_args(params, inp), lambda: model(tx, tt, tctx).sample,
+                    _unet_jax_args(params, inp), lambda: call(tx, tt, tctx).sample,
                     lambda got, want: (np.asarray(got), _nhwc(want)), _count(params))
         rows.append(compare_and_time(case, args, device, peak))
         del case
@@ -208,17 +245,19 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
     inp = _unet_inputs(config, 1, seed=3)
     start = time.perf_counter()
     model = models.torch_unet(config).to(device)
+    dtype = _torch_dtype(args)
     with models.saved(model) as folder:
         # Phase 1, torch: the reference output and the first call's time; then the model is freed.
-        targs = _unet_torch_args(inp, device)
-        torch_call = common.torch_blocking(lambda: model(*targs[:3], added_cond_kwargs=targs[3]).sample, device)
+        targs = _unet_torch_args(inp, device, dtype)
+        call = _compiled(model.to(dtype), args)
+        torch_call = common.torch_blocking(lambda: call(*targs[:3], added_cond_kwargs=targs[3]).sample, device)
         want, t_first = common.timed(torch_call)
         want = _nhwc(want)
-        del model, torch_call
+        del model, call, torch_call
         models.free()
 
         # Phase 2, diffax: load the same weights, check, time; then freed.
-        module, params = convert.load(folder)
+        module, params = convert.load(folder, dtype=args.dtype, param_dtype=args.dtype)
         params = models.to_device(params)
         parameters = _count(params)
         jargs = _unet_jax_args(params, inp)
@@ -228,37 +267,38 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
         got, d_first = common.timed(diffax_call)
         err = common.rel_err(np.asarray(got), want)
         del got, want
-        common.check_agreement(name, err, common.agreement_tolerance(device))
+        common.check_agreement(name, err, _tolerance(args, device))
         d_timing = common.time_interleaved({"diffax": diffax_call}, repeats=args.repeats, warmup=0)["diffax"]
         program = dataclasses.replace(program, compiled=None)  # keeps the measurements, drops the executable
         del diffax_call, jargs
         models.free()
 
         # Phase 3, torch again, from the folder diffax read: a fresh model gets one untimed warm-up call.
-        model = diffusers.UNet2DConditionModel.from_pretrained(folder).eval().to(device)
-        torch_call = common.torch_blocking(lambda: model(*targs[:3], added_cond_kwargs=targs[3]).sample, device)
+        model = diffusers.UNet2DConditionModel.from_pretrained(folder).eval().to(device, dtype)
+        call = _compiled(model, args)
+        torch_call = common.torch_blocking(lambda: call(*targs[:3], added_cond_kwargs=targs[3]).sample, device)
         t_timing = common.time_interleaved({"torch": torch_call}, repeats=args.repeats, warmup=1)["torch"]
         torch_peak = common.torch_peak_bytes(torch_call, device)
-        del model, torch_call
+        del model, call, torch_call
     models.free()
     return [common.case_row(
         name, diffax=d_timing, torch=t_timing, program=program, flops=program.flops, peak=peak, max_rel_err=err,
         first_call_s=(d_first, t_first), torch_peak=torch_peak, group="forward", interleaved=False,
-        parameters=parameters, case_s=time.perf_counter() - start)]
+        parameters=parameters, case_s=time.perf_counter() - start, dtype=args.dtype,
+        torch_compile=args.torch_compile)]
 
 
 def vae_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> list[dict[str, Any]]:
     """SD's VAE decoder: [1, 64, 64, 4] latents -> [1, 512, 512, 3] images (32 -> 256 with --quick)."""
     config = models.SMALL_SD_VAE if args.quick else models.SD_VAE
-    model = models.torch_vae(config).to(device)
-    module, params = models.to_diffax(model)
-    params = models.to_device(params)
+    module, params, model = _twin(models.torch_vae(config).to(device), args)
+    decode = _compiled(model.decode, args)
     side = config["sample_size"] // 8
     z = np.random.default_rng(4).standard_normal((1, side, side, config["latent_channels"])).astype(np.float32)
-    tz = _nchw(z, device)
+    tz = _nchw(z, device, _torch_dtype(args))
     case = Case(f"{_label(args, 'SD', 'SD-small')} VAE decode {side}x{side} -> {8 * side}x{8 * side} b1",
                 lambda p, z: module.apply({"params": p}, z, method="decode"), (params, jnp.asarray(z)),
-                lambda: model.decode(tz).sample, lambda got, want: (np.asarray(got), _nhwc(want)), _count(params))
+                lambda: decode(tz).sample, lambda got, want: (np.asarray(got), _nhwc(want)), _count(params))
     return [compare_and_time(case, args, device, peak)]
 
 
@@ -278,10 +318,8 @@ def _token_ids(batch: int, vocab: int, seed: int) -> np.ndarray:
 def clip_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> list[dict[str, Any]]:
     """CLIP-L's text encoder on 77 tokens, batch 1 and 2: last hidden states and the pooled output."""
     config = models.SMALL_CLIP_TEXT if args.quick else models.CLIP_L_TEXT
-    model = models.torch_clip_text(config).to(device)
-    module, params = models.to_diffax(model)
-    params = models.to_device(params)
-    rows = []
+    module, params, model = _twin(models.torch_clip_text(config).to(device), args)
+    call, rows = _compiled(model, args), []
     for batch in (1, 2):
         ids = _token_ids(batch, config["vocab_size"], seed=batch)
         tids = _tensor(ids, device)
@@ -291,13 +329,13 @@ def clip_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
             return out.last_hidden_state, out.pooler_output
 
         def both(got, want):  # [B, 77, D] and [B, D], flattened into one comparison
-            g = np.concatenate([np.asarray(got[0]).ravel(), np.asarray(got[1]).ravel()])
+            g = np.concatenate([np.asarray(got[0], np.float32).ravel(), np.asarray(got[1], np.float32).ravel()])
             w = np.concatenate([want.last_hidden_state.float().cpu().numpy().ravel(),
                                 want.pooler_output.float().cpu().numpy().ravel()])
             return g, w
 
         case = Case(f"{_label(args, 'CLIP-L', 'CLIP-small')} text encoder {TOKENS} tokens b{batch}", fn,
-                    (params, jnp.asarray(ids, jnp.int32)), lambda: model(tids), both, _count(params))
+                    (params, jnp.asarray(ids, jnp.int32)), lambda: call(tids), both, _count(params))
         rows.append(compare_and_time(case, args, device, peak))
     return rows
 
@@ -306,17 +344,16 @@ def controlnet_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any])
     """SD 1.5 ControlNet on a conditioning image, its residuals into the SD 1.5 U-Net: one call, batch 1."""
     unet_config = models.SMALL_SD15_UNET if args.quick else models.SD15_UNET
     cn_config = models.SMALL_SD15_CONTROLNET if args.quick else models.SD15_CONTROLNET
-    unet = models.torch_unet(unet_config).to(device)
-    controlnet = models.torch_controlnet(cn_config, seed=1).to(device)
-    unet_module, unet_params = models.to_diffax(unet)
-    cn_module, cn_params = models.to_diffax(controlnet)
-    params = models.to_device({"unet": unet_params, "controlnet": cn_params})
+    unet_module, unet_params, unet = _twin(models.torch_unet(unet_config).to(device), args)
+    cn_module, cn_params, controlnet = _twin(models.torch_controlnet(cn_config, seed=1).to(device), args)
+    params = {"unet": unet_params, "controlnet": cn_params}
     del unet_params, cn_params
+    unet, controlnet = _compiled(unet, args), _compiled(controlnet, args)
     inp = _unet_inputs(unet_config, 1, seed=5)
     side = unet_config["sample_size"]
     image = np.random.default_rng(6).uniform(0, 1, (1, 8 * side, 8 * side, 3)).astype(np.float32)
-    tx, tt, tctx, _ = _unet_torch_args(inp, device)
-    timage = _nchw(image, device)
+    tx, tt, tctx, _ = _unet_torch_args(inp, device, _torch_dtype(args))
+    timage = _nchw(image, device, _torch_dtype(args))
 
     def fn(p, x, t, ctx, image):
         down, mid = cn_module.apply({"params": p["controlnet"]}, x, t, encoder_hidden_states=ctx,
@@ -339,9 +376,11 @@ CASE_FUNCTIONS = {"dit": dit_rows, "sd15": sd15_rows, "sdxl": sdxl_rows, "vae": 
 
 
 def results_name(args: argparse.Namespace) -> str:
-    """The results file's name: forward[_quick][_<cases>], the cases named only when some are left out, so
-    that a partial run never overwrites a whole one."""
-    parts = ["forward"] + (["quick"] if args.quick else []) + ([] if set(args.cases) == set(CASES) else args.cases)
+    """The results file's name: forward[_quick][_bfloat16][_torch_compile][_<cases>], the cases named only
+    when some are left out, so that a partial run never overwrites a whole one."""
+    parts = (["forward"] + (["quick"] if args.quick else []) + ([] if args.dtype == "float32" else [args.dtype])
+             + (["torch_compile"] if args.torch_compile else [])
+             + ([] if set(args.cases) == set(CASES) else args.cases))
     return "_".join(parts)
 
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The benchmark suite's accelerator rows: full-size cases on one GPU against diffusers/torch on the same GPU,
+# each module under its own time limit (a module that runs out keeps the rows it wrote), the most telling
+# cases first.
+#
+#     bash bench/device_run.sh 1      # forward fp32, whole sampling runs, full-size train steps, attention
+#     bash bench/device_run.sh 2      # forward bf16, SDXL, torch.compile
+#
+# Results land in bench/results/*.json as on a CPU; the machine's name is in each file.
+set -u
+export PYTHONUNBUFFERED=1
+# Both libraries share the GPU: XLA takes half of its memory up front, torch allocates from the rest.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
+
+step() {
+    local limit=$1
+    shift
+    echo "== python -m $* (limit ${limit} s)"
+    timeout "$limit" python3 -m "$@" || echo "== stopped or failed: python -m $*"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import jax, flax, torch, diffusers; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, \
+'torch', torch.__version__, 'diffusers', diffusers.__version__)"
+case "${1:-1}" in
+1)
+    step 200 bench.forward --cases=dit,sd15,clip,vae,controlnet
+    step 90 bench.sampling --full
+    step 120 bench.train_step --cases=dit-xl,sd15
+    step 50 bench.attention
+    ;;
+2)
+    step 70 bench.forward --cases=dit,sd15 --dtype=bfloat16
+    step 60 bench.forward --cases=sdxl
+    step 80 bench.forward --cases=dit,sd15 --torch_compile
+    ;;
+esac
