@@ -20,9 +20,12 @@ $(VENV)/.stamp-demo: pyproject.toml constraints.txt | $(PY)
 	$(PIP_INSTALL) -e '.[demo]'
 	touch $@
 
+# pytorch-fid (the Inception parity test's reference) goes in without its torchvision: PyPI's torchvision
+# for torch 2.13 is a CUDA build that cannot load beside the CPU torch; the test supplies the blocks it needs.
 $(VENV)/.stamp-test: pyproject.toml constraints.txt | $(PY)
 	$(PIP_INSTALL) $(TORCH)
 	$(PIP_INSTALL) -e '.[torch,demo,test]'
+	$(PIP_INSTALL) --no-deps pytorch-fid
 	touch $@
 
 $(VENV)/.stamp-bench: $(VENV)/.stamp-test
