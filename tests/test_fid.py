@@ -151,3 +151,38 @@ def test_bad_input_is_a_one_line_error():
         digits_features(np.zeros((2, 16, 8, 1), np.uint8))
     with pytest.raises(ValueError, match="more than k=3"):
         precision_recall(np.zeros((3, 4)), np.zeros((10, 4)))
+
+
+def test_command_line(tmp_path, capsys):
+    from PIL import Image
+
+    from diffax.evaluation.fid import main
+    images, labels = load_digits_arrays(16, 1)
+    half = np.random.default_rng(0).permutation(len(images))
+    np.savez(tmp_path / "a.npz", images=images[half[:898]], labels=labels[half[:898]])
+    folder = tmp_path / "b"
+    folder.mkdir()
+    for i in half[898:1198]:
+        Image.fromarray(images[i][..., 0]).save(folder / f"{i:04d}.png")
+    main([str(tmp_path / "a.npz"), str(folder)])
+    out = capsys.readouterr().out
+    fid = float(out.split()[1])
+    want = frechet_distance(feature_stats(digits_features(images[half[:898]])),
+                            feature_stats(digits_features(images[np.sort(half[898:1198])])))
+    assert fid == pytest.approx(want, abs=1e-3) and "a.npz: 898" in out and "b: 300" in out
+    # Statistics written once and reused; 'digits' is every real digit at the other input's size.
+    main(["--save_stats", str(tmp_path / "b_stats.npz"), str(folder)])
+    main([str(tmp_path / "b_stats.npz"), "digits"])
+    main([str(folder), "digits"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[1] == lines[2].split()[1]
+    with np.load(tmp_path / "b_stats.npz") as stats:  # pytorch-fid's keys
+        assert stats["mu"].shape == (64,) and stats["sigma"].shape == (64, 64) and int(stats["count"]) == 300
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "zzz.png")
+    with pytest.raises(SystemExit, match=r"zzz\.png: 8x8, while .* is 16x16"):
+        main([str(folder), "digits", "--batch_size=1000"])
+    np.savez(tmp_path / "latents.npz", latents=np.zeros((2, 4, 4, 4), np.float32))
+    with pytest.raises(SystemExit, match=r"latents\.npz: no 'images' array"):
+        main([str(tmp_path / "latents.npz"), "digits"])
+    with pytest.raises(SystemExit, match="missing: no such file"):
+        main([str(tmp_path / "missing"), "digits"])

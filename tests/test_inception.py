@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffax.convert.io import CheckpointError
+from diffax.evaluation.fid import main as fid_main
 from diffax.evaluation.inception import NUM_FEATURES, inception_features, load_inception_params, prepare
 from tests import torchvision_inception
 
@@ -66,6 +67,14 @@ def test_features_match_pytorch_fid_on_random_weights(pytorch_fid_inception, tmp
     assert np.abs(want).max() > 0.1  # the random network's features are not vanishing
     # fp32 through 94 convolutions and a 299x299 resize: within 1e-4 of the largest feature.
     np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+    # The command line's statistics of the same images, from the same file (same shapes: no new compile).
+    np.savez(tmp_path / "images.npz", images=images)
+    fid_main(["--inception", str(path), "--batch_size=2", "--save_stats", str(tmp_path / "stats.npz"),
+              str(tmp_path / "images.npz")])
+    with np.load(tmp_path / "stats.npz") as stats:
+        np.testing.assert_allclose(stats["mu"], want.mean(0), atol=1e-4 * np.abs(want).max())
+        assert int(stats["count"]) == 2
 
 
 def test_resize_matches_torch_bilinear():

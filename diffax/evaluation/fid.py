@@ -221,3 +221,122 @@ def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int =
         raise ValueError(f"precision_recall: need more than k={k} samples in each set, got {len(real)}, {len(fake)}")
     precision, recall = _precision_recall(jnp.asarray(real), jnp.asarray(fake), k)
     return float(precision), float(recall)
+
+
+# ----------------------------------------------------------------------------- command line
+
+DIGITS = "digits"
+
+
+class _Extractor:
+    """Features of uint8 image batches: the digits network, or the FID Inception from a weight file."""
+
+    def __init__(self, inception: str | None, batch_size: int):
+        self.batch_size = batch_size
+        self.name = "digits features"
+        self.inception_params = None
+        if inception is not None:
+            from diffax.evaluation.inception import load_inception_params
+            self.inception_params = load_inception_params(inception)
+            self.name = f"Inception-v3 features ({inception})"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:  # [N, H, W, C] uint8 -> [N, F]
+        if self.inception_params is None:
+            return digits_features(images, batch_size=self.batch_size)
+        from diffax.evaluation.inception import inception_features
+        return inception_features(self.inception_params, images, batch_size=self.batch_size)
+
+
+def _image_batches(source: str, batch_size: int):
+    """uint8 [B, H, W, C] batches of a folder of images (RGB, non-recursive) or an .npz's `images`."""
+    path = Path(source)
+    if path.is_dir():
+        from PIL import Image
+
+        from diffax.data.folder import IMAGE_EXTENSIONS
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise ValueError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        for i in range(0, len(files), batch_size):
+            arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files[i:i + batch_size]]
+            for f, a in zip(files[i:], arrays):
+                if a.shape != arrays[0].shape:
+                    raise ValueError(f"{f}: {a.shape[1]}x{a.shape[0]}, while {files[i].name} is "
+                                     f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; resize the images to one size")
+            yield np.stack(arrays)
+        return
+    with np.load(path) as data:
+        if "images" not in data:
+            raise ValueError(f"{path}: no 'images' array (found {sorted(data.files)}); expected sample.py's "
+                             f".npz, or 'mu' and 'sigma' statistics")
+        images = data["images"]
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"{path}: 'images' must be uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+    for i in range(0, len(images), batch_size):
+        yield images[i:i + batch_size]
+
+
+def _stats_of(source: str, extract: _Extractor, digits_size: int) -> tuple[StatsLike, int | None, int]:
+    """(statistics, image size or None, count) of a folder, .npz of images or statistics, or 'digits'."""
+    if source == DIGITS:
+        if extract.inception_params is None:
+            stats = digits_reference_stats(digits_size)
+        else:
+            from diffax.data.digits import load_digits_arrays
+            stats = feature_stats(extract(load_digits_arrays(digits_size, 3)[0]))
+        return stats, digits_size, stats.count
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.suffix == ".npz":
+        with np.load(path) as data:
+            if "mu" in data and "sigma" in data:
+                count = int(data["count"]) if "count" in data else -1
+                return (data["mu"], data["sigma"]), None, count
+    stats, size = FeatureStats(), None
+    for batch in _image_batches(source, extract.batch_size):
+        stats.update(extract(batch))
+        size = batch.shape[1]
+    return stats, size, stats.count
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The FID of two image sets (or the statistics of one, with --save_stats)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m diffax.evaluation.fid", description=__doc__.split("\n\n")[0],
+        epilog="Each input is a folder of images, an .npz with 'images' (uint8 [N, H, W, C], as sample.py "
+               "writes) or 'mu' and 'sigma' (statistics, as --save_stats and pytorch-fid write), or 'digits' "
+               "(all real digits at the other input's size).")
+    parser.add_argument("inputs", nargs="+", help="two inputs; one with --save_stats")
+    parser.add_argument("--inception", metavar="PATH", help="pytorch-fid's weight file "
+                        "(pt_inception-2015-12-05-6726825d.pth); default: the digits feature network")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--save_stats", metavar="OUT.npz", help="write the statistics of the one input")
+    args = parser.parse_args(argv)
+    want = 1 if args.save_stats else 2
+    if len(args.inputs) != want:
+        parser.error(f"expected {want} input(s), got {len(args.inputs)}")
+    try:
+        extract = _Extractor(args.inception, args.batch_size)
+        # 'digits' takes the other input's image size, so that one is read first.
+        order = sorted(range(want), key=lambda i: args.inputs[i] == DIGITS)
+        results: dict[int, tuple[StatsLike, int | None, int]] = {}
+        for i in order:
+            size = next((r[1] for r in results.values() if r[1] is not None), 16)
+            results[i] = _stats_of(args.inputs[i], extract, size)
+        if args.save_stats:
+            stats = results[0][0]
+            if not isinstance(stats, FeatureStats):
+                parser.error(f"{args.inputs[0]} already holds statistics")
+            stats.save(args.save_stats)
+            print(f"{args.inputs[0]}: {stats.count} images, {extract.name}; wrote {args.save_stats}")
+            return
+        fid = frechet_distance(results[0][0], results[1][0])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    counts = ", ".join(f"{args.inputs[i]}: {results[i][2] if results[i][2] >= 0 else '?'}" for i in range(2))
+    print(f"FID {fid:.4f} ({extract.name}; images {counts})")
+
+
+if __name__ == "__main__":
+    main()
