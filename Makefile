@@ -40,12 +40,14 @@ demo: venv-demo
 	$(PY) train.py --config=configs/digits.py --workdir=runs/digits
 	$(PY) sample.py --workdir=runs/digits --num_samples=100 --out=runs/digits/samples.png,runs/digits/samples.npz
 	$(PY) -m diffax.evaluation.digits_classifier runs/digits/samples.npz
+	$(PY) -m diffax.evaluation.fid runs/digits/samples.npz digits
 
 # The same, with the small DiT of configs/dit_digits.py.
 demo-dit: venv-demo
 	$(PY) train.py --config=configs/dit_digits.py --workdir=runs/dit_digits
 	$(PY) sample.py --workdir=runs/dit_digits --num_samples=100 --out=runs/dit_digits/samples.png,runs/dit_digits/samples.npz
 	$(PY) -m diffax.evaluation.digits_classifier runs/dit_digits/samples.npz
+	$(PY) -m diffax.evaluation.fid runs/dit_digits/samples.npz digits
 
 test: venv-test
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
