@@ -120,6 +120,9 @@ def test_digits_fid_separates_real_digits_from_noise():
     # 32x32 RGB digits (float in [-1, 1]) are resized to the network's 16x16 and compare with real 32x32.
     rgb32, _ = load_digits_arrays(32, 3)
     assert digits_fid(rgb32[:900].astype(np.float32) / 127.5 - 1) < 2 * real_vs_real
+    reference = digits_reference_stats(16)
+    assert reference.count == len(images)
+    reference.update(feats[:10])  # a copy: the cached statistics stay those of the real digits
     assert digits_reference_stats(16).count == len(images)
 
 

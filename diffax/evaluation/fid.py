@@ -170,11 +170,16 @@ def frechet_distance(a: StatsLike, b: StatsLike, *, eps: float = 1e-6) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def digits_reference_stats(image_size: int = 16) -> FeatureStats:
-    """Digits-feature statistics of all 1797 real digits prepared at `image_size` (cached)."""
+def _digits_reference_stats(image_size: int) -> FeatureStats:
     from diffax.data.digits import load_digits_arrays
     images, _ = load_digits_arrays(image_size, 1)
     return feature_stats(digits_features(images))
+
+
+def digits_reference_stats(image_size: int = 16) -> FeatureStats:
+    """Digits-feature statistics of all 1797 real digits prepared at `image_size` (computed once; each call
+    returns its own copy, since `update` works in place)."""
+    return dataclasses.replace(_digits_reference_stats(image_size))
 
 
 def digits_fid(images: np.ndarray | jax.Array) -> float:
