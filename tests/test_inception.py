@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from diffax.convert.io import CheckpointError
-from diffax.evaluation.fid import main as fid_main
+from diffax.evaluation.fid import frechet_distance, main as fid_main
 from diffax.evaluation.inception import NUM_FEATURES, inception_features, load_inception_params, prepare
 from tests import torchvision_inception
 
@@ -44,9 +44,11 @@ def pytorch_fid_inception(monkeypatch):
     """pytorch-fid's inception module, imported over the written-out torchvision pieces."""
     torchvision_inception.install_as_torchvision(monkeypatch)
     monkeypatch.delitem(sys.modules, "pytorch_fid.inception", raising=False)
+    monkeypatch.delitem(sys.modules, "pytorch_fid.fid_score", raising=False)
     module = importlib.import_module("pytorch_fid.inception")
     yield module
-    sys.modules.pop("pytorch_fid.inception", None)  # it holds the stand-in torchvision
+    for name in ("pytorch_fid.inception", "pytorch_fid.fid_score"):  # they hold the stand-in torchvision
+        sys.modules.pop(name, None)
 
 
 def test_features_match_pytorch_fid_on_random_weights(pytorch_fid_inception, tmp_path, monkeypatch):
@@ -75,6 +77,16 @@ def test_features_match_pytorch_fid_on_random_weights(pytorch_fid_inception, tmp
     with np.load(tmp_path / "stats.npz") as stats:
         np.testing.assert_allclose(stats["mu"], want.mean(0), atol=1e-4 * np.abs(want).max())
         assert int(stats["count"]) == 2
+
+
+@pytest.mark.parametrize("n1,n2", [(500, 300), (20, 30)])  # the second: singular covariances (64 features)
+def test_frechet_distance_matches_pytorch_fid(pytorch_fid_inception, n1, n2):
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    rng = np.random.default_rng(n1)
+    a, b = rng.normal(size=(n1, 64)), rng.normal(size=(n2, 64)) * 1.3 + 0.2
+    stats = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    want = calculate_frechet_distance(*stats[0], *stats[1])
+    assert frechet_distance(*stats) == pytest.approx(want, rel=1e-12)
 
 
 def test_resize_matches_torch_bilinear():

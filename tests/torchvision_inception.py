@@ -267,14 +267,17 @@ def inception_v3(*, weights: Any = None, progress: bool = True, **kwargs: Any) -
 
 def install_as_torchvision(monkeypatch) -> None:
     """Makes `import torchvision` (and `.models`, `.models.inception`) give this module's pieces for the
-    rest of the test (pytest's monkeypatch undoes it)."""
+    rest of the test (pytest's monkeypatch undoes it). `torchvision.transforms` is an empty module: only
+    pytorch-fid's image-folder loader uses it, and the tests call fid_score's statistics functions alone."""
     this = sys.modules[__name__]
     models = types.ModuleType("torchvision.models")
     models.inception_v3 = inception_v3
     models.inception = this
+    transforms = types.ModuleType("torchvision.transforms")
     package = types.ModuleType("torchvision")
     package.__version__ = __version__
     package.models = models
+    package.transforms = transforms
     for name, module in (("torchvision", package), ("torchvision.models", models),
-                         ("torchvision.models.inception", this)):
+                         ("torchvision.models.inception", this), ("torchvision.transforms", transforms)):
         monkeypatch.setitem(sys.modules, name, module)
