@@ -126,6 +126,27 @@ def test_digits_fid_separates_real_digits_from_noise():
     assert digits_reference_stats(16).count == len(images)
 
 
+def _precision_recall_numpy(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """The definition, in float64 with full distance matrices."""
+    def dist(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+    real_r = np.sort(dist(real, real), axis=1)[:, k]
+    fake_r = np.sort(dist(fake, fake), axis=1)[:, k]
+    d = dist(real, fake)
+    return np.mean((d <= real_r[:, None]).any(0)), np.mean((d <= fake_r[None, :]).any(1))
+
+
+@pytest.mark.parametrize("block_rows", [7, 1024])
+def test_precision_recall_matches_the_definition(block_rows):
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(60, 5))
+    fake = rng.normal(size=(45, 5)) * 1.5 + 0.5
+    got = precision_recall(real, fake, k=3, block_rows=block_rows)
+    want = _precision_recall_numpy(real, fake, 3)
+    assert 0.2 < want[0] < 0.9 and 0.2 < want[1] < 0.99  # neither measure is trivially 0 or 1 here
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
 def test_precision_recall():
     images, _ = load_digits_arrays(16, 1)
     feats = digits_features(images)

@@ -191,40 +191,54 @@ def digits_fid(images: np.ndarray | jax.Array) -> float:
 # ----------------------------------------------------------------------------- precision / recall
 
 
-def _kth_nearest_radius(feats: jax.Array, k: int) -> jax.Array:  # [N, F] -> [N]
-    d = _pairwise_sq_dist(feats, feats)
-    return jnp.sort(d, axis=1)[:, k]  # column 0 is the point itself
-
-
-def _pairwise_sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:  # [N, F], [M, F] -> [N, M]
+def _pairwise_sq_dist(a: jax.Array, b: jax.Array) -> jax.Array:  # [R, F], [M, F] -> [R, M]
     d = jnp.sum(a * a, 1)[:, None] + jnp.sum(b * b, 1)[None, :] - 2 * jnp.matmul(
         a, b.T, precision=jax.lax.Precision.HIGHEST)
     return jnp.maximum(d, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames="k")
-def _precision_recall(real: jax.Array, fake: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    real_r, fake_r = _kth_nearest_radius(real, k), _kth_nearest_radius(fake, k)
-    d = _pairwise_sq_dist(real, fake)  # [N_real, N_fake]
-    precision = jnp.mean(jnp.any(d <= real_r[:, None], axis=0))  # fake inside some real ball
-    recall = jnp.mean(jnp.any(d <= fake_r[None, :], axis=1))  # real inside some fake ball
+def _by_row_blocks(fn, rows: jax.Array, block_rows: int, *args: jax.Array) -> jax.Array:
+    """fn(block [R, F], *args) -> [R] over `rows` [N, F] in blocks of R rows (zero-padded, cut after)."""
+    n = rows.shape[0]
+    r = min(block_rows, n)
+    blocks = -(-n // r)
+    padded = jnp.pad(rows, ((0, blocks * r - n), (0, 0))).reshape(blocks, r, rows.shape[1])
+    return jax.lax.map(lambda block: fn(block, *args), padded).reshape(blocks * r)[:n]
+
+
+def _kth_radius(block: jax.Array, points: jax.Array, k: int) -> jax.Array:  # [R, F], [N, F] -> [R]
+    # The k+1-th smallest squared distance: the smallest is the point itself.
+    return -jax.lax.top_k(-_pairwise_sq_dist(block, points), k + 1)[0][:, k]
+
+
+def _inside_some_ball(block: jax.Array, centres: jax.Array, radii: jax.Array) -> jax.Array:  # -> [R] bool
+    return jnp.any(_pairwise_sq_dist(block, centres) <= radii[None, :], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block_rows"))
+def _precision_recall(real: jax.Array, fake: jax.Array, k: int, block_rows: int) -> tuple[jax.Array, jax.Array]:
+    real_r = _by_row_blocks(functools.partial(_kth_radius, k=k), real, block_rows, real)
+    fake_r = _by_row_blocks(functools.partial(_kth_radius, k=k), fake, block_rows, fake)
+    precision = jnp.mean(_by_row_blocks(_inside_some_ball, fake, block_rows, real, real_r))
+    recall = jnp.mean(_by_row_blocks(_inside_some_ball, real, block_rows, fake, fake_r))
     return precision, recall
 
 
-def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int = 3) -> tuple[float, float]:
+def precision_recall(real_feats: np.ndarray, fake_feats: np.ndarray, *, k: int = 3,
+                     block_rows: int = 1024) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) of features [N, F] and [M, F].
 
     Each set's manifold is the union of balls around its points reaching their k-th nearest neighbour.
     Precision: the fraction of fake samples inside the real manifold (are samples realistic?); recall: the
-    fraction of real samples inside the fake manifold (do samples cover the data?). Exact pairwise
-    distances: memory grows as N * M, fine for tens of thousands of samples.
+    fraction of real samples inside the fake manifold (do samples cover the data?). Distances are exact and
+    computed `block_rows` rows at a time, so memory grows as block_rows * max(N, M), not N * M.
     """
     real, fake = np.asarray(real_feats, np.float32), np.asarray(fake_feats, np.float32)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"precision_recall: features must be [N, F] and [M, F], got {real.shape}, {fake.shape}")
     if min(len(real), len(fake)) <= k:
         raise ValueError(f"precision_recall: need more than k={k} samples in each set, got {len(real)}, {len(fake)}")
-    precision, recall = _precision_recall(jnp.asarray(real), jnp.asarray(fake), k)
+    precision, recall = _precision_recall(jnp.asarray(real), jnp.asarray(fake), k, block_rows)
     return float(precision), float(recall)
 
 
