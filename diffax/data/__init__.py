@@ -1,4 +1,4 @@
-"""Input pipelines: grain over scikit-learn's digits, tensorflow-datasets and image folders.
+"""Input pipelines: grain over scikit-learn's digits, tensorflow-datasets, image folders and latent caches.
 
     source = make_source(config.data)          # records {'image': uint8 [S, S, C], 'label': int64}
     it = make_train_iterator(source, global_batch_size=256, seed=0)
@@ -9,6 +9,7 @@ See docs/data.md.
 
 from diffax.data.digits import DigitsSource
 from diffax.data.folder import IMAGE_EXTENSIONS, FolderSource, prepare_image
+from diffax.data.latent_cache import LatentCacheError, LatentCacheSource
 from diffax.data.pipeline import SOURCES, Source, make_source, make_train_iterator
 from diffax.data.tfds_source import TfdsSource
 
@@ -16,6 +17,8 @@ __all__ = [
     'DigitsSource',
     'FolderSource',
     'IMAGE_EXTENSIONS',
+    'LatentCacheError',
+    'LatentCacheSource',
     'SOURCES',
     'Source',
     'TfdsSource',

@@ -16,6 +16,7 @@ import numpy as np
 from diffax.data.folder import prepare_image
 
 NUM_CLASSES = 10
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 @functools.lru_cache(maxsize=4)
@@ -36,21 +37,39 @@ def load_digits_arrays(image_size: int, channels: int) -> tuple[np.ndarray, np.n
     return images, labels
 
 
+def _one_field(template: str) -> bool:
+    """Whether `template.format(word)` fills exactly one `{}`."""
+    try:
+        return template.count("{}") == 1 and template.format("\0").count("\0") == 1
+    except (IndexError, KeyError, ValueError):
+        return False
+
+
 class DigitsSource:
     """A grain random-access source over scikit-learn's 8x8 digits.
 
-    Records are `{'image': uint8 [S, S, C], 'label': int64 scalar in 0..9}`.
+    Records are `{'image': uint8 [S, S, C], 'label': int64 scalar in 0..9}`, plus `'caption'` (a str)
+    with a caption template.
     """
 
-    def __init__(self, *, image_size: int = 16, channels: int = 1):
+    def __init__(self, *, image_size: int = 16, channels: int = 1, caption_template: str | None = None):
         """Loads and resizes the digits (cached per (image_size, channels)).
 
         Args:
             image_size: side of the square output images (8 keeps the originals).
             channels: 1 (grayscale) or 3 (the gray value repeated as RGB).
+            caption_template: e.g. "a handwritten {}": each record's caption is the template formatted with
+                its digit's English word ("a handwritten seven"); None: no captions.
+
+        Raises:
+            ValueError: a caption template without exactly one `{}`.
         """
+        if caption_template is not None and not _one_field(caption_template):
+            raise ValueError(f"data.caption_template must hold one '{{}}' for the digit's word, got "
+                             f"{caption_template!r}")
         self.image_size = image_size
         self.channels = channels
+        self.caption_template = caption_template
         self.num_classes: int = NUM_CLASSES
         self.class_names: list[str] = [str(d) for d in range(NUM_CLASSES)]
         self._images, self._labels = load_digits_arrays(image_size, channels)
@@ -58,8 +77,11 @@ class DigitsSource:
     def __len__(self) -> int:
         return len(self._labels)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {'image': self._images[index], 'label': self._labels[index]}
+    def __getitem__(self, index: int) -> dict[str, np.ndarray | str]:
+        record = {'image': self._images[index], 'label': self._labels[index]}
+        if self.caption_template is not None:
+            record['caption'] = self.caption_template.format(NUMBER_WORDS[self._labels[index]])
+        return record
 
     def __repr__(self) -> str:
         return f'DigitsSource(image_size={self.image_size}, channels={self.channels})'

@@ -9,6 +9,11 @@ subfolder per class, the same convention as torchvision's `ImageFolder` and the
             0002.png                     dog/  c.webp ...
             ...                          (labels: cat=0, dog=1, sorted by name)
 
+Captions, for text-conditioned training, are read as diffusers' training scripts read them: a
+`metadata.jsonl` at the top of the folder (one JSON object per line, `file_name` relative to the folder and
+the caption in `caption_column`, by default 'text' or else 'caption'), or a `.txt` file beside each image
+(`0001.jpg` -> `0001.txt`). Either way every image needs its caption.
+
 Every image is center-cropped to a square and then resized to `image_size`,
 which is what diffusers' train scripts do with `--center_crop` (they resize the
 short side first and crop after; cropping first gives the same picture and
@@ -17,12 +22,15 @@ resizes fewer pixels).
 
 from __future__ import annotations
 
+import json
 import pathlib
 
 import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp')
+METADATA_FILE = 'metadata.jsonl'
+CAPTION_COLUMNS = ('text', 'caption')  # tried in this order when no caption column is named
 
 
 def prepare_image(image: Image.Image | np.ndarray, image_size: int, channels: int) -> np.ndarray:
@@ -68,11 +76,11 @@ def _list_images(folder: pathlib.Path, recursive: bool) -> list[pathlib.Path]:
 class FolderSource:
     """A grain random-access source over the images in a folder.
 
-    Records are `{'image': uint8 [S, S, C], 'label': int64 scalar}`. Images are
-    decoded on access, so the folder may be far larger than memory.
+    Records are `{'image': uint8 [S, S, C], 'label': int64 scalar}`, plus `'caption'` (a str) when the
+    folder has captions. Images are decoded on access, so the folder may be far larger than memory.
     """
 
-    def __init__(self, path: str | pathlib.Path, *, image_size: int, channels: int):
+    def __init__(self, path: str | pathlib.Path, *, image_size: int, channels: int, caption_column: str = ''):
         """Scans `path` for images.
 
         Args:
@@ -80,10 +88,12 @@ class FolderSource:
                 (images found anywhere below a class subfolder; classes sorted by name).
             image_size: side of the square output images.
             channels: 1 or 3.
+            caption_column: the caption key of metadata.jsonl ('': 'text', else 'caption').
 
         Raises:
             ValueError: the folder does not exist, holds no images, or mixes loose
-                images with class subfolders.
+                images with class subfolders; an image without a caption in a folder
+                with captions; a metadata.jsonl line that does not parse.
         """
         self.path = pathlib.Path(path).expanduser()
         self.image_size = image_size
@@ -111,6 +121,7 @@ class FolderSource:
             self._items = [(p, label) for label, name in enumerate(classes) for p in classes[name]]
         else:
             self._items = [(p, 0) for p in loose]
+        self.captions: list[str] | None = _read_captions(self.path, [p for p, _ in self._items], caption_column)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -122,8 +133,47 @@ class FolderSource:
                 array = prepare_image(image, self.image_size, self.channels)
         except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
             raise ValueError(f'cannot decode image file {str(path)!r}: {e}') from e
-        return {'image': array, 'label': np.int64(label)}
+        record = {'image': array, 'label': np.int64(label)}
+        if self.captions is not None:
+            record['caption'] = self.captions[index]
+        return record
 
     def __repr__(self) -> str:
         return (f'FolderSource(path={str(self.path)!r}, num_records={len(self)}, '
                 f'num_classes={self.num_classes}, image_size={self.image_size}, channels={self.channels})')
+
+
+def _read_captions(folder: pathlib.Path, images: list[pathlib.Path], column: str) -> list[str] | None:
+    """Each image's caption from `folder/metadata.jsonl` or the .txt files beside the images; None when the
+    folder has neither."""
+    metadata = folder / METADATA_FILE
+    if metadata.is_file():
+        by_name = {}
+        for number, line in enumerate(metadata.read_text(encoding='utf-8').splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'{metadata}: line {number} is not JSON ({e})') from None
+            keys = (column,) if column else CAPTION_COLUMNS
+            key = next((k for k in keys if isinstance(row, dict) and k in row), None)
+            if key is None or 'file_name' not in row or not isinstance(row[key], str):
+                raise ValueError(f"{metadata}: line {number} needs 'file_name' and a string caption under "
+                                 f"{' or '.join(repr(k) for k in keys)} (data.caption_column)")
+            by_name[pathlib.PurePosixPath(row['file_name']).as_posix()] = row[key]
+        captions = []
+        for image in images:
+            name = image.relative_to(folder).as_posix()
+            if name not in by_name:
+                raise ValueError(f"{metadata}: no line with file_name {name!r}; every image needs a caption")
+            captions.append(by_name[name])
+        return captions
+    texts = [image.with_suffix('.txt') for image in images]
+    if not any(t.is_file() for t in texts):
+        return None
+    missing = next((t for t in texts if not t.is_file()), None)
+    if missing is not None:
+        raise ValueError(f'caption file {str(missing)!r} missing: in a folder with .txt captions every image '
+                         'needs one')
+    return [t.read_text(encoding='utf-8').strip() for t in texts]

@@ -35,9 +35,10 @@ import numpy as np
 
 from diffax.data.digits import DigitsSource
 from diffax.data.folder import FolderSource
+from diffax.data.latent_cache import LatentCacheSource
 from diffax.data.tfds_source import TfdsSource
 
-SOURCES = ('digits', 'tfds', 'folder')
+SOURCES = ('digits', 'tfds', 'folder', 'latent_cache')
 
 
 class Source(Protocol):
@@ -56,40 +57,51 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
 
     Args:
         config: the `data` sub-config. `source` is one of 'digits', 'tfds',
-            'folder'; `image_size` (int) and `channels` (1 or 3) apply to all.
+            'folder', 'latent_cache'; `image_size` (int) and `channels` (1 or 3)
+            apply to all but the latent cache. digits reads `caption_template`;
             tfds reads `tfds_name`, `split`, `image_key`, `label_key` and the
-            optional `tfds_data_dir`; folder reads `path`.
+            optional `tfds_data_dir`; folder reads `path` and `caption_column`;
+            latent_cache reads `path` (the cache folder).
 
     Returns:
         A random-access source whose records are `{'image': uint8 [S, S, C],
-        'label': int64 scalar}`, with `num_classes` and `class_names`.
+        'label': int64 scalar}` (plus a 'caption' str where captions are set),
+        or for a latent cache `{'image': float32 latent [h, w, c], 'label',
+        'cond'}`; with `num_classes` and `class_names`.
 
     Raises:
         ValueError: an unknown source, a bad image size or channel count, or a
             problem the chosen source finds in its input.
     """
+    if config.source == 'latent_cache':  # the cache fixes the latent shape: image_size / channels do not apply
+        return LatentCacheSource(config.path)
     image_size, channels = config.image_size, config.get('channels', 1)
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f'data.image_size must be a positive int, got {image_size!r}')
     if channels not in (1, 3):
         raise ValueError(f'data.channels must be 1 or 3, got {channels!r}')
     if config.source == 'digits':
-        return DigitsSource(image_size=image_size, channels=channels)
+        return DigitsSource(image_size=image_size, channels=channels,
+                            caption_template=config.get('caption_template', '') or None)
     if config.source == 'tfds':
         return TfdsSource(
             config.tfds_name, split=config.get('split', 'train'), image_key=config.get('image_key', 'image'),
             label_key=config.get('label_key', 'label'), image_size=image_size, channels=channels,
             data_dir=config.get('tfds_data_dir', None))
     if config.source == 'folder':
-        return FolderSource(config.path, image_size=image_size, channels=channels)
+        return FolderSource(config.path, image_size=image_size, channels=channels,
+                            caption_column=config.get('caption_column', ''))
     raise ValueError(f'data.source must be one of {SOURCES}, got {config.source!r}')
 
 
 def _to_model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        'image': batch['image'].astype(np.float32) / 127.5 - 1.0,  # [b, S, S, C] in [-1, 1]
-        'label': batch['label'].astype(np.int32),  # [b]
-    }
+    image = batch['image']
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 127.5 - 1.0  # [b, S, S, C] in [-1, 1]
+    out = {'image': image.astype(np.float32), 'label': batch['label'].astype(np.int32)}  # float: latents as they are
+    if 'cond' in batch:  # a latent cache's text conditioning, {'encoder_hidden_states': [b, L, D], ...}
+        out['cond'] = {k: np.asarray(v, np.float32) for k, v in batch['cond'].items()}
+    return out
 
 
 def make_train_iterator(source: Source, *, global_batch_size: int, seed: int,
@@ -129,7 +141,11 @@ def make_train_iterator(source: Source, *, global_batch_size: int, seed: int,
         raise ValueError(
             f'global_batch_size={global_batch_size} must be a positive multiple of the number of '
             f'data shards (processes) shard_count={shard_count}')
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(num_epochs)
+    # A source that draws its records from stored distributions (the latent cache: a random crop and a
+    # posterior sample) shuffles what it stores and draws after repeating, so every epoch draws afresh; the
+    # draw's generator is a function of (seed, position in the stream), so resuming draws the same.
+    draw = getattr(source, 'draw', None)
+    ds = grain.MapDataset.source(source.stored if draw else source).shuffle(seed=seed).repeat(num_epochs)
     if num_epochs is not None:
         num_examples = len(ds) // global_batch_size * global_batch_size
         if num_examples == 0:
@@ -138,6 +154,8 @@ def make_train_iterator(source: Source, *, global_batch_size: int, seed: int,
                 f'{global_batch_size}')
         ds = ds[:num_examples]
     # Blocks of b consecutive examples; block s * P + p is process p's part of global batch s.
+    if draw is not None:
+        ds = ds.random_map(draw, seed=seed)
     ds = ds.batch(global_batch_size // shard_count, drop_remainder=True)[shard_index::shard_count]
     ds = ds.map(_to_model_inputs).to_iter_dataset()
     if worker_count > 0:

@@ -20,7 +20,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.data = ml_collections.ConfigDict(dict(
         source="digits", image_size=16, channels=1, worker_count=0,
-        tfds_name="", split="train", image_key="image", label_key="label", tfds_data_dir="", path=""))
+        tfds_name="", split="train", image_key="image", label_key="label", tfds_data_dir="", path="",
+        # Captions (docs/data.md): digits yield caption_template.format(number word) when set, e.g.
+        # "a handwritten {}"; folders read a .txt beside each image or metadata.jsonl's caption_column
+        # ('': 'text', else 'caption').
+        caption_template="", caption_column=""))
     c.model = ml_collections.ConfigDict()
     c.diffusion = ml_collections.ConfigDict(dict(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
@@ -37,8 +41,21 @@ def base_config() -> ml_collections.ConfigDict:
         max_nonfinite_skips=10,
         # Peak FLOP/s of one device (e.g. 989e12: an H100's dense bf16) for the logged model FLOP
         # utilisation, mfu; 0: not logged.
-        peak_flops=0.0))
-    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0))
+        peak_flops=0.0,
+        eval_every=0))  # steps between evaluations (the eval block); 0: none
+    # prompts: the grid's fixed prompts for a text-conditioned model trained from a latent cache (empty: up
+    # to 10 of the cache's own captions).
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0, prompts=()))
+    # What train.eval_every logs (diffax/train/evaluate.py): kind '' (none), 'digits_accuracy' or
+    # 'digits_fid', over num_samples images sampled as for the grids.
+    c.eval = ml_collections.ConfigDict(dict(kind="", num_samples=200))
+    # `python -m diffax.data.cache` (docs/data.md): data's images through a VAE (an AutoencoderKL folder or a
+    # diffusers pipeline folder with vae/) and captions through a CLIP text encoder ('': labels only) into
+    # ArrayRecord shards under `out`; `crops` crops of side crop_size (0: the whole image) per image, the
+    # first centered, each also flipped with `flip`.
+    c.cache = ml_collections.ConfigDict(dict(
+        vae="", text_encoder="", tokenizer="", out="", crops=1, crop_size=0, flip=False, batch_size=32,
+        dtype="float32", records_per_shard=1024, seed=0))
     # Axis sizes within a slice (ici; -1: all remaining devices), across slices or hosts (dcn_*: the axis
     # size is ici x dcn) and the logical-axis rules, (logical name, mesh axes) pairs that lay out parameters
     # and activations (docs/training.md): FSDP and tensor parallelism are set here.
@@ -103,6 +120,13 @@ RANGES = (
     ("mesh.dcn_tensor", ">= 1", lambda v: v >= 1),
     ("train.peak_flops", ">= 0 (0: no mfu)", lambda v: v >= 0),
     ("sample.steps", ">= 1", lambda v: v >= 1),
+    ("train.eval_every", ">= 0 (0: no evaluation)", lambda v: v >= 0),
+    ("eval.num_samples", ">= 1", lambda v: v >= 1),
+    ("cache.crops", ">= 1", lambda v: v >= 1),
+    ("cache.crop_size", ">= 0 (0: the whole image)", lambda v: v >= 0),
+    ("cache.batch_size", ">= 1", lambda v: v >= 1),
+    ("cache.dtype", "'float32' or 'float16'", lambda v: v in ("float32", "float16")),
+    ("cache.records_per_shard", ">= 1", lambda v: v >= 1),
 )
 
 

@@ -1,0 +1,376 @@
+"""Writing a latent cache: a data set's images through the VAE and its captions through the text encoder, once.
+
+    python -m diffax.data.cache --config=configs/ldm_digits.py [--config.cache.out=/data/digits-latents]
+
+Training a latent diffusion model runs the frozen VAE encoder (and the text encoder) on every example of
+every epoch; both give the same answer each time, so they run here once and training reads their outputs
+(`data.source='latent_cache'`, diffax/data/latent_cache.py says what a cache holds). The VAE stores the
+posterior mean and log-variance, not a sample, so training still draws a fresh latent each time; random
+crops and flips are encoded as extra variants of each record (`cache.crops`, `cache.flip`), since a crop
+or mirror of the latents is not the latents of the crop or mirror.
+
+The encoders run jitted on fixed-size batches (the last one padded), rows split over the mesh of the
+config's `mesh` block. The cache is written to a temporary folder beside `cache.out` and renamed into
+place when complete, so a killed run leaves no half cache; an existing cache with the same fingerprint
+(encoders, data, options) is kept as it is, a different one is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from diffax import parallel
+from diffax.data.latent_cache import EMPTY_PROMPT, FORMAT, MANIFEST, VERSION, encode_record, read_manifest
+from diffax.data.pipeline import make_source
+from diffax.models.config_base import CONFIG_NAME
+
+PIPELINE_INDEX = "model_index.json"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+MAX_GRID_PROMPTS = 10
+
+
+def _component(path: str, subfolder: str, key: str) -> tuple[Path, str | None]:
+    """(folder, subfolder or None): a model folder as it is, a diffusers pipeline folder's `subfolder`."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"config key {key!r}: {str(folder)!r} is not a folder")
+    if (folder / PIPELINE_INDEX).is_file() and not (folder / CONFIG_NAME).is_file():
+        if not (folder / subfolder).is_dir():
+            raise ValueError(f"config key {key!r}: pipeline folder {str(folder)!r} has no {subfolder}/")
+        return folder.resolve(), subfolder
+    return folder.resolve(), None
+
+
+def _sha256_files(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def load_vae(path: str, subfolder: str | None = None) -> tuple[Any, Any]:
+    """(AutoencoderKL module, params) of a diffusers AutoencoderKL folder or a pipeline folder's vae/."""
+    from diffax.convert import load
+    module, params = load(path, subfolder=subfolder)
+    if type(module).__name__ != "AutoencoderKL":
+        raise ValueError(f"{path}: holds a {module.config.class_name}, not an AutoencoderKL (cache.vae)")
+    return module, params
+
+
+def load_text_encoder(path: str, subfolder: str | None, tokenizer: str) -> tuple[Any, Any, Any]:
+    """(CLIP text module, params, tokenizer) of a transformers CLIP text folder (or a pipeline's
+    text_encoder/) and a tokenizer folder."""
+    from diffax.convert import load
+    from diffax.pipelines.loading import load_tokenizer
+    module, params = load(path, subfolder=subfolder)
+    if not type(module).__name__.startswith("CLIPText"):
+        raise ValueError(f"{path}: holds a {module.config.class_name}, not a CLIP text encoder (cache.text_encoder)")
+    return module, params, load_tokenizer(tokenizer)
+
+
+def _tokenizer_folder(config: ml_collections.ConfigDict, encoder: Path, subfolder: str | None) -> Path:
+    """cache.tokenizer, or the pipeline's tokenizer/, or the text encoder's own folder when it holds one."""
+    if config.tokenizer:
+        folder = Path(config.tokenizer).expanduser()
+    elif subfolder is not None:
+        folder = encoder / "tokenizer"
+    else:
+        folder = encoder
+    if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
+        raise ValueError(f"config key 'cache.tokenizer': {str(folder)!r} holds no CLIP tokenizer (vocab.json + "
+                         f"merges.txt, or tokenizer.json); set cache.tokenizer to its folder")
+    return folder.resolve()
+
+
+def max_text_length(tokenizer: Any, module: Any) -> int:
+    """Tokens per caption: the tokenizer's model_max_length (77 for Stable Diffusion's), at most what the
+    text encoder's position table holds."""
+    length = int(getattr(tokenizer, "model_max_length", 77))
+    if length > 4096:  # transformers' "no limit" sentinel for a tokenizer saved without one
+        length = 77
+    return min(length, module.config.max_position_embeddings)
+
+
+def _variants(crops: int, flip: bool) -> list[dict[str, Any]]:
+    return [{"crop": "center" if c == 0 else "random", "flip": f} for c in range(crops)
+            for f in ((False, True) if flip else (False,))]
+
+
+def _crops(image: np.ndarray, index: int, config: ml_collections.ConfigDict, side: int) -> np.ndarray:
+    """The variants of one image [S, S, C] -> [V, side, side, C]: crop 0 centered, the others at offsets
+    drawn from (cache.seed, index, crop), each followed by its mirror image with cache.flip."""
+    size = image.shape[0]
+    out = []
+    for c in range(config.crops):
+        if c == 0:
+            top = left = (size - side) // 2
+        else:
+            top, left = np.random.default_rng([config.seed, index, c]).integers(0, size - side + 1, 2)
+        crop = image[top:top + side, left:left + side]
+        out.append(crop)
+        if config.flip:
+            out.append(crop[:, ::-1])
+    return np.stack(out)
+
+
+def _check_config(config: ml_collections.ConfigDict) -> None:
+    cache = config.cache
+    if not cache.out:
+        raise ValueError("config key 'cache.out' is empty: name the cache folder to write "
+                         "(--config.cache.out=/path/to/cache)")
+    if not cache.vae:
+        raise ValueError("config key 'cache.vae' is empty: name an AutoencoderKL folder or a diffusers "
+                         "pipeline folder with vae/")
+    if config.data.source == "latent_cache":
+        raise ValueError("config key 'data.source' is 'latent_cache': the cache is made from an image source")
+    if cache.crop_size > config.data.image_size:
+        raise ValueError(f"config key 'cache.crop_size' is {cache.crop_size}, larger than data.image_size="
+                         f"{config.data.image_size}")
+    if cache.crops > 1 and cache.crop_size in (0, config.data.image_size):
+        raise ValueError(f"config key 'cache.crops' is {cache.crops}, but crops of the whole image are all the "
+                         f"same: set cache.crop_size below data.image_size={config.data.image_size}")
+    if cache.dtype not in ("float32", "float16"):
+        raise ValueError(f"config key 'cache.dtype' must be 'float32' or 'float16', got {cache.dtype!r}")
+
+
+class _Encoders:
+    """The VAE (and text encoder) jitted on fixed-size batches, rows split over the mesh."""
+
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Any, rules: Any):
+        cache = config.cache
+        self.mesh = mesh
+        vae_path, vae_sub = _component(cache.vae, "vae", "cache.vae")
+        self.vae, vae_params = load_vae(str(vae_path), vae_sub)
+        rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        self.vae_params = jax.device_put(vae_params, rep)
+        self.batch = -(-cache.batch_size // parallel.batch_divisor(mesh)) * parallel.batch_divisor(mesh)
+        vae = self.vae
+
+        def encode_images(params: Any, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+            x = images.astype(jnp.float32) / 127.5 - 1.0  # uint8 [B, S, S, C] -> [-1, 1]
+            posterior = vae.apply({"params": params}, x, method=vae.encode)
+            return posterior.mean.astype(jnp.float32), posterior.logvar.astype(jnp.float32)  # [B, h, w, c] each
+
+        self._encode_images = parallel.jit_with_rules(encode_images, mesh, rules, in_shardings=(rep, rows),
+                                                      out_shardings=(rows, rows))
+        cfg = vae.config
+        self.vae_info = {"path": str(vae_path), "subfolder": vae_sub,
+                         "config_sha256": _sha256_files([(vae_path / (vae_sub or "")) / CONFIG_NAME])}
+        self.scaling = {"scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
+                        "latents_mean": None if cfg.latents_mean is None else list(cfg.latents_mean),
+                        "latents_std": None if cfg.latents_std is None else list(cfg.latents_std)}
+        self.text_info = None
+        if not cache.text_encoder:
+            return
+        te_path, te_sub = _component(cache.text_encoder, "text_encoder", "cache.text_encoder")
+        tok_folder = _tokenizer_folder(cache, te_path, te_sub)
+        self.text, text_params, self.tokenizer = load_text_encoder(str(te_path), te_sub, str(tok_folder))
+        self.text_params = jax.device_put(text_params, rep)
+        self.max_length = max_text_length(self.tokenizer, self.text)
+        text = self.text
+
+        def encode_text(params: Any, ids: jax.Array) -> dict[str, jax.Array]:
+            out = text.apply({"params": params}, ids)
+            result = {"encoder_hidden_states": out.last_hidden_state.astype(jnp.float32)}  # [B, L, D]
+            if out.text_embeds is not None:  # an encoder with a projection (SDXL's second): pooled [B, P]
+                result["text_embeds"] = out.text_embeds.astype(jnp.float32)
+            return result
+
+        self._encode_text = parallel.jit_with_rules(encode_text, mesh, rules, in_shardings=(rep, rows),
+                                                    out_shardings=rows)
+        shapes = jax.eval_shape(encode_text, text_params, jax.ShapeDtypeStruct((1, self.max_length), jnp.int32))
+        self.text_info = {
+            "encoder": str(te_path), "subfolder": te_sub, "tokenizer": str(tok_folder),
+            "config_sha256": _sha256_files([(te_path / (te_sub or "")) / CONFIG_NAME] +
+                                           [tok_folder / n for n in TOKENIZER_FILES if (tok_folder / n).is_file()]),
+            "max_length": self.max_length,
+            "shapes": {k: list(v.shape[1:]) for k, v in shapes.items()}}
+
+    def _padded(self, x: np.ndarray) -> tuple[Any, int]:
+        n = len(x)
+        pad = np.zeros((self.batch - n, *x.shape[1:]), x.dtype)
+        return parallel.global_array(np.concatenate([x, pad]), parallel.batch_sharding(self.mesh)), n
+
+    def images(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 images [N <= batch, S, S, C] -> posterior mean, logvar [N, h, w, c] (float32)."""
+        x, n = self._padded(images)
+        mean, logvar = jax.device_get(self._encode_images(self.vae_params, x))
+        return np.asarray(mean)[:n], np.asarray(logvar)[:n]
+
+    def captions(self, captions: list[str]) -> dict[str, np.ndarray]:
+        """Captions -> {'encoder_hidden_states': [N, L, D] (, 'text_embeds': [N, P])} (float32)."""
+        from diffax.pipelines.text_encoding import tokenize_prompts
+        ids, n = self._padded(tokenize_prompts(self.tokenizer, captions, max_length=self.max_length))
+        out = jax.device_get(self._encode_text(self.text_params, ids))
+        return {k: np.asarray(v)[:n] for k, v in out.items()}
+
+
+def _fingerprint(config: ml_collections.ConfigDict, encoders: _Encoders) -> str:
+    """What decides a cache's contents: the encoders' configs, the data block, the cache options."""
+    options = {k: config.cache[k] for k in ("crops", "crop_size", "flip", "dtype", "seed")}
+    what = {"vae": encoders.vae_info["config_sha256"],
+            "text": encoders.text_info and encoders.text_info["config_sha256"],
+            "data": config.data.to_dict(), "options": options}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _existing(out: Path, fingerprint: str) -> bool:
+    """True when `out` already holds this cache; False when it is free; ValueError when it holds another."""
+    if not out.exists():
+        return False
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+        return False
+    if not (out / MANIFEST).is_file():
+        raise ValueError(f"config key 'cache.out': {str(out)!r} exists and is not a latent cache; refusing to "
+                         f"overwrite it")
+    manifest = read_manifest(out)
+    if manifest.get("fingerprint") != fingerprint:
+        raise ValueError(f"{out / MANIFEST}: key 'fingerprint' differs: {str(out)!r} holds a cache of other "
+                         f"encoders, data or options; remove it or choose another cache.out")
+    return True
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def build_cache(config: ml_collections.ConfigDict) -> Path:
+    """Encodes `config.data`'s source into the cache folder `config.cache.out`; returns the folder.
+
+    Records are written in the source's order, `cache.records_per_shard` per ArrayRecord file, with a
+    manifest.json and the empty prompt's embedding (with a text encoder). An existing cache with the same
+    fingerprint is kept (nothing is encoded).
+
+    Raises:
+        ValueError: missing or inconsistent cache keys, encoder folders that are not an AutoencoderKL / CLIP
+            text encoder, a text encoder with a source that yields no captions, or a `cache.out` that holds
+            something else.
+    """
+    from tqdm import tqdm
+
+    _check_config(config)
+    if jax.process_count() > 1:
+        raise ValueError("python -m diffax.data.cache runs in one process (it uses all of that process's devices)")
+    cache = config.cache
+    out = Path(cache.out).expanduser().resolve()
+    mesh, rules = parallel.mesh_from_config(config.mesh)
+    source = make_source(config.data)
+    encoders = _Encoders(config, mesh, rules)
+    fingerprint = _fingerprint(config, encoders)
+    if _existing(out, fingerprint):
+        _log(f"{out}: already holds this cache (same fingerprint); nothing to do")
+        return out
+    first = source[0]
+    channels = first["image"].shape[-1]
+    if channels != encoders.vae.config.in_channels:
+        raise ValueError(f"config key 'data.channels' is {channels}, but the VAE ({cache.vae}) takes "
+                         f"in_channels={encoders.vae.config.in_channels}")
+    text = encoders.text_info is not None
+    if text and "caption" not in first:
+        raise ValueError(f"config key 'cache.text_encoder' is set but data.source={config.data.source!r} yields no "
+                         f"captions: set data.caption_template (digits) or add captions (a folder's metadata.jsonl "
+                         f"or .txt files)")
+    side = cache.crop_size or config.data.image_size
+    variants = _variants(cache.crops, cache.flip)
+    dtype = np.dtype(cache.dtype)
+    per_batch = max(1, encoders.batch // len(variants))  # examples per encoder call
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shards, writer, prompts = [], None, []
+    t0 = time.perf_counter()
+    try:
+        bar = tqdm(total=len(source), desc="cache", disable=not sys.stderr.isatty(), unit="image")
+        for start in range(0, len(source), per_batch):
+            records = [source[i] for i in range(start, min(start + per_batch, len(source)))]
+            images = np.concatenate([_crops(r["image"], start + j, cache, side) for j, r in enumerate(records)])
+            mean, logvar = encoders.images(images)  # [n V, h, w, c] each
+            mean = mean.reshape(len(records), len(variants), *mean.shape[1:])
+            logvar = logvar.reshape(mean.shape)
+            embeds = encoders.captions([r["caption"] for r in records]) if text else {}
+            for j, record in enumerate(records):
+                if writer is None or shards[-1]["count"] == cache.records_per_shard:
+                    if writer is not None:
+                        writer.close()
+                    shards.append({"file": f"shard_{len(shards):05d}.array_record", "count": 0})
+                    writer = ArrayRecordWriter(str(tmp / shards[-1]["file"]), "group_size:1")
+                entry = {"mean": mean[j].astype(dtype), "logvar": logvar[j].astype(dtype),
+                         "label": np.int64(record["label"])}
+                entry.update({k: v[j].astype(dtype) for k, v in embeds.items()})
+                if "caption" in record:
+                    entry["caption"] = str(record["caption"])
+                    if len(prompts) < MAX_GRID_PROMPTS and record["caption"] not in prompts:
+                        prompts.append(str(record["caption"]))
+                writer.write(encode_record(entry))
+                shards[-1]["count"] += 1
+            bar.update(len(records))
+            if bar.disable and (start // per_batch) % 50 == 0:
+                _log(f"cache: {start + len(records)}/{len(source)} images")
+        bar.close()
+        writer.close()
+        writer = None
+        manifest = {
+            "format": FORMAT, "version": VERSION, "fingerprint": fingerprint, "count": len(source),
+            "shards": shards, "num_classes": source.num_classes, "class_names": list(source.class_names),
+            "data": config.data.to_dict(),
+            "latent": {"shape": list(mean.shape[2:]), "dtype": cache.dtype, "image_size": side,
+                       "channels": int(channels), "variants": variants},
+            "scaling": encoders.scaling, "vae": encoders.vae_info, "text": None, "captions": prompts}
+        if text:
+            empty = encoders.captions([""])
+            np.savez(tmp / EMPTY_PROMPT, **{k: v[0] for k, v in empty.items()})
+            manifest["text"] = {**encoders.text_info, "dtype": cache.dtype}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():  # another process finished the same cache meanwhile
+            raise ValueError(f"config key 'cache.out': {str(out)!r} appeared while caching; refusing to overwrite")
+        os.rename(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"wrote {len(source)} records ({len(variants)} variant(s) each, latents {manifest['latent']['shape']}"
+         + (f", text {manifest['text']['shapes']}" if text else "") + f") to {out} in "
+         f"{time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """The command line: `python -m diffax.data.cache --config=configs/x.py [--config.cache.out=...]`."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from diffax.cli import parse_flags, run_reporting_errors
+    from diffax.train.config import validate_config
+
+    config_flags.DEFINE_config_file("config", None, "Recipe file whose data and cache blocks to use.",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config"])
+
+    def run(args: list[str]) -> None:
+        del args
+        config = flags.FLAGS.config
+        if "name" in config.model:
+            validate_config(config)
+        build_cache(config)
+
+    app.run(run_reporting_errors(run), argv=argv, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
