@@ -2,7 +2,8 @@
 weight file, against pytorch-fid's own network (pytorch_fid/inception.py, unchanged) on random weights.
 
 pytorch-fid imports torchvision, whose PyPI build for torch 2.13 needs CUDA libraries; the test gives it
-torchvision's Inception blocks written out in tests/torchvision_inception.py (see there why).
+diffax's own torch implementation of the torchvision Inception blocks it builds on
+(tests/inception_reference.py).
 """
 import importlib
 import math
@@ -16,14 +17,14 @@ import torch.nn.functional as F
 from diffax.convert.io import CheckpointError
 from diffax.evaluation.fid import frechet_distance, main as fid_main
 from diffax.evaluation.inception import NUM_FEATURES, inception_features, load_inception_params, prepare
-from tests import torchvision_inception
+from tests import inception_reference
 
 
 def _random_fid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights in the pytorch-fid file's layout: He-normal convolutions (activations keep their scale
     through the 90-odd layers) and batch-norm statistics far from the identity."""
     g = torch.Generator().manual_seed(seed)
-    net = torchvision_inception.inception_v3(num_classes=1008, aux_logits=False, init_weights=False)
+    net = inception_reference.inception_v3(num_classes=1008, aux_logits=False, init_weights=False)
     sd = {}
     for key, value in net.state_dict().items():
         if key.endswith("conv.weight"):
@@ -41,8 +42,8 @@ def _random_fid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def pytorch_fid_inception(monkeypatch):
-    """pytorch-fid's inception module, imported over the written-out torchvision pieces."""
-    torchvision_inception.install_as_torchvision(monkeypatch)
+    """pytorch-fid's inception module, imported over tests/inception_reference.py in place of torchvision."""
+    inception_reference.install_as_torchvision(monkeypatch)
     monkeypatch.delitem(sys.modules, "pytorch_fid.inception", raising=False)
     monkeypatch.delitem(sys.modules, "pytorch_fid.fid_score", raising=False)
     module = importlib.import_module("pytorch_fid.inception")
