@@ -36,6 +36,7 @@ from jax.sharding import Mesh
 
 from diffax import parallel, quant
 from diffax.models.registry import logical_specs
+from diffax.pipelines.executables import ExecutableCache
 from diffax.pipelines.lora import LoraMixin
 from diffax.schedulers import EXTRAS_KEY, from_diffusers_config, scheduler_classes, to_diffusers_config
 from diffax.schedulers.base import Scheduler
@@ -239,6 +240,8 @@ class Pipeline(LoraMixin):
         self.safety_checker: Callable[[np.ndarray], tuple[np.ndarray, list[bool]]] | None = None
         self._programs: dict[Hashable, Callable] = {}
         self._placed: dict[str, Params] | None = None
+        # Compiled programs kept on disk across processes (diffax.pipelines.executables); None: jit only.
+        self.executable_cache: ExecutableCache | None = None
         if isinstance(scheduler, Scheduler):
             self._scheduler = scheduler
             self.scheduler_config = to_diffusers_config(scheduler)
@@ -258,6 +261,7 @@ class Pipeline(LoraMixin):
         out.scheduler_config = dict(pipe.scheduler_config)
         out.safety_checker = pipe.safety_checker
         out.progress = pipe.progress
+        out.executable_cache = pipe.executable_cache
         return out
 
     # -- components
@@ -386,9 +390,21 @@ class Pipeline(LoraMixin):
                 return fn(params, rows, scalars)
 
             batch, rep = parallel.batch_sharding(self.mesh), parallel.replicated(self.mesh)
-            self._programs[key] = parallel.jit_with_rules(counted, self.mesh, self.rules,
-                                                          in_shardings=(None, batch, rep), out_shardings=batch)
+            program = parallel.jit_with_rules(counted, self.mesh, self.rules, in_shardings=(None, batch, rep),
+                                              out_shardings=batch)
+            if self.executable_cache is not None:
+                program = self.executable_cache.wrap(program, self.program_identity(key))
+            self._programs[key] = program
         return self._programs[key]
+
+    def program_identity(self, key: Hashable) -> dict[str, Any]:
+        """What decides program `key` besides its inputs: the executable cache's key (its module doc)."""
+        return {"pipeline": type(self).__name__, "key": repr(key),
+                "scheduler": [type(self._scheduler).__name__, to_diffusers_config(self._scheduler)],
+                "components": {name: repr(module) for name, (module, _) in sorted(self.components.items())},
+                "config": self.config, "dtype": str(self.dtype), "rules": repr(self.rules),
+                "mesh": [list(self.mesh.axis_names), list(self.mesh.devices.shape),
+                         sorted({d.device_kind for d in self.mesh.devices.flat})]}
 
     def run_program(self, key: Hashable, build: Callable[[], Program], rows: Mapping[str, Any],
                     scalars: Mapping[str, Any]) -> Any:

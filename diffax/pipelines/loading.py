@@ -32,6 +32,7 @@ from diffax.models.config_base import read_config_json
 from diffax.models.registry import get_family, make_module
 from diffax.pipelines import cache
 from diffax.pipelines.base import PIPELINES, Pipeline
+from diffax.pipelines.executables import ExecutableCache
 from diffax.schedulers import from_diffusers_config
 
 PIPELINE_INDEX = "model_index.json"
@@ -121,7 +122,7 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
          safety_checker: bool = True, cache_dir: str | os.PathLike | None | bool = None, mesh: Mesh | None = None,
          tokenizer: str | os.PathLike | None = None, tokenizer_2: str | os.PathLike | None = None,
          model_type: str | None = None, scheduler: Any = None, single_file_configs: Mapping[str, Any] | None = None,
-         compilation_cache: bool = True) -> Pipeline:
+         compilation_cache: bool = True, executable_cache: bool = False) -> Pipeline:
     """The pipeline at `path`: a diffusers pipeline folder (model_index.json), a hub id, or a single-file
     Stable Diffusion checkpoint (.safetensors / .ckpt).
 
@@ -137,6 +138,8 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
         scheduler: a scheduler, config or sampler name replacing the loaded / default one.
         single_file_configs: component -> diffax config for a single file of non-standard sizes.
         compilation_cache: turn on XLA's persistent compilation cache (see the module doc).
+        executable_cache: keep the compiled programs themselves on disk, keyed by what decides them, so a new
+            process skips tracing, lowering and compiling (`diffax.pipelines.executables`).
     Raises:
         CheckpointError / ValueError naming the file and key: no such path, an unknown pipeline class, a
         missing component, a model config diffax does not support.
@@ -156,6 +159,9 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
     else:
         pipe = _load_folder(local, dtype=dtype, attention_backend=attention_backend, safety_checker=safety_checker,
                             cache_dir=cache_dir, mesh=mesh, scheduler=scheduler)
+    if executable_cache:
+        pipe.executable_cache = ExecutableCache(
+            cache.cache_root(cache_dir if cache_dir not in (None, False) else None).parent / "executables")
     return pipe
 
 
