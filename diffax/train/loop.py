@@ -27,11 +27,9 @@ from tqdm import tqdm
 
 from diffax import parallel
 from diffax.data import make_source, make_train_iterator
-from diffax.image_io import save_grid
 from diffax.models import boxed_init, build_model
-from diffax.pipelines.generation import GenerationPipeline
 from diffax.schedulers.names import scheduler_for
-from diffax.train import checkpoint, resume
+from diffax.train import checkpoint, evaluate, resume
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
 from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
@@ -55,7 +53,10 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objec
 
 def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any]:
     """The data pipeline's {'image', 'label'} as the train step's {'image', 'cond'}: the labels become the
-    model's `class_labels` for a class-conditional model and are ignored by an unconditional one."""
+    model's `class_labels` for a class-conditional model and are ignored by an unconditional one; a
+    text-conditioned model takes the batch's 'cond' (a latent cache's text embeddings)."""
+    if evaluate.takes_text(model.config):
+        return {"image": batch["image"], "cond": {"encoder_hidden_states": batch["cond"]["encoder_hidden_states"]}}
     cond = {"class_labels": batch["label"]} if model.config.num_classes else {}
     return {"image": batch["image"], "cond": cond}
 
@@ -146,19 +147,6 @@ def _stop_non_finite(manager, what: str) -> NonFiniteLossError:
                               f"later was saved): resume it with a lower train.learning_rate, or check the data.")
 
 
-def write_samples(pipe: GenerationPipeline, params: Any, config: ml_collections.ConfigDict, path: Path,
-                  key: jax.Array) -> None:
-    """A grid with one row per class (up to 10 classes, 10 samples each), or 10 x 10 unconditional samples."""
-    n = min(pipe.model.config.num_classes, 10)
-    if n:
-        images = pipe(params, key, labels=np.repeat(np.arange(n), 10), num_inference_steps=config.sample.steps,
-                      guidance_scale=config.sample.guidance_scale)
-    else:
-        images = pipe(params, key, num_samples=100, num_inference_steps=config.sample.steps)
-    if jax.process_index() == 0:  # every process ran the sharded program; one writes the file
-        save_grid(path, images, ncols=10, upscale=max(1, 64 // images.shape[1]))
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None
                        ) -> TrainState:
     """Train (or resume) the run in `workdir` up to `config.train.steps`; returns the final state.
@@ -185,6 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     if data_shape != spec.sample_shape:
         raise ValueError(f"data images are {data_shape} but the model takes {spec.sample_shape} "
                          f"(data.image_size / data.channels vs the model block)")
+    if evaluate.takes_text(spec) and "cond" not in source[0]:
+        raise ValueError(f"model.name={config.model.name!r} is text-conditioned: train it from a latent cache "
+                         f"written with a text encoder (data.source='latent_cache', docs/data.md)")
     it = make_train_iterator(source, global_batch_size=tc.batch_size, seed=config.seed,
                              worker_count=config.data.worker_count)
 
@@ -205,7 +196,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     objective = make_objective(config, model)
     step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc)
     check_fn = jit_health_check(model, objective, mesh, rules, shardings)
-    pipe = GenerationPipeline(model, scheduler_for(config.sample.sampler, config.diffusion), mesh, rules)
+    sampler = evaluate.Sampler(model, config, mesh, rules, source)
+    evaluate.check_eval(config, sampler)
 
     start = int(state.step)
     bar = tqdm(total=tc.steps, initial=start, disable=not sys.stderr.isatty() or jax.process_index() != 0,
@@ -273,9 +265,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
                     checkpoint.report(f"preempted: stopped after step {done}, the latest checkpoint is step "
                                       f"{manager.latest_step()}; run the same command to resume")
                     break
+                sample_params = state.ema_params
                 if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps):
-                    write_samples(pipe, state.ema_params, config, workdir / "samples" / f"step_{done:06d}.png",
-                                  sample_key)
+                    evaluate.write_grid(sampler, sample_params, workdir / "samples" / f"step_{done:06d}.png",
+                                        sample_key)
+                if tc.eval_every and (done % tc.eval_every == 0 or done == tc.steps):
+                    writer.write(done, evaluate.evaluate(sampler, sample_params, config,
+                                                         jax.random.fold_in(sample_key, 1)), section="eval")
         finally:  # an error mid-run still completes the checkpoint being written
             bar.close()
             writer.close()

@@ -43,15 +43,16 @@ class MetricsWriter:
         self._tb = tensorboardX.SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR),
                                               purge_step=resume_step + 1 if resume_step else None)
 
-    def write(self, step: int, scalars: Mapping[str, float]) -> None:
-        """Record `scalars` (name -> number) at `step`."""
+    def write(self, step: int, scalars: Mapping[str, float], section: str = "train") -> None:
+        """Record `scalars` (name -> number) at `step`, in TensorBoard under `section/` ('train', or 'eval'
+        for the evaluation hook's numbers)."""
         if not self.enabled:
             return
         values = {k: float(v) for k, v in scalars.items()}
         self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
         self._jsonl.flush()
         for name, value in values.items():
-            self._tb.add_scalar(f"train/{name}", value, global_step=int(step))
+            self._tb.add_scalar(f"{section}/{name}", value, global_step=int(step))
         self._tb.flush()
 
     def close(self) -> None:
