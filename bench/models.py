@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import math
-import string
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -29,6 +27,7 @@ import jax
 import numpy as np
 
 from diffax import convert
+from diffax.data import tokenizer
 from diffax.models.dit import DiTConfig
 
 # Shards of at most this size: safetensors serialises one shard in memory before writing it, so the
@@ -227,33 +226,5 @@ PROMPT_WORDS = ("a", "an", "the", "of", "on", "in", "photo", "astronaut", "ridin
 
 
 def word_tokenizer(folder: str | Path, words: tuple[str, ...] = PROMPT_WORDS) -> Any:
-    """transformers' CLIPTokenizer (77 tokens) over a vocabulary of the 26 letters and `words` (lower-case
-    letters), saved to `folder` and loaded from it; no download. Its BPE merges build each word letter by
-    letter, so a word of the list is one token and any other lower-case word is spelled out. The start- and
-    end-of-text tokens come last, as in CLIP's vocabulary; end-of-text also pads, as in SD 1.x's tokenizer."""
-    import transformers
-
-    tokens = [*string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase)]
-    merges: list[str] = []
-    for word in sorted(words, key=len, reverse=True):  # long words' merges rank first: 'moon' before 'on'
-        if not (word.isascii() and word.isalpha() and word.islower()):
-            raise ValueError(f"word_tokenizer: {word!r} is not a lower-case word")
-        piece = word[0]
-        for i, c in enumerate(word[1:], 1):
-            end = "</w>" if i == len(word) - 1 else ""
-            if piece + c + end not in tokens:
-                tokens.append(piece + c + end)
-                merges.append(f"{piece} {c}{end}")
-            piece += c + end
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *merges]) + "\n")
-    transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77,
-                               pad_token="<|endoftext|>").save_pretrained(folder)
-    tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
-    split = [w for w in words if len(tokenizer.tokenize(w)) != 1]
-    if split:  # one word's merges can apply inside another and break its chain
-        raise ValueError(f"word_tokenizer: the merges spell {split} in pieces; drop or reorder the words")
-    return tokenizer
+    """`diffax.data.tokenizer.word_tokenizer` over the benchmarks' prompt words."""
+    return tokenizer.word_tokenizer(folder, words)
