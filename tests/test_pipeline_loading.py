@@ -103,6 +103,24 @@ def test_corrupt_cache_entry_is_converted_again(sd_folder, tmp_path, count_conve
     assert [os.path.basename(p) for p in count_conversions] == ["unet"]
 
 
+def test_cache_hit_checks_the_entry_without_tracing_the_model(sd_folder, tmp_path, count_conversions, monkeypatch):
+    from diffax.pipelines import cache
+    first = diffax.pipelines.load(sd_folder, cache_dir=tmp_path)
+    monkeypatch.setattr(cache, "abstract_params", lambda config: pytest.fail("traced the model's init"))
+    count_conversions.clear()
+    second = diffax.pipelines.load(sd_folder, cache_dir=tmp_path)
+    assert count_conversions == []
+    assert_same_params(second.params("unet"), first.params("unet"))
+    # An entry whose arrays no longer match its shapes file is converted again.
+    [entry] = sorted(p for p in tmp_path.iterdir() if p.name.startswith("vae-"))
+    shapes = json.loads((entry / cache.SHAPES_FILE).read_text())
+    shapes[next(iter(shapes))][0] = [1, 2, 3]
+    (entry / cache.SHAPES_FILE).write_text(json.dumps(shapes))
+    with pytest.warns(UserWarning, match="vae unreadable.*do not fit"):
+        diffax.pipelines.load(sd_folder, cache_dir=tmp_path)
+    assert [os.path.basename(p) for p in count_conversions] == ["vae"]
+
+
 # ----------------------------------------------------------------------------- single files
 
 

@@ -27,7 +27,9 @@ from diffax.convert import api
 from diffax.convert.rules import flatten
 from diffax.models.registry import abstract_params, make_module
 
-CACHE_VERSION = 1  # bump when conversion changes the arrays it writes
+CACHE_VERSION = 2  # bump when conversion changes the arrays it writes or the entry layout
+PARAMS_DIR = "params"       # an entry: the Orbax params tree, and
+SHAPES_FILE = "shapes.json"  # its paths, shapes and dtypes, checked on restore without tracing the model
 ENV_VAR = "DIFFAX_CACHE_DIR"
 
 
@@ -53,8 +55,18 @@ def source_key(sources: list[Path], options: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def params_fit(params: Any, config: Any) -> bool:
-    """Whether restored params have exactly the config's parameter paths, shapes and dtypes."""
+def param_shapes(params: Any) -> dict[str, list[Any]]:
+    """{'a/b': [shape, dtype name]} of a params tree: what an entry's arrays must read back as."""
+    return {"/".join(k): [list(np.shape(v)), np.dtype(v.dtype).name] for k, v in sorted(flatten(params).items())}
+
+
+def params_fit(params: Any, config: Any, entry: Path | None = None) -> bool:
+    """Whether restored params have exactly the parameter paths, shapes and dtypes they were stored with:
+    those in the entry's shapes file, which were checked against the model when the entry was converted;
+    an entry without one is checked against the config's parameters, which traces the model's init."""
+    shapes_file = None if entry is None else entry / SHAPES_FILE
+    if shapes_file is not None and shapes_file.is_file():
+        return param_shapes(params) == json.loads(shapes_file.read_text())
     want = flatten(abstract_params(config))
     got = flatten(params)
     return set(want) == set(got) and all(
@@ -65,16 +77,18 @@ def params_fit(params: Any, config: Any) -> bool:
 def restore_params(entry: Path) -> Any:
     """The params tree stored at `entry` (host numpy arrays)."""
     import orbax.checkpoint as ocp
-    return ocp.PyTreeCheckpointer().restore(entry.absolute())
+    return ocp.PyTreeCheckpointer().restore((entry / PARAMS_DIR).absolute())
 
 
 def save_params(entry: Path, params: Any) -> None:
-    """Writes a params tree to `entry` atomically (a temporary folder renamed into place)."""
+    """Writes a params tree and its shapes file to `entry` atomically (a temporary folder renamed into
+    place)."""
     import orbax.checkpoint as ocp
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ocp.PyTreeCheckpointer().save(tmp.absolute(), params)
+    ocp.PyTreeCheckpointer().save((tmp / PARAMS_DIR).absolute(), params)
+    (tmp / SHAPES_FILE).write_text(json.dumps(param_shapes(params)))
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(tmp, entry)  # readers see a whole entry or none
 
@@ -92,7 +106,7 @@ def cached(name: str, sources: list[Path], options: dict[str, Any], cache_dir: s
         try:
             cfg = config()
             params = restore_params(entry)
-            if not params_fit(params, cfg):
+            if not params_fit(params, cfg, entry):
                 raise ValueError("its arrays do not fit the component's config")
             return make_module(cfg), params
         except Exception as e:  # noqa: BLE001 - Orbax and tensorstore raise many types for damaged files
@@ -123,7 +137,7 @@ def cached_components(path: Path, options: dict[str, Any], cache_dir: str | os.P
             for name, (class_name, cfg) in json.loads(configs_file.read_text()).items():
                 config = config_from(class_name, cfg)
                 params = restore_params(entry / name)
-                if not params_fit(params, config):
+                if not params_fit(params, config, entry / name):
                     raise ValueError(f"{name}: its arrays do not fit the component's config")
                 out[name] = (make_module(config), params)
             return out
