@@ -36,6 +36,7 @@ import numpy as np
 from diffax.data.digits import DigitsSource
 from diffax.data.folder import FolderSource
 from diffax.data.latent_cache import LatentCacheSource
+from diffax.data.subset import ClassSubset
 from diffax.data.tfds_source import TfdsSource
 
 SOURCES = ('digits', 'tfds', 'folder', 'latent_cache')
@@ -73,6 +74,11 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         ValueError: an unknown source, a bad image size or channel count, or a
             problem the chosen source finds in its input.
     """
+    classes = tuple(config.get('classes', ()))
+    if classes:  # some classes only, e.g. a transfer task: pretrain on some digits, adapt to the others
+        whole = ml_collections.ConfigDict(config.to_dict())
+        whole.classes = ()
+        return ClassSubset(make_source(whole), classes)
     if config.source == 'latent_cache':  # the cache fixes the latent shape: image_size / channels do not apply
         return LatentCacheSource(config.path)
     image_size, channels = config.image_size, config.get('channels', 1)

@@ -34,8 +34,8 @@ HISTORY_FILE = "config_history.jsonl"
 
 # Dotted keys (and blocks) that may not change when resuming, and the exceptions inside those blocks.
 FIXED_KEYS = ("model", "diffusion", "data.source", "data.image_size", "data.channels", "data.tfds_name",
-              "data.split", "data.image_key", "data.label_key", "seed", "train.batch_size",
-              "train.grad_accum_steps")
+              "data.split", "data.image_key", "data.label_key", "data.classes", "seed", "train.batch_size",
+              "train.grad_accum_steps", "train.finetune", "train.init_from", "train.lora", "train.tuneqdm")
 FREE_KEYS = ("diffusion.snr_gamma", "model.remat")
 _ABSENT = "<absent>"
 

@@ -18,6 +18,9 @@ class TrainState:
     ema_params: Any        # exponential moving average of params: what sampling uses
     opt_state: optax.OptState
     skipped: jax.Array     # [] int32, steps whose update was skipped for a non-finite loss or gradient
+    # The frozen base a fine-tuning run's params apply to (diffax.train.finetune): never trained or saved;
+    # None for a plain run.
+    frozen: Any = None
 
 
 def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
