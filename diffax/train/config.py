@@ -24,7 +24,8 @@ def base_config() -> ml_collections.ConfigDict:
         # Captions (docs/data.md): digits yield caption_template.format(number word) when set, e.g.
         # "a handwritten {}"; folders read a .txt beside each image or metadata.jsonl's caption_column
         # ('': 'text', else 'caption').
-        caption_template="", caption_column=""))
+        caption_template="", caption_column="",
+        classes=()))  # only the records of these labels, e.g. (0, 1, 2, 3, 4); (): all
     c.model = ml_collections.ConfigDict()
     c.diffusion = ml_collections.ConfigDict(dict(
         num_train_timesteps=1000, beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
@@ -42,7 +43,19 @@ def base_config() -> ml_collections.ConfigDict:
         # Peak FLOP/s of one device (e.g. 989e12: an H100's dense bf16) for the logged model FLOP
         # utilisation, mfu; 0: not logged.
         peak_flops=0.0,
-        eval_every=0))  # steps between evaluations (the eval block); 0: none
+        eval_every=0,  # steps between evaluations (the eval block); 0: none
+        # Fine-tuning (diffax.train.finetune, docs/efficiency.md): start from init_from (a training workdir or a
+        # diffusers folder) and train every weight ('full'), LoRA factors ('lora') or the quantization scales
+        # of a frozen int8 / int4 base per timestep group ('tuneqdm').
+        finetune="full", init_from="",
+        lora=ml_collections.ConfigDict(dict(
+            rank=4, alpha=4.0,
+            targets="attention")),  # 'attention' (to_q/k/v/out), 'all' (every Dense / Conv) or a regex over kernel paths
+        tuneqdm=ml_collections.ConfigDict(dict(
+            bits=8, group_size=0,  # 0: one scale per output channel
+            groups=4,  # timestep groups, each with its own scale set
+            per_channel=True,  # False: one factor per tensor and group
+            include="", exclude=""))))  # comma-separated regexes over kernel paths choosing the tuned layers
     # prompts: the grid's fixed prompts for a text-conditioned model trained from a latent cache (empty: up
     # to 10 of the cache's own captions).
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0, prompts=()))
