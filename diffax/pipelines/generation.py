@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -50,6 +50,9 @@ class GenerationPipeline:
     rules: parallel.Rules = parallel.DEFAULT_RULES  # logical-axis rules for the models' activation constraints
     guide_first_channels: int | None = None  # the DiT reference guides 3 of 4 latent channels; None: all
     output_uint8: bool = True                # False: return the model-space arrays (latents) as float32
+    # (params, t [N]) -> the weights of the model call at timestep t: a fine-tuned run's LoRA merge or the
+    # TuneQDM scale set of t's group (diffax.train.finetune); None: the params themselves.
+    param_view: Callable[[Any, jax.Array], Any] | None = None
 
     def check_labels(self, labels: Sequence[int] | None, num_samples: int | None) -> np.ndarray | None:
         """Labels as int32 [N] for a class-conditional model, None for an unconditional one; a clear error
@@ -89,7 +92,9 @@ class GenerationPipeline:
             noise = jax.vmap(lambda k: jax.random.normal(k, shape))(keys)  # [N, H, W, C]
 
             def denoise(x, t, **model_cond):
-                out = model.apply({"params": params}, x, jnp.full((x.shape[0],), t), **model_cond)
+                t = jnp.full((x.shape[0],), t)
+                weights = params if self.param_view is None else self.param_view(params, t)
+                out = model.apply({"params": weights}, x, t, **model_cond)
                 return out[..., :keep]
 
             guided_channels = self.guide_first_channels if self.guide_first_channels is not None else channels
