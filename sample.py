@@ -89,19 +89,26 @@ flags.DEFINE_integer("quantize_group_size", None, "With --quantize: the most inp
 
 
 def load(workdir: str | None, checkpoint: str | None):
-    """(model, params, diffusion schedule, sample defaults, where) from a workdir or a DiT checkpoint."""
+    """(model, params, diffusion schedule, sample defaults, where, param view) from a workdir or a DiT
+    checkpoint. A LoRA run's workdir gives the merged weights; a TuneQDM run's gives (quantized base, scales)
+    and the view that applies the scale set of each call's timestep group (diffax.train.finetune)."""
     if (workdir is None) == (checkpoint is None):
         raise ValueError("give exactly one of --workdir, --checkpoint and --model")
     if workdir is not None:
         config, params, step = restore_for_sampling(workdir, FLAGS.step)
         model = build_model(config.model)
-        check_params_match(params, model.config, f"{workdir} step {step}")
-        return model, params, config.diffusion, config.sample, f"step {step}"
+        view = None
+        if config.train.get("finetune", "full") == "full":
+            check_params_match(params, model.config, f"{workdir} step {step}")
+        else:
+            from diffax.train import finetune
+            params, view = finetune.sampling_params(config, params, model, workdir)
+        return model, params, config.diffusion, config.sample, f"step {step}", view
     model, params = convert.load(checkpoint)
     schedule = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                     prediction_type="epsilon")  # what every DiT checkpoint was trained with
     defaults = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, guidance_scale=4.0))
-    return model, params, schedule, defaults, checkpoint
+    return model, params, schedule, defaults, checkpoint, None
 
 
 def check_params_match(params: Any, model_config: Any, where: str) -> None:
@@ -217,7 +224,9 @@ def main(argv):
     for out in outs:
         if out.suffix not in (".png", ".npz"):
             raise ValueError(f"--out must end in .png or .npz, got {out}")
-    model, params, schedule, defaults, source = load(FLAGS.workdir, FLAGS.checkpoint)
+    model, params, schedule, defaults, source, view = load(FLAGS.workdir, FLAGS.checkpoint)
+    if FLAGS.quantize and view is not None:
+        raise ValueError(f"--quantize: {FLAGS.workdir} is a TuneQDM run, already quantized as it was tuned")
     if FLAGS.quantize:
         params = quantize_for_sampling(params, FLAGS.quantize, FLAGS.quantize_group_size)
     sampler = FLAGS.sampler or defaults.sampler
@@ -238,7 +247,7 @@ def main(argv):
     if not pixels and any(out.suffix == ".png" for out in outs):
         raise ValueError(f"this model makes {channels}-channel latents: write them to .npz (a PNG needs the VAE)")
     pipe = GenerationPipeline(model, scheduler, parallel.make_mesh({"data": -1}), output_uint8=pixels,
-                              guide_first_channels=3 if FLAGS.reference_guidance else None)
+                              guide_first_channels=3 if FLAGS.reference_guidance else None, param_view=view)
     guidance = FLAGS.guidance_scale if FLAGS.guidance_scale is not None else defaults.guidance_scale
     if not model.config.has_null_cond and FLAGS.guidance_scale is None:
         guidance = None  # the config's default scale is for a guidable model

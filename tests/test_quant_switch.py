@@ -1,5 +1,5 @@
 """The --quantize switch wherever a model runs: Pipeline.quantize / load(quantize=), sample.py --model, and
-what refuses quantized weights (LoRA merging, diffusers export, train.py). sample.py --workdir --quantize is
+what refuses quantized weights (LoRA merging, diffusers export; train.py --quantize without a model to tune). sample.py --workdir --quantize is
 tested in test_sample_cli.py, on its trained workdir."""
 from __future__ import annotations
 
@@ -144,9 +144,10 @@ def test_diffusers_export_of_quantized_params_is_refused(int8, tmp_path):
     assert not (tmp_path / "te").exists()
 
 
-def test_train_py_refuses_quantize(tmp_path):
+def test_train_py_quantize_needs_a_pretrained_model(tmp_path):
+    """train.py --quantize is TuneQDM (tests/test_finetune.py); with nothing to start from it says so."""
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
                              f"--workdir={tmp_path}", "--quantize=int8"], capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip().startswith("error: --quantize=int8: train.py trains float weights only; "
-                                            "fine-tuning a quantized model (TuneQDM, scales only) is diffax.quant")
+    assert result.stderr.strip().startswith("error: --quantize=int8 fine-tunes a pretrained model: set "
+                                            "--config.train.init_from")
