@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -27,6 +28,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from diffax import parallel
+from diffax.convert.lora import read_lora
+from diffax.pipelines.lora import apply as apply_lora
 from diffax.sampling import sample
 from diffax.schedulers.base import Scheduler
 
@@ -53,6 +56,14 @@ class GenerationPipeline:
     # (params, t [N]) -> the weights of the model call at timestep t: a fine-tuned run's LoRA merge or the
     # TuneQDM scale set of t's group (diffax.train.finetune); None: the params themselves.
     param_view: Callable[[Any, jax.Array], Any] | None = None
+
+    def with_lora(self, params: Any, path: str | os.PathLike, scale: float = 1.0) -> Any:
+        """`params` with the LoRA file at `path` (diffusers / peft or kohya, keys for the `unet`, as
+        `load_lora_weights` reads them) added at weight `scale`: the pipeline takes params per call, so the
+        adapted weights are returned rather than kept. ValueError naming the file and key for an entry that
+        fits no layer of this model."""
+        layers = read_lora(path, {"unet": (self.model, params)})
+        return apply_lora(params, [layers.get("unet", {})], [scale])
 
     def check_labels(self, labels: Sequence[int] | None, num_samples: int | None) -> np.ndarray | None:
         """Labels as int32 [N] for a class-conditional model, None for an unconditional one; a clear error
