@@ -325,3 +325,28 @@ def test_a_text_model_without_text_is_refused(tmp_path):
     config.model.in_channels = config.model.out_channels = 1
     with pytest.raises(ValueError, match="is text-conditioned: train it from a latent cache written with a text"):
         train_and_evaluate(config, tmp_path / "run")
+
+
+@pytest.mark.slow  # a whole run (train, sample, decode, classify): `make test-slow`; the text run above is the default
+def test_loop_trains_a_class_conditional_latent_model_and_decodes_its_grid(encoders, tmp_path):
+    from PIL import Image
+
+    from diffax.train.loop import train_and_evaluate
+
+    cache = build_cache(cache_config(encoders, tmp_path / "labels", text=False))
+    config = base_config()
+    config.data.source, config.data.path = "latent_cache", str(cache)
+    config.model = ml_collections.ConfigDict(dict(
+        name="UNet2DModel", sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D",) * 2,
+        norm_num_groups=4, num_class_embeds=11))
+    config.train.update(dict(steps=1, batch_size=8, warmup_steps=1, log_every=1, checkpoint_every=1,
+                             sample_every=1, eval_every=1))
+    config.sample.steps = 2
+    config.eval.update(dict(kind="digits_accuracy", num_samples=100))  # the class grid's count
+    train_and_evaluate(config, tmp_path / "run")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= [line for line in lines if "digits_accuracy" in line][0]["digits_accuracy"] <= 1.0
+    # Ten classes x 10 samples, decoded by the cache's VAE to 16 px grayscale, 1 px apart, upscaled 4x.
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_000001.png"))
+    assert grid.shape[:2] == ((10 * 17 + 1) * 4, (10 * 17 + 1) * 4)
