@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.cache = ml_collections.ConfigDict(dict(
         vae="", text_encoder="", tokenizer="", out="", crops=1, crop_size=0, flip=False, batch_size=32,
         dtype="float32", records_per_shard=1024, seed=0))
+    # An AutoencoderKL's objective (diffax/train/autoencoder.py): the 'l1' or 'mse' reconstruction error plus
+    # kl_weight x the posterior's KL to N(0, I) per pixel.
+    c.autoencoder = ml_collections.ConfigDict(dict(reconstruction="l1", kl_weight=1e-6))
     # Axis sizes within a slice (ici; -1: all remaining devices), across slices or hosts (dcn_*: the axis
     # size is ici x dcn) and the logical-axis rules, (logical name, mesh axes) pairs that lay out parameters
     # and activations (docs/training.md): FSDP and tensor parallelism are set here.
@@ -140,6 +143,8 @@ RANGES = (
     ("cache.batch_size", ">= 1", lambda v: v >= 1),
     ("cache.dtype", "'float32' or 'float16'", lambda v: v in ("float32", "float16")),
     ("cache.records_per_shard", ">= 1", lambda v: v >= 1),
+    ("autoencoder.reconstruction", "'l1' or 'mse'", lambda v: v in ("l1", "mse")),
+    ("autoencoder.kl_weight", ">= 0", lambda v: v >= 0),
 )
 
 
