@@ -142,13 +142,12 @@ def flops_per_eval(model: Any, params: Any) -> float:
     return flops
 
 
-def measure(config: ml_collections.ConfigDict, pipe: GenerationPipeline, params: Any, *, model: str,
-            sampler: str, steps: int, guided: bool) -> Point:
-    """One quality / cost point: `num_samples` digits of `pipe` at `steps` steps."""
+def measure(config: ml_collections.ConfigDict, pipe: GenerationPipeline, params: Any, flops: float, *,
+            model: str, sampler: str, steps: int, guided: bool) -> Point:
+    """One quality / cost point: `num_samples` digits of `pipe` at `steps` steps; `flops` per evaluation."""
     labels = np.arange(config.num_samples) % 10  # [N]: every class in turn
     images = pipe(params, jax.random.key(config.seed), labels=labels, num_inference_steps=steps,
                   guidance_scale=config.guidance_scale if guided else None)  # [N, S, S, C] uint8
-    flops = flops_per_eval(pipe.model, params)
     evals = steps * (2 if guided else 1)  # DDIM and LCM: one evaluation per step
     n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
     point = dict(model=model, params=n_params, flops_per_eval=flops, sampler=f"{sampler}-{steps}",
@@ -168,15 +167,16 @@ def evaluate(config: ml_collections.ConfigDict, teacher_params: Any, students: d
     t = config.teacher
     model = build_model(t.model)
     mesh, rules = parallel.mesh_from_config(t.mesh)
+    flops = flops_per_eval(model, teacher_params)  # every model here has the teacher's architecture
     ddim = GenerationPipeline(model, scheduler_for("ddim", t.diffusion, timestep_spacing="trailing"), mesh, rules)
-    points = [measure(config, ddim, teacher_params, model="teacher", sampler="ddim", steps=n, guided=True)
+    points = [measure(config, ddim, teacher_params, flops, model="teacher", sampler="ddim", steps=n, guided=True)
               for n in config.teacher_eval_steps]
-    points += [measure(config, ddim, params, model="progressive", sampler="progressive", steps=n, guided=False)
-               for n, params in sorted(students.items(), reverse=True)]
-    lcm = GenerationPipeline(model, scheduler_for("lcm", t.diffusion, original_inference_steps=config.lcm.original_steps),
-                             mesh, rules)
+    points += [measure(config, ddim, params, flops, model="progressive", sampler="progressive", steps=n,
+                       guided=False) for n, params in sorted(students.items(), reverse=True)]
+    lcm_scheduler = scheduler_for("lcm", t.diffusion, original_inference_steps=config.lcm.original_steps)
+    lcm = GenerationPipeline(model, lcm_scheduler, mesh, rules)
     lcm_params = lcm.with_lora(teacher_params, lora_file)
-    points += [measure(config, lcm, lcm_params, model="lcm-lora", sampler="lcm", steps=n, guided=False)
+    points += [measure(config, lcm, lcm_params, flops, model="lcm-lora", sampler="lcm", steps=n, guided=False)
                for n in config.lcm.eval_steps]
     return points
 
@@ -207,7 +207,7 @@ def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
         stage.update(train_steps=2, warmup_steps=1, batch_size=8)
     c.progressive.update(teacher_steps=8, final_steps=2)
     c.lcm.update(original_steps=8, eval_steps=(2,), rank=2, alpha=2.0)
-    c.teacher_eval_steps = (8, 2)
+    c.teacher_eval_steps = (2,)
     c.num_samples = 20
     c.workdir = str(Path(config.workdir) / "quick")
     c.results = str(Path(c.workdir) / "distill_digits.json")
