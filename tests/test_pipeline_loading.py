@@ -103,6 +103,17 @@ def test_corrupt_cache_entry_is_converted_again(sd_folder, tmp_path, count_conve
     assert [os.path.basename(p) for p in count_conversions] == ["unet"]
 
 
+def test_placed_params_replace_the_host_trees(sd_folder, tmp_path):
+    pipe = diffax.pipelines.load(sd_folder, cache_dir=tmp_path)
+    host = {name: pipe.params(name) for name in pipe.components}
+    placed = pipe.device_params()
+    for name in pipe.components:  # one copy of the weights: the components hold the placed arrays themselves
+        assert all(a is b for a, b in zip(jax.tree.leaves(pipe.params(name)), jax.tree.leaves(placed[name])))
+        assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(pipe.params(name)))
+        assert_same_params(pipe.params(name), host[name])
+    assert pipe.device_params() is placed
+
+
 def test_cache_hit_checks_the_entry_without_tracing_the_model(sd_folder, tmp_path, count_conversions, monkeypatch):
     from diffax.pipelines import cache
     first = diffax.pipelines.load(sd_folder, cache_dir=tmp_path)

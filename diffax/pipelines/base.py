@@ -344,10 +344,18 @@ class Pipeline(LoraMixin):
         return out
 
     def device_params(self) -> dict[str, Params]:
-        """{component: params} on the mesh (placed once, kept until params change); see `param_shardings`."""
+        """{component: params} on the mesh (placed once, kept until params change); see `param_shardings`.
+
+        With one process the components then hold the placed arrays instead of their host trees: keeping both
+        would double the weights' memory (host RAM beside an accelerator; the process itself on a CPU). One
+        component at a time, so loading peaks at the host trees plus the largest component."""
         if self._placed is None:
-            self._placed = {name: jax.device_put(params, self.param_shardings(module, params))
-                            for name, (module, params) in self.components.items()}
+            placed = {}
+            for name, (module, params) in list(self.components.items()):
+                placed[name] = jax.device_put(params, self.param_shardings(module, params))
+                if jax.process_count() == 1:  # with several, a process cannot read every placed array back
+                    self.components[name] = (module, placed[name])
+            self._placed = placed
         return self._placed
 
     # -- scheduler

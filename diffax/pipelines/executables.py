@@ -21,6 +21,7 @@ cache stands aside and the program is jitted as usual. It lives under `cache_dir
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -29,9 +30,10 @@ import os
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 
 import diffax
 
@@ -73,6 +75,21 @@ def entry_key(identity: Mapping[str, Any], args: tuple[Any, ...]) -> str:
     blob = json.dumps({"identity": identity, "tree": str(tree), "avals": [_aval(x) for x in leaves],
                        "environment": environment()}, sort_keys=True, default=repr)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+@contextlib.contextmanager
+def persistent_cache_off() -> Iterator[None]:
+    """Compiles inside bypass XLA's persistent compilation cache. An executable that jax read back from that
+    cache does not serialise whole on XLA:CPU (a new process then misses the code of some fused kernels), so
+    the executables stored here come from a real compile."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # jax decides once per process whether the cache is used: decide again
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
 
 
 class ExecutableCache:
@@ -124,15 +141,25 @@ class ExecutableCache:
             if jax.process_count() > 1:
                 return jitted(*args)
             key = entry_key(identity, args)
-            if key not in programs:
-                compiled = self.load(key)
-                if compiled is None:
-                    compiled = jitted.lower(*args).compile()
-                    self.store(key, compiled)
-                    self.misses += 1
+            if key in programs:
+                return programs[key](*args)
+            compiled = self.load(key)
+            if compiled is not None:
+                try:
+                    out = compiled(*args)
+                except jax.errors.JaxRuntimeError as e:  # loaded, but cannot run here: compile it afresh
+                    warnings.warn(f"{self.path(key)}: compiled program failed to run ({str(e).splitlines()[0]}); "
+                                  f"removing it and compiling again")
+                    self.path(key).unlink(missing_ok=True)
                 else:
                     self.hits += 1
-                programs[key] = compiled
-            return programs[key](*args)
+                    programs[key] = compiled
+                    return out
+            with persistent_cache_off():
+                compiled = jitted.lower(*args).compile()
+            self.store(key, compiled)
+            self.misses += 1
+            programs[key] = compiled
+            return compiled(*args)
 
         return call
