@@ -67,7 +67,8 @@ def test_winners_by_budget_takes_the_best_point_within_each_budget():
     rows = scaling.winners_by_budget(points, "fid")
     assert [(r["budget"], r["model"], r["fid"]) for r in rows] == [
         (1.0, "small", 30.0), (3.0, "small", 30.0), (4.0, "small", 20.0), (6.0, "big", 10.0)]
-    assert scaling.budget_ranges(rows) == [(1.0, 4.0, "small"), (6.0, 6.0, "big")]
+    assert [r["competing"] for r in rows] == [1, 2, 2, 2]
+    assert scaling.budget_ranges(rows) == [(1.0, 4.0, "small", 1, 2), (6.0, 6.0, "big", 2, 2)]
     assert [r["model"] for r in scaling.winners_by_budget(points, "accuracy")] == ["small", "small", "small",
                                                                                     "small"]
     with pytest.raises(ValueError, match="metric"):

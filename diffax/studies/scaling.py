@@ -183,7 +183,8 @@ def winners_by_budget(points: Sequence[Point], metric: str = "fid") -> list[dict
     cost within the budget has the best `metric` ('fid': lowest, 'accuracy': highest).
 
     Returns one row per budget: {'budget', 'model', 'params', metric, 'sampler', 'steps'}, the point that
-    achieves it. A model with no point within a budget does not compete at it.
+    achieves it, and 'competing': how many models have a point within the budget (a model with none does
+    not compete; a winner with no competitor wins by default).
     """
     if metric not in HIGHER_IS_BETTER:
         raise ValueError(f"metric must be one of {sorted(HIGHER_IS_BETTER)}, got {metric!r}")
@@ -193,18 +194,19 @@ def winners_by_budget(points: Sequence[Point], metric: str = "fid") -> list[dict
         within = [p for p in points if p["cost_flops"] <= budget and p[metric] is not None]
         best = min(within, key=lambda p: (sign * p[metric], p["params"]))
         rows.append(dict(budget=budget, model=best["model"], params=best["params"], sampler=best["sampler"],
-                         steps=best["steps"], **{metric: best[metric]}))
+                         steps=best["steps"], competing=len({p["model"] for p in within}), **{metric: best[metric]}))
     return rows
 
 
-def budget_ranges(rows: Sequence[dict[str, Any]]) -> list[tuple[float, float, str]]:
-    """`winners_by_budget` rows merged into (first budget, last budget, model) runs of the same winner."""
-    ranges: list[tuple[float, float, str]] = []
+def budget_ranges(rows: Sequence[dict[str, Any]]) -> list[tuple[float, float, str, int, int]]:
+    """`winners_by_budget` rows merged into runs of the same winner: (first budget, last budget, model,
+    models competing at the first budget, at the last)."""
+    ranges: list[tuple[float, float, str, int, int]] = []
     for row in rows:
         if ranges and ranges[-1][2] == row["model"]:
-            ranges[-1] = (ranges[-1][0], row["budget"], row["model"])
+            ranges[-1] = (ranges[-1][0], row["budget"], row["model"], ranges[-1][3], row["competing"])
         else:
-            ranges.append((row["budget"], row["budget"], row["model"]))
+            ranges.append((row["budget"], row["budget"], row["model"], row["competing"], row["competing"]))
     return ranges
 
 
@@ -256,7 +258,7 @@ def plot(points: Sequence[Point], path: str | Path, extra: Sequence[Point] = ())
     if extra:
         handles.append(Line2D([], [], color="white", marker="*", markersize=12, markeredgecolor="black",
                               linestyle="none", label="distilled"))
-    axes[1].legend(handles=handles, fontsize=8, loc="lower right")
+    axes[1].legend(handles=handles, fontsize=8, loc="upper left")
     images = {p.get("train_images") for p in points}
     fig.suptitle(f"Sample quality against sampling cost: {len(models)} digits U-Net widths, "
                  f"{'/'.join(str(i) for i in sorted(images, key=str))} training images each")
@@ -283,12 +285,13 @@ def summary(points: Sequence[Point]) -> str:
             cells.append("-" if p is None else f"{p['fid']:.1f} / {p['accuracy']:.1%}")
         lines.append(f"| {sampler} | {steps} | {evals} | " + " | ".join(cells) + " |")
     for metric in HIGHER_IS_BETTER:
-        lines += ["", f"| budget, GFLOP per image | best {metric} from | reached with |", "|---|---|---|"]
+        lines += ["", f"| budget, GFLOP per image | models with a point within | best {metric} from | "
+                      f"at the top of the range |", "|---|---:|---|---|"]
         rows_m = winners_by_budget(points, metric)
-        for lo, hi, model in budget_ranges(rows_m):
-            last = [r for r in rows_m if r["budget"] == hi][0]
-            lines.append(f"| {lo / 1e9:.3f} .. {hi / 1e9:.3f} | {model} | {last['sampler']} {last['steps']} steps: "
-                         f"{metric} {last[metric]:.4g} |")
+        for lo, hi, model, first, last in budget_ranges(rows_m):
+            top = [r for r in rows_m if r["budget"] == hi][0]
+            lines.append(f"| {lo / 1e9:.3f} .. {hi / 1e9:.3f} | {first if first == last else f'{first}-{last}'} | "
+                         f"{model} | {top['sampler']} {top['steps']} steps, {metric} {top[metric]:.4g} |")
     return "\n".join(lines)
 
 
