@@ -1,18 +1,22 @@
 """The model-size study on the digits: five U-Net widths, one training budget, three samplers.
 
-    JAX_PLATFORMS=cpu python -m diffax.studies.scaling --config=configs/scaling_digits.py
-    JAX_PLATFORMS=cpu python -m diffax.studies.scaling --config=configs/scaling_digits.py --quick   # minutes
-    python -m diffax.studies.scaling --config=configs/scaling_digits.py:large   # a GPU: 8x the images, 6 widths
+    JAX_PLATFORMS=cpu JAX_THREEFRY_PARTITIONABLE=0 python -m diffax.studies.scaling --config=configs/scaling_digits.py
+    JAX_PLATFORMS=cpu python -m diffax.studies.scaling --config=configs/scaling_digits.py --quick   # smoke run
+    python -m diffax.studies.scaling --config=configs/scaling_digits.py:large   # an accelerator's budget
 
 Every width trains the `configs/digits.py` recipe (same data, learning rate, batch and number of images;
-norm groups of 4 and attention heads of 8 channels so that 4 channels is a valid width) with base channels w, i.e. U-Net blocks of (w, 2w, 2w) channels, in its own workdir under `workdir`; a rerun
-skips the widths that finished and the (sampler, steps) points already measured. Each trained model then
-samples `num_samples` digits (classes in turn, guidance `guidance_scale`) with every sampler at every step
-count, scored by FID on digit features and class accuracy, against the sampling cost: XLA's FLOPs of one
-model evaluation times the evaluations per image (steps, x2 under guidance). Sized for about half an hour
-on a 2-core CPU; every value can be overridden, e.g. `--config.images=51200 --config.widths='(8, 32)'`.
-`:large` is the same study at an accelerator's budget: seven widths up to 48 (2.6M parameters, 135x the
-smallest), 102,400 training images per width, 1000 samples per point and more step counts.
+norm groups of 4 and attention heads of 8 channels, so that 4 channels is a valid width) with base
+channels w, i.e. U-Net blocks of (w, 2w, 2w) channels, in its own workdir under `workdir`; a rerun skips
+the widths that finished and the (sampler, steps) points already measured. Each trained model then
+samples `num_samples` digits (classes in turn, guidance `guidance_scale`) with every sampler at every
+step count, scored by FID on digit features and class accuracy, against the sampling cost: XLA's FLOPs
+of one model evaluation times the evaluations per image (steps, x2 under guidance). The first command
+gives docs/results/scaling_digits.json (JAX_THREEFRY_PARTITIONABLE=0 speeds up XLA:CPU's compilation of
+the initialisers and fixes the random draws those numbers came from); it took about 45 minutes on a
+shared 2-core CPU (load ~15). Every value can be overridden, e.g. `--config.images=51200
+--config.widths='(8, 32)'`. `:large` is the same study at an accelerator's budget: seven widths up to 48
+(2.6M parameters, 135x the smallest), 102,400 training images per width, 1000 samples per point and more
+step counts.
 """
 import ml_collections
 
