@@ -29,32 +29,39 @@ from diffax import parallel
 from diffax.data import make_source, make_train_iterator
 from diffax.models import boxed_init, build_model
 from diffax.schedulers.names import scheduler_for
-from diffax.train import checkpoint, evaluate, resume
+from diffax.train import autoencoder, checkpoint, evaluate, resume
+from diffax.train import finetune
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
 from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
-from diffax.train.step import Objective, make_health_check, make_train_step
+from diffax.train.step import LossFn, Objective, make_health_check, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss, the gradient or the weights became NaN or inf; every checkpoint on disk is from before."""
 
 
-def make_objective(config: ml_collections.ConfigDict, model: nn.Module) -> Objective:
-    """The training objective from `config.diffusion` and facts about the model."""
+def make_objective(config: ml_collections.ConfigDict, model: nn.Module, null_cond: Any = None) -> Objective:
+    """The training objective from `config.diffusion` and facts about the model. `null_cond`: one example's
+    unconditional inputs where the model's config cannot make them (a latent cache's empty-prompt embedding),
+    which turns on label dropout for a text-conditioned model."""
     d = config.diffusion
     return Objective(
         alphas_cumprod=scheduler_for("ddpm", d).alphas_cumprod(),
         prediction_type=d.prediction_type,
         snr_gamma=d.snr_gamma if d.snr_gamma and d.snr_gamma > 0 else None,
         learn_sigma=model.config.learn_sigma,
-        label_dropout=config.train.label_dropout if model.config.has_null_cond else 0.0)
+        label_dropout=config.train.label_dropout if model.config.has_null_cond or null_cond is not None else 0.0,
+        null_cond=null_cond,
+        timestep_groups=finetune.timestep_groups(config))
 
 
 def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any]:
     """The data pipeline's {'image', 'label'} as the train step's {'image', 'cond'}: the labels become the
     model's `class_labels` for a class-conditional model and are ignored by an unconditional one; a
     text-conditioned model takes the batch's 'cond' (a latent cache's text embeddings)."""
+    if autoencoder.is_autoencoder(model):  # an autoencoder reconstructs the images: nothing conditions it
+        return {"image": batch["image"]}
     if evaluate.takes_text(model.config):
         return {"image": batch["image"], "cond": {"encoder_hidden_states": batch["cond"]["encoder_hidden_states"]}}
     cond = {"class_labels": batch["label"]} if model.config.num_classes else {}
@@ -85,21 +92,23 @@ def create_train_state(model: nn.Module, tx, mesh, key: jax.Array,
 
 
 def jit_train_step(model: nn.Module, tx, objective: Objective, mesh, rules: parallel.Rules, shardings: Any,
-                   train_config: ml_collections.ConfigDict):
+                   train_config: ml_collections.ConfigDict, loss_fn: LossFn | None = None,
+                   view: finetune.View | None = None):
     """The train step jitted for `mesh`: state laid out by `shardings` and donated, batch rows over the data
     axes, traced under `rules` so the models' activation constraints take effect."""
     step = make_train_step(model, tx, objective, ema_max_decay=train_config.ema_decay,
-                           ema_warmup=train_config.ema_warmup)
+                           ema_warmup=train_config.ema_warmup, loss_fn=loss_fn, view=view)
     return parallel.jit_with_rules(
         step, mesh, rules, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def jit_health_check(model: nn.Module, objective: Objective, mesh, rules: parallel.Rules, shardings: Any):
+def jit_health_check(model: nn.Module, objective: Objective, mesh, rules: parallel.Rules, shardings: Any,
+                     loss_fn: LossFn | None = None, view: finetune.View | None = None):
     """`diffax.train.step.make_health_check` jitted for `mesh` like the train step (nothing donated: the
     state goes on to be saved and trained)."""
     return parallel.jit_with_rules(
-        make_health_check(model, objective), mesh, rules,
+        make_health_check(model, objective, loss_fn, view), mesh, rules,
         in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
         out_shardings=parallel.replicated(mesh))
 
@@ -147,12 +156,16 @@ def _stop_non_finite(manager, what: str) -> NonFiniteLossError:
                               f"later was saved): resume it with a lower train.learning_rate, or check the data.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None
-                       ) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, step: int | None = None, *,
+                       init_params: Any = None, loss_fn: LossFn | None = None) -> TrainState:
     """Train (or resume) the run in `workdir` up to `config.train.steps`; returns the final state.
 
     Resumes from the newest checkpoint that reads back intact, or from `step` (diffax.train.resume says
     which config changes a resumed run accepts).
+    A new run starts from `init_params` (replicated on the mesh) instead of the model's random weights when
+    given, and trains `loss_fn(params, batch, key)` instead of the config's diffusion loss: distillation
+    (`diffax.train.distill`) starts a student from its teacher's weights, or trains LoRA factors alone
+    (then `params` are not the model's weights, and train.sample_every must stay 0).
     """
     validate_config(config)
     workdir = Path(workdir)
@@ -166,14 +179,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     model = build_model(config.model)
     spec = model.config
     source = make_source(config.data)
-    if spec.num_classes and source.num_classes > spec.num_classes:
+    data_shape = tuple(np.shape(source[0]["image"]))
+    if autoencoder.is_autoencoder(model):
+        autoencoder.check_data(model, data_shape)
+    elif spec.num_classes and source.num_classes > spec.num_classes:
         raise ValueError(f"data has {source.num_classes} classes but the model has {spec.num_classes} "
                          f"(model.num_class_embeds / model.num_classes)")
-    data_shape = tuple(np.shape(source[0]["image"]))
-    if data_shape != spec.sample_shape:
+    elif data_shape != spec.sample_shape:
         raise ValueError(f"data images are {data_shape} but the model takes {spec.sample_shape} "
                          f"(data.image_size / data.channels vs the model block)")
-    if evaluate.takes_text(spec) and "cond" not in source[0]:
+    if not autoencoder.is_autoencoder(model) and evaluate.takes_text(spec) and "cond" not in source[0]:
         raise ValueError(f"model.name={config.model.name!r} is text-conditioned: train it from a latent cache "
                          f"written with a text encoder (data.source='latent_cache', docs/data.md)")
     it = make_train_iterator(source, global_batch_size=tc.batch_size, seed=config.seed,
@@ -182,21 +197,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     tx = make_optimizer(tc)
     key = jax.random.key(config.seed)
     init_key, step_key, sample_key = jax.random.split(key, 3)
-    state, shardings = create_train_state(model, tx, mesh, init_key, rules)
+    tuning = finetune.prepare(config, model)  # train.init_from / train.finetune; None: a plain run
+    if tuning is not None:
+        tuning.check_workdir(workdir)
+        state, shardings = tuning.create_state(model, tx, mesh, rules)
+    elif init_params is None:
+        state, shardings = create_train_state(model, tx, mesh, init_key, rules)
+    else:
+        state = init_train_state(init_params, tx)
+        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
+        state = jax.device_put(state, shardings)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     restored = resume.resume(manager, abstract, it, config, workdir, step)
     if restored is None:
         resume.record_config(workdir, 0, config)
     else:
-        state = restored
+        state = restored if tuning is None else restored.replace(frozen=state.frozen)  # the base is not saved
         if jax.process_index() == 0:
             print(f"resumed from {manager.directory} at step {int(state.step)}", flush=True)
 
-    objective = make_objective(config, model)
-    step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc)
-    check_fn = jit_health_check(model, objective, mesh, rules, shardings)
-    sampler = evaluate.Sampler(model, config, mesh, rules, source)
+    if autoencoder.is_autoencoder(model):  # reconstruction + KL instead of a diffusion loss
+        objective, loss_fn = None, loss_fn or autoencoder.make_loss_fn(model, config)
+    else:
+        objective = make_objective(config, model, getattr(source, "null_cond", None))
+    view = None if tuning is None else tuning.view
+    step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc, loss_fn, view)
+    check_fn = jit_health_check(model, objective, mesh, rules, shardings, loss_fn, view)
+    sampler = evaluate.Sampler(model, config, mesh, rules, source,
+                               param_view=None if view is None else lambda p, t: view(p[0], p[1], t))
     evaluate.check_eval(config, sampler)
 
     start = int(state.step)
@@ -265,7 +294,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
                     checkpoint.report(f"preempted: stopped after step {done}, the latest checkpoint is step "
                                       f"{manager.latest_step()}; run the same command to resume")
                     break
-                sample_params = state.ema_params
+                sample_params = state.ema_params if view is None else (state.frozen, state.ema_params)
                 if tc.sample_every and (done % tc.sample_every == 0 or done == tc.steps):
                     evaluate.write_grid(sampler, sample_params, workdir / "samples" / f"step_{done:06d}.png",
                                         sample_key)
@@ -276,4 +305,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
             bar.close()
             writer.close()
             checkpoint.finish(manager)
+    if tuning is not None and int(state.step) >= tc.steps and jax.process_index() == 0:
+        exported = tuning.export(workdir, state.ema_params, config, model)
+        if exported is not None:
+            print(f"exported the {tuning.mode} result to {exported}", flush=True)
+    if autoencoder.is_autoencoder(model) and int(state.step) >= tc.steps and jax.process_index() == 0:
+        stats = autoencoder.export(model, jax.device_get(state.ema_params), source,
+                                   workdir / autoencoder.EXPORT_DIR, config.seed)
+        print(f"exported the autoencoder to {workdir / autoencoder.EXPORT_DIR}: " +
+              ", ".join(f"{k} {v:.4g}" for k, v in stats.items()), flush=True)
     return state

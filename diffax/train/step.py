@@ -5,6 +5,8 @@ train=True, rngs=...)`, with `module.config.null_cond` for label dropout), the o
 loss weighting, learned-variance hybrid loss) and the trainable-parameter mask: `tx` decides what moves, so
 full, LoRA and scale-only training are the same step with another mask (e.g. `optax.multi_transform` with
 `optax.set_to_zero()` on the frozen leaves).
+A fine-tuning run (diffax.train.finetune) trains a small tree (LoRA factors, quantization scales) and passes
+`view(state.frozen, trainable, t) -> params`, which builds the weights the model runs on.
 `make_train_step` closes over those choices and returns a function of (state, batch, key) that the loop
 jits with shardings and a donated state. A batch is `{"image": [B, H, W, C], "cond": {...}}`, `cond` holding
 the model's keyword inputs (`{"class_labels": [B]}`, `{}` for an unconditional model).
@@ -12,6 +14,7 @@ the model's keyword inputs (`{"class_labels": [B]}`, `{}` for an unconditional m
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,6 +24,7 @@ import numpy as np
 import optax
 
 from diffax import learned_variance, objectives
+from diffax.quant import tuneqdm
 from diffax.train.state import TrainState, ema_decay, update_ema
 
 
@@ -32,6 +36,10 @@ class Objective:
     snr_gamma: float | None = None      # min-SNR-gamma weighting (Hang et al. 2023); None: plain MSE
     learn_sigma: bool = False           # model outputs 2C channels: [prediction, variance interpolation]
     label_dropout: float = 0.0          # probability of replacing an example's cond by the model's null_cond
+    timestep_groups: int = 1            # > 1: a batch's timesteps all lie in one of this many equal ranges (TuneQDM)
+    # One example's 'no conditioning' inputs (no batch axis) where the model's config cannot make them: the
+    # empty prompt's text embedding {'encoder_hidden_states': [L, D]} of a text-conditioned U-Net.
+    null_cond: Any = None
 
     def __post_init__(self):
         if self.learn_sigma and self.prediction_type != "epsilon":
@@ -44,8 +52,9 @@ class Objective:
         return learned_variance.variance_tables(1.0 - abar / np.append(1.0, abar[:-1]))
 
     def __hash__(self) -> int:  # the table is a constant of the compiled step
+        null = tuple(np.asarray(x).tobytes() for x in jax.tree.leaves(self.null_cond))
         return hash((self.alphas_cumprod.tobytes(), self.prediction_type, self.snr_gamma, self.learn_sigma,
-                     self.label_dropout))
+                     self.label_dropout, null, self.timestep_groups))
 
 
 def drop_cond(cond: Any, null: Any, key: jax.Array, rate: float) -> Any:
@@ -64,18 +73,29 @@ def drop_cond(cond: Any, null: Any, key: jax.Array, rate: float) -> Any:
 
 
 def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: dict[str, Any],
-                   key: jax.Array, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   key: jax.Array, train: bool = True, view: Callable[[Any, jax.Array], Any] | None = None
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean loss over the batch and metrics. batch: {'image': [B, H, W, C], 'cond': the model's keyword
-    inputs (optional: none)}."""
+    inputs (optional: none)}. `view(params, t)`, when given, makes the weights the model runs on from the
+    trained tree `params` and the batch's timesteps t [B]."""
     x0 = batch["image"]
     k_t, k_noise, k_cond, k_dropout = jax.random.split(key, 4)
     num_t = objective.alphas_cumprod.shape[0]
-    t = jax.random.randint(k_t, (x0.shape[0],), 0, num_t)  # [B]
+    if objective.timestep_groups > 1:  # one group per batch: the view uses one scale set per model call
+        _, t = tuneqdm.sample_group_timesteps(k_t, x0.shape[0], num_t, objective.timestep_groups)
+    else:
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, num_t)  # [B]
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     x_t = objectives.q_sample(objective.alphas_cumprod, x0, noise, t)
     cond = batch.get("cond", {})
     if train and objective.label_dropout > 0 and jax.tree.leaves(cond):
-        cond = drop_cond(cond, model.config.null_cond(cond), k_cond, objective.label_dropout)
+        if objective.null_cond is None:
+            null = model.config.null_cond(cond)
+        else:
+            null = jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape).astype(c.dtype), objective.null_cond, cond)
+        cond = drop_cond(cond, null, k_cond, objective.label_dropout)
+    if view is not None:
+        params = view(params, t)
     out = model.apply({"params": params}, x_t, t, **cond, train=train, rngs={"dropout": k_dropout})
     if objective.learn_sigma:
         parts = learned_variance.hybrid_loss(objective.variance_tables(), out, x0, x_t, noise, t)
@@ -87,6 +107,30 @@ def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: d
     loss = objectives.diffusion_loss(out, x0, noise, t, objective.alphas_cumprod, objective.prediction_type,
                                      snr_gamma=objective.snr_gamma)
     return loss, {"loss": loss}
+
+
+# loss_fn(params, batch, key) -> (mean loss, metrics {'loss': ..., ...}): what a train step differentiates.
+LossFn = Callable[[Any, dict[str, Any], jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def objective_loss(model: nn.Module, objective: Objective, view: Callable[[Any, jax.Array], Any] | None = None
+                   ) -> LossFn:
+    """`diffusion_loss` of `model` under `objective` (and `view`) as a LossFn: the train step's default."""
+    return lambda params, batch, key: diffusion_loss(model, params, objective, batch, key, view=view)
+
+
+# view(frozen, trained params, t [B]) -> the weights the model runs on (diffax.train.finetune).
+View = Callable[[Any, Any, jax.Array], Any]
+
+
+def _step_loss(model: nn.Module, objective: Objective, loss_fn: LossFn | None, view: View | None,
+               state: TrainState) -> LossFn:
+    """The LossFn of one step: `loss_fn`, or the diffusion loss with `view` bound to the state's frozen base."""
+    if view is None:
+        return loss_fn or objective_loss(model, objective)
+    if loss_fn is not None:
+        raise ValueError("a train step takes a loss_fn or a fine-tuning view, not both")
+    return objective_loss(model, objective, functools.partial(view, state.frozen))
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -110,7 +154,8 @@ def _updates_so_far(state: TrainState) -> jax.Array:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objective: Objective, *,
-                    ema_max_decay: float = 0.9999, ema_warmup: bool = True
+                    ema_max_decay: float = 0.9999, ema_warmup: bool = True, loss_fn: LossFn | None = None,
+                    view: View | None = None
                     ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], tuple[TrainState, dict]]:
     """(state, batch, key) -> (state, metrics); `key` is the run's base key, folded with the step so a
     resumed run draws exactly the noise an uninterrupted one would.
@@ -120,12 +165,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
     batch cannot poison the run; the loop decides when too many skips end it. Under gradient accumulation
     (`tx` an optax.MultiSteps) the EMA moves only on the micro-batches where the parameters do.
     Metrics: the loss terms, `grad_norm`, `skipped` (the run's total so far).
+    `loss_fn` replaces the diffusion loss of `model` and `objective` (distillation: `diffax.train.distill`).
+    `view`: the params are a fine-tuning run's trainable tree, and the model runs on
+    `view(state.frozen, params, t)` (LoRA factors merged, quantization scales applied).
     """
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], key: jax.Array):
         step_key = jax.random.fold_in(key, state.step)
-        grad_fn = jax.value_and_grad(
-            lambda p: diffusion_loss(model, p, objective, batch, step_key), has_aux=True)
+        loss = _step_loss(model, objective, loss_fn, view, state)
+        grad_fn = jax.value_and_grad(lambda p: loss(p, batch, step_key), has_aux=True)
         (loss, metrics), grads = grad_fn(state.params)
         grad_norm = optax.global_norm(grads)
 
@@ -151,20 +199,22 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, objectiv
     return train_step
 
 
-def make_health_check(model: nn.Module, objective: Objective
+def make_health_check(model: nn.Module, objective: Objective, loss_fn: LossFn | None = None,
+                      view: View | None = None
                       ) -> Callable[[TrainState, dict[str, jax.Array], jax.Array], dict[str, jax.Array]]:
     """(state, batch, key) -> {'loss', 'grad_norm', 'weights_finite'} of `state`'s own parameters.
 
     The train step's metrics describe the parameters it started from; a state about to be saved has taken
     one more update, which may have diverged. This evaluates the loss and gradient of the state's own
     parameters with the key the next train step would use, and whether every parameter and EMA leaf is
-    finite, so that the loop saves a state only when all three are finite.
+    finite, so that the loop saves a state only when all three are finite. `loss_fn` and `view` as in
+    `make_train_step`.
     """
 
     def health_check(state: TrainState, batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
         step_key = jax.random.fold_in(key, state.step)
-        grad_fn = jax.value_and_grad(
-            lambda p: diffusion_loss(model, p, objective, batch, step_key)[0])
+        loss = _step_loss(model, objective, loss_fn, view, state)
+        grad_fn = jax.value_and_grad(lambda p: loss(p, batch, step_key)[0])
         loss, grads = grad_fn(state.params)
         weights_finite = all_finite((state.params, state.ema_params))
         return {"loss": loss, "grad_norm": optax.global_norm(grads), "weights_finite": weights_finite}
