@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install -q -c constraints.txt
 TORCH := torch==2.13.0
 
-.PHONY: demo demo-dit test test-slow venv-test venv-demo venv-bench bench bench-quick clean
+.PHONY: demo demo-dit demo-ldm test test-slow venv-test venv-demo venv-bench bench bench-quick clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ demo-dit: venv-demo
 	$(PY) sample.py --workdir=runs/dit_digits --num_samples=100 --out=runs/dit_digits/samples.png,runs/dit_digits/samples.npz
 	$(PY) -m diffax.evaluation.digits_classifier runs/dit_digits/samples.npz
 	$(PY) -m diffax.evaluation.fid runs/dit_digits/samples.npz digits
+
+# Latent diffusion from nothing (configs/ldm_digits_vae.py, configs/ldm_digits.py): an AutoencoderKL, a frozen
+# random text encoder and its tokenizer, the latent cache, a text-conditioned U-Net, a diffusers
+# StableDiffusionPipeline folder (runs/ldm_digits/export), and the class accuracy of prompt-conditioned samples
+# from diffax and from diffusers on torch (hence the test extras).
+LDM := -m diffax.train.latent_diffusion --config=configs/ldm_digits.py
+demo-ldm: venv-test
+	$(PY) train.py --config=configs/ldm_digits_vae.py --workdir=runs/ldm_digits/vae
+	$(PY) $(LDM) --action=text_encoder
+	$(PY) -m diffax.data.cache --config=configs/ldm_digits.py:cache
+	$(PY) train.py --config=configs/ldm_digits.py --workdir=runs/ldm_digits/unet
+	$(PY) $(LDM) --action=export --workdir=runs/ldm_digits/unet --out=runs/ldm_digits/export
+	$(PY) $(LDM) --action=evaluate --out=runs/ldm_digits/export --grid=docs/images/ldm_digits_samples.png \
+		--json=runs/ldm_digits/accuracy.json
 
 test: venv-test
 	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 tests
