@@ -66,10 +66,10 @@ DOC_BEGIN, DOC_END = "<!-- finetune_digits:begin -->", "<!-- finetune_digits:end
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/finetune_digits", "Workdirs of the pretraining and of each mode.")
 flags.DEFINE_bool("quick", False, "A tiny U-Net and a few steps: checks the whole study in minutes.")
-flags.DEFINE_integer("pretrain_steps", 600, "Steps on digits 0-4.")
-flags.DEFINE_integer("adapt_steps", 300, "Steps of each mode on digits 5-9.")
+flags.DEFINE_integer("pretrain_steps", 500, "Steps on digits 0-4.")
+flags.DEFINE_integer("adapt_steps", 200, "Steps of each mode on digits 5-9.")
 flags.DEFINE_integer("batch_size", 32, "Batch size of every run.")
-flags.DEFINE_integer("samples", 250, "Samples of 5-9 per mode for accuracy and FID.")
+flags.DEFINE_integer("samples", 200, "Samples of 5-9 per mode for accuracy and FID.")
 flags.DEFINE_bool("write_docs", True, "Write the table into docs/efficiency.md and the plot to docs/images/.")
 
 
