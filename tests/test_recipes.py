@@ -73,3 +73,48 @@ def test_dit_xl2_imagenet_trains_two_steps_at_toy_size(encoders, tmp_path):
     assert [line["step"] for line in lines] == [1, 2]
     for line in lines:  # the learned-sigma hybrid loss, at the recipe's constant rate
         assert np.isfinite(line["loss"]) and np.isfinite(line["vb"]) and line["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_sd15_finetune_is_sd15s_unet_from_a_pipeline():
+    for stage in ("train", "cache"):
+        validate_config(recipe("sd15_finetune", stage))
+    c = recipe("sd15_finetune")
+    model = build_model(c.model)
+    params = jax.eval_shape(lambda k: boxed_init(model.config, k), jax.random.key(0))
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) == 859_520_964  # SD 1.5's UNet
+    assert c.train.init_from == c.cache.vae == c.cache.text_encoder  # one pipeline folder: unet/, vae/, text_encoder/
+    cache = recipe("sd15_finetune", "cache")
+    assert (cache.data.source, cache.data.image_size, cache.cache.flip) == ("folder", 512, True)
+    assert c.data.source == "latent_cache" and c.data.path == cache.cache.out
+
+
+def test_sd15_finetune_trains_two_steps_at_toy_size(tmp_path):
+    """The recipe's stages on a tiny random SD pipeline and four captioned images, its model block swapped for
+    the tiny pipeline's UNet: the weights start from the pipeline's unet/."""
+    from PIL import Image
+    from pipeline_fixtures import UNET, build_sd_pipeline
+
+    from diffax.train.loop import train_and_evaluate
+
+    pipe = build_sd_pipeline(tmp_path / "sd")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    with open(images / "metadata.jsonl", "w") as f:
+        for i, word in enumerate(("red", "green", "blue", "gray")):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"a {word} square"}) + "\n")
+    c = recipe("sd15_finetune", "cache")
+    c.data.update(dict(path=str(images), image_size=16, worker_count=0))
+    c.cache.update(dict(vae=str(pipe), text_encoder=str(pipe), out=str(tmp_path / "cache"), batch_size=8))
+    cache = build_cache(c)
+
+    c = recipe("sd15_finetune")
+    c.data.update(dict(path=str(cache), worker_count=0))
+    c.model.update(UNET, remat="none")  # rematerialisation only slows a toy compile
+    c.train.update(dict(init_from=str(pipe), steps=2, batch_size=8, log_every=1, checkpoint_every=2,
+                        sample_every=0))
+    state = train_and_evaluate(c, tmp_path / "run")
+    assert int(state.step) == 2 and int(state.skipped) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2] and all(np.isfinite(line["loss"]) for line in lines)
