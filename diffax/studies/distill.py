@@ -168,7 +168,10 @@ def evaluate(config: ml_collections.ConfigDict, teacher_params: Any, students: d
     model = build_model(t.model)
     mesh, rules = parallel.mesh_from_config(t.mesh)
     flops = flops_per_eval(model, teacher_params)  # every model here has the teacher's architecture
-    ddim = GenerationPipeline(model, scheduler_for("ddim", t.diffusion, timestep_spacing="trailing"), mesh, rules)
+    # Unclipped, like the DDIM steps the students learned from: clipping x_0 but not the noise direction
+    # derived from the same v output made the guided teacher's 64-step samples collapse.
+    ddim_scheduler = scheduler_for("ddim", t.diffusion, timestep_spacing="trailing", clip_sample=False)
+    ddim = GenerationPipeline(model, ddim_scheduler, mesh, rules)
     points = [measure(config, ddim, teacher_params, flops, model="teacher", sampler="ddim", steps=n, guided=True)
               for n in config.teacher_eval_steps]
     points += [measure(config, ddim, params, flops, model="progressive", sampler="progressive", steps=n,
