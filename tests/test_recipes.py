@@ -88,6 +88,7 @@ def test_sd15_finetune_is_sd15s_unet_from_a_pipeline():
     assert c.data.source == "latent_cache" and c.data.path == cache.cache.out
 
 
+@pytest.mark.slow  # a pipeline, a cache and a U-Net compile (about 2 minutes on 2 cores): `make test-slow`
 def test_sd15_finetune_trains_two_steps_at_toy_size(tmp_path):
     """The recipe's stages on a tiny random SD pipeline and four captioned images, its model block swapped for
     the tiny pipeline's UNet: the weights start from the pipeline's unet/."""
