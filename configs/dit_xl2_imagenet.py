@@ -24,9 +24,10 @@ sample 250 DDPM steps with the learned variance at guidance 4 (the reference's s
 figures use 1.5).
 
 Hardware. The default mesh is data parallelism over every device: the 675M fp32 weights, their gradients,
-EMA and Adam moments (about 13.5 GB) fit on each chip of a v5p (95 GB) or H100 (80 GB) beside the
-activations of 64 (v5p-8) or 32 (8 GPUs) images. For less memory per device split them FSDP-style with
-`--config.mesh.data=1 --config.mesh.fsdp=-1` (or add `--config.model.remat=dots_no_batch`).
+EMA and Adam moments (about 13.5 GB) fit on each chip of a v5p (95 GB) or H100 (80 GB), which also holds
+the activations of 64 (v5p-8) or 32 (8 GPUs) images per step (not measured here). Where memory runs short,
+split the weights FSDP-style with `--config.mesh.data=1 --config.mesh.fsdp=-1`, or add
+`--config.model.remat=dots_no_batch`.
 
     # a TPU v5p-8 slice (4 chips, one host) or one host with 8 GPUs: the train command above as it is
     # a larger pod slice: the same command on every worker, the workdir and cache on shared storage
