@@ -121,6 +121,9 @@ def test_autoencoder_objective_terms():
     np.testing.assert_allclose(loss, metrics["reconstruction"] + 0.5 * metrics["kl"], rtol=1e-6)
     with pytest.raises(ValueError, match="autoencoder.reconstruction"):
         autoencoder.AutoencoderObjective("l2")
+    config.train.sample_every = 10
+    with pytest.raises(ValueError, match="train.sample_every"):
+        autoencoder.make_loss_fn(model, config)
 
 
 def test_text_encoder_and_tokenizer_load_in_transformers(recipe):

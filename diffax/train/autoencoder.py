@@ -74,7 +74,12 @@ class AutoencoderObjective:
 
 
 def make_objective(config: ml_collections.ConfigDict) -> AutoencoderObjective:
-    """The objective from the run config's `autoencoder` block."""
+    """The objective from the run config's `autoencoder` block; ValueError naming the key when the config asks
+    an autoencoder run for what only a denoiser can do (sample grids, sample evaluations)."""
+    for key in ("sample_every", "eval_every"):
+        if config.train.get(key, 0):
+            raise ValueError(f"config key 'train.{key}' is {config.train[key]}: an AutoencoderKL run draws no "
+                             f"samples (grids and evaluations sample a denoiser); set it to 0")
     block = config.autoencoder
     return AutoencoderObjective(reconstruction=block.reconstruction, kl_weight=float(block.kl_weight))
 
