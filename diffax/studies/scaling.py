@@ -225,7 +225,8 @@ def read_points(path: str | Path) -> list[Point]:
 def plot(points: Sequence[Point], path: str | Path, extra: Sequence[Point] = ()) -> None:
     """FID and class accuracy against sampling GFLOPs per image (log scale): one colour per model
     (by size), one marker per sampler, a line through each (model, sampler) over its step counts; the
-    `extra` points (e.g. distilled models) as black-edged stars."""
+    `extra` points (e.g. distilled models) black-edged in grey shades per model, stars where distilled
+    (a point's `distilled` key, default true) and crosses where not."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -235,7 +236,11 @@ def plot(points: Sequence[Point], path: str | Path, extra: Sequence[Point] = ())
     colours = {m: plt.cm.viridis(i / max(len(models) - 1, 1)) for i, (m, _) in enumerate(models)}
     samplers = list(dict.fromkeys(p["sampler"] for p in points))
     markers = dict(zip(samplers, "os^Dvp"))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    # Other studies' models (e.g. distilled students and their teacher): grey shades, stars where distilled.
+    extra_models = list(dict.fromkeys(p["model"] for p in extra))
+    extra_colours = {m: colours.get(m, str(0.95 - 0.9 * i / max(len(extra_models) - 1, 1)))
+                     for i, m in enumerate(extra_models)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
     for ax, metric, label in ((axes[0], "fid", "FID (digit features), lower is better"),
                               (axes[1], "accuracy", "class accuracy, higher is better")):
         for model, _ in models:
@@ -245,9 +250,13 @@ def plot(points: Sequence[Point], path: str | Path, extra: Sequence[Point] = ())
                 if run:
                     ax.plot([p["cost_flops"] / 1e9 for p in run], [p[metric] for p in run], marker=markers[sampler],
                             color=colours[model], linewidth=1, alpha=0.85, markersize=5)
-        for p in extra:
-            ax.plot(p["cost_flops"] / 1e9, p[metric], marker="*", markersize=13, linestyle="none",
-                    color=colours.get(p["model"], "white"), markeredgecolor="black")
+        for model in extra_models:
+            run = sorted((p for p in extra if p["model"] == model), key=lambda p: p["cost_flops"])
+            ax.plot([p["cost_flops"] / 1e9 for p in run], [p[metric] for p in run], color="black", linewidth=0.6,
+                    linestyle=":")
+            for p in run:
+                ax.plot(p["cost_flops"] / 1e9, p[metric], marker="*" if p.get("distilled", True) else "X",
+                        markersize=12, linestyle="none", color=extra_colours[model], markeredgecolor="black")
         ax.set_xscale("log")
         ax.set_xlabel("sampling cost per image, GFLOPs (XLA cost analysis x model evaluations)")
         ax.set_ylabel(label)
@@ -255,14 +264,16 @@ def plot(points: Sequence[Point], path: str | Path, extra: Sequence[Point] = ())
     axes[0].set_yscale("log")
     handles = [Line2D([], [], color=colours[m], linewidth=3, label=f"{m} ({n / 1e6:.2f}M params)") for m, n in models]
     handles += [Line2D([], [], color="gray", marker=markers[s], linestyle="none", label=s) for s in samplers]
-    if extra:
-        handles.append(Line2D([], [], color="white", marker="*", markersize=12, markeredgecolor="black",
-                              linestyle="none", label="distilled"))
-    axes[1].legend(handles=handles, fontsize=8, loc="upper left")
+    for model in extra_models:
+        first = next(p for p in extra if p["model"] == model)
+        handles.append(Line2D([], [], color=extra_colours[model], marker="*" if first.get("distilled", True) else "X",
+                              markersize=10, markeredgecolor="black", linestyle="none",
+                              label=f"{model} ({first['params'] / 1e6:.2f}M)" if "params" in first else model))
+    fig.legend(handles=handles, fontsize=8, loc="center right")
     images = {p.get("train_images") for p in points}
     fig.suptitle(f"Sample quality against sampling cost: {len(models)} digits U-Net widths, "
                  f"{'/'.join(str(i) for i in sorted(images, key=str))} training images each")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.84, 1))  # the legend takes the right edge
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
