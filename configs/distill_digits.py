@@ -1,7 +1,7 @@
 """Few-step distillation of the digits U-Net: progressive distillation to 2 steps and an LCM-LoRA.
 
     JAX_PLATFORMS=cpu python -m diffax.studies.distill --config=configs/distill_digits.py
-    JAX_PLATFORMS=cpu python -m diffax.studies.distill --config=configs/distill_digits.py --quick   # ~1 minute
+    JAX_PLATFORMS=cpu python -m diffax.studies.distill --config=configs/distill_digits.py --quick   # a few minutes
 
 The teacher is the `configs/digits.py` recipe with two changes distillation needs: v-prediction (a student
 must express x_0 at the noisiest level, where an epsilon model cannot) and 1024 training timesteps (so the
@@ -9,7 +9,8 @@ must express x_0 at the noisiest level, where an epsilon model cannot) and 1024 
 final_steps, `progressive.train_steps` per round; the LCM-LoRA trains rank-`lcm.rank` factors on the
 teacher's attention, convolution and time-projection layers. Every stage is a train.py run in its own
 workdir under `workdir`, resumed or skipped when a rerun finds it; the evaluation then writes `results`.
-Sized for about 25 minutes on a 2-core CPU (teacher ~8 of them). Every value can be overridden, e.g.
+Sized for about 25 minutes on an idle 2-core CPU (teacher ~8 of them); on the shared development machine
+(load 14-26) it took 85. Every value can be overridden, e.g.
 `--config.progressive.train_steps=300 --config.lcm.rank=8`.
 """
 import ml_collections

@@ -198,7 +198,7 @@ def run_study(config: ml_collections.ConfigDict) -> list[Point]:
 
 
 def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """`config` shrunk to run in about a minute on a CPU (a tiny two-level U-Net, a few steps per stage),
+    """`config` shrunk to run in a few minutes on a 2-core CPU (a tiny two-level U-Net, a few steps per stage),
     writing everything under WORKDIR/quick: for tests and a first look."""
     c = ml_collections.ConfigDict(config.to_dict())
     m = c.teacher.model
@@ -219,7 +219,7 @@ def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Study file, e.g. configs/distill_digits.py.", lock_config=True)
-flags.DEFINE_bool("quick", False, "A tiny model, a few steps per stage: the whole study in about a minute.")
+flags.DEFINE_bool("quick", False, "A tiny model, a few steps per stage: the whole study in a few minutes.")
 flags.mark_flags_as_required(["config"])
 
 
