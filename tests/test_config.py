@@ -19,7 +19,12 @@ from configs.digits import get_config  # noqa: E402
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (ROOT / "configs").glob("*.py")))
 def test_every_recipe_is_valid(recipe):
-    validate_config(importlib.import_module(f"configs.{recipe}").get_config())
+    config = importlib.import_module(f"configs.{recipe}").get_config()
+    # A study file (configs/scaling_digits.py, ...) is not a run config: it holds the run configs it trains.
+    runs = [config] if "model" in config else [v for v in config.values() if hasattr(v, "keys") and "model" in v]
+    assert runs, f"configs/{recipe}.py holds no run config (a block with 'model')"
+    for run in runs:
+        validate_config(run)
 
 
 @pytest.mark.parametrize("key, value, allowed", [

@@ -127,6 +127,7 @@ def test_lcm_lora_file_loads_in_the_pipelines(tiny, tmp_path):
     assert int(pipe(loaded, jax.random.key(0), labels=[3], num_inference_steps=2).shape[0]) == 1
 
 
+@pytest.mark.slow  # the whole study (teacher, two progressive rounds, an LCM-LoRA): each piece is tested above
 def test_quick_study(tmp_path):
     """The whole study at --quick size: every stage trains through the train loop and every point is
     measured with its cost."""

@@ -218,9 +218,13 @@ def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Study file, e.g. configs/distill_digits.py.", lock_config=True)
-flags.DEFINE_bool("quick", False, "A tiny model, a few steps per stage: the whole study in a few minutes.")
-flags.mark_flags_as_required(["config"])
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when run as a program: the studies import side by side."""
+    config_flags.DEFINE_config_file("config", None, "Study file, e.g. configs/distill_digits.py.", lock_config=True)
+    flags.DEFINE_bool("quick", False, "A tiny model, a few steps per stage: the whole study in a few minutes.")
+    flags.mark_flags_as_required(["config"])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -230,4 +234,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(run_reporting_errors(main), flags_parser=parse_flags)

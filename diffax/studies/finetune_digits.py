@@ -64,13 +64,17 @@ MODE_OPTIONS = {
 DOC_BEGIN, DOC_END = "<!-- finetune_digits:begin -->", "<!-- finetune_digits:end -->"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/finetune_digits", "Workdirs of the pretraining and of each mode.")
-flags.DEFINE_bool("quick", False, "A tiny U-Net and a few steps: checks the whole study in minutes.")
-flags.DEFINE_integer("pretrain_steps", 500, "Steps on digits 0-4.")
-flags.DEFINE_integer("adapt_steps", 200, "Steps of each mode on digits 5-9.")
-flags.DEFINE_integer("batch_size", 32, "Batch size of every run.")
-flags.DEFINE_integer("samples", 200, "Samples of 5-9 per mode for accuracy and FID.")
-flags.DEFINE_bool("write_docs", True, "Write the table into docs/efficiency.md and the plot to docs/images/.")
+
+
+def define_flags() -> None:
+    """The command line's flags, defined only when run as a program: the studies import side by side."""
+    flags.DEFINE_string("workdir", "runs/finetune_digits", "Workdirs of the pretraining and of each mode.")
+    flags.DEFINE_bool("quick", False, "A tiny U-Net and a few steps: checks the whole study in minutes.")
+    flags.DEFINE_integer("pretrain_steps", 500, "Steps on digits 0-4.")
+    flags.DEFINE_integer("adapt_steps", 200, "Steps of each mode on digits 5-9.")
+    flags.DEFINE_integer("batch_size", 32, "Batch size of every run.")
+    flags.DEFINE_integer("samples", 200, "Samples of 5-9 per mode for accuracy and FID.")
+    flags.DEFINE_bool("write_docs", True, "Write the table into docs/efficiency.md and the plot to docs/images/.")
 
 
 def settings(mode: str | None, quick: bool, base: Path | None, steps: int) -> dict[str, Any]:
@@ -276,4 +280,5 @@ def main(argv):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))  # configs/ beside train.py
+    define_flags()
     app.run(run_reporting_errors(main))
