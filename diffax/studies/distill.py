@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -42,9 +41,9 @@ from diffax.evaluation.fid import digits_fid
 from diffax.models import build_model
 from diffax.pipelines.generation import GenerationPipeline
 from diffax.schedulers.names import scheduler_for
+from diffax.studies.scaling import count_params, flops_per_eval
 from diffax.train import checkpoint, distill, finetune
 from diffax.train.loop import train_and_evaluate
-from diffax.train.metrics import compiled_flops
 
 Point = dict[str, Any]
 LORA_FILE = Path("export") / finetune.LORA_FILE
@@ -131,17 +130,6 @@ def train_lcm_lora(config: ml_collections.ConfigDict, teacher_params: Any) -> Pa
     return finetune.export_lora(workdir / LORA_FILE, jax.device_get(state.ema_params), alpha=l.alpha)
 
 
-def flops_per_eval(model: Any, params: Any) -> float:
-    """FLOPs of one denoiser evaluation on one image, from XLA's cost analysis of the jitted `model.apply`."""
-    x = jnp.zeros((1, *model.config.sample_shape), jnp.float32)  # [1, H, W, C]
-    cond = model.config.example_inputs(1)[2]
-    flops = compiled_flops(jax.jit(lambda p, x, t, cond: model.apply({"params": p}, x, t, **cond)), params, x,
-                           jnp.zeros((1,), jnp.int32), cond)
-    if flops is None:
-        raise ValueError(f"the {jax.default_backend()} backend reports no FLOPs in its cost analysis")
-    return flops
-
-
 def measure(config: ml_collections.ConfigDict, pipe: GenerationPipeline, params: Any, flops: float, *,
             model: str, sampler: str, steps: int, guided: bool) -> Point:
     """One quality / cost point: `num_samples` digits of `pipe` at `steps` steps; `flops` per evaluation."""
@@ -149,7 +137,7 @@ def measure(config: ml_collections.ConfigDict, pipe: GenerationPipeline, params:
     images = pipe(params, jax.random.key(config.seed), labels=labels, num_inference_steps=steps,
                   guidance_scale=config.guidance_scale if guided else None)  # [N, S, S, C] uint8
     evals = steps * (2 if guided else 1)  # DDIM and LCM: one evaluation per step
-    n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+    n_params = count_params(params)
     point = dict(model=model, params=n_params, flops_per_eval=flops, sampler=f"{sampler}-{steps}",
                  steps=steps, guidance_scale=config.guidance_scale if guided else None, evals=evals,
                  evals_note="x2: guidance runs the [uncond; cond] rows" if guided else "one per step",
