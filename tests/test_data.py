@@ -179,6 +179,48 @@ def test_tfds_missing_key_names_key_and_features():
             data.make_source(_config(source='tfds', tfds_name='mnist', image_key='pixels'))
 
 
+def _tiny_captions_builder():
+    """A tfds builder (registered as 'tiny_captions' when defined) with COCO's caption layout, a sequence of
+    {'text', 'id'} per image, and a plain Text feature; tfds.testing.mock_data makes its records."""
+    class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version('1.0.0')
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'captions': tfds.features.Sequence({'text': tfds.features.Text(), 'id': np.int64}),
+                'title': tfds.features.Text(), 'label': tfds.features.ClassLabel(num_classes=2)}))
+
+        def _split_generators(self, dl_manager):
+            return {'train': self._generate_examples()}
+
+        def _generate_examples(self):
+            yield from ()
+
+    return TinyCaptions
+
+
+@needs_tfds
+def test_tfds_captions_from_a_text_feature_and_the_first_of_a_nested_sequence():
+    builder = _tiny_captions_builder()
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        raw = tfds.data_source('tiny_captions', split='train')
+        coco = data.make_source(_config(source='tfds', tfds_name='tiny_captions', caption_key='captions/text',
+                                        channels=3, label_key=''))
+        for i in range(3):
+            texts = raw[i]['captions']['text']
+            first = texts[0].decode() if isinstance(texts[0], bytes) else str(texts[0])
+            assert coco[i]['caption'] == first and isinstance(coco[i]['caption'], str)
+            assert coco[i]['image'].shape == (16, 16, 3)
+        title = data.make_source(_config(source='tfds', tfds_name='tiny_captions', caption_key='title', channels=3))
+        assert title[0]['caption'] == str(raw[0]['title']) and title.num_classes == 2
+        for key, what in (('captions/id', 'is a Tensor'), ('captions/txt', 'is no such feature'),
+                          ('label', 'is a ClassLabel')):
+            with pytest.raises(ValueError, match=f"tiny_captions.*caption_key {key!r} {what}, not a Text"):
+                data.make_source(_config(source='tfds', tfds_name='tiny_captions', caption_key=key))
+    assert builder.name == 'tiny_captions'
+
+
 def test_tfds_source_without_tfds_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # `import tensorflow_datasets` now fails
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'diffax\[tfds\]'"):

@@ -248,8 +248,11 @@ def _log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def build_cache(config: ml_collections.ConfigDict) -> Path:
+def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
     """Encodes `config.data`'s source into the cache folder `config.cache.out`; returns the folder.
+
+    `source` replaces `make_source(config.data)` (DreamBooth's folders captioned with one prompt,
+    diffax.train.dreambooth); `config.data` must then still say what it holds, as the fingerprint reads it.
 
     Records are written in the source's order, `cache.records_per_shard` per ArrayRecord file, with a
     manifest.json and the empty prompt's embedding (with a text encoder). An existing cache with the same
@@ -268,7 +271,7 @@ def build_cache(config: ml_collections.ConfigDict) -> Path:
     cache = config.cache
     out = Path(cache.out).expanduser().resolve()
     mesh, rules = parallel.mesh_from_config(config.mesh)
-    source = make_source(config.data)
+    source = make_source(config.data) if source is None else source
     encoders = _Encoders(config, mesh, rules)
     fingerprint = _fingerprint(config, encoders)
     if _existing(out, fingerprint):
@@ -282,8 +285,8 @@ def build_cache(config: ml_collections.ConfigDict) -> Path:
     text = encoders.text_info is not None
     if text and "caption" not in first:
         raise ValueError(f"config key 'cache.text_encoder' is set but data.source={config.data.source!r} yields no "
-                         f"captions: set data.caption_template (digits) or add captions (a folder's metadata.jsonl "
-                         f"or .txt files)")
+                         f"captions: set data.caption_template (digits), data.caption_key (tfds) or add captions (a "
+                         f"folder's metadata.jsonl or .txt files)")
     side = cache.crop_size or config.data.image_size
     variants = _variants(cache.crops, cache.flip)
     dtype = np.dtype(cache.dtype)

@@ -34,12 +34,13 @@ import ml_collections
 import numpy as np
 
 from diffax.data.digits import DigitsSource
+from diffax.data.dreambooth import DreamBoothSource
 from diffax.data.folder import FolderSource
 from diffax.data.latent_cache import LatentCacheSource
 from diffax.data.subset import ClassSubset
 from diffax.data.tfds_source import TfdsSource
 
-SOURCES = ('digits', 'tfds', 'folder', 'latent_cache')
+SOURCES = ('digits', 'tfds', 'folder', 'latent_cache', 'dreambooth')
 
 
 class Source(Protocol):
@@ -60,9 +61,10 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         config: the `data` sub-config. `source` is one of 'digits', 'tfds',
             'folder', 'latent_cache'; `image_size` (int) and `channels` (1 or 3)
             apply to all but the latent cache. digits reads `caption_template`;
-            tfds reads `tfds_name`, `split`, `image_key`, `label_key` and the
-            optional `tfds_data_dir`; folder reads `path` and `caption_column`;
-            latent_cache reads `path` (the cache folder).
+            tfds reads `tfds_name`, `split`, `image_key`, `label_key`, the
+            optional `tfds_data_dir` and `caption_key`; folder reads `path` and `caption_column`;
+            latent_cache reads `path` (the cache folder); dreambooth reads `path`
+            (a folder holding the caches instance/ and class/).
 
     Returns:
         A random-access source whose records are `{'image': uint8 [S, S, C],
@@ -81,6 +83,8 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         return ClassSubset(make_source(whole), classes)
     if config.source == 'latent_cache':  # the cache fixes the latent shape: image_size / channels do not apply
         return LatentCacheSource(config.path)
+    if config.source == 'dreambooth':  # instance/ and class/ latent caches, drawn in pairs
+        return DreamBoothSource(config.path)
     image_size, channels = config.image_size, config.get('channels', 1)
     if not isinstance(image_size, int) or image_size <= 0:
         raise ValueError(f'data.image_size must be a positive int, got {image_size!r}')
@@ -93,7 +97,7 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
         return TfdsSource(
             config.tfds_name, split=config.get('split', 'train'), image_key=config.get('image_key', 'image'),
             label_key=config.get('label_key', 'label'), image_size=image_size, channels=channels,
-            data_dir=config.get('tfds_data_dir', None))
+            data_dir=config.get('tfds_data_dir', None), caption_key=config.get('caption_key', ''))
     if config.source == 'folder':
         return FolderSource(config.path, image_size=image_size, channels=channels,
                             caption_column=config.get('caption_column', ''))
@@ -101,12 +105,16 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
 
 
 def _to_model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if 'prior' in batch:  # DreamBooth's draws are (instance, class) pairs [b, 2, ...]: consecutive rows
+        batch = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), batch)
     image = batch['image']
     if image.dtype == np.uint8:
         image = image.astype(np.float32) / 127.5 - 1.0  # [b, S, S, C] in [-1, 1]
     out = {'image': image.astype(np.float32), 'label': batch['label'].astype(np.int32)}  # float: latents as they are
     if 'cond' in batch:  # a latent cache's text conditioning, {'encoder_hidden_states': [b, L, D], ...}
         out['cond'] = {k: np.asarray(v, np.float32) for k, v in batch['cond'].items()}
+    if 'prior' in batch:  # [2b] bool: the class rows, weighted by train.prior_loss_weight
+        out['prior'] = batch['prior'].astype(bool)
     return out
 
 

@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
         # "a handwritten {}"; folders read a .txt beside each image or metadata.jsonl's caption_column
         # ('': 'text', else 'caption').
         caption_template="", caption_column="",
+        caption_key="",  # tfds: a Text feature (or a sequence of them: the first), nested as 'captions/text'
         classes=()))  # only the records of these labels, e.g. (0, 1, 2, 3, 4); (): all
     c.model = ml_collections.ConfigDict()
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -44,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
         # utilisation, mfu; 0: not logged.
         peak_flops=0.0,
         eval_every=0,  # steps between evaluations (the eval block); 0: none
+        prior_loss_weight=1.0,  # data.source='dreambooth': the class (prior-preservation) loss's weight
         # Fine-tuning (diffax.train.finetune, docs/efficiency.md): start from init_from (a training workdir or a
         # diffusers folder) and train every weight ('full'), LoRA factors ('lora') or the quantization scales
         # of a frozen int8 / int4 base per timestep group ('tuneqdm').
@@ -56,6 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
             groups=4,  # timestep groups, each with its own scale set
             per_channel=True,  # False: one factor per tensor and group
             include="", exclude=""))))  # comma-separated regexes over kernel paths choosing the tuned layers
+    # DreamBooth (diffax.train.dreambooth, docs/training.md): the subject's images in instance_data captioned
+    # instance_prompt, and num_class_images of its class captioned class_prompt in class_data (generated there
+    # by the init_from pipeline, sample_batch_size per call, when fewer). Trained with data.source='dreambooth'
+    # on the two caches, each step's loss being the instance loss + train.prior_loss_weight x the class loss.
+    c.dreambooth = ml_collections.ConfigDict(dict(
+        instance_data="", instance_prompt="", class_data="", class_prompt="", num_class_images=100,
+        sample_batch_size=4))
     # prompts: the grid's fixed prompts for a text-conditioned model trained from a latent cache (empty: up
     # to 10 of the cache's own captions).
     c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0, prompts=()))
@@ -137,6 +146,9 @@ RANGES = (
     ("train.peak_flops", ">= 0 (0: no mfu)", lambda v: v >= 0),
     ("sample.steps", ">= 1", lambda v: v >= 1),
     ("train.eval_every", ">= 0 (0: no evaluation)", lambda v: v >= 0),
+    ("train.prior_loss_weight", ">= 0", lambda v: v >= 0),
+    ("dreambooth.num_class_images", ">= 1", lambda v: v >= 1),
+    ("dreambooth.sample_batch_size", ">= 1", lambda v: v >= 1),
     ("eval.num_samples", ">= 1", lambda v: v >= 1),
     ("cache.crops", ">= 1", lambda v: v >= 1),
     ("cache.crop_size", ">= 0 (0: the whole image)", lambda v: v >= 0),

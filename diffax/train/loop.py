@@ -53,17 +53,22 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module, null_con
         learn_sigma=model.config.learn_sigma,
         label_dropout=config.train.label_dropout if model.config.has_null_cond or null_cond is not None else 0.0,
         null_cond=null_cond,
-        timestep_groups=finetune.timestep_groups(config))
+        timestep_groups=finetune.timestep_groups(config),
+        prior_loss_weight=config.train.prior_loss_weight)
 
 
 def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any]:
     """The data pipeline's {'image', 'label'} as the train step's {'image', 'cond'}: the labels become the
     model's `class_labels` for a class-conditional model and are ignored by an unconditional one; a
-    text-conditioned model takes the batch's 'cond' (a latent cache's text embeddings)."""
+    text-conditioned model takes the batch's 'cond' (a latent cache's text embeddings) and its 'prior' row
+    flags where a DreamBooth source gives them."""
     if autoencoder.is_autoencoder(model):  # an autoencoder reconstructs the images: nothing conditions it
         return {"image": batch["image"]}
     if evaluate.takes_text(model.config):
-        return {"image": batch["image"], "cond": {"encoder_hidden_states": batch["cond"]["encoder_hidden_states"]}}
+        out = {"image": batch["image"], "cond": {"encoder_hidden_states": batch["cond"]["encoder_hidden_states"]}}
+        if "prior" in batch:  # DreamBooth: which rows are class images (diffax.data.dreambooth)
+            out["prior"] = batch["prior"]
+        return out
     cond = {"class_labels": batch["label"]} if model.config.num_classes else {}
     return {"image": batch["image"], "cond": cond}
 

@@ -40,6 +40,7 @@ class Objective:
     # One example's 'no conditioning' inputs (no batch axis) where the model's config cannot make them: the
     # empty prompt's text embedding {'encoder_hidden_states': [L, D]} of a text-conditioned U-Net.
     null_cond: Any = None
+    prior_loss_weight: float = 1.0      # DreamBooth batches (a 'prior' row flag): the class rows' loss weight
 
     def __post_init__(self):
         if self.learn_sigma and self.prediction_type != "epsilon":
@@ -54,7 +55,7 @@ class Objective:
     def __hash__(self) -> int:  # the table is a constant of the compiled step
         null = tuple(np.asarray(x).tobytes() for x in jax.tree.leaves(self.null_cond))
         return hash((self.alphas_cumprod.tobytes(), self.prediction_type, self.snr_gamma, self.learn_sigma,
-                     self.label_dropout, null, self.timestep_groups))
+                     self.label_dropout, null, self.timestep_groups, self.prior_loss_weight))
 
 
 def drop_cond(cond: Any, null: Any, key: jax.Array, rate: float) -> Any:
@@ -76,7 +77,8 @@ def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: d
                    key: jax.Array, train: bool = True, view: Callable[[Any, jax.Array], Any] | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean loss over the batch and metrics. batch: {'image': [B, H, W, C], 'cond': the model's keyword
-    inputs (optional: none)}. `view(params, t)`, when given, makes the weights the model runs on from the
+    inputs (optional: none), 'prior': [B] bool (optional: DreamBooth's class rows, `prior_preservation_loss`)}.
+    `view(params, t)`, when given, makes the weights the model runs on from the
     trained tree `params` and the batch's timesteps t [B]."""
     x0 = batch["image"]
     k_t, k_noise, k_cond, k_dropout = jax.random.split(key, 4)
@@ -104,9 +106,33 @@ def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: d
             parts["loss"] = parts["mse"] * weight + parts["vb"]
         metrics = {k: v.mean() for k, v in parts.items()}
         return metrics["loss"], metrics
+    if "prior" in batch:
+        return prior_preservation_loss(out, x0, noise, t, objective, batch["prior"])
     loss = objectives.diffusion_loss(out, x0, noise, t, objective.alphas_cumprod, objective.prediction_type,
                                      snr_gamma=objective.snr_gamma)
     return loss, {"loss": loss}
+
+
+def prior_preservation_loss(out: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array, objective: Objective,
+                            prior: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DreamBooth's loss (diffusers' train_dreambooth.py) over instance rows (prior False) and class rows
+    (prior True) [B]: the instance rows' mean error (min-SNR weighted with snr_gamma) plus
+    `objective.prior_loss_weight` x the class rows' plain mean error. Each mean is over its own rows, so a
+    batch of n instance and n class rows gives diffusers' value for its [instances, classes] halves."""
+    goal = objectives.target(objective.prediction_type, x0.astype(jnp.float32), noise.astype(jnp.float32),
+                             objective.alphas_cumprod, t)
+    err = jnp.square(out.astype(jnp.float32) - goal)
+    per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B]
+    is_class = prior.astype(jnp.float32)  # [B]
+    is_instance = 1.0 - is_class
+    weight = is_instance
+    if objective.snr_gamma is not None:  # diffusers weights the instance term only
+        weight = weight * objectives.loss_weight(objective.prediction_type, objective.alphas_cumprod, t,
+                                                 objective.snr_gamma)
+    instance = jnp.sum(per_example * weight) / jnp.maximum(jnp.sum(is_instance), 1.0)
+    prior_loss = jnp.sum(per_example * is_class) / jnp.maximum(jnp.sum(is_class), 1.0)
+    loss = instance + objective.prior_loss_weight * prior_loss
+    return loss, {"loss": loss, "instance_loss": instance, "prior_loss": prior_loss}
 
 
 # loss_fn(params, batch, key) -> (mean loss, metrics {'loss': ..., ...}): what a train step differentiates.
