@@ -33,6 +33,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 
 from diffax import parallel
 from diffax.data.latent_cache import EMPTY_PROMPT, FORMAT, MANIFEST, VERSION, encode_record, read_manifest
+from diffax.data import sdxl_cache
 from diffax.data.pipeline import make_source
 from diffax.models.config_base import CONFIG_NAME
 
@@ -108,16 +109,21 @@ def _variants(crops: int, flip: bool) -> list[dict[str, Any]]:
             for f in ((False, True) if flip else (False,))]
 
 
+def crop_offsets(size: int, index: int, config: ml_collections.ConfigDict, side: int) -> list[tuple[int, int]]:
+    """(top, left) of each of image `index`'s cache.crops crops of side `side` in its [size, size] square:
+    crop 0 centered, the others drawn from (cache.seed, index, crop)."""
+    offsets = [((size - side) // 2, (size - side) // 2)]
+    for c in range(1, config.crops):
+        top, left = np.random.default_rng([config.seed, index, c]).integers(0, size - side + 1, 2)
+        offsets.append((int(top), int(left)))
+    return offsets
+
+
 def _crops(image: np.ndarray, index: int, config: ml_collections.ConfigDict, side: int) -> np.ndarray:
-    """The variants of one image [S, S, C] -> [V, side, side, C]: crop 0 centered, the others at offsets
-    drawn from (cache.seed, index, crop), each followed by its mirror image with cache.flip."""
-    size = image.shape[0]
+    """The variants of one image [S, S, C] -> [V, side, side, C]: the crops of `crop_offsets`, each followed
+    by its mirror image with cache.flip."""
     out = []
-    for c in range(config.crops):
-        if c == 0:
-            top = left = (size - side) // 2
-        else:
-            top, left = np.random.default_rng([config.seed, index, c]).integers(0, size - side + 1, 2)
+    for top, left in crop_offsets(image.shape[0], index, config, side):
         crop = image[top:top + side, left:left + side]
         out.append(crop)
         if config.flip:
@@ -171,8 +177,13 @@ class _Encoders:
         self.scaling = {"scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
                         "latents_mean": None if cfg.latents_mean is None else list(cfg.latents_mean),
                         "latents_std": None if cfg.latents_std is None else list(cfg.latents_std)}
-        self.text_info = None
+        self.text_info = self.pair = None
         if not cache.text_encoder:
+            return
+        if sdxl_cache.second_encoder(cache) is not None:  # SDXL's two text encoders (diffax/data/sdxl_cache.py)
+            self.pair = sdxl_cache.PromptEncoder(cache, mesh, rules, self.batch)
+            self.tokenizer, self.max_length = self.pair.tokenizer_1, self.pair.max_length  # tokens(): the first's
+            self.text_info = self.pair.info
             return
         te_path, te_sub = _component(cache.text_encoder, "text_encoder", "cache.text_encoder")
         tok_folder = _tokenizer_folder(cache, te_path, te_sub)
@@ -211,6 +222,8 @@ class _Encoders:
 
     def captions(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Captions -> {'encoder_hidden_states': [N, L, D] (, 'text_embeds': [N, P])} (float32)."""
+        if self.pair is not None:
+            return self.pair(captions)
         from diffax.pipelines.text_encoding import tokenize_prompts
         ids, n = self._padded(tokenize_prompts(self.tokenizer, captions, max_length=self.max_length))
         out = jax.device_get(self._encode_text(self.text_params, ids))
@@ -271,13 +284,18 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
     cache = config.cache
     out = Path(cache.out).expanduser().resolve()
     mesh, rules = parallel.mesh_from_config(config.mesh)
-    source = make_source(config.data) if source is None else source
+    micro = bool(cache.text_encoder) and sdxl_cache.second_encoder(cache) is not None  # SDXL's time ids
+    if source is None:
+        source = sdxl_cache.sized_source(config.data) if micro else make_source(config.data)
     encoders = _Encoders(config, mesh, rules)
     fingerprint = _fingerprint(config, encoders)
     if _existing(out, fingerprint):
         _log(f"{out}: already holds this cache (same fingerprint); nothing to do")
         return out
     first = source[0]
+    if micro and "original_size" not in first:
+        raise ValueError("config key 'cache.text_encoder_2': an SDXL cache needs each image's original size, which "
+                         "this data source does not give (use data.source='folder')")
     channels = first["image"].shape[-1]
     if channels != encoders.vae.config.in_channels:
         raise ValueError(f"config key 'data.channels' is {channels}, but the VAE ({cache.vae}) takes "
@@ -316,6 +334,10 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
                 entry = {"mean": mean[j].astype(dtype), "logvar": logvar[j].astype(dtype),
                          "label": np.int64(record["label"])}
                 entry.update({k: v[j].astype(dtype) for k, v in embeds.items()})
+                if micro:  # each variant's original size, crop corner and target size [V, 6]
+                    entry["time_ids"] = sdxl_cache.variant_time_ids(
+                        record["original_size"], config.data.image_size,
+                        crop_offsets(config.data.image_size, start + j, cache, side), side, cache.flip)
                 if "caption" in record:
                     entry["caption"] = str(record["caption"])
                     if len(prompts) < MAX_GRID_PROMPTS and record["caption"] not in prompts:
@@ -339,6 +361,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
             empty = encoders.captions([""])
             np.savez(tmp / EMPTY_PROMPT, **{k: v[0] for k, v in empty.items()})
             manifest["text"] = {**encoders.text_info, "dtype": cache.dtype}
+        if micro:
+            manifest["time_ids"] = {"shape": [len(variants), sdxl_cache.NUM_TIME_IDS], "target_size": [side, side]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():  # another process finished the same cache meanwhile
             raise ValueError(f"config key 'cache.out': {str(out)!r} appeared while caching; refusing to overwrite")

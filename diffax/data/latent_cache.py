@@ -17,6 +17,10 @@ projection). A training example is a fresh draw: a random variant, then latent =
 scale being the VAE's `scaling_factor` (and shift), so epochs see different latents as when the VAE runs
 every step. The draw is a function of (seed, position in the shuffled stream), hence of epoch and index,
 and a resumed run draws exactly what an uninterrupted one would.
+
+An SDXL cache (two text encoders, diffax/data/sdxl_cache.py) also stores each variant's micro-conditioning
+`time_ids` float32 [V, 6] (original size, crop corner, target size); a draw puts the same variant's in
+`cond['time_ids']` [6].
 """
 from __future__ import annotations
 
@@ -120,6 +124,8 @@ class StoredRecords:
         self._shapes = {k: (variants, *manifest["latent"]["shape"]) for k in ("mean", "logvar")}
         if manifest.get("text"):
             self._shapes.update({k: tuple(v) for k, v in manifest["text"]["shapes"].items()})
+        if manifest.get("time_ids"):  # an SDXL cache's micro-conditioning, one row per variant
+            self._shapes["time_ids"] = tuple(manifest["time_ids"]["shape"])
         self._sources = []
         for file, shard in zip(self._files, manifest["shards"]):
             if not Path(file).is_file():
@@ -194,6 +200,8 @@ class LatentCacheSource:
         out = {"image": scale_latents(z, self._scaling).astype(np.float32), "label": np.int64(record["label"])}
         if self._text_keys:
             out["cond"] = {k: record[k].astype(np.float32) for k in self._text_keys}
+        if "time_ids" in record:  # SDXL: the drawn variant's size and crop ids [6] (diffax/data/sdxl_cache.py)
+            out["cond"]["time_ids"] = record["time_ids"][v].astype(np.float32)
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -74,10 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
     # `python -m diffax.data.cache` (docs/data.md): data's images through a VAE (an AutoencoderKL folder or a
     # diffusers pipeline folder with vae/) and captions through a CLIP text encoder ('': labels only) into
     # ArrayRecord shards under `out`; `crops` crops of side crop_size (0: the whole image) per image, the
-    # first centered, each also flipped with `flip`.
+    # first centered, each also flipped with `flip`. SDXL (diffax/data/sdxl_cache.py): text_encoder_2 /
+    # tokenizer_2 name the second text encoder (found in an SDXL pipeline folder given as text_encoder), and the
+    # cache also stores each crop's micro-conditioning time ids.
     c.cache = ml_collections.ConfigDict(dict(
-        vae="", text_encoder="", tokenizer="", out="", crops=1, crop_size=0, flip=False, batch_size=32,
-        dtype="float32", records_per_shard=1024, seed=0))
+        vae="", text_encoder="", tokenizer="", text_encoder_2="", tokenizer_2="", out="", crops=1, crop_size=0,
+        flip=False, batch_size=32, dtype="float32", records_per_shard=1024, seed=0))
     # An AutoencoderKL's objective (diffax/train/autoencoder.py): the 'l1' or 'mse' reconstruction error plus
     # kl_weight x the posterior's KL to N(0, I) per pixel.
     c.autoencoder = ml_collections.ConfigDict(dict(reconstruction="l1", kl_weight=1e-6))

@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from diffax import parallel
-from diffax.data import make_source, make_train_iterator
+from diffax.data import make_source, make_train_iterator, sdxl_cache
 from diffax.models import boxed_init, build_model
 from diffax.schedulers.names import scheduler_for
 from diffax.train import autoencoder, checkpoint, evaluate, resume
@@ -46,6 +46,8 @@ def make_objective(config: ml_collections.ConfigDict, model: nn.Module, null_con
     unconditional inputs where the model's config cannot make them (a latent cache's empty-prompt embedding),
     which turns on label dropout for a text-conditioned model."""
     d = config.diffusion
+    if isinstance(null_cond, dict) and "encoder_hidden_states" in null_cond and evaluate.takes_text(model.config):
+        null_cond = sdxl_cache.unet_cond(null_cond, model.config, null=True)  # the cache's fields as keywords
     return Objective(
         alphas_cumprod=scheduler_for("ddpm", d).alphas_cumprod(),
         prediction_type=d.prediction_type,
@@ -65,7 +67,7 @@ def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any
     if autoencoder.is_autoencoder(model):  # an autoencoder reconstructs the images: nothing conditions it
         return {"image": batch["image"]}
     if evaluate.takes_text(model.config):
-        out = {"image": batch["image"], "cond": {"encoder_hidden_states": batch["cond"]["encoder_hidden_states"]}}
+        out = {"image": batch["image"], "cond": sdxl_cache.unet_cond(batch["cond"], model.config)}
         if "prior" in batch:  # DreamBooth: which rows are class images (diffax.data.dreambooth)
             out["prior"] = batch["prior"]
         return out
@@ -196,6 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     if not autoencoder.is_autoencoder(model) and evaluate.takes_text(spec) and "cond" not in source[0]:
         raise ValueError(f"model.name={config.model.name!r} is text-conditioned: train it from a latent cache "
                          f"written with a text encoder (data.source='latent_cache', docs/data.md)")
+    if getattr(spec, "addition_embed_type", None) == "text_time" and (tc.sample_every or tc.eval_every):
+        raise ValueError("config keys 'train.sample_every' / 'train.eval_every' must be 0 for an SDXL U-Net "
+                         "(addition_embed_type 'text_time'): its grids are not drawn while training; sample "
+                         "the exported pipeline (python -m diffax.train.pipeline_export)")
     it = make_train_iterator(source, global_batch_size=tc.batch_size, seed=config.seed,
                              worker_count=config.data.worker_count)
 

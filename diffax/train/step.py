@@ -38,7 +38,8 @@ class Objective:
     label_dropout: float = 0.0          # probability of replacing an example's cond by the model's null_cond
     timestep_groups: int = 1            # > 1: a batch's timesteps all lie in one of this many equal ranges (TuneQDM)
     # One example's 'no conditioning' inputs (no batch axis) where the model's config cannot make them: the
-    # empty prompt's text embedding {'encoder_hidden_states': [L, D]} of a text-conditioned U-Net.
+    # empty prompt's text embedding {'encoder_hidden_states': [L, D]} of a text-conditioned U-Net. A None
+    # leaf is an input dropout leaves as it is (an SDXL U-Net's time_ids).
     null_cond: Any = None
     prior_loss_weight: float = 1.0      # DreamBooth batches (a 'prior' row flag): the class rows' loss weight
 
@@ -94,7 +95,9 @@ def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: d
         if objective.null_cond is None:
             null = model.config.null_cond(cond)
         else:
-            null = jax.tree.map(lambda n, c: jnp.broadcast_to(n, c.shape).astype(c.dtype), objective.null_cond, cond)
+            # a None leaf keeps the example's own input (SDXL's time ids describe the image, not the prompt)
+            null = jax.tree.map(lambda n, c: c if n is None else jnp.broadcast_to(n, c.shape).astype(c.dtype),
+                                objective.null_cond, cond, is_leaf=lambda n: n is None)
         cond = drop_cond(cond, null, k_cond, objective.label_dropout)
     if view is not None:
         params = view(params, t)
