@@ -51,7 +51,7 @@ def test_auto_on_cpu_blocks_long_keys_only():
     """On CPU 'auto' is 'chunked' with the CPU block sizes: the blocked online softmax past CPU_KEY_CHUNK keys
     (600 keys: 3 blocks of 200); 'xla' past ONE_SHOT_MAX_KEYS is the [B, L, H, D] einsum form. Same numbers."""
     assert jax.default_backend() == "cpu"
-    assert attention._resolve("auto", jnp.float32, 64) == "chunked"
+    assert attention.auto_backend("cpu", jnp.float32, (1, 40, 2, 64), (1, 600, 2, 64)) == "chunked"
     assert attention.CPU_KEY_CHUNK < 600 and attention.ONE_SHOT_MAX_KEYS < 600
     q, k, v = _qkv(40, 600, heads=2, batch=1)
     mask = jnp.asarray(np.arange(600) < 590)  # [Lk]: padding, broadcast over batch, heads and queries
@@ -107,13 +107,140 @@ def test_bad_inputs_are_named():
         dot_product_attention(q, q, q, backend="chunked", key_chunk_size=0)
 
 
-def test_auto_picks_cudnn_only_for_heads_it_takes(monkeypatch):
+def test_auto_picks_cudnn_only_for_heads_it_takes():
     """On GPU with half-precision inputs 'auto' is cuDNN flash attention, except for heads it refuses:
     wider than 128 (SD 1.x's 160, the VAE's 512) or not a multiple of 8."""
-    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
-    assert attention._resolve("auto", jnp.bfloat16, 64) == "cudnn"
-    assert attention._resolve("auto", jnp.bfloat16, 160) == "xla"
-    assert attention._resolve("auto", jnp.bfloat16, 512) == "xla"
-    assert attention._resolve("auto", jnp.float16, 100) == "xla"
-    assert attention._resolve("auto", jnp.float32, 64) == "xla"
-    assert attention._resolve("chunked", jnp.bfloat16, 512) == "chunked"
+    def pick(dtype, head_dim):
+        return attention.auto_backend("gpu", dtype, (2, 64, 8, head_dim), (2, 77, 8, head_dim))
+
+    assert pick(jnp.bfloat16, 64) == "cudnn"
+    assert pick(jnp.bfloat16, 160) == "xla"
+    assert pick(jnp.bfloat16, 512) == "xla"
+    assert pick(jnp.float16, 100) == "xla"
+    assert pick(jnp.float32, 64) == "xla"
+
+
+# Splash attention runs jax's Pallas TPU kernel in interpret mode here (no TPU): the kernel's own code, so
+# these check diffax's padding, scaling, layout and sharding around it, not its TPU speed.
+# (Lq, Lk, head dim, block sizes): 77 tokens in one padded block with 40-wide heads padded to 128; 300
+# queries over 77 text tokens in 128-blocks (3 query blocks, the last and the key block padded).
+SPLASH_CASES = [(77, 77, 40, None), (300, 77, 64, 128)]
+
+
+def _splash_inputs(lq, lk, dim, heads=2, batch=2, dtype=jnp.float32):
+    return _qkv(lq, lk, heads=heads, dim=dim, batch=batch, dtype=dtype)
+
+
+@pytest.mark.parametrize("lq, lk, dim, block", SPLASH_CASES)
+def test_splash_matches_xla(lq, lk, dim, block):
+    q, k, v = _splash_inputs(lq, lk, dim)
+    out = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, backend="splash", chunk_size=block,
+                                                        key_chunk_size=block))(q, k, v)
+    want = dot_product_attention(q, k, v, backend="xla")
+    assert out.shape == q.shape and out.dtype == q.dtype
+    # Both fp32 with an fp32 softmax: ~1e-6 apart. A padded key given any weight would be off by ~1e-1.
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_splash_gradients_match_xla():
+    """The kernel's own backward pass (dq and dk/dv kernels), through the padding of queries, keys and the
+    head dim: padded queries must add nothing to dk and dv."""
+    q, k, v = _splash_inputs(130, 77, 40, batch=1)
+    w = jax.random.normal(jax.random.key(3), q.shape)
+
+    def loss(backend, block):
+        return lambda q, k, v: jnp.sum(dot_product_attention(q, k, v, backend=backend, chunk_size=block,
+                                                             key_chunk_size=block) * w)
+
+    got = jax.jit(jax.grad(loss("splash", 128), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss("xla", None), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_splash_runs_per_shard_under_a_mesh(num_devices):
+    """Under a mesh and the default rules the kernel runs inside shard_map over batch (data) and heads
+    (tensor); the output keeps that sharding and the numbers of the unsharded call."""
+    from diffax import parallel
+
+    if num_devices < 4:
+        pytest.skip("needs 4 devices")
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devices=jax.devices()[:4])
+    q, k, v = _splash_inputs(77, 77, 40, heads=4)
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, backend="splash")
+
+    with parallel.use_rules(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(attend)(q, k, v))
+        # 3 heads do not split over tensor = 2: they stay whole on every device, the batch still splits.
+        spec = parallel.activation_spec(("batch", None, "heads", None), (2, 77, 3, 40))
+        assert spec[0] is not None and spec[2] is None
+    assert parallel.activation_spec(("batch", None, "heads", None), q.shape) is None  # outside a mesh
+    assert "shard_map" not in str(jax.make_jaxpr(attend)(q, k, v))
+    out = parallel.jit_with_rules(attend, mesh)(q, k, v)
+    assert out.sharding.spec[0] in ("data", ("data", "fsdp")) and out.sharding.spec[2] == "tensor"
+    np.testing.assert_allclose(np.asarray(out), np.asarray(dot_product_attention(q, k, v, backend="xla")),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_splash_on_tpu_for_long_unmasked_attention():
+    """On TPU 'auto' is splash for unmasked attention with at least SPLASH_MIN_QUERIES queries (SD's 64x64
+    latents: 4096, self- or cross-attention over 77 text tokens); short or masked calls stay 'xla'."""
+    def pick(lq, lk, masked=False, dtype=jnp.bfloat16):
+        return attention.auto_backend("tpu", dtype, (2, lq, 8, 64), (2, lk, 8, 64), masked)
+
+    n = attention.SPLASH_MIN_QUERIES
+    assert pick(4096, 4096) == pick(4096, 77) == pick(n, 77, dtype=jnp.float32) == "splash"
+    assert pick(n - 1, n - 1) == "xla"
+    assert pick(77, 77, masked=True) == pick(4096, 4096, masked=True) == "xla"
+
+
+def test_splash_with_a_mask_runs_xla_and_block_sizes_are_checked():
+    q, k, v = _splash_inputs(23, 19, 8)
+    assert attention._resolve("splash", q, k, masked=True) == "xla"
+    assert attention._resolve("splash", q, k, masked=False) == "splash"
+    with pytest.raises(ValueError, match="splash attention chunk_size .* multiple of 128"):
+        dot_product_attention(q, k, v, backend="splash", chunk_size=100)
+    from diffax.models import splash_attention
+    assert splash_attention.block_sizes(77, 77, jnp.float32) == (128, 128)
+    assert splash_attention.block_sizes(4096, 77, jnp.bfloat16) == (1024, 128)
+    assert splash_attention.block_sizes(4096, 4096, jnp.float32) == (512, 512)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lq, lk, dim, block", [(300, 300, 64, None), (300, 300, 40, 128), (77, 300, 64, None),
+                                                (256, 256, 128, 128)])
+def test_splash_matches_xla_more_shapes(lq, lk, dim, block):
+    """Self-attention at 300 tokens in one 384 block (default) and in 3 x 3 padded 128-blocks; a query
+    block shorter than the key block; 256 tokens of 128-wide heads in 2 x 2 blocks, nothing padded."""
+    test_splash_matches_xla(lq, lk, dim, block)
+
+
+@pytest.mark.slow
+def test_splash_bf16_close_to_numpy():
+    q, k, v = _splash_inputs(300, 77, 64, dtype=jnp.bfloat16)
+    out = dot_product_attention(q, k, v, backend="splash")
+    assert out.dtype == jnp.bfloat16
+    want = _numpy_attention(*(x.astype(jnp.float32) for x in (q, k, v)))
+    # bf16 q (scaled in bf16), probabilities and output: a few bf16 ulps (2**-8) of the O(1) values.
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=0, atol=3e-2)
+
+
+@pytest.mark.slow
+def test_a_model_runs_splash_through_its_config():
+    """A tiny DiT (16 tokens of two 16-wide heads) with attention_backend='splash' gives the 'xla' numbers."""
+    from diffax.models.dit import DiT, DiTConfig
+
+    small = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))  # NHWC
+    t, y = jnp.array([999, 17]), jnp.array([3, 7])
+    xla = DiTConfig.from_reference(**small, attention_backend="xla")
+    params = DiT(xla).init(jax.random.key(1), x, t, class_labels=y)["params"]
+    # Random values everywhere: DiT's zero-initialised adaLN gates would otherwise cut attention out.
+    leaves, tree = jax.tree.flatten(params)
+    params = tree.unflatten([0.3 * jax.random.normal(jax.random.key(i), p.shape) for i, p in enumerate(leaves)])
+    outs = [jax.jit(DiT(DiTConfig.from_reference(**small, attention_backend=b)).apply)({"params": params}, x, t,
+                                                                                        class_labels=y)
+            for b in ("xla", "splash")]
+    np.testing.assert_allclose(np.asarray(outs[1]), np.asarray(outs[0]), rtol=1e-5, atol=1e-5)

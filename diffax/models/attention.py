@@ -9,8 +9,14 @@ backends:
              so at most [B, H, chunk_size, key_chunk_size] scores exist at once. A problem that fits in one
              block falls through to the one-shot path, so short sequences pay nothing for it.
   'cudnn'    cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, fp16/bf16 inputs only).
-  'auto'     GPU: 'cudnn' for half-precision inputs and heads cuDNN's flash attention takes (at most 128 wide,
+  'splash'   jax's Pallas splash-attention kernel for TPU (diffax/models/splash_attention.py), blocks of
+             `chunk_size` queries and `key_chunk_size` keys (multiples of 128; default by dtype). Off TPU it
+             runs in Pallas interpret mode (correct, slow: for tests). Its masks are static per-head patterns,
+             not the boolean arrays this function takes, so a call with a `mask` runs 'xla' instead.
+  'auto'     `auto_backend(platform, ...)`:
+             GPU: 'cudnn' for half-precision inputs and heads cuDNN's flash attention takes (at most 128 wide,
              a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
+             TPU: 'splash' for unmasked calls with at least `SPLASH_MIN_QUERIES` queries, else 'xla'.
              CPU: 'chunked' with the CPU block sizes: one shot (heads-major) up to `CPU_KEY_CHUNK` keys and
              `CPU_QUERY_CHUNK` queries, blocked past that, where the score matrix no longer fits in cache.
              Other platforms: 'xla'.
@@ -21,10 +27,14 @@ from __future__ import annotations
 
 import math
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 
-BACKENDS = ("auto", "xla", "cudnn", "chunked")
+from diffax.models.splash_attention import splash_attention
+
+BACKENDS = ("auto", "xla", "cudnn", "chunked", "splash")
 
 # CPU sizes, measured with XLA's CPU backend on a 2-core x86 machine with a 32 MiB L3 cache
 # (docs/performance.md): one-shot attention wins while the scores are small; above that, 256-key blocks and
@@ -34,20 +44,36 @@ ONE_SHOT_MAX_KEYS = 256
 CPU_KEY_CHUNK = 256
 CPU_QUERY_CHUNK = 1024
 
+# TPU: below this many queries 'auto' keeps XLA's fused one-shot attention, whose [Lq, Lk] scores are small
+# there, and spares the kernel's block padding. A guess from maxdiffusion's practice (its
+# `flash_min_seq_length`: 512 for Flux, 4096 for Wan), not measured: no TPU was available.
+SPLASH_MIN_QUERIES = 1024
+
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives uniform weights, not NaN
 
 
-def _resolve(backend: str, dtype: jnp.dtype, head_dim: int) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    platform = jax.default_backend()
+def auto_backend(platform: str, dtype: jnp.dtype, q_shape: Sequence[int], k_shape: Sequence[int],
+                 masked: bool = False) -> str:
+    """The backend 'auto' runs for q [B, Lq, H, D] and k [B, Lk, H, D] of `dtype` (with a mask or not) on
+    `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()` names it)."""
     if platform == "gpu":
+        head_dim = q_shape[-1]
         half = dtype in (jnp.bfloat16, jnp.float16)
         flash_head = head_dim <= 128 and head_dim % 8 == 0
         return "cudnn" if half and flash_head else "xla"
+    if platform == "tpu":
+        return "splash" if not masked and q_shape[1] >= SPLASH_MIN_QUERIES else "xla"
     return "chunked" if platform == "cpu" else "xla"
+
+
+def _resolve(backend: str, q: jax.Array, k: jax.Array, masked: bool) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return auto_backend(jax.default_backend(), q.dtype, q.shape, k.shape, masked)
+    if backend == "splash" and masked:
+        return "xla"
+    return backend
 
 
 def _even_chunks(length: int, chunk: int) -> tuple[int, int]:
@@ -163,7 +189,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     mask: booleans broadcastable to [B, H, Lq, Lk], True where a query may attend to a key (a causal mask
     [1, 1, Lq, Lk] and a padding mask [B, 1, 1, Lk] combine with `&`); None attends everywhere.
     chunk_size, key_chunk_size: the 'chunked' backend's queries per chunk and keys per block (default
-    `CPU_QUERY_CHUNK` and `CPU_KEY_CHUNK`); smaller blocks bound memory tighter.
+    `CPU_QUERY_CHUNK` and `CPU_KEY_CHUNK`); smaller blocks bound memory tighter. For 'splash', the kernel's
+    query and key block sizes (multiples of 128; default `splash_attention.block_sizes`).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention expects q [B, Lq, H, D], k = v [B, Lk, H, D]; got {q.shape}, "
@@ -180,7 +207,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     key_chunk = CPU_KEY_CHUNK if key_chunk_size is None else key_chunk_size
     if chunk < 1 or key_chunk < 1:
         raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk}, {key_chunk}")
-    backend = _resolve(backend, q.dtype, q.shape[-1])
+    backend = _resolve(backend, q, k, mask is not None)
+    if backend == "splash":
+        return splash_attention(q, k, v, scale=scale, block_q=chunk_size, block_kv=key_chunk_size)
     if backend == "cudnn":
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if backend == "xla" and not (jax.default_backend() == "cpu" and k.shape[1] <= ONE_SHOT_MAX_KEYS):
