@@ -218,6 +218,24 @@ def logical_shardings(logical_specs: Any, mesh: Mesh, rules: Rules = DEFAULT_RUL
     return jax.tree.map(lambda sharding, x: _fit(sharding, x.shape), shardings, shapes)
 
 
+def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int]) -> P | None:
+    """The PartitionSpec that the mesh and rules in effect (`use_rules`) give an activation of `shape` whose
+    dimensions have these logical names, a dimension that its mesh axes do not divide left whole; None
+    outside a mesh or where nothing is split. For code that must run per shard (`jax.shard_map` around a
+    Pallas kernel, which XLA cannot partition) while tracing."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    spec = list(nn.logical_to_mesh_axes(tuple(logical_axes)))
+    for i, axes in enumerate(spec):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if shape[i] % int(np.prod([mesh.shape[a] for a in names])):
+            spec[i] = None
+    if all(axes is None for axes in spec):
+        return None
+    return P(*spec)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device (scalars, RNG keys, small tables)."""
     return NamedSharding(mesh, P())
