@@ -51,7 +51,7 @@ def test_auto_on_cpu_blocks_long_keys_only():
     """On CPU 'auto' is 'chunked' with the CPU block sizes: the blocked online softmax past CPU_KEY_CHUNK keys
     (600 keys: 3 blocks of 200); 'xla' past ONE_SHOT_MAX_KEYS is the [B, L, H, D] einsum form. Same numbers."""
     assert jax.default_backend() == "cpu"
-    assert attention.auto_backend("cpu", jnp.float32, (1, 40, 2, 64), (1, 600, 2, 64)) == "chunked"
+    assert attention.auto_backend("cpu", jnp.float32, (1, 40, 2, 64)) == "chunked"
     assert attention.CPU_KEY_CHUNK < 600 and attention.ONE_SHOT_MAX_KEYS < 600
     q, k, v = _qkv(40, 600, heads=2, batch=1)
     mask = jnp.asarray(np.arange(600) < 590)  # [Lk]: padding, broadcast over batch, heads and queries
@@ -111,7 +111,7 @@ def test_auto_picks_cudnn_only_for_heads_it_takes():
     """On GPU with half-precision inputs 'auto' is cuDNN flash attention, except for heads it refuses:
     wider than 128 (SD 1.x's 160, the VAE's 512) or not a multiple of 8."""
     def pick(dtype, head_dim):
-        return attention.auto_backend("gpu", dtype, (2, 64, 8, head_dim), (2, 77, 8, head_dim))
+        return attention.auto_backend("gpu", dtype, (2, 64, 8, head_dim))
 
     assert pick(jnp.bfloat16, 64) == "cudnn"
     assert pick(jnp.bfloat16, 160) == "xla"
@@ -187,19 +187,19 @@ def test_splash_runs_per_shard_under_a_mesh(num_devices):
 def test_auto_picks_splash_on_tpu_for_long_unmasked_attention():
     """On TPU 'auto' is splash for unmasked attention with at least SPLASH_MIN_QUERIES queries (SD's 64x64
     latents: 4096, self- or cross-attention over 77 text tokens); short or masked calls stay 'xla'."""
-    def pick(lq, lk, masked=False, dtype=jnp.bfloat16):
-        return attention.auto_backend("tpu", dtype, (2, lq, 8, 64), (2, lk, 8, 64), masked)
+    def pick(lq, masked=False, dtype=jnp.bfloat16):
+        return attention.auto_backend("tpu", dtype, (2, lq, 8, 64), masked)
 
     n = attention.SPLASH_MIN_QUERIES
-    assert pick(4096, 4096) == pick(4096, 77) == pick(n, 77, dtype=jnp.float32) == "splash"
-    assert pick(n - 1, n - 1) == "xla"
-    assert pick(77, 77, masked=True) == pick(4096, 4096, masked=True) == "xla"
+    assert pick(4096) == pick(n, dtype=jnp.float32) == "splash"
+    assert pick(n - 1) == pick(77) == "xla"
+    assert pick(77, masked=True) == pick(4096, masked=True) == "xla"
 
 
 def test_splash_with_a_mask_runs_xla_and_block_sizes_are_checked():
     q, k, v = _splash_inputs(23, 19, 8)
-    assert attention._resolve("splash", q, k, masked=True) == "xla"
-    assert attention._resolve("splash", q, k, masked=False) == "splash"
+    assert attention._resolve("splash", q, masked=True) == "xla"
+    assert attention._resolve("splash", q, masked=False) == "splash"
     with pytest.raises(ValueError, match="splash attention chunk_size .* multiple of 128"):
         dot_product_attention(q, k, v, backend="splash", chunk_size=100)
     from diffax.models import splash_attention

@@ -52,9 +52,8 @@ SPLASH_MIN_QUERIES = 1024
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives uniform weights, not NaN
 
 
-def auto_backend(platform: str, dtype: jnp.dtype, q_shape: Sequence[int], k_shape: Sequence[int],
-                 masked: bool = False) -> str:
-    """The backend 'auto' runs for q [B, Lq, H, D] and k [B, Lk, H, D] of `dtype` (with a mask or not) on
+def auto_backend(platform: str, dtype: jnp.dtype, q_shape: Sequence[int], masked: bool = False) -> str:
+    """The backend 'auto' runs for queries q [B, Lq, H, D] of `dtype` (with a mask or not, any keys) on
     `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()` names it)."""
     if platform == "gpu":
         head_dim = q_shape[-1]
@@ -66,11 +65,11 @@ def auto_backend(platform: str, dtype: jnp.dtype, q_shape: Sequence[int], k_shap
     return "chunked" if platform == "cpu" else "xla"
 
 
-def _resolve(backend: str, q: jax.Array, k: jax.Array, masked: bool) -> str:
+def _resolve(backend: str, q: jax.Array, masked: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return auto_backend(jax.default_backend(), q.dtype, q.shape, k.shape, masked)
+        return auto_backend(jax.default_backend(), q.dtype, q.shape, masked)
     if backend == "splash" and masked:
         return "xla"
     return backend
@@ -207,7 +206,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     key_chunk = CPU_KEY_CHUNK if key_chunk_size is None else key_chunk_size
     if chunk < 1 or key_chunk < 1:
         raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk}, {key_chunk}")
-    backend = _resolve(backend, q, k, mask is not None)
+    backend = _resolve(backend, q, mask is not None)
     if backend == "splash":
         return splash_attention(q, k, v, scale=scale, block_q=chunk_size, block_kv=key_chunk_size)
     if backend == "cudnn":
