@@ -81,7 +81,7 @@ flags.DEFINE_integer("width", None, "Image width (--model); default the model's.
 flags.DEFINE_integer("num_images", 1, "Images to generate (--model); image k uses seed + k.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype (--model).")
 flags.DEFINE_bool("safety_checker", True, "Run the folder's safety checker (--model).")
-flags.DEFINE_string("attention_backend", "auto", "auto, xla, cudnn or chunked (--model).")
+flags.DEFINE_string("attention_backend", "auto", "auto, xla, cudnn, chunked or splash (--model).")
 flags.DEFINE_enum("quantize", None, ["int8", "int4"], "Weight-only quantization (diffax.quant) of the model (with "
                   "--model: the denoiser, ControlNets and text encoders) before sampling.")
 flags.DEFINE_integer("quantize_group_size", None, "With --quantize: the most input rows one scale covers; default "
