@@ -39,7 +39,7 @@ import numpy as np
 
 from diffax.models.attention import BACKENDS, dot_product_attention
 from diffax.models.config_base import DiffusersConfig
-from diffax.models.layers import LayerNorm, dense
+from diffax.models.layers import Embed, LayerNorm, dense
 from diffax.models.registry import ModelFamily, register
 from diffax.models.transformer import TOKEN_AXES
 
@@ -258,10 +258,10 @@ class CLIPTextEmbeddings(nn.Module):
         embed = dict(features=cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         # 'vocab' has no default sharding rule: the table is split over its width ('embed') only.
         vocab_init = nn.with_logical_partitioning(_normal(std), ("vocab", "embed"))
-        tokens = nn.Embed(cfg.vocab_size, embedding_init=vocab_init, name="token_embedding", **embed)(input_ids)
-        positions = nn.Embed(cfg.max_position_embeddings, name="position_embedding",
-                             embedding_init=nn.with_logical_partitioning(_normal(std), (None, "embed")),
-                             **embed)(jnp.arange(input_ids.shape[1]))
+        tokens = Embed(cfg.vocab_size, embedding_init=vocab_init, name="token_embedding", **embed)(input_ids)
+        positions = Embed(cfg.max_position_embeddings, name="position_embedding",
+                          embedding_init=nn.with_logical_partitioning(_normal(std), (None, "embed")),
+                          **embed)(jnp.arange(input_ids.shape[1]))
         return tokens + positions[None]
 
 

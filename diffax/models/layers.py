@@ -3,8 +3,8 @@
 One layer for every weight: every projection and convolution in diffax/models is made by `dense` or `conv`
 here, never by `nn.Dense` / `nn.Conv` / a raw `self.param` kernel elsewhere, so that LoRA adapters and
 quantized (int8) weights hook in at these two functions once for every model (as MaxText threads
-quantization through its DenseGeneral). Embedding tables (`nn.Embed`) and norm scales are the only other
-parameters.
+quantization through its DenseGeneral). Embedding tables (`nn.Embed`, or `Embed` here where a table is
+worth quantizing) and norm scales are the only other parameters.
 
 Every parameter is created through `nn.with_logical_partitioning`, so a model's parameters carry logical
 axis names from the start (DESIGN: "sharding is configuration"). `diffax.parallel` maps those names to mesh
@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffax.models.qtensor import dequantize_kernel
+from diffax.models.qtensor import EMBEDDING_SCALE, dequantize_kernel, lookup_rows
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -88,6 +88,27 @@ class Dense(_QuantizableKernel, nn.Dense):
 
 class Conv(_QuantizableKernel, nn.Conv):
     """`nn.Conv` that also runs on a quantized kernel (see `_QuantizableKernel`)."""
+
+
+class Embed(nn.Embed):
+    """`nn.Embed` that also runs on a quantized table: beside an int8 / packed-int4 `embedding` sits its
+    fp32 `embedding_scale` (one per row or per group of columns; layout in `diffax.models.qtensor`), and a
+    lookup gathers the integer rows and their scales and multiplies them (`lookup_rows`): the float table is
+    never made, since most of its rows (a 49408-token vocabulary) are not looked up."""
+
+    def setup(self):
+        if self.has_variable("params", EMBEDDING_SCALE):
+            self.embedding = None  # read in __call__: flax's param() would check the table's float shape
+        else:
+            super().setup()
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if self.embedding is not None:
+            return super().__call__(inputs)
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError("Input type must be an integer or unsigned integer.")
+        stored, scale = (nn.meta.unbox(self.get_variable("params", n)) for n in ("embedding", EMBEDDING_SCALE))
+        return lookup_rows(stored, scale, inputs, self.features, self.dtype or jnp.float32)
 
 
 def dense(features: int, *, axes: Axes = ("embed", "mlp"), use_bias: bool = True,

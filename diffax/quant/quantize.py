@@ -1,14 +1,16 @@
 """Weight-only post-training quantization of a diffax parameter tree: int8 per output channel, int4 per
 channel or per group, symmetric and uniform.
 
-    qp = quantize_params(params, bits=8)                      # every Dense / Conv kernel
+    qp = quantize_params(params, bits=8)                      # every Dense / Conv kernel, CLIP's tables
     qp = quantize_params(params, bits=4, group_size=64, exclude=[r"^conv_in/", r"^conv_out/"])
     out = module.apply({"params": qp.params}, x, t)           # the same module: layers dequantise in place
 
 Every projection and convolution in diffax is a `layers.Dense` / `layers.Conv`, whose parameter is named
 `kernel`; those leaves are replaced by their stored form (`diffax.models.qtensor`: integers + fp32
-`kernel_scale`). Biases, norms and embedding tables stay float: they are a small share of the weights and
-the most sensitive to rounding.
+`kernel_scale`). The embedding tables a `layers.Embed` looks rows up in (`EMBEDDING_TABLES`: CLIP text
+encoders' token and position tables, a third of CLIP-L's weights) are stored per row the same way
+(integers + `embedding_scale`). Biases, norms and the other tables stay float: they are a small share of
+the weights (DiT's and the U-Nets' class tables: under 0.2 %) and the most sensitive to rounding.
 
 The numbers come from qwix (`qwix.quantize`: absmax calibration per channel or per tile, round to nearest,
 saturate), the quantization library MaxText and maxdiffusion use, so |w - dequantize(q)| <= scale / 2 for
@@ -26,10 +28,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffax.models.qtensor import KERNEL_SCALE, dequantize_kernel, pack_int4
+from diffax.models.qtensor import (EMBEDDING_SCALE, KERNEL_SCALE, dequantize_kernel, dequantize_table, pack_int4,
+                                   scale_name)
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
+
+# The embedding tables whose layer is `diffax.models.layers.Embed`, which runs on a quantized table: CLIP
+# text encoders' token and position tables ('/'-joined path, `re.search`). The class tables of DiT and the
+# U-Nets and CLIP vision's position table are flax `nn.Embed`s, which would read integers as weights, so
+# they are never chosen.
+EMBEDDING_TABLES = re.compile(r"(^|/)text_model/embeddings/(token|position)_embedding/embedding$")
+SCALES = (KERNEL_SCALE, EMBEDDING_SCALE)
+
+
+def scale_path(path: Path) -> Path:
+    """Where the scale of the quantized leaf at `path` is stored: beside it, as 'kernel_scale' or
+    'embedding_scale'."""
+    return path[:-1] + (scale_name(path[-1]),)
+
+
+def is_table(path: Path) -> bool:
+    """Whether `path` names an embedding table (an `embedding` leaf) rather than a kernel."""
+    return path[-1] == "embedding"
 
 
 class QuantizationError(ValueError):
@@ -51,7 +72,7 @@ class QuantizedParams:
 
     @property
     def quantized(self) -> dict[str, tuple[int, ...]]:
-        """'/'-joined path of each quantized kernel -> its float shape."""
+        """'/'-joined path of each quantized kernel or embedding table -> its float shape."""
         return dict(self.shapes)
 
 
@@ -108,12 +129,14 @@ def _compile(patterns: Iterable[str] | None, what: str) -> list[re.Pattern]:
 
 
 def selected(flat: Mapping[Path, Any], include: Iterable[str] | None = None,
-             exclude: Iterable[str] | None = None) -> list[Path]:
-    """The kernels `quantize_params` would quantize: leaves named `kernel` with 2+ dims whose '/'-joined
-    path matches an `include` pattern (all when None) and no `exclude` pattern (`re.search`). A pattern
-    that matches no kernel is an error naming it, since it is most likely a typo."""
+             exclude: Iterable[str] | None = None, *, tables: bool = False) -> list[Path]:
+    """The kernels `quantize_params` would quantize: leaves named `kernel` with 2+ dims (and with `tables`,
+    the 2-D embedding tables `EMBEDDING_TABLES` names) whose '/'-joined path matches an `include` pattern
+    (all when None) and no `exclude` pattern (`re.search`). A pattern that matches none of them is an error
+    naming it, since it is most likely a typo."""
     inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
-    kernels = [p for p, v in flat.items() if p[-1] == "kernel" and np.ndim(v) >= 2]
+    kernels = [p for p, v in flat.items() if (p[-1] == "kernel" and np.ndim(v) >= 2) or
+               (tables and is_table(p) and np.ndim(v) == 2 and EMBEDDING_TABLES.search("/".join(p)))]
     names = {p: "/".join(p) for p in kernels}
     for pattern in inc + exc:
         if not any(pattern.search(n) for n in names.values()):
@@ -154,6 +177,17 @@ def quantize_kernel(w: Any, bits: int, group_size: int | None = None, *, name: s
     return q, scale
 
 
+def quantize_table(w: Any, bits: int, group_size: int | None = None, *, name: str = "embedding"
+                   ) -> tuple[jax.Array, jax.Array]:
+    """(stored table, embedding_scale) of one float embedding table [N, D], one scale per row or per group
+    of at most `group_size` columns (layout in `diffax.models.qtensor`): the kernel quantization of the
+    transposed table, stored transposed back so that a lookup gathers rows."""
+    if np.ndim(w) != 2:
+        raise QuantizationError(f"{name}: an embedding table is [N, D], got shape {np.shape(w)}")
+    q, scale = quantize_kernel(jnp.asarray(w).T, bits, group_size, name=name)  # [Dp(/2), N], [G, N]
+    return q.T, scale.T
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_jit(w: jax.Array, bits: int, group_size: int | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(stored kernel, scale, whether every weight is finite): one program per kernel shape, since op by op
@@ -171,8 +205,9 @@ def _quantize_jit(w: jax.Array, bits: int, group_size: int | None) -> tuple[jax.
 
 
 def quantize_params(params: Params, bits: int = 8, group_size: int | None = None, *,
-                    include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> QuantizedParams:
-    """Weight-only quantization of the Dense / Conv kernels of a diffax parameter tree.
+                    include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                    embeddings: bool = True) -> QuantizedParams:
+    """Weight-only quantization of the Dense / Conv kernels (and embedding tables) of a diffax parameter tree.
 
     Args:
         params: a plain nested dict (`module.init(...)["params"]`, `diffax.convert.load`'s params).
@@ -181,31 +216,41 @@ def quantize_params(params: Params, bits: int = 8, group_size: int | None = None
             (e.g. 64 or 128 for int4; see `stored_rows` for how a kernel is cut into equal groups).
         include, exclude: regular expressions searched in each kernel's '/'-joined path
             ('down_blocks_0/resnets_0/conv1/kernel'); see `selected`.
+        embeddings: also quantize the embedding tables of `EMBEDDING_TABLES` (CLIP's token and position
+            tables), per row (group_size None) or per group of columns, as `quantize_table`.
     Returns:
-        QuantizedParams whose `.params` has the same keys plus `kernel_scale` beside each quantized kernel.
+        QuantizedParams whose `.params` has the same keys plus `kernel_scale` beside each quantized kernel
+        and `embedding_scale` beside each quantized table.
     Raises:
         QuantizationError naming the option or the key: bad bits / group_size / pattern, a kernel that is
         not a float array or holds NaN / inf.
     """
     _check_options(bits, group_size)
     flat = flatten(params)
-    chosen = selected(flat, include, exclude)
+    chosen = selected(flat, include, exclude, tables=embeddings)
     out = dict(flat)
     shapes = []
     for path in chosen:
         name = "/".join(path)
-        out[path], out[path[:-1] + (KERNEL_SCALE,)] = quantize_kernel(flat[path], bits, group_size, name=name)
+        quantize = quantize_table if is_table(path) else quantize_kernel
+        out[path], out[scale_path(path)] = quantize(flat[path], bits, group_size, name=name)
         shapes.append((name, tuple(int(d) for d in np.shape(flat[path]))))
     return QuantizedParams(unflatten(out), bits, group_size, tuple(shapes))
 
 
+def dequantize_leaf(path: Path, stored: Any, scale: Any, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+    """The float kernel or table at `path` from its stored form (`dequantize_kernel` / `dequantize_table`)."""
+    return (dequantize_table if is_table(path) else dequantize_kernel)(stored, scale, shape, dtype)
+
+
 def dequantize(qp: QuantizedParams, dtype: Any = jnp.float32) -> Params:
-    """The float parameter tree back: each quantized kernel as `dequantize_kernel` makes it in the layers."""
+    """The float parameter tree back: each quantized kernel as `dequantize_kernel` makes it in the layers,
+    each quantized table as its rows are looked up."""
     flat = flatten(qp.params)
-    out = {p: v for p, v in flat.items() if p[-1] != KERNEL_SCALE}
+    out = {p: v for p, v in flat.items() if p[-1] not in SCALES}
     for name, shape in qp.shapes:
         path = tuple(name.split("/"))
-        out[path] = dequantize_kernel(flat[path], flat[path[:-1] + (KERNEL_SCALE,)], shape, dtype)
+        out[path] = dequantize_leaf(path, flat[path], flat[scale_path(path)], shape, dtype)
     return unflatten(out)
 
 
@@ -221,45 +266,51 @@ def device_bytes(tree: Any) -> int:
 
 
 def abstract_quantized(abstract: Params, bits: int = 8, group_size: int | None = None, *,
-                       include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> Params:
+                       include: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
+                       embeddings: bool = True) -> Params:
     """The `jax.ShapeDtypeStruct` tree `quantize_params` would return for an abstract float tree
     (`diffax.models.abstract_params(config)`): sizes of full-size models without allocating them."""
     _check_options(bits, group_size)
     flat = flatten(abstract)
     out = dict(flat)
-    for path in selected(flat, include, exclude):
+    for path in selected(flat, include, exclude, tables=embeddings):
         shape = flat[path].shape
-        k, o = math.prod(shape[:-1]), shape[-1]
+        table = is_table(path)
+        k, o = (shape[1], shape[0]) if table else (math.prod(shape[:-1]), shape[-1])  # a table: transposed
         kp, groups = stored_rows(k, bits, group_size)
         rows, dtype = (kp, jnp.int8) if bits == 8 else (kp // 2, jnp.uint8)
-        out[path] = jax.ShapeDtypeStruct((rows, o), dtype)
-        out[path[:-1] + (KERNEL_SCALE,)] = jax.ShapeDtypeStruct((groups, o), jnp.float32)
+        stored, scale = (rows, o), (groups, o)
+        out[path] = jax.ShapeDtypeStruct(stored[::-1] if table else stored, dtype)
+        out[scale_path(path)] = jax.ShapeDtypeStruct(scale[::-1] if table else scale, jnp.float32)
     return unflatten(out)
 
 
 def is_quantized(params: Params) -> bool:
-    """Whether any layer of `params` holds a stored (integer) kernel."""
-    return any(p[-1] == KERNEL_SCALE for p in flatten(params))
-
-
+    """Whether any layer of `params` holds a stored (integer) kernel or embedding table."""
+    return any(p[-1] in SCALES for p in flatten(params))
 
 
 def quantized_paths(params: Params) -> list[Path]:
-    """The paths of the stored (integer) kernels of a plain parameter tree: those with a `kernel_scale`."""
-    return [p[:-1] + ("kernel",) for p in flatten(params) if p[-1] == KERNEL_SCALE]
+    """The paths of the stored (integer) kernels and tables of a plain parameter tree: those with a
+    `kernel_scale` / `embedding_scale` beside them."""
+    return [p[:-1] + (p[-1][:-len("_scale")],) for p in flatten(params) if p[-1] in SCALES]
 
 
 def quantized_specs(specs: Params, qp: QuantizedParams | Params) -> Params:
     """The logical PartitionSpecs of `qp.params` (or of a plain quantized tree, as a pipeline holds it) from
     those of the float tree (`logical_specs(config)`): a quantized kernel [rows, out] and its `kernel_scale`
     [G, out] keep the float kernel's output axis and replicate the rows (padded and packed, they need not
-    divide a mesh axis the float input axis did)."""
+    divide a mesh axis the float input axis did); a quantized table [N, cols] and its `embedding_scale`
+    [N, G] keep the table's row axis and replicate the columns, for the same reason."""
     from jax.sharding import PartitionSpec
     flat = flatten(specs)  # a PartitionSpec is a tuple, so it is a leaf here
     paths = ([tuple(name.split("/")) for name, _ in qp.shapes] if isinstance(qp, QuantizedParams)
              else quantized_paths(qp))
     for path in paths:
-        out_axis = tuple(flat[path])[-1] if len(flat[path]) else None
-        flat[path] = PartitionSpec(None, out_axis)
-        flat[path[:-1] + (KERNEL_SCALE,)] = PartitionSpec(None, out_axis)
+        axes = tuple(flat[path])
+        if is_table(path):
+            spec = PartitionSpec(axes[0] if axes else None, None)
+        else:
+            spec = PartitionSpec(None, axes[-1] if axes else None)
+        flat[path] = flat[scale_path(path)] = spec
     return unflatten(flat)

@@ -6,9 +6,11 @@ safetensors (one file, `save_safetensors` / `load_safetensors`):
                                                                U8 [Kp/2, out] (bits=4, two per byte)
                 `down_blocks_0/resnets_0/conv1/kernel_scale`  F32 [G, out]
                 `down_blocks_0/resnets_0/conv1/bias`          the float parameter as it was
+                `text_model/embeddings/token_embedding/embedding`        I8 [N, Dp] / U8 [N, Dp/2]
+                `text_model/embeddings/token_embedding/embedding_scale`  F32 [N, G]
               (the integer layout is diffax's [rows, out], not torch's, so the names stay diffax's)
     metadata  "format": "diffax-quant"; "diffax_quant": JSON {"version": 1, "bits", "group_size",
-              "shapes": {path: float kernel shape}}; "config": JSON {"class_name", "config": the diffusers
+              "shapes": {path: float kernel or table shape}}; "config": JSON {"class_name", "config": the diffusers
               config.json dict} when the model config was given.
 
 Orbax (a folder, `save_orbax` / `load_orbax`): items `params` (the same tree, StandardCheckpointHandler)
@@ -24,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from diffax.models.qtensor import KERNEL_SCALE, dequantize_kernel
-from diffax.quant.quantize import QuantizationError, QuantizedParams, flatten, unflatten
+from diffax.quant.quantize import (SCALES, QuantizationError, QuantizedParams, dequantize_leaf, flatten, scale_path,
+                                   unflatten)
 
 FORMAT = "diffax-quant"
 VERSION = 1
@@ -44,7 +46,8 @@ def _meta(qp: QuantizedParams, config: Any) -> dict[str, Any]:
 
 def _from_meta(meta: Any, flat: dict[tuple[str, ...], Any], where: str) -> tuple[QuantizedParams, Any]:
     """QuantizedParams (and the model config, or None) from the stored JSON and tensors; every quantized
-    kernel is checked against its recorded shape, so a file that does not hold what it says fails here."""
+    kernel and table is checked against its recorded shape, so a file that does not hold what it says fails
+    here."""
     if not (isinstance(meta, dict) and meta.get("version") == VERSION and meta.get("bits") in (4, 8)
             and isinstance(meta.get("shapes"), dict)):
         raise QuantizationError(f"{where}: not a diffax quantized checkpoint (its quantization record is "
@@ -53,20 +56,19 @@ def _from_meta(meta: Any, flat: dict[tuple[str, ...], Any], where: str) -> tuple
     shapes = []
     for name, shape in meta["shapes"].items():
         path = tuple(name.split("/"))
-        kernel, scale = flat.get(path), flat.get(path[:-1] + (KERNEL_SCALE,))
+        kernel, scale = flat.get(path), flat.get(scale_path(path))
         if kernel is None or scale is None:
             raise QuantizationError(f"{where}: {name!r} is listed as quantized but the file lacks it or its "
-                                    f"{KERNEL_SCALE}")
+                                    f"{scale_path(path)[-1]}")
         if np.dtype(kernel.dtype) != want or np.dtype(scale.dtype) != np.float32:
             raise QuantizationError(f"{where}: {name!r} is {kernel.dtype} with a {scale.dtype} scale; "
                                     f"{meta['bits']}-bit weights are {np.dtype(want)} with a float32 scale")
         try:
-            dequantize_kernel(kernel, scale, shape)  # checks the shapes only; the result is dropped
+            dequantize_leaf(path, kernel, scale, shape)  # checks the shapes only; the result is dropped
         except ValueError as e:
             raise QuantizationError(f"{where}: {name!r}: {e}") from None
         shapes.append((name, tuple(int(d) for d in shape)))
-    stray = ["/".join(p) for p in flat if p[-1] == KERNEL_SCALE and "/".join(p[:-1] + ("kernel",)) not in
-             meta["shapes"]]
+    stray = ["/".join(p) for p in flat if p[-1] in SCALES and "/".join(p)[:-len("_scale")] not in meta["shapes"]]
     if stray:
         raise QuantizationError(f"{where}: {stray[0]!r} has no entry in the quantization record")
     qp = QuantizedParams(unflatten(flat), meta["bits"], meta.get("group_size"), tuple(shapes))

@@ -14,6 +14,11 @@ is `kernel_scale * factor[k]`. Training a factor rather than the scale itself ke
 (Adam's steps are about the learning rate in size, whatever a layer's scale is), which is the same
 parameterisation up to the optimizer's step size.
 
+Quantized embedding tables (CLIP's token and position tables, `embedding_scale` [N, G]) are not tuned:
+their scales are per row, so a factor would retune single tokens (textual inversion rather than scale
+tuning), and a text encoder runs once per prompt, outside the denoising steps the timestep groups split.
+`init_scales` picks kernels only, and `apply_scales` / `load_scales` refuse a table's name.
+
 A diffusion model's weights play different roles along the trajectory, hence K sets: group k covers
 timesteps [k T / K, (k+1) T / K). One group is used per model call, so a training batch draws one group
 and its timesteps inside it (`sample_group_timesteps`); a sampling step has one t for the whole batch.
@@ -39,8 +44,9 @@ FORMAT = "diffax-tuneqdm"
 
 def init_scales(qp: QuantizedParams, groups: int = 4, *, per_channel: bool = True,
                 include: Iterable[str] | None = None, exclude: Iterable[str] | None = None) -> Scales:
-    """Factors of 1 for the quantized layers (all, or those `include` / `exclude` pick by '/'-joined path,
-    as in `quantize_params`), K = `groups` sets each."""
+    """Factors of 1 for the quantized layers' kernels (all, or those `include` / `exclude` pick by
+    '/'-joined path, as in `quantize_params`), K = `groups` sets each; quantized embedding tables keep their
+    scales (module docstring)."""
     if not isinstance(groups, int) or groups < 1:
         raise QuantizationError(f"init_scales: groups must be a positive int, got {groups!r}")
     flat = flatten(qp.params)
