@@ -11,9 +11,10 @@ Formats read (the key names of one LoRA'd module, `<m>` its torch module name):
   diffusers / peft   `unet.<m>.lora_A.weight`, `.lora_B.weight`; the older `.lora.down.weight` / `.lora.up.weight`,
                      `.lora_linear_layer.down/up.weight` and attention-processor names (`attn1.processor.to_q_lora.
                      down.weight`, the text encoder's `self_attn.to_q_lora`); component prefixes `unet.`,
-                     `text_encoder.`, `text_encoder_2.` (keys without one are the U-Net's). Alpha: a `<m>.alpha`
-                     entry, else diffusers' `lora_adapter_metadata` in the safetensors header (peft's LoraConfig:
-                     `lora_alpha`, `alpha_pattern`, `r`, `rank_pattern`, `use_rslora`), else alpha = rank.
+                     `transformer.` (a DiT's), `text_encoder.`, `text_encoder_2.` (keys without one are the
+                     U-Net's). Alpha: a `<m>.alpha` entry, else diffusers' `lora_adapter_metadata` in the
+                     safetensors header (peft's LoraConfig: `lora_alpha`, `alpha_pattern`, `r`, `rank_pattern`,
+                     `use_rslora`), else alpha = rank.
   kohya (sd-scripts) `lora_unet_<m with _ for .>.lora_down.weight`, `.lora_up.weight`, `.alpha` (alpha = rank when
                      absent); `lora_te_` / `lora_te1_` for the text encoder, `lora_te2_` for SDXL's second one. U-Net
                      names are diffusers' (`down_blocks_0_attentions_0_proj_in`) or the original LDM ones SDXL files
@@ -47,7 +48,7 @@ Groups = dict[tuple[str, tuple[str, ...]], dict[str, Any]]
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes in a folder
 METADATA_KEY = "lora_adapter_metadata"           # diffusers' LoraConfig per component, in the safetensors header
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 _KOHYA = re.compile(r"^lora_(unet|te1|te2|te)_(.+?)\.(lora_down\.weight|lora_up\.weight|alpha)$")
 _KOHYA_PREFIX = re.compile(r"^lora_(unet|te1|te2|te)_")
 _KOHYA_COMPONENT = {"unet": "unet", "te": "text_encoder", "te1": "text_encoder", "te2": "text_encoder_2"}

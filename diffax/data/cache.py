@@ -220,12 +220,17 @@ class _Encoders:
         mean, logvar = jax.device_get(self._encode_images(self.vae_params, x))
         return np.asarray(mean)[:n], np.asarray(logvar)[:n]
 
+    def tokens(self, captions: list[str]) -> np.ndarray:
+        """Captions -> token ids [N, L] int32, stored beside the embeddings for runs that train the text
+        encoder (train.text_encoder)."""
+        from diffax.pipelines.text_encoding import tokenize_prompts
+        return tokenize_prompts(self.tokenizer, captions, max_length=self.max_length)
+
     def captions(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Captions -> {'encoder_hidden_states': [N, L, D] (, 'text_embeds': [N, P])} (float32)."""
         if self.pair is not None:
             return self.pair(captions)
-        from diffax.pipelines.text_encoding import tokenize_prompts
-        ids, n = self._padded(tokenize_prompts(self.tokenizer, captions, max_length=self.max_length))
+        ids, n = self._padded(self.tokens(captions))
         out = jax.device_get(self._encode_text(self.text_params, ids))
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
@@ -325,6 +330,7 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
             mean = mean.reshape(len(records), len(variants), *mean.shape[1:])
             logvar = logvar.reshape(mean.shape)
             embeds = encoders.captions([r["caption"] for r in records]) if text else {}
+            ids = encoders.tokens([r["caption"] for r in records]) if text else None  # [n, L] int32
             for j, record in enumerate(records):
                 if writer is None or shards[-1]["count"] == cache.records_per_shard:
                     if writer is not None:
@@ -338,6 +344,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
                     entry["time_ids"] = sdxl_cache.variant_time_ids(
                         record["original_size"], config.data.image_size,
                         crop_offsets(config.data.image_size, start + j, cache, side), side, cache.flip)
+                if text:
+                    entry["input_ids"] = ids[j]
                 if "caption" in record:
                     entry["caption"] = str(record["caption"])
                     if len(prompts) < MAX_GRID_PROMPTS and record["caption"] not in prompts:
@@ -360,7 +368,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
         if text:
             empty = encoders.captions([""])
             np.savez(tmp / EMPTY_PROMPT, **{k: v[0] for k, v in empty.items()})
-            manifest["text"] = {**encoders.text_info, "dtype": cache.dtype}
+            manifest["text"] = {**encoders.text_info, "dtype": cache.dtype,
+                                "empty_input_ids": encoders.tokens([""])[0].tolist()}
         if micro:
             manifest["time_ids"] = {"shape": [len(variants), sdxl_cache.NUM_TIME_IDS], "target_size": [side, side]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

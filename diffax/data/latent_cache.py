@@ -6,17 +6,19 @@
 A cache is a folder:
 
     manifest.json          what is stored: count, shapes, dtypes, the VAE's latent scaling, the encoders
-                           (folders and a fingerprint of their configs), augmentation variants, the shards
+                           (folders and a fingerprint of their configs), augmentation variants, the shards,
+                           the empty prompt's token ids
     shard_00000.array_record ...   one record per example (msgpack of numpy arrays)
     empty_prompt.npz       the empty prompt's embedding: the null conditioning of classifier-free guidance
 
 A record holds, for each of its V augmentation variants (crops and flips encoded separately, since the VAE
 is not flip-equivariant), the posterior mean and log-variance [V, h, w, c]; its class label; and, with a
 text encoder, the caption's hidden states [L, D] (and pooled embedding [P] for an encoder with a
-projection). A training example is a fresh draw: a random variant, then latent = scale(mean + std * noise),
-scale being the VAE's `scaling_factor` (and shift), so epochs see different latents as when the VAE runs
-every step. The draw is a function of (seed, position in the shuffled stream), hence of epoch and index,
-and a resumed run draws exactly what an uninterrupted one would.
+projection) and its token ids `input_ids` [L] (int32), which a run that trains the text encoder feeds it
+(diffax/train/text_encoder.py). A training example is a fresh draw: a random variant, then
+latent = scale(mean + std * noise), scale being the VAE's `scaling_factor` (and shift), so epochs see different
+latents as when the VAE runs every step. The draw is a function of (seed, position in the shuffled stream),
+hence of epoch and index, and a resumed run draws exactly what an uninterrupted one would.
 
 An SDXL cache (two text encoders, diffax/data/sdxl_cache.py) also stores each variant's micro-conditioning
 `time_ids` float32 [V, 6] (original size, crop corner, target size); a draw puts the same variant's in
@@ -124,6 +126,8 @@ class StoredRecords:
         self._shapes = {k: (variants, *manifest["latent"]["shape"]) for k in ("mean", "logvar")}
         if manifest.get("text"):
             self._shapes.update({k: tuple(v) for k, v in manifest["text"]["shapes"].items()})
+            if "empty_input_ids" in manifest["text"]:
+                self._shapes["input_ids"] = (len(manifest["text"]["empty_input_ids"]),)
         if manifest.get("time_ids"):  # an SDXL cache's micro-conditioning, one row per variant
             self._shapes["time_ids"] = tuple(manifest["time_ids"]["shape"])
         self._sources = []
@@ -164,11 +168,13 @@ class StoredRecords:
 
 class LatentCacheSource:
     """A grain source over a latent cache: `{'image': float32 latent [h, w, c], 'label': int64,
-    'cond': {'encoder_hidden_states': float32 [L, D] (, 'text_embeds': [P])}}` ('cond' only with text).
+    'cond': {'encoder_hidden_states': float32 [L, D] (, 'text_embeds': [P])}, 'input_ids': int32 [L]}`
+    ('cond' and 'input_ids' only with text; 'input_ids' in caches that store token ids).
 
     `source[i]` draws with the generator of (seed, i); `make_train_iterator` shuffles `stored` and calls
     `draw` after repeating, so each epoch draws afresh. `null_cond` is the empty prompt's conditioning (one
-    example's, no batch axis) for classifier-free guidance dropout; None without text.
+    example's, no batch axis) for classifier-free guidance dropout; None without text. `null_input_ids`
+    [L] int32: the empty prompt's token ids, None in a cache without token ids.
     """
 
     def __init__(self, path: str | Path, *, seed: int = 0):
@@ -187,6 +193,8 @@ class LatentCacheSource:
         self.class_names: list[str] = list(self.manifest["class_names"])
         self._scaling = self.manifest["scaling"]
         self._text_keys = sorted(self.manifest["text"]["shapes"]) if self.manifest.get("text") else []
+        empty_ids = (self.manifest.get("text") or {}).get("empty_input_ids")
+        self.null_input_ids = None if empty_ids is None else np.asarray(empty_ids, np.int32)
 
     def __len__(self) -> int:
         return len(self.stored)

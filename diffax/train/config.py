@@ -21,6 +21,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="digits", image_size=16, channels=1, worker_count=0,
         tfds_name="", split="train", image_key="image", label_key="label", tfds_data_dir="", path="",
+        # A resumed run refuses a latent cache whose manifest fingerprint differs from the one the run started
+        # on (recorded in WORKDIR/data_cache.json); True trains on with the new one.
+        allow_cache_change=False,
         # Captions (docs/data.md): digits yield caption_template.format(number word) when set, e.g.
         # "a handwritten {}"; folders read a .txt beside each image or metadata.jsonl's caption_column
         # ('': 'text', else 'caption').
@@ -36,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
         steps=1000, batch_size=64, learning_rate=1e-3, lr_schedule="cosine", warmup_steps=100,
         weight_decay=0.0, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, grad_clip=1.0, grad_accum_steps=1,
         ema_decay=0.999, ema_warmup=True, label_dropout=0.1,
+        # 'full' / 'lora' (with the same train.finetune): init_from's text encoder trains with the U-Net on the
+        # latent cache's token ids (diffax.train.text_encoder); 'frozen': the cache's embeddings as they are.
+        text_encoder="frozen",
         log_every=50, checkpoint_every=500, keep_checkpoints=3, sample_every=0,
         keep_every=0,  # also keep every checkpoint whose step is a multiple of this for good; 0: none
         # Updates skipped for a non-finite loss or gradient (the step keeps the old state) that the run
@@ -142,6 +148,7 @@ RANGES = (
     ("train.sample_every", ">= 0 (0: no grids while training)", lambda v: v >= 0),
     ("train.keep_every", ">= 0 (0: keep only the last keep_checkpoints)", lambda v: v >= 0),
     ("train.max_nonfinite_skips", ">= 0 (0: stop at the first non-finite step)", lambda v: v >= 0),
+    ("train.text_encoder", "'frozen', 'full' or 'lora'", lambda v: v in ("frozen", "full", "lora")),
     ("mesh.dcn_data", ">= 1", lambda v: v >= 1),
     ("mesh.dcn_fsdp", ">= 1", lambda v: v >= 1),
     ("mesh.dcn_tensor", ">= 1", lambda v: v >= 1),

@@ -156,26 +156,34 @@ def export_lora(file: str | Path, lora: Params, *, alpha: float, component: str 
     """Writes LoRA factors in diffusers' format: `<component>.<torch module>.lora_A.weight` [r, I(, kh, kw)]
     and `.lora_B.weight` [O, r(, 1, 1)], with `lora_adapter_metadata` holding the peft LoraConfig (r,
     lora_alpha, target_modules)."""
+    return export_lora_components(file, {component: lora}, alpha=alpha)
+
+
+def export_lora_components(file: str | Path, components: dict[str, Params], *, alpha: float) -> Path:
+    """`export_lora` of several components' factors into one file ({'unet': ..., 'text_encoder': ...}: the
+    file diffusers' `load_lora_weights` reads into both)."""
     from diffax.convert.io import write_safetensors
     from diffax.convert.rules import path_to_key
-    flat = flatten(jax.device_get(lora))
-    tensors, modules, rank = {}, [], None
-    for path, down in sorted(flat.items()):
-        if path[-1] != "lora_down":
-            continue
-        up = np.asarray(flat[path[:-1] + ("lora_up",)], np.float32)
-        down = np.asarray(down, np.float32)
-        rank = down.shape[-1]
-        module = path_to_key(path[:-1])
-        modules.append(module)
-        if down.ndim == 4:  # [kh, kw, I, r] -> torch conv [r, I, kh, kw]; up [r, O] -> [O, r, 1, 1]
-            a, b = down.transpose(3, 2, 0, 1), up.T[:, :, None, None]
-        else:  # [I, r] -> [r, I]; [r, O] -> [O, r]
-            a, b = down.T, up.T
-        tensors[f"{component}.{module}.lora_A.weight"] = np.ascontiguousarray(a)
-        tensors[f"{component}.{module}.lora_B.weight"] = np.ascontiguousarray(b)
-    metadata = {f"{component}.r": rank, f"{component}.lora_alpha": alpha,
-                f"{component}.target_modules": sorted(modules)}
+    tensors, metadata = {}, {}
+    for component, lora in components.items():
+        flat = flatten(jax.device_get(lora))
+        modules, rank = [], None
+        for path, down in sorted(flat.items()):
+            if path[-1] != "lora_down":
+                continue
+            up = np.asarray(flat[path[:-1] + ("lora_up",)], np.float32)
+            down = np.asarray(down, np.float32)
+            rank = down.shape[-1]
+            module = path_to_key(path[:-1])
+            modules.append(module)
+            if down.ndim == 4:  # [kh, kw, I, r] -> torch conv [r, I, kh, kw]; up [r, O] -> [O, r, 1, 1]
+                a, b = down.transpose(3, 2, 0, 1), up.T[:, :, None, None]
+            else:  # [I, r] -> [r, I]; [r, O] -> [O, r]
+                a, b = down.T, up.T
+            tensors[f"{component}.{module}.lora_A.weight"] = np.ascontiguousarray(a)
+            tensors[f"{component}.{module}.lora_B.weight"] = np.ascontiguousarray(b)
+        metadata.update({f"{component}.r": rank, f"{component}.lora_alpha": alpha,
+                         f"{component}.target_modules": sorted(modules)})
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(file, tensors, metadata={"format": "pt", "lora_adapter_metadata": json.dumps(metadata)})
@@ -351,6 +359,10 @@ def sampling_params(config: ml_collections.ConfigDict, trainable: Any, model: nn
     (`GenerationPipeline.param_view`). The base is loaded from train.init_from and checked against the
     workdir's record."""
     tc = config.train
+    if tc.get("text_encoder", "frozen") != "frozen":
+        raise FinetuneError(f"{workdir}: the run trained its text encoder too (train.text_encoder="
+                            f"{tc.text_encoder!r}); sample its export {Path(workdir) / EXPORT_DIR} on "
+                            f"train.init_from with diffusers' or diffax.pipelines' load_lora_weights")
     base = load_base(tc.init_from, model.config)
     check_base_record(workdir, {"init_from": str(tc.init_from), "fingerprint": fingerprint(base)}, write=False)
     if tc.finetune == "lora":

@@ -30,7 +30,7 @@ from diffax.data import make_source, make_train_iterator, sdxl_cache
 from diffax.models import boxed_init, build_model
 from diffax.schedulers.names import scheduler_for
 from diffax.train import autoencoder, checkpoint, evaluate, resume
-from diffax.train import finetune
+from diffax.train import finetune, text_encoder
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
 from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
@@ -66,6 +66,8 @@ def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any
     flags where a DreamBooth source gives them."""
     if autoencoder.is_autoencoder(model):  # an autoencoder reconstructs the images: nothing conditions it
         return {"image": batch["image"]}
+    if isinstance(model, text_encoder.WithTextEncoder):  # the text encoder runs in the step, on token ids
+        return {"image": batch["image"], "cond": text_encoder.model_cond(batch)}
     if evaluate.takes_text(model.config):
         out = {"image": batch["image"], "cond": sdxl_cache.unet_cond(batch["cond"], model.config)}
         if "prior" in batch:  # DreamBooth: which rows are class images (diffax.data.dreambooth)
@@ -209,6 +211,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     key = jax.random.key(config.seed)
     init_key, step_key, sample_key = jax.random.split(key, 3)
     tuning = finetune.prepare(config, model)  # train.init_from / train.finetune; None: a plain run
+    if text_encoder.is_trained(config):  # the model becomes {'unet', 'text_encoder'}
+        model, tuning = text_encoder.prepare(config, model, tuning, source)
     if tuning is not None:
         tuning.check_workdir(workdir)
         state, shardings = tuning.create_state(model, tx, mesh, rules)
@@ -220,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
         state = jax.device_put(state, shardings)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    resume.check_cache(workdir, source, config, resuming=step is not None or manager.latest_step() is not None)
     restored = resume.resume(manager, abstract, it, config, workdir, step)
     if restored is None:
         resume.record_config(workdir, 0, config)
@@ -231,12 +236,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     if autoencoder.is_autoencoder(model):  # reconstruction + KL instead of a diffusion loss
         objective, loss_fn = None, loss_fn or autoencoder.make_loss_fn(model, config)
     else:
-        objective = make_objective(config, model, getattr(source, "null_cond", None))
+        objective = make_objective(config, model, text_encoder.null_cond(source) if text_encoder.is_trained(config)
+                                   else getattr(source, "null_cond", None))
     view = None if tuning is None else tuning.view
     step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc, loss_fn, view)
     check_fn = jit_health_check(model, objective, mesh, rules, shardings, loss_fn, view)
-    sampler = evaluate.Sampler(model, config, mesh, rules, source,
-                               param_view=None if view is None else lambda p, t: view(p[0], p[1], t))
+    sampler = (text_encoder.Sampler if text_encoder.is_trained(config) else evaluate.Sampler)(
+        model, config, mesh, rules, source, param_view=None if view is None else lambda p, t: view(p[0], p[1], t))
     evaluate.check_eval(config, sampler)
 
     start = int(state.step)

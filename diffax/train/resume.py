@@ -16,6 +16,10 @@ compared with the new one:
   block, the mesh, data locations and workers): the change is reported in one line and appended to
   `WORKDIR/config_history.jsonl`, whose first record holds the run's first config in full. The config
   saved with each new step is the run's config in force from then on.
+
+A run trained from a latent cache records the cache's path and manifest fingerprint in
+`WORKDIR/data_cache.json` when it starts; resuming on a cache with another fingerprint (re-encoded with other
+encoders, data or options) is a `CacheChangeError` naming both paths, unless `data.allow_cache_change`.
 """
 from __future__ import annotations
 
@@ -31,11 +35,13 @@ import orbax.checkpoint as ocp
 from diffax.train import checkpoint
 
 HISTORY_FILE = "config_history.jsonl"
+CACHE_FILE = "data_cache.json"
 
 # Dotted keys (and blocks) that may not change when resuming, and the exceptions inside those blocks.
 FIXED_KEYS = ("model", "diffusion", "data.source", "data.image_size", "data.channels", "data.tfds_name",
               "data.split", "data.image_key", "data.label_key", "data.classes", "seed", "train.batch_size",
-              "train.grad_accum_steps", "train.finetune", "train.init_from", "train.lora", "train.tuneqdm")
+              "train.grad_accum_steps", "train.finetune", "train.init_from", "train.lora", "train.tuneqdm",
+              "train.text_encoder")
 FREE_KEYS = ("diffusion.snr_gamma", "model.remat")
 _ABSENT = "<absent>"
 
@@ -88,6 +94,35 @@ def check_config(saved: ml_collections.ConfigDict, new: ml_collections.ConfigDic
             f"checkpoint's weights, optimizer state or data position mean; set them back, or train in a new "
             f"--workdir)")
     return changes
+
+
+class CacheChangeError(ValueError):
+    """A resumed run was given a latent cache other than the one it was trained on."""
+
+
+def check_cache(workdir: Path, source: Any, config: ml_collections.ConfigDict, resuming: bool) -> None:
+    """Record the latent cache `source` (its path and manifest fingerprint) in WORKDIR/data_cache.json, or,
+    when `resuming`, check it against the recorded one: CacheChangeError naming both paths when the
+    fingerprints differ, unless data.allow_cache_change (then the new cache is recorded). Other sources: nothing."""
+    fingerprint = (getattr(source, "manifest", None) or {}).get("fingerprint")
+    if fingerprint is None:
+        return
+    path = Path(workdir) / CACHE_FILE
+    now = {"path": str(Path(source.path).resolve()), "fingerprint": fingerprint}
+    if resuming and path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            return
+        if not config.data.get("allow_cache_change", False):
+            raise CacheChangeError(
+                f"{path}: this run was trained on the latent cache {saved.get('path')} (fingerprint "
+                f"{str(saved.get('fingerprint'))[:12]}), but data.path is {now['path']} (fingerprint "
+                f"{fingerprint[:12]}), another cache; point data.path at the original, set "
+                f"data.allow_cache_change=True to train on with this one, or train in a new --workdir")
+        checkpoint.report(f"data.allow_cache_change: training on the latent cache {now['path']} instead of "
+                          f"{saved.get('path')} (recorded in {path})")
+    if jax.process_index() == 0:
+        path.write_text(json.dumps(now, indent=1) + "\n")
 
 
 def record_config(workdir: Path, step: int, config: ml_collections.ConfigDict,

@@ -1,0 +1,230 @@
+"""Training the text encoder with the U-Net: `train.text_encoder='full'` or `'lora'` (diffusers'
+`--train_text_encoder` of train_text_to_image / DreamBooth, and its LoRA scripts' text-encoder LoRA).
+
+    python train.py --config=configs/sd15_finetune.py --workdir=runs/sd15_te \
+        --config.train.init_from=models/stable-diffusion-v1-5 --config.data.path=data/my_images_sd15 \
+        --config.train.text_encoder=full            # or: train.finetune=lora train.text_encoder=lora
+
+A latent cache stores each caption's token ids beside its frozen embeddings (diffax/data/latent_cache.py).
+A run that trains the text encoder ignores the embeddings: the model it trains is `WithTextEncoder`, the
+U-Net run on the hidden states of a CLIP text encoder applied to the batch's token ids inside the loss, so
+one parameter tree `{'unet': ..., 'text_encoder': ...}` gets the gradients, and the optimizer, EMA,
+fine-tuning mask and checkpoints handle it as any other tree. Label dropout swaps an example's token ids for
+the empty prompt's (the cache's manifest holds them), so the encoder learns the null conditioning that
+classifier-free guidance samples with.
+
+The text encoder starts from `train.init_from`'s text_encoder/ (a diffusers pipeline folder); it must be
+the model the cache's tokenizer was made for. Modes (train.text_encoder must match train.finetune):
+
+  full  every weight of both models trains. The run ends by writing WORKDIR/export/, the pipeline folder
+        with the trained unet/ and text_encoder/ (the other components copied from train.init_from), which
+        diffusers' `from_pretrained` and `diffax.pipelines.load` read.
+  lora  both bases are frozen; the U-Net gets LoRA factors on `train.lora.targets`, the text encoder on its
+        attention projections (q_proj, k_proj, v_proj, out_proj), with the same rank and alpha. The export
+        WORKDIR/export/pytorch_lora_weights.safetensors holds `unet.` and `text_encoder.` keys, which
+        diffusers' `load_lora_weights` and `diffax.pipelines`' LoRA loading apply to both models.
+
+Grids (train.sample_every) encode their prompts and the empty prompt with the EMA text encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffax import parallel
+from diffax.models import boxed_init, logical_specs
+from diffax.train import evaluate, finetune
+from diffax.train.state import TrainState, init_train_state
+
+MODES = ("frozen", "full", "lora")
+# The text encoder's LoRA'd kernels: its attention projections, diffusers' text_encoder_target_modules.
+LORA_TARGETS = r"/(q_proj|k_proj|v_proj|out_proj)/kernel$"
+UNET, TEXT_ENCODER = "unet", "text_encoder"
+# What the pipeline folder export leaves out of the copy of train.init_from: the trained components.
+TRAINED_DIRS = (UNET, TEXT_ENCODER)
+
+Params = dict[str, Any]
+
+
+class WithTextEncoder(nn.Module):
+    """The U-Net conditioned on a text encoder's last hidden states of token ids: one module whose params are
+    {'unet': ..., 'text_encoder': ...}. `config` is the U-Net's, which the train step and objective read."""
+    unet: nn.Module
+    text_encoder: nn.Module
+
+    @property
+    def config(self) -> Any:
+        return self.unet.config
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, *, input_ids: jax.Array, train: bool = False
+                 ) -> jax.Array:
+        """sample [B, h, w, c], timesteps [B], input_ids [B, L] int -> the U-Net's prediction [B, h, w, c']."""
+        hidden = self.text_encoder(input_ids).last_hidden_state  # [B, L, D]
+        return self.unet(sample, timesteps, encoder_hidden_states=hidden, train=train)
+
+
+class TextEncoderError(finetune.FinetuneError):
+    """A text-encoder training option, base or cache that does not fit; the message names the key or file."""
+
+
+def is_trained(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains the text encoder (train.text_encoder 'full' or 'lora')."""
+    return config.train.get("text_encoder", "frozen") != "frozen"
+
+
+def check_options(config: ml_collections.ConfigDict, source: Any) -> None:
+    """TextEncoderError naming the key when train.text_encoder cannot run with this config and data."""
+    tc = config.train
+    if tc.text_encoder not in MODES:
+        raise TextEncoderError(f"config key 'train.text_encoder' must be one of {', '.join(MODES)}, got "
+                               f"{tc.text_encoder!r}")
+    if tc.finetune != tc.text_encoder:
+        raise TextEncoderError(f"config key 'train.text_encoder' is {tc.text_encoder!r} but train.finetune is "
+                               f"{tc.finetune!r}: the two models train the same way ('full' with 'full', "
+                               f"'lora' with 'lora')")
+    if not tc.init_from or not (Path(tc.init_from) / TEXT_ENCODER).is_dir():
+        raise TextEncoderError(f"config key 'train.text_encoder' is {tc.text_encoder!r}: set train.init_from to "
+                               f"a diffusers pipeline folder with {TEXT_ENCODER}/ (got {tc.init_from!r})")
+    if getattr(source, "null_input_ids", None) is None:
+        raise TextEncoderError(f"config key 'train.text_encoder' is {tc.text_encoder!r} but data.path="
+                               f"{config.data.path!r} is not a latent cache with token ids (written with a text "
+                               f"encoder by this diffax's `python -m diffax.data.cache`): write the cache again")
+
+
+def load_text_encoder(init_from: str, unet: nn.Module, length: int) -> tuple[nn.Module, Params]:
+    """(CLIP text module, host params) of the pipeline folder's text_encoder/, checked against the U-Net's
+    cross-attention width and the cache's token length."""
+    from diffax import convert
+    module, params = convert.load(init_from, subfolder=TEXT_ENCODER)
+    where = f"train.init_from={init_from}: {TEXT_ENCODER}/"
+    if not type(module).__name__.startswith("CLIPText"):
+        raise TextEncoderError(f"{where} holds a {module.config.class_name}, not a CLIP text encoder")
+    if module.config.hidden_size != unet.config.cross_attention_dim:
+        raise TextEncoderError(f"{where} has hidden_size {module.config.hidden_size} but the U-Net's "
+                               f"cross_attention_dim is {unet.config.cross_attention_dim}")
+    if module.config.max_position_embeddings < length:
+        raise TextEncoderError(f"{where} holds {module.config.max_position_embeddings} positions, fewer than "
+                               f"the cache's {length} tokens per caption")
+    return module, jax.tree.map(np.asarray, jax.device_get(params))
+
+
+@dataclasses.dataclass(eq=False)
+class TextEncoderFinetune(finetune.Finetune):
+    """The Finetune of a run that trains {'unet', 'text_encoder'}: full state shardings from both models'
+    logical axes, and exports of both."""
+
+    def create_state(self, model: nn.Module, tx: Any, mesh: Any, rules: parallel.Rules
+                     ) -> tuple[TrainState, Any]:
+        """As `Finetune.create_state`; for full training both models' params, EMA and Adam moments are laid
+        out by their logical axes (the optimizer state inherits the partitioning boxes)."""
+        if self.mode != "full":
+            return super().create_state(model, tx, mesh, rules)
+
+        def boxed(key: jax.Array) -> Params:
+            return {UNET: boxed_init(model.unet.config, key), TEXT_ENCODER: boxed_init(model.text_encoder.config, key)}
+
+        abstract_boxed = jax.eval_shape(lambda k: init_train_state(boxed(k), tx), jax.random.key(0))
+        abstract = nn.meta.unbox(abstract_boxed)
+        shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules, shapes=abstract)
+        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(self.trainable)
+        return state, shardings
+
+    def export(self, workdir: str | Path, trainable: Any, config: ml_collections.ConfigDict,
+               model: nn.Module) -> Path | None:
+        """full: WORKDIR/export/ as a diffusers pipeline folder with the trained unet/ and text_encoder/;
+        lora: WORKDIR/export/pytorch_lora_weights.safetensors with `unet.` and `text_encoder.` keys."""
+        out = Path(workdir) / finetune.EXPORT_DIR
+        trainable = jax.device_get(trainable)
+        if self.mode == "lora":
+            return finetune.export_lora_components(out / finetune.LORA_FILE, trainable,
+                                                   alpha=float(config.train.lora.alpha))
+        return export_pipeline(out, config.train.init_from, model, trainable)
+
+
+def export_pipeline(out: str | Path, init_from: str | Path, model: WithTextEncoder, params: Params) -> Path:
+    """Writes the pipeline folder `out`: `init_from` copied but for unet/ and text_encoder/, which are `params`'
+    converted (diffusers' and transformers' layouts). An existing `out` is replaced."""
+    from diffax import convert
+    out, src = Path(out), Path(init_from)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(src, out, ignore=lambda folder, names: TRAINED_DIRS if Path(folder) == src else ())
+    convert.save(out / UNET, model.unet, params[UNET])
+    convert.save(out / TEXT_ENCODER, model.text_encoder, params[TEXT_ENCODER])
+    return out
+
+
+def prepare(config: ml_collections.ConfigDict, unet: nn.Module, tuning: finetune.Finetune | None, source: Any
+            ) -> tuple[WithTextEncoder, TextEncoderFinetune]:
+    """(the model the run trains, its Finetune): `tuning` (finetune.prepare's, holding the U-Net's base and,
+    for LoRA, its factors) extended by the text encoder of train.init_from."""
+    check_options(config, source)
+    tc = config.train
+    te_module, te_params = load_text_encoder(tc.init_from, unet, len(source.null_input_ids))
+    model = WithTextEncoder(unet, te_module)
+    record = dict(tuning.base_record)
+    te_print = finetune.fingerprint(te_params)
+    # One checksum of both bases, so a resumed run or sample.py recognises a changed text encoder too.
+    record.update(text_encoder=tc.text_encoder, text_encoder_fingerprint=te_print,
+                  fingerprint=hashlib.sha256((record["fingerprint"] + te_print).encode()).hexdigest()[:16])
+    if tc.text_encoder == "full":
+        trainable = {UNET: tuning.trainable, TEXT_ENCODER: te_params}
+        return model, TextEncoderFinetune("full", None, trainable, None, None, 1, record)
+    paths = finetune.lora_targets(te_params, LORA_TARGETS)
+    key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    te_lora = finetune.init_lora(te_params, paths, tc.lora.rank, key)
+    frozen = {UNET: tuning.frozen, TEXT_ENCODER: te_params}
+    specs = {UNET: tuning.frozen_specs, TEXT_ENCODER: logical_specs(te_module.config)}
+    trainable = {UNET: tuning.trainable, TEXT_ENCODER: te_lora}
+    return model, TextEncoderFinetune("lora", frozen, trainable, tuning.view, specs, 1, record)
+
+
+def null_cond(source: Any) -> dict[str, np.ndarray]:
+    """The empty prompt's token ids {'input_ids': [L] int32}: the label dropout's null conditioning."""
+    return {"input_ids": source.null_input_ids}
+
+
+def model_cond(batch: dict[str, Any]) -> dict[str, Any]:
+    """The model's keyword inputs of a latent-cache batch: its token ids [B, L]."""
+    return {"input_ids": batch["input_ids"]}
+
+
+class Sampler(evaluate.Sampler):
+    """`evaluate.Sampler` of a WithTextEncoder run: the U-Net samples on the hidden states of the prompts (and
+    of the empty prompt) through the text encoder of the params it is given, not the cache's frozen one."""
+
+    def __init__(self, model: WithTextEncoder, config: ml_collections.ConfigDict, mesh: Any, rules: parallel.Rules,
+                 source: Any, param_view: Callable[[Any, jax.Array], Any] | None = None):
+        """`param_view(params, t)`: the composite weights of a fine-tuning run's params (LoRA merged); None:
+        the params are the weights."""
+        self._weights = jax.jit(lambda p: p if param_view is None else param_view(p, jnp.zeros((1,), jnp.int32)))
+        super().__init__(model.unet, config, mesh, rules, source,
+                         param_view=lambda p, t: (p if param_view is None else param_view(p, t))[UNET])
+        te = model.text_encoder
+        self._encode = jax.jit(lambda p, ids: te.apply({"params": p}, ids).last_hidden_state)  # [N, L, D]
+        self._null_ids = source.null_input_ids
+        self._text_params = self._tokenizer = None
+
+    def embed(self, prompts: list[str]) -> dict[str, np.ndarray]:
+        """{'encoder_hidden_states': [N, L, D]} of `prompts` through the text encoder being trained."""
+        from diffax.pipelines.loading import load_tokenizer
+        from diffax.pipelines.text_encoding import tokenize_prompts
+        if self._tokenizer is None:  # the cache's tokenizer, which made the token ids trained on
+            self._tokenizer = load_tokenizer(self.manifest["text"]["tokenizer"])
+        ids = tokenize_prompts(self._tokenizer, list(prompts), max_length=len(self._null_ids))
+        return {"encoder_hidden_states": np.asarray(jax.device_get(self._encode(self._text_params, ids)))}
+
+    def images(self, params: Any, key: jax.Array, **inputs: Any) -> np.ndarray:
+        """`evaluate.Sampler.images`, the prompts and the null conditioning encoded with `params`' encoder."""
+        self._text_params = self._weights(params)[TEXT_ENCODER]
+        self.null_cond = {"encoder_hidden_states": np.asarray(self._encode(self._text_params, self._null_ids[None]))[0]}
+        return super().images(params, key, **inputs)
