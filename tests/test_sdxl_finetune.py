@@ -302,9 +302,9 @@ def test_recipe_trains_from_the_pipeline_and_exports_what_diffusers_loads(sdxl, 
 
     c = recipe()
     c.data.update(dict(path=str(cache), worker_count=0))
-    c.model.update(UNET, remat="none", dtype="float32")
+    c.model = ml_collections.ConfigDict(dict(name="UNet2DConditionModel", **UNET))  # the tiny pipeline's U-Net
     c.mesh.update(dict(data=-1, fsdp=1))
-    c.train.update(dict(init_from=str(sdxl), finetune=mode, steps=2, batch_size=4, log_every=1, checkpoint_every=2,
+    c.train.update(dict(init_from=str(sdxl), finetune=mode, steps=2, batch_size=8, log_every=1, checkpoint_every=2,
                         learning_rate=1e-2))
     state = train_and_evaluate(c, tmp_path / "run")
     assert int(state.step) == 2 and int(state.skipped) == 0
