@@ -277,6 +277,21 @@ def test_recipe_unet_has_sdxls_parameter_count():
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) == 2_567_463_684
 
 
+def test_sdxl_runs_refuse_grids_and_the_export_refuses_an_existing_folder(cache, tmp_path):
+    from diffax.train.loop import train_and_evaluate
+    from diffax.train.pipeline_export import export_pipeline
+
+    c = recipe()
+    c.data.update(dict(path=str(cache), worker_count=0))
+    c.model = ml_collections.ConfigDict(dict(name="UNet2DConditionModel", **UNET))
+    c.train.update(dict(init_from="unused", batch_size=8, sample_every=10))
+    with pytest.raises(ValueError, match="train.sample_every"):
+        train_and_evaluate(c, tmp_path / "run")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="--out"):
+        export_pipeline(tmp_path / "run", tmp_path / "taken")
+
+
 def _unet_outputs(folder: Path, sample: np.ndarray, t: float, cond: dict) -> tuple[np.ndarray, np.ndarray]:
     """(diffusers' unet/ of the pipeline `folder`, diffax's) outputs NHWC on the same inputs."""
     import diffusers
