@@ -310,6 +310,7 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
         raise ValueError(f"config key 'cache.text_encoder' is set but data.source={config.data.source!r} yields no "
                          f"captions: set data.caption_template (digits), data.caption_key (tfds) or add captions (a "
                          f"folder's metadata.jsonl or .txt files)")
+    conditioning = "conditioning_image" in first  # a ControlNet data set's (data.conditioning_column)
     side = cache.crop_size or config.data.image_size
     variants = _variants(cache.crops, cache.flip)
     dtype = np.dtype(cache.dtype)
@@ -326,6 +327,9 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
         for start in range(0, len(source), per_batch):
             records = [source[i] for i in range(start, min(start + per_batch, len(source)))]
             images = np.concatenate([_crops(r["image"], start + j, cache, side) for j, r in enumerate(records)])
+            # each conditioning image cut and mirrored as its image is (the same index draws the same crops)
+            control = np.stack([_crops(r["conditioning_image"], start + j, cache, side)
+                                for j, r in enumerate(records)]) if conditioning else None  # [n, V, S, S, 3]
             mean, logvar = encoders.images(images)  # [n V, h, w, c] each
             mean = mean.reshape(len(records), len(variants), *mean.shape[1:])
             logvar = logvar.reshape(mean.shape)
@@ -346,6 +350,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
                         crop_offsets(config.data.image_size, start + j, cache, side), side, cache.flip)
                 if text:
                     entry["input_ids"] = ids[j]
+                if control is not None:
+                    entry["conditioning_image"] = control[j]
                 if "caption" in record:
                     entry["caption"] = str(record["caption"])
                     if len(prompts) < MAX_GRID_PROMPTS and record["caption"] not in prompts:
@@ -372,6 +378,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
                                 "empty_input_ids": encoders.tokens([""])[0].tolist()}
         if micro:
             manifest["time_ids"] = {"shape": [len(variants), sdxl_cache.NUM_TIME_IDS], "target_size": [side, side]}
+        if conditioning:
+            manifest["conditioning"] = {"shape": [side, side, 3], "dtype": "uint8"}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():  # another process finished the same cache meanwhile
             raise ValueError(f"config key 'cache.out': {str(out)!r} appeared while caching; refusing to overwrite")

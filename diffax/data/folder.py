@@ -12,7 +12,9 @@ subfolder per class, the same convention as torchvision's `ImageFolder` and the
 Captions, for text-conditioned training, are read as diffusers' training scripts read them: a
 `metadata.jsonl` at the top of the folder (one JSON object per line, `file_name` relative to the folder and
 the caption in `caption_column`, by default 'text' or else 'caption'), or a `.txt` file beside each image
-(`0001.jpg` -> `0001.txt`). Either way every image needs its caption.
+(`0001.jpg` -> `0001.txt`). Either way every image needs its caption. For ControlNet training, metadata.jsonl
+also names each image's conditioning image (an edge map, a pose, a depth map) in `conditioning_column`
+(diffusers' `conditioning_image`), a file relative to the folder, prepared as the image is but always RGB.
 
 Every image is center-cropped to a square and then resized to `image_size`,
 which is what diffusers' train scripts do with `--center_crop` (they resize the
@@ -77,10 +79,12 @@ class FolderSource:
     """A grain random-access source over the images in a folder.
 
     Records are `{'image': uint8 [S, S, C], 'label': int64 scalar}`, plus `'caption'` (a str) when the
-    folder has captions. Images are decoded on access, so the folder may be far larger than memory.
+    folder has captions, and `'conditioning_image'` (uint8 [S, S, 3]) with a conditioning column. Images are
+    decoded on access, so the folder may be far larger than memory.
     """
 
-    def __init__(self, path: str | pathlib.Path, *, image_size: int, channels: int, caption_column: str = ''):
+    def __init__(self, path: str | pathlib.Path, *, image_size: int, channels: int, caption_column: str = '',
+                 conditioning_column: str = ''):
         """Scans `path` for images.
 
         Args:
@@ -89,6 +93,7 @@ class FolderSource:
             image_size: side of the square output images.
             channels: 1 or 3.
             caption_column: the caption key of metadata.jsonl ('': 'text', else 'caption').
+            conditioning_column: the metadata.jsonl key naming each image's conditioning image ('': none).
 
         Raises:
             ValueError: the folder does not exist, holds no images, or mixes loose
@@ -100,10 +105,13 @@ class FolderSource:
         self.channels = channels
         if not self.path.is_dir():
             raise ValueError(f'data folder {str(self.path)!r} does not exist or is not a directory')
-        loose = _list_images(self.path, recursive=False)
+        # name -> conditioning image file; those files are inputs, not training images
+        control = _read_conditioning(self.path, conditioning_column) if conditioning_column else {}
+        inputs = {f.resolve() for f in control.values()}
+        loose = [p for p in _list_images(self.path, recursive=False) if p.resolve() not in inputs]
         classes = {}
         for sub in sorted(p for p in self.path.iterdir() if p.is_dir() and not p.name.startswith('.')):
-            images = _list_images(sub, recursive=True)
+            images = [p for p in _list_images(sub, recursive=True) if p.resolve() not in inputs]
             if images:
                 classes[sub.name] = images
         if loose and classes:
@@ -122,20 +130,25 @@ class FolderSource:
         else:
             self._items = [(p, 0) for p in loose]
         self.captions: list[str] | None = _read_captions(self.path, [p for p, _ in self._items], caption_column)
+        self.conditioning: list[pathlib.Path] | None = None
+        if conditioning_column:
+            names = [p.relative_to(self.path).as_posix() for p, _ in self._items]
+            missing = next((n for n in names if n not in control), None)
+            if missing is not None:
+                raise ValueError(f'{self.path / METADATA_FILE}: no line with file_name {missing!r}; every image needs '
+                                 f'a conditioning image (data.conditioning_column={conditioning_column!r})')
+            self.conditioning = [control[n] for n in names]
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         path, label = self._items[index]
-        try:
-            with Image.open(path) as image:
-                array = prepare_image(image, self.image_size, self.channels)
-        except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
-            raise ValueError(f'cannot decode image file {str(path)!r}: {e}') from e
-        record = {'image': array, 'label': np.int64(label)}
+        record = {'image': _decode(path, self.image_size, self.channels), 'label': np.int64(label)}
         if self.captions is not None:
             record['caption'] = self.captions[index]
+        if self.conditioning is not None:
+            record['conditioning_image'] = _decode(self.conditioning[index], self.image_size, 3)
         return record
 
     def __repr__(self) -> str:
@@ -177,3 +190,36 @@ def _read_captions(folder: pathlib.Path, images: list[pathlib.Path], column: str
         raise ValueError(f'caption file {str(missing)!r} missing: in a folder with .txt captions every image '
                          'needs one')
     return [t.read_text(encoding='utf-8').strip() for t in texts]
+
+
+def _decode(path: pathlib.Path, image_size: int, channels: int) -> np.ndarray:
+    """`prepare_image` of an image file; ValueError naming the file when it does not decode."""
+    try:
+        with Image.open(path) as image:
+            return prepare_image(image, image_size, channels)
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError.
+        raise ValueError(f'cannot decode image file {str(path)!r}: {e}') from e
+
+
+def _read_conditioning(folder: pathlib.Path, column: str) -> dict[str, pathlib.Path]:
+    """{image file_name: its conditioning image file} from the `column` of `folder/metadata.jsonl`."""
+    metadata = folder / METADATA_FILE
+    if not metadata.is_file():
+        raise ValueError(f"{metadata}: missing; data.conditioning_column={column!r} names each image's "
+                         f"conditioning image in it")
+    by_name = {}
+    for number, line in enumerate(metadata.read_text(encoding='utf-8').splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{metadata}: line {number} is not JSON ({e})') from None
+        if not isinstance(row, dict) or 'file_name' not in row or not isinstance(row.get(column), str):
+            raise ValueError(f"{metadata}: line {number} needs 'file_name' and a file name under {column!r} "
+                             f"(data.conditioning_column)")
+        file = folder / row[column]
+        if not file.is_file():
+            raise ValueError(f'{metadata}: line {number}: {column} {row[column]!r} is not a file in {str(folder)!r}')
+        by_name[pathlib.PurePosixPath(row['file_name']).as_posix()] = file
+    return by_name

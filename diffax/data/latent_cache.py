@@ -23,6 +23,10 @@ hence of epoch and index, and a resumed run draws exactly what an uninterrupted 
 An SDXL cache (two text encoders, diffax/data/sdxl_cache.py) also stores each variant's micro-conditioning
 `time_ids` float32 [V, 6] (original size, crop corner, target size); a draw puts the same variant's in
 `cond['time_ids']` [6].
+
+A ControlNet data set's records (data.conditioning_column) also hold each variant's conditioning image,
+`conditioning_image` uint8 [V, H, W, 3], cut and mirrored as the image was; a draw takes the same variant's
+as `cond['controlnet_cond']`, float32 [H, W, 3] in [0, 1] (the manifest's `conditioning` gives [H, W, 3]).
 """
 from __future__ import annotations
 
@@ -130,6 +134,8 @@ class StoredRecords:
                 self._shapes["input_ids"] = (len(manifest["text"]["empty_input_ids"]),)
         if manifest.get("time_ids"):  # an SDXL cache's micro-conditioning, one row per variant
             self._shapes["time_ids"] = tuple(manifest["time_ids"]["shape"])
+        if manifest.get("conditioning"):
+            self._shapes["conditioning_image"] = (variants, *manifest["conditioning"]["shape"])
         self._sources = []
         for file, shard in zip(self._files, manifest["shards"]):
             if not Path(file).is_file():
@@ -169,7 +175,8 @@ class StoredRecords:
 class LatentCacheSource:
     """A grain source over a latent cache: `{'image': float32 latent [h, w, c], 'label': int64,
     'cond': {'encoder_hidden_states': float32 [L, D] (, 'text_embeds': [P])}, 'input_ids': int32 [L]}`
-    ('cond' and 'input_ids' only with text; 'input_ids' in caches that store token ids).
+    ('cond' and 'input_ids' only with text; 'input_ids' in caches that store token ids). A ControlNet cache's
+    'cond' also holds 'controlnet_cond', the conditioning image of the drawn variant ([H, W, 3] in [0, 1]).
 
     `source[i]` draws with the generator of (seed, i); `make_train_iterator` shuffles `stored` and calls
     `draw` after repeating, so each epoch draws afresh. `null_cond` is the empty prompt's conditioning (one
@@ -210,6 +217,9 @@ class LatentCacheSource:
             out["cond"] = {k: record[k].astype(np.float32) for k in self._text_keys}
         if "time_ids" in record:  # SDXL: the drawn variant's size and crop ids [6] (diffax/data/sdxl_cache.py)
             out["cond"]["time_ids"] = record["time_ids"][v].astype(np.float32)
+        if "conditioning_image" in record:  # the ControlNet's input, in [0, 1]; the prompt's dropout spares it
+            control = record["conditioning_image"][v].astype(np.float32) / 255.0  # [H, W, 3]
+            out.setdefault("cond", {})["controlnet_cond"] = control
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:

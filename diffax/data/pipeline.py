@@ -62,7 +62,8 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
             'folder', 'latent_cache'; `image_size` (int) and `channels` (1 or 3)
             apply to all but the latent cache. digits reads `caption_template`;
             tfds reads `tfds_name`, `split`, `image_key`, `label_key`, the
-            optional `tfds_data_dir` and `caption_key`; folder reads `path` and `caption_column`;
+            optional `tfds_data_dir` and `caption_key`; folder reads `path`, `caption_column` and
+            `conditioning_column`;
             latent_cache reads `path` (the cache folder); dreambooth reads `path`
             (a folder holding the caches instance/ and class/).
 
@@ -100,7 +101,8 @@ def make_source(config: ml_collections.ConfigDict) -> Source:
             data_dir=config.get('tfds_data_dir', None), caption_key=config.get('caption_key', ''))
     if config.source == 'folder':
         return FolderSource(config.path, image_size=image_size, channels=channels,
-                            caption_column=config.get('caption_column', ''))
+                            caption_column=config.get('caption_column', ''),
+                            conditioning_column=config.get('conditioning_column', ''))
     raise ValueError(f'data.source must be one of {SOURCES}, got {config.source!r}')
 
 

@@ -29,6 +29,9 @@ def base_config() -> ml_collections.ConfigDict:
         # ('': 'text', else 'caption').
         caption_template="", caption_column="",
         caption_key="",  # tfds: a Text feature (or a sequence of them: the first), nested as 'captions/text'
+        # A folder's metadata.jsonl column naming each image's ControlNet conditioning image (a file name
+        # relative to the folder, e.g. 'conditioning_image'); '': none. The latent cache stores them.
+        conditioning_column="",
         classes=()))  # only the records of these labels, e.g. (0, 1, 2, 3, 4); (): all
     c.model = ml_collections.ConfigDict()
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -54,8 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
         prior_loss_weight=1.0,  # data.source='dreambooth': the class (prior-preservation) loss's weight
         # Fine-tuning (diffax.train.finetune, docs/efficiency.md): start from init_from (a training workdir or a
         # diffusers folder) and train every weight ('full'), LoRA factors ('lora') or the quantization scales
-        # of a frozen int8 / int4 base per timestep group ('tuneqdm').
+        # of a frozen int8 / int4 base per timestep group ('tuneqdm'); 'controlnet' trains a ControlNet on the
+        # frozen U-Net of init_from (diffax.train.controlnet): made from the U-Net, with
+        # controlnet_embedding_channels (its conditioning_embedding_out_channels: 2^(n-1) = the VAE's factor),
+        # or read from controlnet_from (a diffusers ControlNetModel folder).
         finetune="full", init_from="",
+        controlnet_from="", controlnet_embedding_channels=(16, 32, 96, 256),
         lora=ml_collections.ConfigDict(dict(
             rank=4, alpha=4.0,
             targets="attention")),  # 'attention' (to_q/k/v/out), 'all' (every Dense / Conv) or a regex over kernel paths

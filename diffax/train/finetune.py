@@ -15,6 +15,8 @@ its weights are checked against the config's model block. Then, by `train.finetu
   tuneqdm  the base is quantized (`train.tuneqdm.bits`, `group_size`) and frozen; the trainable tree is one
            factor per output channel (or per tensor) and per timestep group on each quantized kernel's scale
            (`diffax.quant.tuneqdm`), and each batch draws its timesteps inside one group.
+  controlnet  the U-Net is frozen; the trainable tree is a ControlNet made from it (or `train.controlnet_from`),
+           and the model is the pair (diffax.train.controlnet); the result is `WORKDIR/export/controlnet`.
 
 The TrainState's `params`, EMA and optimizer state hold the trainable tree only; the frozen base rides along in
 `TrainState.frozen` (donated with the state, never saved). A checkpoint therefore holds the trainable tree,
@@ -48,7 +50,7 @@ from diffax.quant.quantize import QuantizedParams, flatten, quantize_params, qua
 from diffax.quant.tuneqdm import apply_scales, init_scales, load_scales, save_scales, timestep_group
 from diffax.train.state import TrainState, init_train_state
 
-MODES = ("full", "lora", "tuneqdm")
+MODES = ("full", "lora", "tuneqdm", "controlnet")
 # Kernel-path patterns (re.search over 'down_blocks_1/attentions_0/to_q/kernel') for train.lora.targets.
 LORA_PRESETS = {"attention": r"/(to_q|to_k|to_v|to_out_0)/kernel$", "all": r"/kernel$"}
 BASE_FILE = "finetune_base.json"
@@ -302,6 +304,9 @@ def check_options(config: ml_collections.ConfigDict) -> None:
     if tc.finetune != "full" and not tc.init_from:
         raise FinetuneError(f"train.finetune={tc.finetune!r} tunes a pretrained model: set train.init_from to a "
                             f"training workdir or a diffusers folder")
+    if tc.get("controlnet_from") and tc.finetune != "controlnet":
+        raise FinetuneError(f"config key 'train.controlnet_from' is set but train.finetune is {tc.finetune!r}; "
+                            f"set train.finetune='controlnet' to continue training that ControlNet")
     if tc.lora.rank < 1:
         raise FinetuneError(f"config key 'train.lora.rank' must be >= 1, got {tc.lora.rank}")
     if not tc.lora.alpha > 0:
@@ -333,6 +338,9 @@ def prepare(config: ml_collections.ConfigDict, model: nn.Module) -> Finetune | N
     record = {"init_from": str(Path(tc.init_from).absolute()), "fingerprint": fingerprint(base), "mode": tc.finetune}
     if tc.finetune == "full":
         return Finetune("full", None, base, None, None, 1, record)
+    if tc.finetune == "controlnet":
+        from diffax.train import controlnet
+        return controlnet.prepare(config, model, base, record)
     specs = logical_specs(model.config)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     if tc.finetune == "lora":
@@ -359,6 +367,9 @@ def sampling_params(config: ml_collections.ConfigDict, trainable: Any, model: nn
     (`GenerationPipeline.param_view`). The base is loaded from train.init_from and checked against the
     workdir's record."""
     tc = config.train
+    if tc.finetune == "controlnet":
+        from diffax.train import controlnet
+        raise controlnet.sampling_error(workdir)
     if tc.get("text_encoder", "frozen") != "frozen":
         raise FinetuneError(f"{workdir}: the run trained its text encoder too (train.text_encoder="
                             f"{tc.text_encoder!r}); sample its export {Path(workdir) / EXPORT_DIR} on "

@@ -30,7 +30,7 @@ from diffax.data import make_source, make_train_iterator, sdxl_cache
 from diffax.models import boxed_init, build_model
 from diffax.schedulers.names import scheduler_for
 from diffax.train import autoencoder, checkpoint, evaluate, resume
-from diffax.train import finetune, text_encoder
+from diffax.train import controlnet, finetune, text_encoder
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
 from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
@@ -70,6 +70,8 @@ def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any
         return {"image": batch["image"], "cond": text_encoder.model_cond(batch)}
     if evaluate.takes_text(model.config):
         out = {"image": batch["image"], "cond": sdxl_cache.unet_cond(batch["cond"], model.config)}
+        if controlnet.is_controlnet(model):  # the ControlNet's conditioning images, [B, H, W, 3] in [0, 1]
+            out["cond"]["controlnet_cond"] = batch["cond"]["controlnet_cond"]
         if "prior" in batch:  # DreamBooth: which rows are class images (diffax.data.dreambooth)
             out["prior"] = batch["prior"]
         return out
@@ -213,6 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     tuning = finetune.prepare(config, model)  # train.init_from / train.finetune; None: a plain run
     if text_encoder.is_trained(config):  # the model becomes {'unet', 'text_encoder'}
         model, tuning = text_encoder.prepare(config, model, tuning, source)
+    if isinstance(tuning, controlnet.ControlNetTuning):  # the model becomes {'controlnet', 'unet'}
+        model = tuning.training_model(model, source)
     if tuning is not None:
         tuning.check_workdir(workdir)
         state, shardings = tuning.create_state(model, tx, mesh, rules)

@@ -95,9 +95,12 @@ def diffusion_loss(model: nn.Module, params: Any, objective: Objective, batch: d
         if objective.null_cond is None:
             null = model.config.null_cond(cond)
         else:
-            # a None leaf keeps the example's own input (SDXL's time ids describe the image, not the prompt)
+            # a None leaf keeps the example's own input (SDXL's time ids describe the image, not the prompt),
+            # and so does a key the null conditioning lacks (a ControlNet's conditioning image: only the
+            # prompt is dropped, as diffusers' proportion_empty_prompts drops it)
+            null_cond = {k: objective.null_cond.get(k) for k in cond}
             null = jax.tree.map(lambda n, c: c if n is None else jnp.broadcast_to(n, c.shape).astype(c.dtype),
-                                objective.null_cond, cond, is_leaf=lambda n: n is None)
+                                null_cond, cond, is_leaf=lambda n: n is None)
         cond = drop_cond(cond, null, k_cond, objective.label_dropout)
     if view is not None:
         params = view(params, t)
