@@ -53,9 +53,10 @@ def test_int8_pipeline_is_close_to_fp32_and_smaller(fp32, int8):
     diff = np.abs(images - reference)
     assert diff.max() < 0.05 and diff.mean() < 0.01, (diff.max(), diff.mean())
     assert diff.max() > 0  # the integer weights did run
-    # U-Net 0.28 of its fp32 bytes; the text encoder 0.48 (its token embedding table stays float); VAE as is.
+    # U-Net 0.28 of its fp32 bytes; the text encoder 0.31 with its embedding tables quantized (0.48 without:
+    # at width 32 its biases and norms weigh more than at full size, where it is 0.25); VAE as is.
     ratio = {n: device_bytes(int8.params(n)) / device_bytes(pipe.params(n)) for n in ("unet", "text_encoder", "vae")}
-    assert ratio["unet"] < 0.3 and ratio["text_encoder"] < 0.5 and ratio["vae"] == 1.0, ratio
+    assert ratio["unet"] < 0.3 and ratio["text_encoder"] < 0.33 and ratio["vae"] == 1.0, ratio
 
 
 @pytest.mark.slow  # a whole sample.py pipeline run: `make test-slow`
