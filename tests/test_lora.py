@@ -443,3 +443,51 @@ def test_sdxl_kohya_ldm_names_map_as_diffusers_maps_them(tmp_path):
             np.testing.assert_array_equal(layer.down, down, err_msg=path)
             np.testing.assert_array_equal(layer.up, m.lora_B["x"].weight.detach().numpy().reshape(-1, 4).T)
             assert layer.scale == m.scaling["x"] == 0.5
+
+
+def test_with_lora_on_params_sharded_over_a_mesh(tmp_path, num_devices):
+    """GenerationPipeline.with_lora on a tiny DiT's params placed over a data x fsdp mesh of 8 (fake CPU)
+    devices: each merged kernel keeps its base's sharding and equals the host merge; a tree whose kernels
+    sit on different device sets (one on a single device: one jitted merge cannot take both) and traced
+    params (inside jit) merge too."""
+    if num_devices < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+    from jax.sharding import SingleDeviceSharding
+
+    from diffax import parallel
+    from diffax.convert.rules import unflatten
+    from diffax.models import DiTConfig, abstract_params, logical_specs, make_module
+    from diffax.pipelines.generation import GenerationPipeline
+    from diffax.schedulers.names import scheduler_for
+    from diffax.train import finetune
+
+    config = DiTConfig.from_reference(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1,
+                                      num_heads=4, num_classes=10)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: rng.normal(0, 0.1, a.shape).astype(np.float32), abstract_params(config))
+    lora_params = finetune.init_lora(params, finetune.lora_targets(params, "attention"), 2, jax.random.key(0))
+    lora_params = jax.tree.map(lambda x: np.asarray(x) + 0.1, lora_params)  # up nonzero
+    path = finetune.export_lora(tmp_path / "lora.safetensors", lora_params, alpha=2.0)
+    want = flatten(finetune.merge_lora(params, lora_params, scale=1.0))
+    pipe = GenerationPipeline(make_module(config), scheduler_for("ddim", {}), parallel.make_mesh({"data": 2, "fsdp": 4}))
+    shardings = parallel.logical_shardings(logical_specs(config), pipe.mesh, pipe.rules, shapes=params)
+    placed = jax.device_put(params, shardings)
+    merged = flatten(pipe.with_lora(placed, path))
+    base, spec = flatten(placed), flatten(shardings)
+    targets = {p for p in flatten(lora_params) if p[-1] == "lora_down"}
+    assert targets and any(len(spec[p[:-1] + ("kernel",)].device_set) == 8 and
+                           any(spec[p[:-1] + ("kernel",)].spec) for p in targets)  # some are split over fsdp
+    for key, value in merged.items():
+        assert value.sharding.is_equivalent_to(base[key].sharding, value.ndim), key  # (size-1 axes may drop)
+        np.testing.assert_allclose(np.asarray(value), want[key], rtol=1e-5, atol=1e-6, err_msg=str(key))
+        if key[:-1] + ("lora_down",) not in targets:
+            assert value is base[key]  # untouched leaves are the very arrays
+    # Kernels on two device sets: the mesh's eight devices and device 3 alone.
+    kernel = sorted(targets)[0][:-1] + ("kernel",)
+    mixed = {**base, kernel: jax.device_put(flatten(params)[kernel], jax.devices()[3])}
+    out = flatten(pipe.with_lora(unflatten(mixed), path))
+    assert out[kernel].sharding == SingleDeviceSharding(jax.devices()[3])
+    np.testing.assert_allclose(np.asarray(out[kernel]), want[kernel], rtol=1e-5, atol=1e-6)
+    # Traced params: the merge is part of the surrounding program.
+    traced = flatten(jax.jit(lambda p: pipe.with_lora(p, path))(placed))
+    np.testing.assert_allclose(np.asarray(traced[kernel]), want[kernel], rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ restoring the original params exactly, or keeping the fused weights if some are 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -37,10 +38,12 @@ Params = dict[str, Any]
 Layers = Mapping[str, LoraLayer]  # 'a/b/kernel' -> LoraLayer: one adapter on one component
 
 
-@jax.jit
-def _merge(kernels: dict[str, jax.Array], adapters: tuple[dict[str, LoraLayer], ...],
-           weights: jax.Array) -> dict[str, jax.Array]:
-    """kernels + sum_i weights[i] * scale * (down @ up), in fp32, cast back to each kernel's dtype."""
+@functools.partial(jax.jit, static_argnums=3)
+def _merge(kernels: dict[str, jax.Array], adapters: tuple[dict[str, LoraLayer], ...], weights: jax.Array,
+           shardings: tuple[tuple[str, jax.sharding.Sharding], ...]) -> dict[str, jax.Array]:
+    """kernels + sum_i weights[i] * scale * (down @ up), in fp32, cast back to each kernel's dtype and made
+    with the sharding `shardings` gives its path (those it does not name: where XLA puts them)."""
+    where = dict(shardings)
     out = {}
     for path, kernel in kernels.items():
         total = kernel.astype(jnp.float32)
@@ -50,15 +53,21 @@ def _merge(kernels: dict[str, jax.Array], adapters: tuple[dict[str, LoraLayer], 
                 delta = jnp.matmul(layer.down.astype(jnp.float32), layer.up.astype(jnp.float32))
                 total = total + (weights[i] * layer.scale) * delta
         out[path] = total.astype(kernel.dtype)
+        if path in where:
+            out[path] = jax.lax.with_sharding_constraint(out[path], where[path])
     return out
 
 
 def apply(params: Params, adapters: Sequence[Layers], weights: Sequence[float]) -> Params:
     """`params` with the LoRA layers of `adapters` added, adapter i at weight `weights[i]`.
 
-    Each updated kernel is computed in fp32 and cast back to its dtype (and sharding, for a jax.Array); every
-    other leaf is the input's own array. The merge is one jitted function of the arrays and the weights: a new
-    weight does not retrace, a new set of adapters traces once.
+    Each updated kernel is computed in fp32 and cast back to its dtype; a kernel placed on devices (a
+    committed jax.Array: one device, or sharded over a mesh) comes back with its sharding, made so inside the
+    merge, so a sharded kernel is never gathered whole on one device. Kernels on different sets of devices
+    are merged by separate calls (one program cannot take arrays from two device sets). Every other leaf is
+    the input's own array. The merge is one jitted function of the arrays and the weights: a new weight does
+    not retrace, a new set of adapters (or of shardings) traces once. Inside a traced function (traced
+    params), the merged kernels are left where the surrounding program puts them.
     """
     if len(adapters) != len(weights):
         raise ValueError(f"apply: {len(adapters)} adapters but {len(weights)} weights")
@@ -76,12 +85,16 @@ def apply(params: Params, adapters: Sequence[Layers], weights: Sequence[float]) 
     if not kernels:
         return params
     adapters = tuple({p: LoraLayer(*layer) for p, layer in layers.items()} for layers in adapters)
-    merged = _merge(kernels, adapters, jnp.asarray(weights, jnp.float32))
-    for path, value in merged.items():
-        base = kernels[path]
-        if isinstance(base, jax.Array):
-            value = jax.device_put(value, base.sharding)
-        flat[tuple(path.split("/"))] = value
+    weights = jnp.asarray(weights, jnp.float32)
+    by_devices: dict[Any, dict[str, Any]] = {}  # device set (None: host or uncommitted) -> kernels
+    for path, kernel in kernels.items():
+        placed = isinstance(kernel, jax.Array) and not isinstance(kernel, jax.core.Tracer) and kernel.committed
+        by_devices.setdefault(frozenset(kernel.sharding.device_set) if placed else None, {})[path] = kernel
+    for devices, group in by_devices.items():
+        shardings = () if devices is None else tuple((path, k.sharding) for path, k in group.items())
+        group_adapters = tuple({p: layer for p, layer in layers.items() if p in group} for layers in adapters)
+        for path, value in _merge(group, group_adapters, weights, shardings).items():
+            flat[tuple(path.split("/"))] = value
     return rules.unflatten(flat)
 
 
