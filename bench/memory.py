@@ -6,9 +6,12 @@ measurement in its own fresh process.
                                       # the train step needs ~20 GB)
     python -m bench.memory --quick    # a small UNet2DConditionModel and the digits U-Net
     python -m bench.memory --skip_train
+    python -m bench.memory --skip_train --schedulers default memory   # diffax also with XLA:CPU's
+                                      # memory-optimised scheduler (rows marked 'mem-sched')
 
 Each child process: imports, then `base` = its resident size (VmRSS) before any model exists; it loads the
-weights (diffax: `convert.load` + `bench.models.to_device`; torch: `from_pretrained`), compiles (diffax), and runs the
+weights (diffax: `convert.load(..., device=...)`, each tensor placed as it is converted; torch:
+`from_pretrained`), compiles (diffax), and runs the
 work once. The peak resident size (VmHWM, /proc/self/status) is read after each stage and reset between
 them (`/proc/self/clear_refs`), so the table holds each stage's peak; `peak` is the process's whole peak,
 `peak - base` what the model and the work added. diffax also reports XLA's buffer assignment of the
@@ -21,6 +24,12 @@ Work:
                       donated; torch: `loss.backward()` + `torch.optim.AdamW.step()` (its default foreach
                       implementation). With `remat` (diffax's config field, when the model has one) the
                       blocks are rematerialised ('full'), against torch's `enable_gradient_checkpointing()`.
+Scheduler: XLA:CPU's default instruction scheduler ('default', concurrency-optimised) may start independent
+work early: in bf16 it converts every weight to fp32 at the start of the program and keeps all the copies
+(a temporary arena of about the fp32 weights). 'memory' compiles diffax's program with
+`compiler_options={'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}` (the same as
+`XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`); torch's row is measured again
+beside it.
 Outputs (inference) and losses (train) are compared between the libraries before anything is reported.
 `--repeats` is accepted for the suite's sake; memory is measured once per case (it does not vary between
 runs the way time does).
@@ -37,11 +46,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench import common, fresh, models  # importing the bench package first sets OMP_WAIT_POLICY for torch
+from bench import common, fresh  # importing the bench package first sets OMP_WAIT_POLICY for torch
 
 MODULE = "bench.memory"
 MIB = 2.0 ** 20
 LR, WEIGHT_DECAY = 1e-4, 1e-2
+# --schedulers name -> XLA compiler options of diffax's program.
+SCHEDULERS = {"default": {}, "memory": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
 
 # ----------------------------------------------------------------------------- child phases
@@ -97,11 +108,13 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
     jax.devices()
     case, work = fresh.CASES[spec["case"]], spec["work"]
     dtype = jnp.bfloat16 if work == "infer bf16" else None
+    options = SCHEDULERS[spec.get("scheduler") or "default"]
     stages = _Stages()
-    module, params = convert.load(spec["folder"], dtype=dtype, param_dtype=dtype)
+    # Each tensor is placed as it is converted: the host holds one tensor at a time beside the placed ones.
+    module, params = convert.load(spec["folder"], dtype=dtype, param_dtype=dtype, device=jax.devices()[0])
     if spec.get("remat"):
         module = type(module)(dataclasses.replace(module.config, remat=spec["remat"]))
-    params = jax.block_until_ready(models.to_device(params))  # one leaf at a time: never two copies
+    params = jax.block_until_ready(params)
     batch = fresh.inputs(case, batch=1 if work == "train" else None)
     x, t, cond = (jax.device_put(batch[k].astype(dtype) if dtype and batch[k].dtype == np.float32 else batch[k])
                   for k in ("x", "t", "cond"))
@@ -119,11 +132,12 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
             return optax.apply_updates(params, updates), opt_state, loss
 
         args = (params, opt_state, x, t, cond, target)
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile(compiler_options=options)
         stages.end("compile")
         _, _, y = jax.block_until_ready(compiled(*args))
     else:
-        compiled = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond).compile()
+        compiled = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond).compile(
+            compiler_options=options)
         stages.end("compile")
         y = jax.block_until_ready(compiled(params, x, t, cond))
     stages.end("run")
@@ -186,6 +200,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="*", choices=sorted(fresh.CASES), default=None,
                         help="default: sd15 (--quick: sd-small digits)")
     parser.add_argument("--skip_train", action="store_true", help="inference only")
+    parser.add_argument("--schedulers", nargs="+", choices=sorted(SCHEDULERS), default=["default"],
+                        help="XLA:CPU schedulers diffax's programs are compiled with, a row each (module doc)")
     parser.add_argument("--repeats", type=int, default=5, help="accepted and unused (see the module doc)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -203,23 +219,29 @@ def _has_remat(case: fresh.Case) -> bool:
     return "remat" in {f.name for f in dataclasses.fields(config)}
 
 
-def _works(args: argparse.Namespace, case: fresh.Case) -> list[tuple[str, str | None]]:
+def _works(args: argparse.Namespace, case: fresh.Case) -> list[tuple[str, str | None, str]]:
     works = [("infer fp32", None), ("infer bf16", None)]
     if not args.skip_train:
         works.append(("train", None))
         if _has_remat(case):
             works.append(("train", "full"))
-    return works
+    return [(work, remat, scheduler) for scheduler in args.schedulers for work, remat in works]
 
 
-def run_work(args: argparse.Namespace, name: str, work: str, remat: str | None, tmp: Path) -> dict[str, Any]:
-    """One (case, work) pair: torch's process, then diffax's; returns the row."""
+def _row_label(name: str, work: str, remat: str | None, scheduler: str) -> str:
+    return f"{_label(name)} {work}{' remat' if remat else ''}{' mem-sched' if scheduler != 'default' else ''}"
+
+
+def run_work(args: argparse.Namespace, name: str, work: str, remat: str | None, tmp: Path,
+             scheduler: str = "default") -> dict[str, Any]:
+    """One (case, work) pair: torch's process, then diffax's (compiled with `scheduler`); returns the row."""
     import numpy as np
 
     case = fresh.CASES[name]
     results, outs = {}, {}
     for phase in ("torch", "diffax"):
-        spec = {"phase": phase, "case": name, "work": work, "remat": remat, "folder": str(tmp / name),
+        spec = {"phase": phase, "case": name, "work": work, "remat": remat, "scheduler": scheduler,
+                "folder": str(tmp / name),
                 "out": str(tmp / f"{phase}.npy"), "torch_threads": args.torch_threads}
         results[phase] = fresh.run_child(MODULE, spec)
         outs[phase] = np.load(spec["out"])
@@ -232,9 +254,9 @@ def run_work(args: argparse.Namespace, name: str, work: str, remat: str | None, 
     common.check_agreement(f"{name} {work}", err, tol)
     d, t = results["diffax"], results["torch"]
     b = 1 if work == "train" else case.batch
-    label = f"{_label(name)} {work}{' remat' if remat else ''} b{b}"
+    label = f"{_row_label(name, work, remat, scheduler)} b{b}"
     return {
-        "case": label, "group": "memory", "work": work, "remat": remat,
+        "case": label, "group": "memory", "work": work, "remat": remat, "scheduler": scheduler,
         "diffax_delta_mib": d["delta_mib"], "torch_delta_mib": t["delta_mib"],
         "ratio": d["delta_mib"] / t["delta_mib"],
         "diffax_peak_mib": d["peak_mib"], "torch_peak_mib": t["peak_mib"],
@@ -291,13 +313,13 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     with tempfile.TemporaryDirectory(prefix="diffax-memory-") as tmp:
         for name in args.cases:
             fresh.run_child(MODULE, {"phase": "build", "case": name, "folder": str(Path(tmp) / name)})
-            for work, remat in _works(args, fresh.CASES[name]):
+            for work, remat, scheduler in _works(args, fresh.CASES[name]):
                 start = time.perf_counter()
                 try:
-                    row = run_work(args, name, work, remat, Path(tmp))
+                    row = run_work(args, name, work, remat, Path(tmp), scheduler)
                 except RuntimeError as e:  # e.g. a child killed for memory: keep the other rows
-                    row = {"case": f"{_label(name)} {work}{' remat' if remat else ''}", "group": "memory",
-                           "work": work, "remat": remat, "error": str(e).splitlines()[0]}
+                    row = {"case": _row_label(name, work, remat, scheduler), "group": "memory", "work": work,
+                           "remat": remat, "scheduler": scheduler, "error": str(e).splitlines()[0]}
                     print(row["error"], flush=True)
                 row["bench_s"] = time.perf_counter() - start
                 rows.append(row)

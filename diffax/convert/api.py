@@ -12,12 +12,13 @@ weights in host memory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffax.convert import rules
-from diffax.convert.io import CheckpointError, Tensors, open_tensors, weight_file, write_safetensors, write_torch
+from diffax.convert.io import (CheckpointError, Tensors, host_array, open_tensors, weight_file, write_safetensors,
+                               write_torch)
 from diffax.convert.registry import Converter, converter_for, converters
 from diffax.models.config_base import CONFIG_NAME, config_class_name, read_config_json
 from diffax.models.registry import abstract_params, boxed_init, family_of, get_family, make_module
@@ -48,7 +50,7 @@ class Loaded:
 
 def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None, subfolder: str | None = None,
          attention_backend: str | None = None, variant: str | None = None, config: Any = None,
-         allow_partial: bool = False, allow_nonfinite: bool = False,
+         allow_partial: bool = False, allow_nonfinite: bool = False, device: Any = None,
          **family_options: Any) -> tuple[nn.Module, Params]:
     """(Flax module, params) of a PyTorch checkpoint; the config is at `module.config`.
 
@@ -69,10 +71,14 @@ def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
             lists them.
         allow_nonfinite: accept tensors holding NaN or inf (by default the first such tensor is an error,
             since a model with them samples NaN images; a checkpoint that diverged in training has them).
+        device: a `jax.Device` or `jax.sharding.Sharding` to put every parameter on as soon as it is
+            converted, so host memory holds one tensor at a time instead of the whole model.
         family_options: what a reference layout cannot read from its shapes (DiT: `input_size`, `num_heads`).
     Returns:
-        (module, params): params a nested dict of host numpy arrays in the config's `param_dtype`, ready for
-        `module.apply({'params': params}, ...)` or `jax.device_put` with shardings.
+        (module, params): params a nested dict in the config's `param_dtype`: jax arrays on `device`, or
+        without it host numpy arrays ready for `module.apply({'params': params}, ...)` or `jax.device_put`
+        with shardings. The host arrays are aligned so that on a CPU `jax.device_put` takes them over
+        without a copy: loading then placing holds one copy of the weights either way.
     Raises:
         CheckpointError (a ValueError) naming the file: missing, corrupt, an unknown `_class_name`; one
         line per kind, the missing / unexpected / mis-shaped keys; the tensor that holds integers where the
@@ -80,7 +86,8 @@ def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
     """
     loaded = read_checkpoint(path, dtype=dtype, param_dtype=param_dtype, subfolder=subfolder,
                              attention_backend=attention_backend, variant=variant, config=config,
-                             allow_partial=allow_partial, allow_nonfinite=allow_nonfinite, **family_options)
+                             allow_partial=allow_partial, allow_nonfinite=allow_nonfinite, device=device,
+                             **family_options)
     for line in loaded.mismatch.lines(loaded.source):
         warnings.warn(f"{line} (allow_partial: dropped or freshly initialised)", stacklevel=2)
     return loaded.module, loaded.params
@@ -89,7 +96,7 @@ def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
 def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
                     subfolder: str | None = None, attention_backend: str | None = None,
                     variant: str | None = None, config: Any = None, allow_partial: bool = False,
-                    allow_nonfinite: bool = False, **family_options: Any) -> Loaded:
+                    allow_nonfinite: bool = False, device: Any = None, **family_options: Any) -> Loaded:
     """`load`, returning also what `allow_partial` let through, the file read and its layout."""
     local = _locate(path, subfolder, variant)
     runtime = {k: v for k, v in dict(dtype=_dtype("dtype", dtype), param_dtype=_dtype("param_dtype", param_dtype),
@@ -113,8 +120,9 @@ def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                                  f"files; a diffusers model reads everything from its config.json")
             converter, config = _diffusers_config(local, source, config, runtime)
             hook, renames, layout = converter.import_hook, converter.renames, "diffusers"
+        place = None if device is None else functools.partial(jax.device_put, device=device)
         params, mismatch = _import(converter, config, tensors, hook, renames, source, allow_partial,
-                                   allow_nonfinite)
+                                   allow_nonfinite, place)
     return Loaded(make_module(config), params, mismatch, source, layout)
 
 
@@ -298,13 +306,16 @@ def _progress(items: Iterable[Any], total: int, desc: str) -> Iterable[Any]:
 
 
 def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, renames: Iterable[tuple[str, str]],
-            source: str, allow_partial: bool, allow_nonfinite: bool) -> tuple[Params, rules.Mismatch]:
+            source: str, allow_partial: bool, allow_nonfinite: bool,
+            place: Callable[[np.ndarray], Any] | None = None) -> tuple[Params, rules.Mismatch]:
     """Reads, converts and casts one tensor at a time into the parameter tree; returns the tree and the
     mismatch, which is an error unless `allow_partial` (then missing and mis-shaped parameters are freshly
-    initialised). A tensor of integers for a float parameter, one with NaN / inf values (unless
-    `allow_nonfinite`), or two tensors for one parameter are an error naming them."""
+    initialised). With `place` (e.g. `jax.device_put` to a device), each converted tensor is replaced by
+    `place(tensor)` before the next is read, so only the placed copies accumulate. A tensor of integers for
+    a float parameter, one with NaN / inf values (unless `allow_nonfinite`), or two tensors for one parameter
+    are an error naming them."""
     want = rules.flatten(abstract_params(config))
-    got: dict[tuple[str, ...], np.ndarray] = {}
+    got: dict[tuple[str, ...], Any] = {}  # host arrays, or placed ones
     mismatch, refill = rules.Mismatch(), []
     read: list[str] = []  # the file's key last read: hooks rename keys, errors name the file's
     owner: dict[tuple[str, ...], str] = {}  # parameter -> the file's key it was read from
@@ -328,7 +339,9 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
             mismatch.shapes.append(f"{'/'.join(path)}: file {tuple(value.shape)} vs model {tuple(spec.shape)}")
             refill.append(path)
         else:
-            got[path] = _cast(value, spec.dtype, read[0], source, allow_nonfinite)
+            value = _cast(value, spec.dtype, read[0], source, allow_nonfinite)
+            got[path] = value if place is None else place(value)
+        del value  # the host copy of a placed tensor goes before the next read
         if spec is not None:
             owner[path] = read[0]
     missing = [p for p in want if p not in got and p not in refill]
@@ -336,17 +349,17 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
     if mismatch and not allow_partial:
         raise CheckpointError("\n".join(mismatch.lines(source)))
     if mismatch.missing or mismatch.shapes:
-        got.update(_fresh(config, missing + refill))
+        got.update({p: v if place is None else place(v) for p, v in _fresh(config, missing + refill).items()})
     return rules.unflatten({p: got[p] for p in want if p in got}), mismatch
 
 
 def _cast(value: np.ndarray, dtype: Any, key: str, source: str, allow_nonfinite: bool) -> np.ndarray:
-    """`value` as a contiguous array of parameter dtype `dtype`: the one copy each tensor keeps."""
+    """`value` as a contiguous, aligned array of parameter dtype `dtype` (`io.host_array`): the one copy each
+    tensor keeps, which a CPU device array then shares."""
     if value.dtype.kind in "biuc" and np.dtype(dtype).kind not in "biuc":
         raise CheckpointError(f"{source}: tensor {key!r} is {value.dtype}, but the model's parameter is "
                               f"{np.dtype(dtype)}; integer weights are not a float model's (wrong file?)")
-    with np.errstate(over="ignore"):  # an overflowing cast is reported below, naming the tensor
-        out = np.asarray(value, dtype=dtype, order="C")
+    out = host_array(value, dtype)  # an overflowing cast is reported below, naming the tensor
     if not allow_nonfinite and not np.isfinite(out).all():
         cause = "holds NaN or inf" if not np.isfinite(value).all() else f"overflows {np.dtype(dtype)}"
         raise CheckpointError(f"{source}: tensor {key!r} {cause} ({int((~np.isfinite(out)).sum())} of "

@@ -35,6 +35,8 @@ _MAX_HEADER = 100 * 2**20
 # the map is closed, so a file read in full through one map counts twice (the map plus the converted copy).
 # Re-opening the map after this many bytes keeps the resident set near one copy of the weights.
 _REMAP_BYTES = 64 * 2**20
+# XLA:CPU's buffer alignment: `jax.device_put` on a CPU aliases a host array aligned to it instead of copying.
+HOST_ALIGNMENT = 64
 
 # File names diffusers / transformers write, in the order we look for them inside a model folder.
 WEIGHT_NAMES = (
@@ -323,6 +325,23 @@ def open_tensors(path: str | os.PathLike, variant: str | None = None) -> Tensors
             raise CheckpointError(f"{path}: lists {key!r} in {name}, which does not hold it")
         files[key] = shards[name]
     return Tensors(path, files)
+
+
+def host_array(value: np.ndarray, dtype: Any) -> np.ndarray:
+    """`value` cast to `dtype` in a fresh C-ordered array whose data start on a HOST_ALIGNMENT boundary.
+
+    XLA's CPU client takes such a buffer as the device array's memory (`jax.device_put` aliases it), while
+    numpy's own allocations (16-byte aligned) are copied, which holds a second copy of every weight until
+    the host tree is dropped, and its freed pages often stay in the allocator after that. Overflow in the
+    cast is left to the caller to check (values become inf)."""
+    dtype = np.dtype(dtype)
+    size = math.prod(value.shape) * dtype.itemsize
+    raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    out = raw[start:start + size].view(dtype).reshape(value.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(out, value, casting="unsafe")
+    return out
 
 
 def read_state_dict(path: str | os.PathLike, variant: str | None = None) -> StateDict:

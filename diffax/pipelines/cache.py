@@ -24,6 +24,7 @@ import flax.linen as nn
 import numpy as np
 
 from diffax.convert import api
+from diffax.convert.io import host_array
 from diffax.convert.rules import flatten
 from diffax.models.registry import abstract_params, make_module
 
@@ -75,9 +76,21 @@ def params_fit(params: Any, config: Any, entry: Path | None = None) -> bool:
 
 
 def restore_params(entry: Path) -> Any:
-    """The params tree stored at `entry` (host numpy arrays)."""
+    """The params tree stored at `entry` (host numpy arrays, aligned like the converter's: `_align`)."""
     import orbax.checkpoint as ocp
-    return ocp.PyTreeCheckpointer().restore((entry / PARAMS_DIR).absolute())
+    return _align(ocp.PyTreeCheckpointer().restore((entry / PARAMS_DIR).absolute()))
+
+
+def _align(tree: Any) -> Any:
+    """Replaces every array of a nested dict, in place and one at a time, by an aligned copy
+    (`diffax.convert.io.host_array`). Orbax's arrays are not aligned, so placing them on a CPU would copy
+    each one and hold the weights twice; one array at a time, this costs one array's copy."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            _align(value)
+        elif isinstance(value, np.ndarray):
+            tree[key] = host_array(value, value.dtype)
+    return tree
 
 
 def save_params(entry: Path, params: Any) -> None:
@@ -87,7 +100,9 @@ def save_params(entry: Path, params: Any) -> None:
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ocp.PyTreeCheckpointer().save((tmp / PARAMS_DIR).absolute(), params)
+    # Uncompressed: with compression Orbax holds about two extra copies of the weights while it writes, one
+    # without (measured on 375 MiB of fp32 arrays: +707 against +363 MiB).
+    ocp.PyTreeCheckpointer(use_compression=False).save((tmp / PARAMS_DIR).absolute(), params)
     (tmp / SHAPES_FILE).write_text(json.dumps(param_shapes(params)))
     shutil.rmtree(entry, ignore_errors=True)
     os.replace(tmp, entry)  # readers see a whole entry or none
