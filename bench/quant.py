@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import RESULTS_DIR
-from diffax.models import (AutoencoderKLConfig, CLIPTextConfig, DiTConfig, UNet2DConditionConfig, UNet2DConfig,
-                           abstract_params, init_params, make_module)
+from diffax.models import (AutoencoderKLConfig, CLIPTextConfig, CLIPTextWithProjectionConfig, DiTConfig,
+                           UNet2DConditionConfig, UNet2DConfig, abstract_params, init_params, make_module)
 from diffax.quant import abstract_quantized, device_bytes, quantize_params
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
@@ -43,6 +43,10 @@ SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, laten
               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_H = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, projection_dim=1024, num_hidden_layers=23,
+              num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu")  # SD 2.x
+CLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280,
+                 num_hidden_layers=32, num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu")  # SDXL
 DIGITS_UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64, 64), layers_per_block=1,
                    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
                    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
@@ -176,6 +180,10 @@ def main() -> None:
         "sdxl_unet_full": lambda: abstract_ratios("SDXL UNet2DCondition (full size)",
                                                   UNet2DConditionConfig.from_diffusers(SDXL_UNET)),
         "dit_xl2_full": lambda: abstract_ratios("DiT-XL/2 (full size)", DiTConfig.preset("DiT-XL/2")),
+        "clip_h_full": lambda: abstract_ratios("CLIP ViT-H/14 text encoder (SD 2.x, full size)",
+                                               CLIPTextConfig.from_diffusers(CLIP_H)),
+        "clip_bigg_full": lambda: abstract_ratios("CLIP ViT-bigG/14 text encoder with projection (SDXL, full size)",
+                                                  CLIPTextWithProjectionConfig.from_diffusers(CLIP_BIGG)),
     }
     results = []
     for key, run in runs.items():
