@@ -1,4 +1,5 @@
-"""The stored form of one quantized kernel, and its way back to floats inside a matmul or convolution.
+"""The stored form of one quantized kernel (or embedding table), and its way back to floats inside a matmul
+or convolution (or a row lookup).
 
 A float kernel of shape [..., out] (Dense [in, out], Conv HWIO [kh, kw, in, out]) is viewed as a matrix
 [K, out] with K = prod(shape[:-1]), the contraction size. Its quantized form is two arrays:
