@@ -221,6 +221,37 @@ def test_tfds_captions_from_a_text_feature_and_the_first_of_a_nested_sequence():
     assert builder.name == 'tiny_captions'
 
 
+@needs_tfds
+@pytest.mark.slow  # a tiny VAE and CLIP compile (seconds on an idle machine): `make test-slow`
+def test_tfds_captions_feed_the_latent_cache(tmp_path):
+    """COCO-style first captions through a tiny random CLIP into a latent cache, record by record."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from pipeline_fixtures import tiny_clip, tiny_vae, write_tokenizer
+
+    from diffax.data.cache import build_cache
+    from diffax.data.latent_cache import LatentCacheSource
+    from diffax.train.config import base_config
+
+    tiny_vae().save_pretrained(tmp_path / 'vae')  # RGB 16x16 -> 8x8x4
+    tokenizer = write_tokenizer(tmp_path / 'tokenizer')
+    tiny_clip(tokenizer).save_pretrained(tmp_path / 'text_encoder')
+    _tiny_captions_builder()
+    c = base_config()
+    c.data.update(dict(source='tfds', tfds_name='tiny_captions', label_key='', caption_key='captions/text',
+                       image_size=16, channels=3))
+    c.cache.update(dict(vae=str(tmp_path / 'vae'), text_encoder=str(tmp_path / 'text_encoder'),
+                        tokenizer=str(tokenizer), out=str(tmp_path / 'cache'), batch_size=4))
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+        raw = tfds.data_source('tiny_captions', split='train')
+        firsts = [str(raw[i]['captions']['text'][0]) for i in range(5)]
+        source = LatentCacheSource(build_cache(c))
+    assert len(source) == 5 and [source.stored[i]['caption'] for i in range(5)] == firsts
+    assert source[0]['cond']['encoder_hidden_states'].shape == (77, 32)
+    assert source.manifest['captions'] == list(dict.fromkeys(firsts))
+
+
 def test_tfds_source_without_tfds_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # `import tensorflow_datasets` now fails
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'diffax\[tfds\]'"):
