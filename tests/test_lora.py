@@ -469,7 +469,8 @@ def test_with_lora_on_params_sharded_over_a_mesh(tmp_path, num_devices):
     lora_params = jax.tree.map(lambda x: np.asarray(x) + 0.1, lora_params)  # up nonzero
     path = finetune.export_lora(tmp_path / "lora.safetensors", lora_params, alpha=2.0)
     want = flatten(finetune.merge_lora(params, lora_params, scale=1.0))
-    pipe = GenerationPipeline(make_module(config), scheduler_for("ddim", {}), parallel.make_mesh({"data": 2, "fsdp": 4}))
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    pipe = GenerationPipeline(make_module(config), scheduler_for("ddim", {}), mesh)
     shardings = parallel.logical_shardings(logical_specs(config), pipe.mesh, pipe.rules, shapes=params)
     placed = jax.device_put(params, shardings)
     merged = flatten(pipe.with_lora(placed, path))
