@@ -192,6 +192,23 @@ def test_dreambooth_source_names_a_missing_cache(tmp_path):
         DreamBoothSource(tmp_path / "db")
 
 
+def test_build_caches_refuses_a_cache_of_another_number_of_images(tmp_path):
+    """The class cache holds 5 records but the run now asks for 3 class images: refused before any encoding."""
+    from PIL import Image
+    for name, n in (("instance", 2), ("class", 3)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("RGB", (8, 8)).save(tmp_path / name / f"{i}.png")
+    _write_cache(tmp_path / "cache" / "instance", 2, 1.0)
+    _write_cache(tmp_path / "cache" / "class", 5, -1.0)
+    c = recipe("prepare")
+    c.dreambooth.update(dict(instance_data=str(tmp_path / "instance"), class_data=str(tmp_path / "class"),
+                             num_class_images=3))
+    c.cache.out = str(tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"class/manifest.json: key 'count' is 5.*gives 3 images: remove"):
+        dreambooth.build_caches(c)
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> dict:
     """A tiny SD pipeline, three instance images, three class images made by it, and the two caches."""

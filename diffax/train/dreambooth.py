@@ -139,9 +139,11 @@ def build_caches(config: ml_collections.ConfigDict) -> Path:
 
     Raises:
         ValueError: an empty key, a folder without images, fewer class images than `num_class_images`
-            (run the class_images stage first), or what `diffax.data.cache.build_cache` refuses.
+            (run the class_images stage first), a cache already there of another number of images, or what
+            `diffax.data.cache.build_cache` refuses.
     """
     from diffax.data.cache import build_cache
+    from diffax.data.latent_cache import MANIFEST, read_manifest
 
     _require(config, "dreambooth.instance_data", "dreambooth.instance_prompt", "dreambooth.class_data",
              "dreambooth.class_prompt", "cache.out")
@@ -152,10 +154,18 @@ def build_caches(config: ml_collections.ConfigDict) -> Path:
         raise ValueError(f"config key 'dreambooth.class_data': {db.class_data!r} holds {have} images, fewer than "
                          f"dreambooth.num_class_images={db.num_class_images}: run the class_images stage first")
     size, channels = config.data.image_size, config.data.channels
+    stages = []
     for name, folder, prompt, count in ((INSTANCE, db.instance_data, db.instance_prompt, None),
                                         (CLASS, db.class_data, db.class_prompt, db.num_class_images)):
         stage = _stage_config(config, folder, prompt, out / name)
         source = PromptedSource(FolderSource(stage.data.path, image_size=size, channels=channels), prompt, count)
+        # The fingerprint reads the config, not the images: a cache of another number of them is refused here.
+        if (out / name / MANIFEST).is_file() and read_manifest(out / name)["count"] != len(source):
+            raise ValueError(f"{out / name / MANIFEST}: key 'count' is {read_manifest(out / name)['count']}, but "
+                             f"{stage.data.path!r} now gives {len(source)} images: remove {str(out / name)!r} to "
+                             f"encode them again")
+        stages.append((stage, source))
+    for stage, source in stages:
         build_cache(stage, source)
     return out
 
