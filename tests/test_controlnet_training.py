@@ -160,7 +160,7 @@ def test_cache_stores_conditioning_images_aligned_with_their_images(tmp_path):
 def test_bad_setups_are_refused(unet_folder, prepared, tmp_path):
     """One line naming the key: a source without conditioning images, a conditioning factor that is not the
     cache's, a ControlNet from another U-Net, grids asked of a ControlNet run, controlnet_from without the
-    mode, a metadata.jsonl line without the column."""
+    mode, sampling the workdir instead of the export, a metadata.jsonl line without the column."""
     from diffax.data import FolderSource
     unet, tuning = prepared
     plain = Batches()
@@ -174,6 +174,8 @@ def test_bad_setups_are_refused(unet_folder, prepared, tmp_path):
         finetune.prepare(run_config(unet_folder, sample_every=10), unet)
     with pytest.raises(finetune.FinetuneError, match="train.controlnet_from"):
         finetune.prepare(run_config(unet_folder, finetune="full", controlnet_from=str(unet_folder)), unet)
+    with pytest.raises(finetune.FinetuneError, match="export/controlnet"):  # what sample.py --workdir calls
+        finetune.sampling_params(run_config(unet_folder), tuning.trainable, unet, tmp_path / "run")
     other = diffusers.ControlNetModel(**{**{k: v for k, v in UNET.items() if k not in ("sample_size", "out_channels",
                                                                                      "up_block_types")},
                                          "block_out_channels": (16, 48)})
