@@ -72,7 +72,8 @@ def load(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
         allow_nonfinite: accept tensors holding NaN or inf (by default the first such tensor is an error,
             since a model with them samples NaN images; a checkpoint that diverged in training has them).
         device: a `jax.Device` or `jax.sharding.Sharding` to put every parameter on as soon as it is
-            converted, so host memory holds one tensor at a time instead of the whole model.
+            converted, so host memory holds one tensor at a time instead of the whole model; the arrays are
+            in buffers XLA owns, which a train step can donate (reuse for its outputs).
         family_options: what a reference layout cannot read from its shapes (DiT: `input_size`, `num_heads`).
     Returns:
         (module, params): params a nested dict in the config's `param_dtype`: jax arrays on `device`, or
@@ -120,7 +121,7 @@ def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
                                  f"files; a diffusers model reads everything from its config.json")
             converter, config = _diffusers_config(local, source, config, runtime)
             hook, renames, layout = converter.import_hook, converter.renames, "diffusers"
-        place = None if device is None else functools.partial(jax.device_put, device=device)
+        place = None if device is None else functools.partial(_place, device=device)
         params, mismatch = _import(converter, config, tensors, hook, renames, source, allow_partial,
                                    allow_nonfinite, place)
     return Loaded(make_module(config), params, mismatch, source, layout)
@@ -351,6 +352,17 @@ def _import(converter: Converter, config: Any, tensors: Tensors, hook: Any, rena
     if mismatch.missing or mismatch.shapes:
         got.update({p: v if place is None else place(v) for p, v in _fresh(config, missing + refill).items()})
     return rules.unflatten({p: got[p] for p in want if p in got}), mismatch
+
+
+def _place(value: np.ndarray, device: Any) -> jax.Array:
+    """`value` on `device` in a buffer XLA owns. On a CPU `jax.device_put` of a host array gives an external
+    buffer (the host array itself when aligned), which a jitted step cannot reuse for its output when the
+    params are donated: a train step would hold the params twice. A device-to-device copy (no compilation)
+    gives a buffer the runtime owns; it costs one tensor at a time."""
+    placed = jax.device_put(value, device)
+    if any(d.platform == "cpu" for d in placed.devices()):
+        placed = jax.device_put(placed, device, may_alias=False)
+    return placed
 
 
 def _cast(value: np.ndarray, dtype: Any, key: str, source: str, allow_nonfinite: bool) -> np.ndarray:
