@@ -292,24 +292,29 @@ def test_sdxl_runs_refuse_grids_and_the_export_refuses_an_existing_folder(cache,
         export_pipeline(tmp_path / "run", tmp_path / "taken")
 
 
+def _torch_unet(unet, sample: np.ndarray, t: float, cond: dict) -> np.ndarray:
+    """A diffusers U-Net's output NHWC on NHWC numpy inputs."""
+    import torch
+
+    with torch.no_grad():
+        return unet(torch.tensor(sample.transpose(0, 3, 1, 2)), t,
+                    encoder_hidden_states=torch.tensor(cond["encoder_hidden_states"]),
+                    added_cond_kwargs={k: torch.tensor(v) for k, v in cond["added_cond_kwargs"].items()}
+                    ).sample.numpy().transpose(0, 2, 3, 1)
+
+
 def _unet_outputs(folder: Path, sample: np.ndarray, t: float, cond: dict) -> tuple[np.ndarray, np.ndarray]:
     """(diffusers' unet/ of the pipeline `folder`, diffax's) outputs NHWC on the same inputs."""
     import diffusers
-    import torch
 
     from diffax import convert
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
-    with torch.no_grad():
-        want = pipe.unet(torch.from_numpy(sample.transpose(0, 3, 1, 2)), t,
-                         encoder_hidden_states=torch.from_numpy(cond["encoder_hidden_states"]),
-                         added_cond_kwargs={k: torch.from_numpy(v) for k, v in cond["added_cond_kwargs"].items()}
-                         ).sample.numpy().transpose(0, 2, 3, 1)
+    want = _torch_unet(diffusers.StableDiffusionXLPipeline.from_pretrained(folder).unet, sample, t, cond)
     module, params = convert.load(str(folder), subfolder="unet")
     got = module.apply({"params": params}, sample, np.full((len(sample),), t, np.float32), **cond)
     return want, np.asarray(got)
 
 
-@pytest.mark.slow  # three U-Net compiles and two short runs (about 2 minutes on 2 loaded cores): make test-slow
+@pytest.mark.slow  # train + export per mode: 1 to 18 minutes each on the loaded 2-core machine; make test-slow
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_recipe_trains_from_the_pipeline_and_exports_what_diffusers_loads(sdxl, cache, tmp_path, mode):
     from diffax.train.loop import train_and_evaluate
@@ -337,12 +342,6 @@ def test_recipe_trains_from_the_pipeline_and_exports_what_diffusers_loads(sdxl, 
     assert np.abs(want - before).max() > 1e-3  # the export holds the trained weights, not the base's
     if mode == "lora":  # diffusers puts the run's LoRA file on the base pipeline: the merged export's U-Net
         import diffusers
-        import torch
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl)
         pipe.load_lora_weights(str(tmp_path / "run" / "export"), weight_name="pytorch_lora_weights.safetensors")
-        with torch.no_grad():
-            lora = pipe.unet(torch.from_numpy(sample.transpose(0, 3, 1, 2)), 500.0,
-                             encoder_hidden_states=torch.from_numpy(cond["encoder_hidden_states"]),
-                             added_cond_kwargs={k: torch.from_numpy(v) for k, v in cond["added_cond_kwargs"].items()}
-                             ).sample.numpy().transpose(0, 2, 3, 1)
-        np.testing.assert_allclose(lora, want, atol=1e-4)
+        np.testing.assert_allclose(_torch_unet(pipe.unet, sample, 500.0, cond), want, atol=1e-4)
