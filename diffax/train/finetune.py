@@ -177,7 +177,9 @@ def export_lora_components(file: str | Path, components: dict[str, Params], *, a
             down = np.asarray(down, np.float32)
             rank = down.shape[-1]
             module = path_to_key(path[:-1])
-            modules.append(module)
+            # peft matches target_modules by name suffix: without `text_model.` a text encoder's names fit
+            # transformers 4's CLIP (layers under text_model) and 5's (no text_model) alike
+            modules.append(module.removeprefix("text_model.") if component.startswith("text_encoder") else module)
             if down.ndim == 4:  # [kh, kw, I, r] -> torch conv [r, I, kh, kw]; up [r, O] -> [O, r, 1, 1]
                 a, b = down.transpose(3, 2, 0, 1), up.T[:, :, None, None]
             else:  # [I, r] -> [r, I]; [r, O] -> [O, r]

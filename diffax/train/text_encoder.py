@@ -206,7 +206,9 @@ class Sampler(evaluate.Sampler):
                  source: Any, param_view: Callable[[Any, jax.Array], Any] | None = None):
         """`param_view(params, t)`: the composite weights of a fine-tuning run's params (LoRA merged); None:
         the params are the weights."""
-        self._weights = jax.jit(lambda p: p if param_view is None else param_view(p, jnp.zeros((1,), jnp.int32)))
+        # The text encoder's weights of the sampled params (LoRA merged; XLA drops the U-Net's merge).
+        self._text_weights = (lambda p: p[TEXT_ENCODER]) if param_view is None else jax.jit(
+            lambda p: param_view(p, jnp.zeros((1,), jnp.int32))[TEXT_ENCODER])
         super().__init__(model.unet, config, mesh, rules, source,
                          param_view=lambda p, t: (p if param_view is None else param_view(p, t))[UNET])
         te = model.text_encoder
@@ -225,6 +227,6 @@ class Sampler(evaluate.Sampler):
 
     def images(self, params: Any, key: jax.Array, **inputs: Any) -> np.ndarray:
         """`evaluate.Sampler.images`, the prompts and the null conditioning encoded with `params`' encoder."""
-        self._text_params = self._weights(params)[TEXT_ENCODER]
+        self._text_params = self._text_weights(params)
         self.null_cond = {"encoder_hidden_states": np.asarray(self._encode(self._text_params, self._null_ids[None]))[0]}
         return super().images(params, key, **inputs)
