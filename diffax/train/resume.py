@@ -41,7 +41,7 @@ CACHE_FILE = "data_cache.json"
 FIXED_KEYS = ("model", "diffusion", "data.source", "data.image_size", "data.channels", "data.tfds_name",
               "data.split", "data.image_key", "data.label_key", "data.classes", "seed", "train.batch_size",
               "train.grad_accum_steps", "train.finetune", "train.init_from", "train.lora", "train.tuneqdm",
-              "train.text_encoder")
+              "train.text_encoder", "train.controlnet_from", "train.controlnet_embedding_channels")
 FREE_KEYS = ("diffusion.snr_gamma", "model.remat")
 _ABSENT = "<absent>"
 
