@@ -303,7 +303,8 @@ def test_lora_run_trains_only_factors_and_diffusers_loads_both_components(sd_cac
 
     from diffax import convert
     pipe, cache = sd_cache
-    _, state = _train(pipe, cache, tmp_path / "run", "lora", 2)
+    _, state = _train(pipe, cache, tmp_path / "run", "lora", 2, sample_every=2)
+    assert (tmp_path / "run" / "samples" / "step_000002.png").is_file()  # through the merged encoder
     _, te_base = convert.load(pipe, subfolder="text_encoder")
     assert not _moved(te_base, state.frozen["text_encoder"])
     assert "text_encoder/text_model/encoder/layers_0/self_attn/q_proj/lora_up" in _moved(
