@@ -70,6 +70,9 @@ class Batches:
     def __getitem__(self, i: int) -> dict:
         return jax.tree.map(lambda a: a[i], self.batch)
 
+    def __len__(self) -> int:
+        return BATCH
+
 
 @pytest.fixture(scope="module")
 def prepared(unet_folder):
@@ -170,8 +173,8 @@ def test_bad_setups_are_refused(unet_folder, prepared, tmp_path):
     big = Batches(side=SIDE * 8)
     with pytest.raises(finetune.FinetuneError, match="train.controlnet_embedding_channels"):
         tuning.training_model(unet, big)
-    with pytest.raises(finetune.FinetuneError, match="train.sample_every"):
-        finetune.prepare(run_config(unet_folder, sample_every=10), unet)
+    with pytest.raises(finetune.FinetuneError, match="train.eval_every"):
+        finetune.prepare(run_config(unet_folder, eval_every=10), unet)
     with pytest.raises(finetune.FinetuneError, match="train.controlnet_from"):
         finetune.prepare(run_config(unet_folder, finetune="full", controlnet_from=str(unet_folder)), unet)
     with pytest.raises(finetune.FinetuneError, match="export/controlnet"):  # what sample.py --workdir calls
@@ -189,6 +192,121 @@ def test_bad_setups_are_refused(unet_folder, prepared, tmp_path):
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "x"}) + "\n")
     with pytest.raises(ValueError, match="metadata.jsonl: line 1 .*conditioning_image"):
         FolderSource(folder, image_size=8, channels=3, conditioning_column="conditioning_image")
+
+
+def with_signal(trainable: dict, seed: int = 0) -> dict:
+    """The ControlNet with random zero convolutions and conditioning embedding (as after training), so the
+    conditioning image reaches its residuals and they reach the U-Net."""
+    rng = np.random.default_rng(seed)
+    return {k: jax.tree.map(lambda a: 0.3 * rng.standard_normal(a.shape).astype(a.dtype), v)
+            if k.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding")) else v
+            for k, v in trainable.items()}
+
+
+def test_grid_rows_show_conditioning_images_beside_their_samples(unet_folder, prepared, tmp_path, monkeypatch):
+    """A ControlNet run's grid (train.sample_every): one row per validation example, its conditioning image
+    first, then GRID_COLUMNS - 1 samples of its stored caption embedding; the conditioning image reaches the
+    model (another image, other samples), and write_grid writes the PNG. (A 2 x 3 grid: the test's cost.)"""
+    from diffax import parallel
+    from diffax.image_io import make_grid
+    from diffax.train import evaluate
+    from pipeline_fixtures import tiny_vae
+    from PIL import Image
+
+    monkeypatch.setattr(controlnet, "GRID_ROWS", 2)
+    monkeypatch.setattr(evaluate, "GRID_COLUMNS", 3)
+    GRID_COLUMNS, write_grid = evaluate.GRID_COLUMNS, evaluate.write_grid
+    unet, tuning = prepared
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    source = Batches(4)
+    source.manifest = {"vae": {"path": str(tmp_path / "vae"), "subfolder": None}, "text": {}}
+    source.null_cond = {"encoder_hidden_states": np.zeros((TOKENS, CROSS), np.float32)}
+    c = run_config(unet_folder, sample_every=1)
+    c.sample.update(dict(steps=2, guidance_scale=3.0))
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])  # one device: replicated sampling runs once
+    sampler = controlnet.Sampler(tuning.training_model(unet, source), c, mesh, parallel.DEFAULT_RULES, source,
+                                 param_view=lambda p, t: tuning.view(p[0], p[1], t))
+    params = (tuning.frozen, with_signal(tuning.trainable))
+    key = jax.random.key(0)
+    inputs = sampler.grid_inputs()
+    grid = sampler.images(params, key, **inputs)
+    rows = controlnet.GRID_ROWS
+    assert grid.shape == (rows * GRID_COLUMNS, SIDE * 2, SIDE * 2, 3) and grid.dtype == np.uint8
+    shown = grid.reshape(rows, GRID_COLUMNS, *grid.shape[1:])[:, 0]  # [R, 16, 16, 3]
+    want = np.round(source.batch["cond"]["controlnet_cond"][:rows] * 255)
+    np.testing.assert_allclose(shown, want, atol=1)
+    samples = sampler.images(params, key, cond=inputs["cond"])
+    np.testing.assert_array_equal(samples.reshape(rows, GRID_COLUMNS - 1, *samples.shape[1:]),
+                                  grid.reshape(rows, GRID_COLUMNS, *grid.shape[1:])[:, 1:])
+    other = {**inputs["cond"], "controlnet_cond": 1.0 - inputs["cond"]["controlnet_cond"]}
+    assert np.abs(sampler.images(params, key, cond=other).astype(int) - samples).max() > 0
+    write_grid(sampler, params, tmp_path / "samples" / "step_000001.png", key)
+    with Image.open(tmp_path / "samples" / "step_000001.png") as png:
+        assert png.size[::-1] == tuple(np.array(make_grid(grid, GRID_COLUMNS).shape[:2]) * (64 // (SIDE * 2)))
+
+
+def controlnet_loss(config: ControlNetConfig, policy: str):
+    """A scalar of a ControlNet's residuals on fixed inputs, as a function of its params, under `policy`;
+    and the residuals as aux."""
+    import dataclasses
+
+    from diffax.models.controlnet import ControlNetModel
+
+    model = ControlNetModel(dataclasses.replace(config, remat=policy))
+    inp = Batches(5).batch
+    x, ctx, image = inp["image"][:2], inp["cond"]["encoder_hidden_states"][:2], inp["cond"]["controlnet_cond"][:2]
+    t = jnp.array([10, 700])
+
+    def loss(p):
+        down, mid = model.apply({"params": p}, x, t, encoder_hidden_states=ctx, controlnet_cond=image)
+        return sum(jnp.sum(d ** 2) for d in down) + jnp.sum(mid ** 2), (down, mid)
+
+    return loss
+
+
+def test_remat_reaches_the_controlnets_blocks(prepared):
+    """ControlNetConfig.remat: copied from the U-Net's config by from_unet (the recipe's remat applies to both
+    halves), never written to config.json; 'full' puts the down and mid blocks under jax.checkpoint, 'none'
+    nothing. (The slow test below compares the numbers.)"""
+    import dataclasses
+
+    unet, tuning = prepared
+    assert ControlNetConfig.from_unet(dataclasses.replace(unet.config, remat="dots")).remat == "dots"
+    assert "remat" not in tuning.controlnet_config.to_diffusers()
+
+    def checkpoints(policy: str) -> int:  # jax.checkpoint's equations in the traced forward pass
+        return str(jax.make_jaxpr(controlnet_loss(tuning.controlnet_config, policy))(tuning.trainable)).count("remat")
+
+    assert checkpoints("none") == 0
+    assert checkpoints("full") >= len(unet.config.block_out_channels) + 1  # every down block and the mid block
+
+
+@pytest.mark.slow  # two compiles of the ControlNet's gradient
+def test_remat_keeps_the_controlnets_output_and_gradients(prepared):
+    """'full' rematerialisation gives the residuals and the gradients of 'none' (fp32, within 1e-5 of the
+    largest)."""
+    _, tuning = prepared
+    params = with_signal(tuning.trainable)
+
+    def run(policy):
+        return jax.jit(jax.value_and_grad(controlnet_loss(tuning.controlnet_config, policy), has_aux=True))(params)
+
+    (_, out_none), grad_none = run("none")
+    (_, out_full), grad_full = run("full")
+    for a, b in zip(jax.tree.leaves((out_full, grad_full)), jax.tree.leaves((out_none, grad_none))):
+        assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 1e-5 * max(np.abs(np.asarray(b)).max(), 1e-6)
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(grad_none["down_blocks_0"]))
+
+
+def test_resume_refuses_a_changed_controlnet(unet_folder, tmp_path):
+    """train.controlnet_from and train.controlnet_embedding_channels choose the ControlNet a checkpoint holds:
+    resuming with another is refused in one line naming the key."""
+    from diffax.train import resume
+
+    saved = run_config(unet_folder)
+    for key, value in (("controlnet_from", str(tmp_path / "other")), ("controlnet_embedding_channels", (8, 16, 32))):
+        with pytest.raises(resume.ConfigChangeError, match=f"train.{key} "):
+            resume.check_config(saved, run_config(unet_folder, **{key: value}), tmp_path)
 
 
 # ----------------------------------------------------------------------------- slow: the recipe's two stages

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from diffax.models.config_base import DiffusersConfig
 from diffax.models.layers import IMAGE_AXES, conv
+from diffax.models.remat import check_policy
 from diffax.models.registry import ModelFamily, init_params, register
 from diffax.models.unet2d_condition import UNet2DConditionConfig, down_blocks, embed_time, mid_block
 
@@ -90,10 +91,13 @@ class ControlNetConfig(DiffusersConfig):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_backend: str = "auto"
+    remat: str | bool = "none"  # rematerialisation policy of the down and mid blocks (diffax/models/remat.py)
 
     class_name: ClassVar[str] = "ControlNetModel"
+    runtime_fields: ClassVar[tuple[str, ...]] = ("dtype", "param_dtype", "attention_backend", "remat")
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", check_policy(self.remat))
         self.unet_config  # noqa: B018  (validates the U-Net keys, naming the bad one)
         if self.controlnet_conditioning_channel_order not in CHANNEL_ORDERS:
             raise ValueError(f"controlnet_conditioning_channel_order="
@@ -119,7 +123,8 @@ class ControlNetConfig(DiffusersConfig):
                   conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
                   conditioning_channels: int = 3) -> "ControlNetConfig":
         """The ControlNet of a U-Net: its encoder keys copied, as diffusers' `ControlNetModel.from_unet`
-        does (global_pool_conditions and addition_embed_type_num_heads keep their defaults)."""
+        does (global_pool_conditions and addition_embed_type_num_heads keep their defaults), and its runtime
+        fields (dtypes, attention backend, remat), so the pair runs alike."""
         for key, ok in (("conv_in_kernel", unet.conv_in_kernel == 3),
                         ("time_embedding_dim", unet.time_embedding_dim in (None, 4 * unet.block_out_channels[0])),
                         ("layers_per_block", isinstance(unet.layers_per_block, int)),

@@ -30,11 +30,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from diffax import parallel
+from diffax.data import sdxl_cache
 from diffax.models import boxed_init, logical_specs
 from diffax.models.controlnet import ControlNetConfig, ControlNetModel, params_from_unet
 from diffax.models.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
+from diffax.train import evaluate
 from diffax.train.finetune import EXPORT_DIR, Finetune, FinetuneError
 from diffax.train.state import TrainState, init_train_state
 
@@ -98,8 +101,9 @@ def init_controlnet(unet_config: UNet2DConditionConfig, unet_params: Params, key
 
 
 def load_controlnet(path: str, unet_config: UNet2DConditionConfig) -> tuple[ControlNetConfig, Params]:
-    """(config, params) of the diffusers ControlNetModel folder `path` in the U-Net's dtypes; FinetuneError
-    naming train.controlnet_from when it is no ControlNet or was not made from a U-Net like this one."""
+    """(config, params) of the diffusers ControlNetModel folder `path` in the U-Net's dtypes and remat policy;
+    FinetuneError naming train.controlnet_from when it is no ControlNet or was not made from a U-Net like this
+    one."""
     from diffax import convert
     try:
         module, params = convert.load(path, dtype=unet_config.dtype, param_dtype=unet_config.param_dtype,
@@ -108,7 +112,7 @@ def load_controlnet(path: str, unet_config: UNet2DConditionConfig) -> tuple[Cont
         raise FinetuneError(f"train.controlnet_from={path}: {e}") from None
     if not isinstance(module, ControlNetModel):
         raise FinetuneError(f"train.controlnet_from={path}: holds a {type(module).__name__}, not a ControlNetModel")
-    config = module.config
+    config = dataclasses.replace(module.config, remat=unet_config.remat)  # the pair rematerialises alike
     shared = {f.name for f in dataclasses.fields(UNet2DConditionConfig)} - set(_OWN_KEYS) - set(config.runtime_fields)
     differ = [f"{f.name}={getattr(config, f.name)!r} vs {getattr(unet_config, f.name)!r}"
               for f in dataclasses.fields(config) if f.name in shared
@@ -171,10 +175,9 @@ def prepare(config: ml_collections.ConfigDict, unet: nn.Module, base: Params, re
     if not isinstance(unet.config, UNet2DConditionConfig):
         raise FinetuneError(f"train.finetune='controlnet' steers a UNet2DConditionModel; model.name is "
                             f"{config.model.name!r}")
-    for key in ("sample_every", "eval_every"):
-        if tc[key]:
-            raise FinetuneError(f"config key 'train.{key}' must be 0 for a ControlNet run (its samples need "
-                                f"conditioning images: sample WORKDIR/export/controlnet with the ControlNet pipeline)")
+    if tc.eval_every:
+        raise FinetuneError("config key 'train.eval_every' must be 0 for a ControlNet run (the digits metrics ask "
+                            "for a digit, not for a conditioning image); train.sample_every draws its grids")
     if tc.controlnet_from:
         cn_config, params = load_controlnet(tc.controlnet_from, unet.config)
         record["controlnet_from"] = str(Path(tc.controlnet_from).absolute())
@@ -185,6 +188,61 @@ def prepare(config: ml_collections.ConfigDict, unet: nn.Module, base: Params, re
     specs = logical_specs(unet.config)
     return ControlNetTuning("controlnet", base, params, controlnet_view, specs, 1, record,
                             controlnet_config=cn_config)
+
+
+GRID_ROWS = 4  # validation conditioning images in a grid, as diffusers' example's default number of them
+
+
+class Sampler(evaluate.Sampler):
+    """`evaluate.Sampler` of a ControlNet run (`ControlNetUNet`): the grid's rows are validation conditioning
+    images, each beside the samples of its caption it steers, as diffusers' train_controlnet.py logs its
+    validation images. The rows are the first GRID_ROWS examples of the run's data (their conditioning
+    images and their captions' stored embeddings: no text encoder runs). Guidance pairs each caption with
+    the cache's empty prompt; both halves see the same conditioning image, as the ControlNet pipeline runs.
+    """
+
+    def __init__(self, model: ControlNetUNet, config: ml_collections.ConfigDict, mesh: Any, rules: parallel.Rules,
+                 source: Any, param_view: Any = None):
+        """As `evaluate.Sampler`; `param_view(params, t)` makes the pair's {'controlnet', 'unet'} weights."""
+        super().__init__(model, config, mesh, rules, source, param_view=param_view)
+        examples = [source[i]["cond"] for i in range(min(GRID_ROWS, len(source)))]
+        self.validation = jax.tree.map(lambda *a: np.stack(a), *examples)  # {'controlnet_cond': [R, H, W, 3], ..}
+
+    def images(self, params: Any, key: jax.Array, *, cond: dict[str, np.ndarray],
+               show_conditioning: bool = False) -> np.ndarray:
+        """uint8 samples [N, H, W, C] from `cond`, examples' conditioning as the cache gives it
+        ({'encoder_hidden_states': [N, L, D], 'controlnet_cond': [N, fh, fw, 3] in [0, 1], ...}).
+        `show_conditioning`: rows of equal conditioning (runs of GRID_COLUMNS - 1) each get their
+        conditioning image first, resized to the samples' size: [N / (GRID_COLUMNS - 1) * GRID_COLUMNS, ...]."""
+        if self.null_cond is None:
+            raise ValueError("a ControlNet run's grids are guided by the latent cache's empty prompt: train from a "
+                             "latent cache written with a text encoder (data.source='latent_cache')")
+        s = self.config.sample
+        guided = s.guidance_scale not in (None, 1.0)
+        text = {k: v for k, v in cond.items() if k != "controlnet_cond"}
+        # The empty prompt's embeddings; what it has none of (SDXL's time ids) stays each row's own.
+        null = {**text, **{k: np.broadcast_to(v, text[k].shape) for k, v in self.null_cond.items() if k in text}}
+        control = np.asarray(cond["controlnet_cond"], np.float32)  # [N, fh, fw, 3], both halves of guidance
+        model_cond = {**sdxl_cache.unet_cond(text, self.model.config), "controlnet_cond": control}
+        uncond = {**sdxl_cache.unet_cond(null, self.model.config), "controlnet_cond": control}
+        args = parallel.global_array((model_cond, uncond, jax.random.key_data(key), np.float32(s.guidance_scale)),
+                                     parallel.replicated(self.mesh))
+        latents = self._text_program(s.steps, guided)(params, *args)
+        _, vae_params = self._decoder()
+        images = np.asarray(jax.device_get(self._decode(vae_params, latents)))  # [N, H, W, C]
+        if not show_conditioning:
+            return images
+        n, h, w, c = images.shape
+        per_row = evaluate.GRID_COLUMNS - 1
+        shown = jax.image.resize(control[::per_row], (n // per_row, h, w, control.shape[-1]), "linear")
+        shown = np.asarray(np.clip(np.round(np.asarray(shown) * 255), 0, 255), np.uint8)[..., :c]
+        rows = np.concatenate([shown[:, None], images.reshape(n // per_row, per_row, h, w, c)], axis=1)
+        return rows.reshape(-1, h, w, c)
+
+    def grid_inputs(self) -> dict[str, Any]:
+        """The grid's fixed inputs: each validation example's conditioning GRID_COLUMNS - 1 times, shown."""
+        cond = jax.tree.map(lambda a: np.repeat(a, evaluate.GRID_COLUMNS - 1, axis=0), self.validation)
+        return {"cond": cond, "show_conditioning": True}
 
 
 def sampling_error(workdir: str | Path) -> FinetuneError:
