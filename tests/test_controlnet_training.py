@@ -264,6 +264,44 @@ def controlnet_loss(config: ControlNetConfig, policy: str):
     return loss
 
 
+def test_user_conditioning_images_make_the_grid_rows(unet_folder, prepared, tmp_path):
+    """sample.conditioning_images with sample.prompts: the rows are those files (RGB, resized to the cache's
+    conditioning size, in [0, 1]) with their prompts' embeddings; a count that differs from the prompts' or
+    an unreadable file is refused naming the key, before training."""
+    from PIL import Image
+
+    from diffax import parallel
+    from diffax.train.evaluate import GRID_COLUMNS
+
+    unet, tuning = prepared
+    source = Batches(4)
+    source.manifest, source.null_cond = {"text": {}}, {"encoder_hidden_states": np.zeros((TOKENS, CROSS))}
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (2, 20, 24, 3), dtype=np.uint8)
+    paths = [str(tmp_path / f"{i}.png") for i in range(2)]
+    for path, image in zip(paths, pixels):
+        Image.fromarray(image).save(path)
+    c = run_config(unet_folder, sample_every=1)
+    c.sample.update(dict(conditioning_images=paths, prompts=["a", "b"]))
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    model = tuning.training_model(unet, source)
+    sampler = controlnet.Sampler(model, c, mesh, parallel.DEFAULT_RULES, source)
+    hidden = {"a": np.full((TOKENS, CROSS), 1.0, np.float32), "b": np.full((TOKENS, CROSS), 2.0, np.float32)}
+    sampler.embed = lambda prompts: {"encoder_hidden_states": np.stack([hidden[p] for p in prompts])}  # no encoder
+    cond = sampler.grid_inputs()["cond"]
+    want = np.stack([np.asarray(Image.fromarray(p).resize((SIDE * 2, SIDE * 2), Image.Resampling.BILINEAR))
+                     for p in pixels]) / 255.0
+    np.testing.assert_allclose(cond["controlnet_cond"], np.repeat(want, GRID_COLUMNS - 1, axis=0), atol=1e-6)
+    np.testing.assert_array_equal(cond["encoder_hidden_states"][:, 0, 0], [1.0] * 9 + [2.0] * 9)
+    c.sample.prompts = ["a"]
+    with pytest.raises(ValueError, match="sample.conditioning_images"):
+        controlnet.Sampler(model, c, mesh, parallel.DEFAULT_RULES, source)
+    (tmp_path / "bad.png").write_text("not an image")
+    c.sample.update(dict(conditioning_images=[str(tmp_path / "bad.png")], prompts=["a"]))
+    with pytest.raises(ValueError, match="sample.conditioning_images.*bad.png"):
+        controlnet.Sampler(model, c, mesh, parallel.DEFAULT_RULES, source)
+
+
 def test_remat_reaches_the_controlnets_blocks(prepared):
     """ControlNetConfig.remat: copied from the U-Net's config by from_unet (the recipe's remat applies to both
     halves), never written to config.json; 'full' puts the down and mid blocks under jax.checkpoint, 'none'
@@ -352,6 +390,7 @@ def toy_run(tmp_path_factory):
     c.model.update(UNET, remat="none")  # rematerialisation only slows a toy compile
     c.train.update(dict(init_from=str(pipe), controlnet_embedding_channels=EMBEDDING, steps=3, batch_size=BATCH,
                         log_every=1, checkpoint_every=3, learning_rate=1e-3, label_dropout=0.5))
+    c.sample.steps = 2  # the recipe's grid at the last step, cheaply
     state = train_and_evaluate(c, root / "run")
     return pipe, root / "run", c, jax.device_get(state)
 
@@ -360,7 +399,7 @@ def toy_run(tmp_path_factory):
 def test_recipe_trains_the_controlnet_only(toy_run):
     """The run's state holds the ControlNet alone (params, EMA, Adam moments); every part of it moved (the
     zero convolutions, and through them the copied encoder and the conditioning embedding); every U-Net
-    leaf is bit-identical to the pipeline's unet/."""
+    leaf is bit-identical to the pipeline's unet/; the recipe's sample grid was written at the last step."""
     pipe, _, _, state = toy_run
     assert int(state.step) == 3 and int(state.skipped) == 0
     unet = convert.load(pipe, subfolder="unet")[1]
@@ -380,6 +419,9 @@ def test_recipe_trains_the_controlnet_only(toy_run):
         np.testing.assert_array_equal(leaf, np.asarray(loaded[path]), err_msg=str(path))
     metrics = [json.loads(line) for line in (toy_run[1] / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3] and all(np.isfinite(m["loss"]) for m in metrics)
+    from PIL import Image
+    with Image.open(toy_run[1] / "samples" / "step_000003.png") as grid:  # 4 rows of 1 + 9 images at 16 px, x4
+        assert grid.size == (10 * 17 * 4 + 4, 4 * 17 * 4 + 4)
 
 
 @pytest.mark.slow  # uses toy_run

@@ -79,8 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
         instance_data="", instance_prompt="", class_data="", class_prompt="", num_class_images=100,
         sample_batch_size=4))
     # prompts: the grid's fixed prompts for a text-conditioned model trained from a latent cache (empty: up
-    # to 10 of the cache's own captions).
-    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0, prompts=()))
+    # to 10 of the cache's own captions). conditioning_images: a ControlNet run's validation images (files),
+    # one per prompt (empty: the first cached examples' own; diffax/train/controlnet.py).
+    c.sample = ml_collections.ConfigDict(dict(sampler="ddim", steps=50, guidance_scale=3.0, prompts=(),
+                                              conditioning_images=()))
     # What train.eval_every logs (diffax/train/evaluate.py): kind '' (none), 'digits_accuracy' or
     # 'digits_fid', over num_samples images sampled as for the grids.
     c.eval = ml_collections.ConfigDict(dict(kind="", num_samples=200))

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -193,20 +193,58 @@ def prepare(config: ml_collections.ConfigDict, unet: nn.Module, base: Params, re
 GRID_ROWS = 4  # validation conditioning images in a grid, as diffusers' example's default number of them
 
 
+def load_conditioning_images(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+    """float32 [N, H, W, 3] in [0, 1]: the image files `paths` as RGB, resized to `size` (H, W) as diffusers'
+    example resizes its validation images; ValueError naming sample.conditioning_images for a bad file."""
+    from PIL import Image
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"config key 'sample.conditioning_images': {path}: not a readable image ({e})") from None
+        images.append(np.asarray(image, np.float32) / 255.0)
+    return np.stack(images)
+
+
 class Sampler(evaluate.Sampler):
     """`evaluate.Sampler` of a ControlNet run (`ControlNetUNet`): the grid's rows are validation conditioning
     images, each beside the samples of its caption it steers, as diffusers' train_controlnet.py logs its
-    validation images. The rows are the first GRID_ROWS examples of the run's data (their conditioning
-    images and their captions' stored embeddings: no text encoder runs). Guidance pairs each caption with
-    the cache's empty prompt; both halves see the same conditioning image, as the ControlNet pipeline runs.
+    validation images. The rows are `sample.conditioning_images` with `sample.prompts` (one prompt each,
+    through the cache's text encoder), or else the first GRID_ROWS examples of the run's data (their
+    conditioning images and their captions' stored embeddings: no text encoder runs). Guidance pairs each
+    caption with the cache's empty prompt; both halves see the same conditioning image, as the ControlNet
+    pipeline runs.
     """
 
     def __init__(self, model: ControlNetUNet, config: ml_collections.ConfigDict, mesh: Any, rules: parallel.Rules,
                  source: Any, param_view: Any = None):
-        """As `evaluate.Sampler`; `param_view(params, t)` makes the pair's {'controlnet', 'unet'} weights."""
+        """As `evaluate.Sampler`; `param_view(params, t)` makes the pair's {'controlnet', 'unet'} weights.
+        The user's conditioning images are read here, before training (ValueError naming the key)."""
         super().__init__(model, config, mesh, rules, source, param_view=param_view)
         examples = [source[i]["cond"] for i in range(min(GRID_ROWS, len(source)))]
-        self.validation = jax.tree.map(lambda *a: np.stack(a), *examples)  # {'controlnet_cond': [R, H, W, 3], ..}
+        self.examples = jax.tree.map(lambda *a: np.stack(a), *examples)  # {'controlnet_cond': [R, H, W, 3], ..}
+        self.user_images = None
+        paths, prompts = list(config.sample.conditioning_images), list(config.sample.prompts)
+        if paths:
+            if len(paths) != len(prompts):
+                raise ValueError(f"config key 'sample.conditioning_images' holds {len(paths)} images but "
+                                 f"sample.prompts {len(prompts)} prompts: give one prompt per image")
+            size = self.examples["controlnet_cond"].shape[1:3]  # the size the ControlNet trains on
+            self.user_images = load_conditioning_images(paths, size)  # [N, H, W, 3]
+
+    @property
+    def validation(self) -> dict[str, np.ndarray]:
+        """The grid rows' conditioning, one row per validation image: {'controlnet_cond': [R, H, W, 3],
+        'encoder_hidden_states': [R, L, D], ...}."""
+        if self.user_images is None:
+            return self.examples
+        prompts = list(self.config.sample.prompts)
+        cond = {**self.embed(prompts), "controlnet_cond": self.user_images}
+        if "time_ids" in self.examples:  # SDXL: the first cached example's size and crop ids
+            cond["time_ids"] = np.repeat(self.examples["time_ids"][:1], len(prompts), axis=0)
+        return cond
 
     def images(self, params: Any, key: jax.Array, *, cond: dict[str, np.ndarray],
                show_conditioning: bool = False) -> np.ndarray:
