@@ -1,6 +1,7 @@
 """SDXL fine-tuning: the SDXL latent cache (diffax/data/sdxl_cache.py through diffax.data.cache), the train
 step's SDXL inputs (diffax.train.loop.model_batch / make_objective, label dropout), configs/sdxl_finetune.py,
-and the whole recipe (cache, a few steps from init_from, diffax.train.pipeline_export) against diffusers.
+the grids' SDXL inputs (diffax.train.evaluate.Sampler with sdxl_cache.PromptEmbeddings), and the whole recipe
+(cache, a few steps from init_from, diffax.train.pipeline_export) against diffusers.
 
 The reference is a tiny random StableDiffusionXLPipeline saved with `save_pretrained`: SDXL's two CLIP text
 encoders at 16 wide (a CLIPTextModel and a CLIPTextModelWithProjection padding with '!'), a two-level
@@ -277,19 +278,28 @@ def test_recipe_unet_has_sdxls_parameter_count():
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) == 2_567_463_684
 
 
-def test_sdxl_runs_refuse_grids_and_the_export_refuses_an_existing_folder(cache, tmp_path):
-    from diffax.train.loop import train_and_evaluate
+def test_export_refuses_an_existing_folder(tmp_path):
     from diffax.train.pipeline_export import export_pipeline
 
-    c = recipe()
-    c.data.update(dict(path=str(cache), worker_count=0))
-    c.model = ml_collections.ConfigDict(dict(name="UNet2DConditionModel", **UNET))
-    c.train.update(dict(init_from="unused", batch_size=8, sample_every=10))
-    with pytest.raises(ValueError, match="train.sample_every"):
-        train_and_evaluate(c, tmp_path / "run")
+    (tmp_path / "run").mkdir()
     (tmp_path / "taken").mkdir()
     with pytest.raises(ValueError, match="--out"):
         export_pipeline(tmp_path / "run", tmp_path / "taken")
+
+
+@pytest.mark.slow  # a train step, the grid and the evaluation compiled: about 3 minutes on the loaded 2-core machine
+def test_sdxl_run_writes_grids_and_evaluates(sdxl, cache, tmp_path):
+    from diffax.train.loop import train_and_evaluate
+
+    c = _sampler_config(cache)
+    c.train.update(dict(init_from=str(sdxl), steps=1, batch_size=8, log_every=1, checkpoint_every=1,
+                        sample_every=1, eval_every=1))
+    c.eval.update(dict(kind="digits_fid", num_samples=4))
+    train_and_evaluate(c, tmp_path / "run")
+    with Image.open(tmp_path / "run" / "samples" / "step_000001.png") as grid:
+        assert grid.size[0] > 10 * 12
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("digits_fid" in r and np.isfinite(r["digits_fid"]) for r in records)
 
 
 def _torch_unet(unet, sample: np.ndarray, t: float, cond: dict) -> np.ndarray:
@@ -345,3 +355,98 @@ def test_recipe_trains_from_the_pipeline_and_exports_what_diffusers_loads(sdxl, 
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl)
         pipe.load_lora_weights(str(tmp_path / "run" / "export"), weight_name="pytorch_lora_weights.safetensors")
         np.testing.assert_allclose(_torch_unet(pipe.unet, sample, 500.0, cond), want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- grids while training
+
+
+class _Probe:
+    """The U-Net with the sampler's calls recorded: keyword input shapes at trace time, (x, t, output) of each
+    call at run time."""
+
+    def __init__(self, model):
+        self.model, self.config, self.shapes, self.calls = model, model.config, [], []
+
+    def apply(self, variables, x, t, **cond):
+        out = self.model.apply(variables, x, t, **cond)
+        self.shapes.append(jax.tree.map(lambda a: a.shape, cond))
+        jax.debug.callback(lambda *a: self.calls.append([np.asarray(v) for v in a]), x, t, out)
+        return out
+
+
+def _sampler_config(cache: Path) -> ml_collections.ConfigDict:
+    c = recipe()
+    c.data.update(dict(path=str(cache), worker_count=0))
+    c.model = ml_collections.ConfigDict(dict(name="UNet2DConditionModel", **UNET))
+    c.mesh.update(dict(data=-1, fsdp=1))
+    c.sample.update(dict(steps=1, guidance_scale=7.5))
+    return c
+
+
+def test_grid_gives_the_sdxl_unet_stored_prompts_pooled_embeds_and_time_ids(sdxl, cache, tmp_path):
+    """The grid (10 rows per cache caption) is written, and its first model call is the U-Net on [uncond; cond]
+    rows: the empty prompt's hidden states and pooled embedding, then each caption's stored ones, all at time
+    ids (12, 12, 0, 0, 12, 12), the cache's image size as original and target with no crop."""
+    from diffax import convert, parallel
+    from diffax.train.evaluate import Sampler, write_grid
+
+    c = _sampler_config(cache)
+    model, params = convert.load(str(sdxl), subfolder="unet")  # no initialisation to compile
+    source = LatentCacheSource(cache)
+    probe = _Probe(model)
+    sampler = Sampler(probe, c, *parallel.mesh_from_config(c.mesh), source)
+    write_grid(sampler, params, tmp_path / "grid.png", jax.random.key(1))
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size[0] > 10 * 12 and grid.size[1] > 3 * 12  # 10 columns, a row per caption
+    n = 10 * len(CAPTIONS)
+    assert probe.shapes[0] == {"encoder_hidden_states": (2 * n, 77, 2 * WIDTH),
+                               "added_cond_kwargs": {"text_embeds": (2 * n, PROJECTION), "time_ids": (2 * n, 6)}}
+
+    stored = StoredRecords(cache, source.manifest)
+    by_caption = {str(stored[i]["caption"]): stored[i] for i in range(len(stored))}
+    rows = [by_caption[p] for p in source.manifest["captions"] for _ in range(10)]
+    null = source.null_cond
+    hidden = np.stack([null["encoder_hidden_states"]] * n + [r["encoder_hidden_states"] for r in rows])
+    pooled = np.stack([null["text_embeds"]] * n + [r["text_embeds"] for r in rows])
+    ids = np.tile(np.array([12, 12, 0, 0, 12, 12], np.float32), (2 * n, 1))
+    cond = {"encoder_hidden_states": hidden.astype(np.float32),
+            "added_cond_kwargs": {"text_embeds": pooled.astype(np.float32), "time_ids": ids}}
+    x, t, out = probe.calls[0]
+    want = jax.jit(lambda p, x, t, cond: model.apply({"params": p}, x, t, **cond))(params, x, t, cond)
+    np.testing.assert_allclose(out, np.asarray(want), atol=1e-5)
+
+
+def test_sdxl_sample_prompts_go_through_both_encoders_or_are_refused(cache, tmp_path):
+    """A prompt outside the cache's captions is encoded by the encoders the manifest names, which are the
+    cache's own (they give a caption its stored embeddings back); unreachable encoders are refused before
+    training, naming the manifest key."""
+    import shutil
+
+    from diffax import parallel
+    from diffax.train.evaluate import Sampler
+
+    mesh, rules = parallel.mesh_from_config({"data": -1, "fsdp": 1})
+    source = LatentCacheSource(cache)
+    embeddings = sdxl_cache.PromptEmbeddings(source, mesh, rules)
+    got = embeddings(["zz top", "a cat"])  # "a cat" is a caption: stored
+    assert set(got) == {"zz top", "a cat"} and got["zz top"]["encoder_hidden_states"].shape == (77, 2 * WIDTH)
+    again = sdxl_cache.PromptEncoder(embeddings.encoder_config(), mesh, rules, 8)(["a cat", "zz top"])
+    for key in ("encoder_hidden_states", "text_embeds"):
+        np.testing.assert_allclose(again[key][0], got["a cat"][key], atol=1e-5)
+        np.testing.assert_allclose(again[key][1], got["zz top"][key], atol=1e-5)
+    assert np.abs(got["zz top"]["text_embeds"] - got["a cat"]["text_embeds"]).max() > 1e-3
+
+    moved = tmp_path / "cache"
+    shutil.copytree(cache, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["text"]["encoder_2"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    c = _sampler_config(moved)
+    c.sample.prompts = ("a dog",)
+    c.train.sample_every = 10
+    from diffax.models.unet2d_condition import UNet2DConditionConfig
+    model = type("M", (), {"config": UNet2DConditionConfig(**UNET)})()
+    with pytest.raises(ValueError, match="key 'text.encoder_2'"):
+        Sampler(model, c, mesh, rules, LatentCacheSource(moved))
+    c.sample.prompts = ()  # the cache's captions need no encoder
+    Sampler(model, c, mesh, rules, LatentCacheSource(moved))

@@ -30,6 +30,10 @@ a mirrored variant (diffusers flips before it crops). The cache's first crop is 
 (round((h - image_size) / 2), round((w - image_size) / 2)), as diffusers' --center_crop computes it, and
 `cache.crops` > 1 adds crops of side `cache.crop_size` inside that center square. target_size is the stored
 crop's side, (crop_size, crop_size).
+
+Sampling while training (diffax.train.evaluate's grids and evaluations) gives the U-Net the same inputs:
+`PromptEmbeddings` (a cache caption's stored embeddings, another prompt through the two encoders the manifest
+names) and `sample_time_ids` (the cache's image size as original and target, no crop).
 """
 from __future__ import annotations
 
@@ -224,3 +228,73 @@ def unet_cond(cond: dict[str, Any], model_config: Any, *, null: bool = False) ->
                          f"docs/data.md)")
     out["added_cond_kwargs"] = {"text_embeds": cond["text_embeds"], "time_ids": None if null else cond["time_ids"]}
     return out
+
+
+# ----------------------------------------------------------------------------- sampling while training
+
+
+def sample_time_ids(manifest: dict[str, Any], n: int) -> np.ndarray:
+    """float32 [N, 6] time ids of images sampled at the cache's image size: original = target = (side, side),
+    crop corner (0, 0), the defaults of SDXL's pipeline at that size."""
+    side = int(manifest["latent"]["image_size"])
+    row = time_ids(original_size=(side, side), crops_coords_top_left=(0, 0), target_size=(side, side))
+    return np.tile(row, (n, 1))
+
+
+class PromptEmbeddings:
+    """The conditioning of prompts for an SDXL run's grids and evaluations: a caption of the cache's grid
+    (manifest 'captions') takes its stored embeddings, any other prompt goes through the cache's two text
+    encoders (`PromptEncoder`, loaded for one batch of prompts and let go, so they hold no memory while
+    training)."""
+
+    def __init__(self, source: Any, mesh: Any, rules: Any):
+        """`source`: a LatentCacheSource of an SDXL cache (its path, manifest and stored records)."""
+        self.path, self.manifest, self.stored = source.path, source.manifest, source.stored
+        self.mesh, self.rules = mesh, rules
+
+    def encoder_config(self) -> ml_collections.ConfigDict:
+        """The `cache` block that names the encoders and tokenizers the cache was written with.
+
+        Raises:
+            ValueError: one of them is no longer a folder (one line, naming manifest.json's key).
+        """
+        text = self.manifest["text"]
+        folders = {}
+        for key, sub in (("encoder", "subfolder"), ("encoder_2", "subfolder_2"), ("tokenizer", None),
+                         ("tokenizer_2", None)):
+            folder = Path(text.get(key) or "") / ((sub and text.get(sub)) or "")
+            if not text.get(key) or not folder.is_dir():
+                raise ValueError(f"{self.path / 'manifest.json'}: key 'text.{key}': {str(folder)!r} is not a folder; "
+                                 f"prompts other than the cache's captions (sample.prompts, eval) are encoded with "
+                                 f"the cache's two text encoders: make them reachable there, or leave sample.prompts "
+                                 f"empty and eval.kind ''")
+            folders[key] = str(folder)
+        return ml_collections.ConfigDict(dict(text_encoder=folders["encoder"], tokenizer=folders["tokenizer"],
+                                              text_encoder_2=folders["encoder_2"], tokenizer_2=folders["tokenizer_2"]))
+
+    def _stored(self, prompts: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """{caption: its stored arrays} for those of `prompts` among the cache's grid captions; these are the
+        first distinct captions of the cache, so the scan ends within its first records."""
+        wanted = {p for p in prompts if p in (self.manifest.get("captions") or [])}
+        found: dict[str, dict[str, np.ndarray]] = {}
+        for i in range(len(self.stored)):
+            if len(found) == len(wanted):
+                break
+            record = self.stored[i]
+            caption = str(record.get("caption", ""))
+            if caption in wanted and caption not in found:
+                found[caption] = {k: np.asarray(record[k], np.float32)
+                                  for k in ("encoder_hidden_states", "text_embeds")}
+        return found
+
+    def __call__(self, prompts: list[str]) -> dict[str, dict[str, np.ndarray]]:
+        """{prompt: {'encoder_hidden_states': [L, D1 + D2], 'text_embeds': [P]}} (float32) for distinct `prompts`."""
+        out = self._stored(prompts)
+        rest = [p for p in prompts if p not in out]
+        if rest:
+            shards = parallel.batch_divisor(self.mesh)
+            batch = -(-len(rest) // shards) * shards  # rows split evenly over the batch shards
+            encoder = PromptEncoder(self.encoder_config(), self.mesh, self.rules, batch)
+            arrays = encoder(rest)
+            out.update({p: {k: v[i] for k, v in arrays.items()} for i, p in enumerate(rest)})
+        return out

@@ -10,6 +10,9 @@ latents that the cache's own VAE decodes (diffax/data/latent_cache.py's manifest
 text-conditioned one is prompted with `sample.prompts` (default: some of the cache's captions), encoded once
 by the cache's text encoder, and guided against the cache's empty-prompt embedding, the null conditioning
 it was trained with. None of this is in the train step: the encoders run here, on the host's schedule.
+An SDXL U-Net (addition_embed_type 'text_time') also gets the pooled embeddings and the time ids of the
+cache's image size (diffax/data/sdxl_cache.py's `PromptEmbeddings`: the cache's captions keep their stored
+embeddings, other prompts go through its two text encoders).
 
 Evaluation kinds (`eval.kind`), over `eval.num_samples` images, labels cycling through 0..9:
   digits_accuracy  the real-digits classifier's agreement with the asked digit
@@ -32,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from diffax import parallel
+from diffax.data import sdxl_cache
 from diffax.data.digits import NUM_CLASSES, NUMBER_WORDS
 from diffax.image_io import save_grid
 from diffax.pipelines.generation import GenerationPipeline, to_uint8
@@ -65,6 +69,12 @@ class Sampler:
         self.null_cond = getattr(source, "null_cond", None)
         self._vae = self._text_encoder = None
         self._embeddings: dict[str, dict[str, np.ndarray]] = {}
+        self.sdxl = None  # an SDXL U-Net's prompt embeddings (both encoders)
+        if self.text and getattr(model.config, "addition_embed_type", None) == "text_time" and self.manifest:
+            self.sdxl = sdxl_cache.PromptEmbeddings(source, mesh, rules)
+            tc = config.train
+            if (config.sample.prompts and tc.sample_every) or (config.eval.kind and tc.eval_every):
+                self.sdxl.encoder_config()  # their encoders reachable, checked before training
         if not self.text:
             view = {} if param_view is None else {"param_view": param_view}  # only fine-tuned runs have one
             self.pipe = GenerationPipeline(model, self.scheduler, mesh, rules, output_uint8=self.manifest is None,
@@ -82,8 +92,11 @@ class Sampler:
 
     def embed(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """{'encoder_hidden_states': [N, L, D] (, 'text_embeds': [N, P])} of `prompts` through the cache's
-        text encoder (each prompt encoded once per run)."""
+        text encoder (an SDXL cache's: `sdxl_cache.PromptEmbeddings`), each prompt encoded once per run."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._embeddings]
+        if missing and self.sdxl is not None:
+            self._embeddings.update(self.sdxl(missing))
+            missing = []
         if missing:
             from diffax.data.cache import load_text_encoder
             from diffax.pipelines.text_encoding import tokenize_prompts
@@ -146,10 +159,13 @@ class Sampler:
             if self.manifest is None or not self.manifest.get("text"):
                 raise ValueError("sampling a text-conditioned model needs the latent cache's text encoder "
                                  "(data.source='latent_cache' with cache.text_encoder set when it was written)")
-            # The hidden states only, as the train step gets them (loop.model_batch).
-            hidden = self.embed(list(prompts))["encoder_hidden_states"]  # [N, L, D]
-            cond = {"encoder_hidden_states": hidden}
-            uncond = {"encoder_hidden_states": np.broadcast_to(self.null_cond["encoder_hidden_states"], hidden.shape)}
+            # The U-Net's inputs as the train step gets them (loop.model_batch); the empty prompt's guide.
+            embeds = self.embed(list(prompts))  # {'encoder_hidden_states': [N, L, D] (, 'text_embeds': [N, P])}
+            null = {k: np.broadcast_to(v, embeds[k].shape) for k, v in self.null_cond.items() if k in embeds}
+            if self.sdxl is not None:  # both halves at the same size, as SDXL's pipeline does
+                embeds["time_ids"] = null["time_ids"] = sdxl_cache.sample_time_ids(self.manifest, len(prompts))
+            cond = sdxl_cache.unet_cond(embeds, self.model.config)
+            uncond = sdxl_cache.unet_cond(null, self.model.config)
             rep = parallel.replicated(self.mesh)
             args = parallel.global_array((cond, uncond, jax.random.key_data(key), np.float32(s.guidance_scale)), rep)
             latents = self._text_program(s.steps, guided)(params, *args)
