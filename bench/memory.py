@@ -8,6 +8,8 @@ measurement in its own fresh process.
     python -m bench.memory --skip_train
     python -m bench.memory --skip_train --schedulers default memory   # diffax also with XLA:CPU's
                                       # memory-optimised scheduler (rows marked 'mem-sched')
+    python -m bench.memory --xla_only --schedulers default memory     # XLA's buffer assignment of diffax's
+                                      # programs only, compiled on abstract inputs: no weights, no torch
 
 Each child process: imports, then `base` = its resident size (VmRSS) before any model exists; it loads the
 weights (diffax: `convert.load(..., device=...)`, each tensor placed as it is converted; torch:
@@ -125,14 +127,9 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
         opt_state = jax.block_until_ready(jax.jit(tx.init)(params))
         stages.end("init")  # AdamW's two moments, apart from the compiler's memory
         target = jax.device_put(np.random.default_rng(1).standard_normal(batch["x"].shape).astype(np.float32))
-
-        def step(params, opt_state, x, t, cond, target):
-            loss, grads = jax.value_and_grad(lambda p: jnp.mean((apply(p, x, t, cond) - target) ** 2))(params)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
         args = (params, opt_state, x, t, cond, target)
-        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*args).compile(compiler_options=options)
+        compiled = jax.jit(_train_step(apply, tx), donate_argnums=(0, 1)).lower(*args).compile(
+            compiler_options=options)
         stages.end("compile")
         _, _, y = jax.block_until_ready(compiled(*args))
     else:
@@ -143,6 +140,50 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
     stages.end("run")
     np.save(spec["out"], np.asarray(y, np.float32))
     return {**stages.result(), **_xla_stats(compiled)}
+
+
+def _train_step(apply: Any, tx: Any) -> Any:
+    """(params, opt_state, x, t, cond, target) -> (params, opt_state, loss): MSE, gradients, one AdamW update."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def step(params, opt_state, x, t, cond, target):
+        loss, grads = jax.value_and_grad(lambda p: jnp.mean((apply(p, x, t, cond) - target) ** 2))(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def _xla_phase(spec: dict[str, Any]) -> dict[str, Any]:
+    """XLA's buffer assignment of diffax's program for `spec`, compiled on abstract inputs (nothing is
+    allocated, so a full-size train step fits any machine)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from diffax.models.registry import abstract_params, make_module
+
+    case, work = fresh.CASES[spec["case"]], spec["work"]
+    dtype = jnp.bfloat16 if work == "infer bf16" else None
+    config = _config_cls(case).from_diffusers(case.diffusers_config(),
+                                               **({"dtype": dtype, "param_dtype": dtype} if dtype else {}))
+    if spec.get("remat"):
+        config = dataclasses.replace(config, remat=spec["remat"])
+    module, params = make_module(config), abstract_params(config)
+    batch = fresh.inputs(case, batch=1 if work == "train" else None)
+    x, t, cond = (jax.ShapeDtypeStruct(batch[k].shape, dtype if dtype and batch[k].dtype == np.float32
+                                       else batch[k].dtype) for k in ("x", "t", "cond"))
+    if work == "train":
+        tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
+        step = _train_step(fresh.diffax_apply(module, case, train=True), tx)
+        lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, jax.eval_shape(tx.init, params), x, t, cond,
+                                                             jax.ShapeDtypeStruct(batch["x"].shape, jnp.float32))
+    else:
+        lowered = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond)
+    return _xla_stats(lowered.compile(compiler_options=SCHEDULERS[spec.get("scheduler") or "default"]))
 
 
 def _torch_phase(spec: dict[str, Any]) -> dict[str, Any]:
@@ -184,6 +225,8 @@ def child(spec: dict[str, Any]) -> None:
         result = {}
     elif spec["phase"] == "torch":
         result = _torch_phase(spec)
+    elif spec["phase"] == "xla":
+        result = _xla_phase(spec)
     else:
         result = _diffax_phase(spec)
     fresh.report(result)
@@ -202,6 +245,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip_train", action="store_true", help="inference only")
     parser.add_argument("--schedulers", nargs="+", choices=sorted(SCHEDULERS), default=["default"],
                         help="XLA:CPU schedulers diffax's programs are compiled with, a row each (module doc)")
+    parser.add_argument("--xla_only", action="store_true",
+                        help="only XLA's buffer assignment of diffax's programs, on abstract inputs (module doc)")
     parser.add_argument("--repeats", type=int, default=5, help="accepted and unused (see the module doc)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -211,12 +256,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _has_remat(case: fresh.Case) -> bool:
+def _config_cls(case: fresh.Case) -> Any:
     from diffax.models.unet2d import UNet2DConfig
     from diffax.models.unet2d_condition import UNet2DConditionConfig
 
-    config = UNet2DConditionConfig if case.kind == "text" else UNet2DConfig
-    return "remat" in {f.name for f in dataclasses.fields(config)}
+    return UNet2DConditionConfig if case.kind == "text" else UNet2DConfig
+
+
+def _has_remat(case: fresh.Case) -> bool:
+    return "remat" in {f.name for f in dataclasses.fields(_config_cls(case))}
 
 
 def _works(args: argparse.Namespace, case: fresh.Case) -> list[tuple[str, str | None, str]]:
@@ -308,7 +356,9 @@ COLUMNS = (
 
 def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Runs every case, writes bench/results/memory.json (memory_quick.json) and returns the rows. `peak` is
-    not used (memory is not a FLOP/s measure); it is stored when given."""
+    not used (memory is not a FLOP/s measure); it is stored when given. With --xla_only: `run_xla`."""
+    if args.xla_only:
+        return run_xla(args, peak)
     rows = []
     with tempfile.TemporaryDirectory(prefix="diffax-memory-") as tmp:
         for name in args.cases:
@@ -331,13 +381,42 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     return rows
 
 
+# (header, row key, format) of the --xla_only table, MiB.
+XLA_COLUMNS = (
+    ("case", "case", "{}"),
+    ("XLA args", "xla_args_mib", "{:.0f}"),
+    ("XLA out", "xla_out_mib", "{:.0f}"),
+    ("aliased", "xla_alias_mib", "{:.0f}"),
+    ("XLA temp", "xla_temp_mib", "{:.0f}"),
+    ("XLA total", "xla_total_mib", "{:.0f}"),
+)
+
+
+def run_xla(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """XLA's buffer assignment of diffax's program for every (case, work, scheduler), each compiled in a
+    fresh process on abstract inputs; writes bench/results/memory_xla.json (memory_xla_quick.json)."""
+    rows = []
+    for name in args.cases:
+        for work, remat, scheduler in _works(args, fresh.CASES[name]):
+            b = 1 if work == "train" else fresh.CASES[name].batch
+            spec = {"phase": "xla", "case": name, "work": work, "remat": remat, "scheduler": scheduler}
+            row = {"case": f"{_row_label(name, work, remat, scheduler)} b{b}", "group": "memory", "work": work,
+                   "remat": remat, "scheduler": scheduler, **fresh.run_child(MODULE, spec)}
+            rows.append(row)
+            print(f"{row['case']}: temp {row['xla_temp_mib']:.0f} MiB", flush=True)
+            common.write_json("memory_xla" + ("_quick" if args.quick else ""), {
+                "benchmark": "memory_xla", "args": vars(args), "machine": common.machine_info(),
+                "matmul_peak": peak, "rows": rows})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run from the command line and print the table."""
     args = parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return
-    common.print_table(run(args), COLUMNS)
+    common.print_table(run(args), XLA_COLUMNS if args.xla_only else COLUMNS)
 
 
 if __name__ == "__main__":
