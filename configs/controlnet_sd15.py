@@ -29,7 +29,7 @@ matmuls with fp32 weights and the UNet's blocks rematerialised; at global batch 
 GPU on 8 devices) for 5,000 steps, three epochs of 50,000 pairs (the example's fill50k runs one epoch at
 its one GPU's batch of 4: set train.steps for your data). The ControlNet's 361M parameters train (fp32
 weights, their EMA copy, gradients and Adam moments: about 7 GB); the 860M-parameter UNet is held frozen in fp32 beside
-them, with no optimizer state (3.4 GB).
+them, with no optimizer state (3.4 GB). The UNet's `remat` policy applies to the ControlNet's blocks too.
 """
 import ml_collections
 
@@ -89,5 +89,10 @@ def get_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 2
-    c.train.sample_every = 0  # samples need conditioning images: sample the export with the ControlNet pipeline
+    # The example's validation images: every 500 steps WORKDIR/samples/step_*.png, a row per the first four
+    # cached examples (the conditioning image, then 9 samples of its caption), UniPC, 20 steps, guidance 7.5.
+    c.train.sample_every = 500
+    c.sample.sampler = "unipc"
+    c.sample.steps = 20
+    c.sample.guidance_scale = 7.5
     return c
