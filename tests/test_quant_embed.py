@@ -181,3 +181,16 @@ def test_full_size_clip_memory_goals():
     assert device_bytes(abstract_quantized(abstract, 4)) <= 0.15 * fp32
     assert device_bytes(abstract_quantized(abstract, 4, 128)) <= 0.15 * fp32
     assert device_bytes(abstract_quantized(abstract, 8, embeddings=False)) > 0.4 * fp32  # what the tables cost
+
+
+def test_diffusers_export_refuses_params_with_only_tables_quantized(tmp_path):
+    """A tree whose only integers are embedding tables is refused like one with integer kernels: writing it
+    as PyTorch floats would silently lose the tables' rounding."""
+    from diffax import convert
+    from diffax.convert.io import CheckpointError
+    _, module, params, _, _ = _clip()
+    qp = quantize_params(params, bits=8, include=[TOKEN])
+    assert [k for k in jax.tree.leaves(jax.tree.map(lambda x: x.dtype == jnp.int8, qp.params)) if k] == [True]
+    with pytest.raises(CheckpointError, match=f"the params are quantized \\('{TOKEN}' and 0 more"):
+        convert.save(tmp_path / "te", module, qp.params)
+    assert not (tmp_path / "te").exists()

@@ -30,6 +30,7 @@ from diffax.convert.io import (CheckpointError, Tensors, host_array, open_tensor
                                write_torch)
 from diffax.convert.registry import Converter, converter_for, converters
 from diffax.models.config_base import CONFIG_NAME, config_class_name, read_config_json
+from diffax.models.qtensor import EMBEDDING_SCALE, KERNEL_SCALE
 from diffax.models.registry import abstract_params, boxed_init, family_of, get_family, make_module
 
 Params = dict[str, Any]
@@ -128,16 +129,17 @@ def read_checkpoint(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
 
 
 def check_not_quantized(params: Params, where: str) -> None:
-    """CheckpointError when `params` hold quantized kernels (integers + `kernel_scale`, `diffax.quant`).
+    """CheckpointError when `params` hold quantized kernels or embedding tables (integers + `kernel_scale` /
+    `embedding_scale`, `diffax.quant`).
 
     PyTorch layouts hold float weights. Writing the dequantised floats would make a file as large as the
     original whose weights are not the original's (rounded to 256 or 16 levels) without saying so, so the
     choice is left to the caller: keep the quantized form, or dequantise knowingly.
     """
-    scales = [p for p in rules.flatten(params) if p[-1] == "kernel_scale"]
+    scales = [p for p in rules.flatten(params) if p[-1] in (KERNEL_SCALE, EMBEDDING_SCALE)]
     if scales:
-        kernel = "/".join(scales[0][:-1] + ("kernel",))
-        raise CheckpointError(f"{where}: the params are quantized ({kernel!r} and {len(scales) - 1} more kernels are "
+        stored = "/".join(scales[0][:-1] + (scales[0][-1][:-len("_scale")],))
+        raise CheckpointError(f"{where}: the params are quantized ({stored!r} and {len(scales) - 1} more weights are "
                               f"integers); save them with diffax.quant.save_safetensors, or export floats with "
                               f"diffax.quant.dequantize(qp) (rounded weights, fp32 size)")
 
