@@ -86,7 +86,7 @@ CONFIG_FILES = {"unet": "configs/digits.py", "ldm": "configs/ldm_digits.py"}
 LDM_ROOT = ROOT / "runs" / "ldm_digits"  # make demo-ldm's stages: vae/export, text/, cache/, unet/
 # (pretrain steps, adapt steps) per family when the flags leave them unset; the LDM's style task starts from
 # the demo's U-Net where there is one, so it pretrains nothing.
-DEFAULT_STEPS = {"unet": (500, 200), "ldm": (400, 150)}
+DEFAULT_STEPS = {"unet": (500, 200), "ldm": (300, 100)}
 QUICK_MODELS = {  # the tiny U-Nets of the tests
     "unet": {"model.block_out_channels": (8, 16), "model.down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
              "model.up_block_types": ("AttnUpBlock2D", "UpBlock2D"), "model.attention_head_dim": 8,
@@ -112,8 +112,8 @@ def define_flags() -> None:
                       "digits recipe (run `make demo-ldm` first).")
     flags.DEFINE_string("workdir", "", "Workdirs of the pretraining and of each mode; default runs/<study name>.")
     flags.DEFINE_bool("quick", False, "A tiny U-Net and a few steps: checks the whole study in minutes.")
-    flags.DEFINE_integer("pretrain_steps", 0, "Pretraining steps; 0: the family's default (unet 500, ldm 400).")
-    flags.DEFINE_integer("adapt_steps", 0, "Steps of each mode; 0: the family's default (unet 200, ldm 150).")
+    flags.DEFINE_integer("pretrain_steps", 0, "Pretraining steps; 0: the family's default (unet 500, ldm 300).")
+    flags.DEFINE_integer("adapt_steps", 0, "Steps of each mode; 0: the family's default (unet 200, ldm 100).")
     flags.DEFINE_integer("batch_size", 32, "Batch size of every run.")
     flags.DEFINE_integer("samples", 200, "Samples of the task's classes per mode for accuracy and FID.")
     flags.DEFINE_bool("write_docs", True, "Write the table into docs/efficiency.md, the plot to docs/images/ "
