@@ -10,6 +10,7 @@ diffusers' DiT.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -28,7 +29,7 @@ import pytest
 
 from diffax.convert.lora import read_lora
 from diffax.models import init_params
-from diffax.models.clip import CLIPTextConfig, CLIPTextModel
+from diffax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextWithProjectionConfig
 from diffax.pipelines.lora import apply as apply_lora
 from diffax.quant.quantize import flatten
 from diffax.schedules import make_betas
@@ -138,6 +139,89 @@ def test_lora_step_moves_only_the_factors_and_the_export_reads_back(tmp_path):
     assert _moved(params["text_encoder"], merged)
 
 
+class SDXLDenoiser(nn.Module):
+    """A stand-in SDXL U-Net reading the concatenated hidden states, the pooled embedding and the time ids."""
+    config: Any = None
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, *, encoder_hidden_states: jax.Array,
+                 added_cond_kwargs: dict[str, jax.Array], train: bool = False) -> jax.Array:
+        del timesteps, train
+        text = jnp.concatenate([encoder_hidden_states.mean(1), added_cond_kwargs["text_embeds"],
+                                added_cond_kwargs["time_ids"]], -1)  # [B, D1 + D2 + P + 6]
+        return sample + nn.Dense(sample.shape[-1])(text)[:, None, None, :]
+
+
+@functools.lru_cache(maxsize=1)
+def _sdxl_models() -> tuple[text_encoder.WithTextEncoders, dict[str, Any]]:
+    fields = dict(vocab_size=20, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=LENGTH, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    c1, c2 = CLIPTextConfig(hidden_size=16, **fields), CLIPTextWithProjectionConfig(hidden_size=8, projection_dim=4,
+                                                                                    **fields)
+    model = text_encoder.WithTextEncoders(SDXLDenoiser(), CLIPTextModel(c1), CLIPTextModel(c2))
+    unet = SDXLDenoiser().init(jax.random.key(0), jnp.zeros((1, 4, 4, 3)), jnp.zeros((1,)),
+                               encoder_hidden_states=jnp.zeros((1, LENGTH, 24)),
+                               added_cond_kwargs={"text_embeds": jnp.zeros((1, 4)), "time_ids": jnp.zeros((1, 6))})
+    params = {"unet": unet["params"], "text_encoder": init_params(c1, jax.random.key(1)),
+              "text_encoder_2": init_params(c2, jax.random.key(2))}
+    return model, jax.device_get(params)
+
+
+def test_sdxl_lora_step_moves_only_both_encoders_and_the_unets_factors(tmp_path):
+    """SDXL with both text encoders trained: the U-Net gets the penultimate hidden states of both encoders side
+    by side and text_encoder_2's pooled embedding, as the pipelines encode prompts; a LoRA step moves the
+    factors of the U-Net and of both encoders' q/k/v/out_proj and nothing else; dropout feeds both empty
+    prompts and keeps the time ids; the file has `text_encoder_2.` keys that read back onto that encoder."""
+    from diffax.pipelines.text_encoding import encode_prompt_sdxl
+    model, params = _sdxl_models()
+    batch = _batch()
+    batch["cond"].update(input_ids_2=batch["cond"]["input_ids"][:, ::-1].copy(),
+                         time_ids=np.tile(np.arange(6, dtype=np.float32), (4, 1)))
+    ids, ids_2 = batch["cond"]["input_ids"], batch["cond"]["input_ids_2"]
+    x, t = batch["image"], jnp.zeros((4,))
+    context, pooled = encode_prompt_sdxl([(model.text_encoder, params["text_encoder"]),
+                                          (model.text_encoder_2, params["text_encoder_2"])], [ids, ids_2])
+    expected = SDXLDenoiser().apply({"params": params["unet"]}, x, t, encoder_hidden_states=context,
+                                    added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["cond"]["time_ids"]})
+    np.testing.assert_allclose(model.apply({"params": params}, x, t, **batch["cond"]), expected, rtol=1e-5)
+
+    lora = {name: finetune.init_lora(p, finetune.lora_targets(p, "all" if name == "unet" else
+                                                              text_encoder.LORA_TARGETS), 2, jax.random.key(i))
+            for i, (name, p) in enumerate(params.items())}
+    assert len(finetune.lora_targets(params["text_encoder_2"], text_encoder.LORA_TARGETS)) == 8  # 2 layers x 4
+    tx = optax.sgd(0.5)
+    state = init_train_state(lora, tx).replace(frozen=params)
+    objective = Objective(alphas_cumprod=_objective(0.0).alphas_cumprod, label_dropout=0.0,
+                          null_cond={"input_ids": EMPTY, "input_ids_2": EMPTY})
+    view = functools.partial(finetune.lora_view, scale=1.0)
+    state, metrics = jax.jit(make_train_step(model, tx, objective, ema_max_decay=0.0, view=view))(
+        state, batch, jax.random.key(3))
+    assert not _moved(params, state.frozen) and np.isfinite(metrics["loss"])
+    moved = _moved(lora, state.params)
+    assert {p.split("/")[0] for p in moved} == {"unet", "text_encoder", "text_encoder_2"}
+    assert "text_encoder_2/text_model/encoder/layers_0/self_attn/q_proj/lora_up" in moved
+
+    # Dropping every caption is the loss of both empty prompts at the examples' own time ids.
+    dropping = dataclasses.replace(objective, label_dropout=1.0)
+    empty = {**batch, "cond": {**batch["cond"], "input_ids": np.tile(EMPTY, (4, 1)),
+                               "input_ids_2": np.tile(EMPTY, (4, 1))}}
+    key = jax.random.key(4)
+    dropped = diffusion_loss(model, params, dropping, key=key, batch=batch)[0]
+    np.testing.assert_allclose(dropped, diffusion_loss(model, params, objective, key=key, batch=empty)[0], rtol=1e-6)
+
+    trained = jax.tree.map(lambda v: v + 0.1, jax.device_get(state.params))
+    file = finetune.export_lora_components(tmp_path / "all.safetensors", trained, alpha=2.0)
+    keys = set(json.loads(_header(file))) - {"__metadata__"}
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    file = finetune.export_lora_components(tmp_path / finetune.LORA_FILE,
+                                           {"text_encoder_2": trained["text_encoder_2"]}, alpha=2.0)
+    layers = read_lora(file, {"text_encoder_2": (model.text_encoder_2, params["text_encoder_2"])})["text_encoder_2"]
+    from_file = flatten(jax.device_get(apply_lora(params["text_encoder_2"], [layers], [1.0])))
+    merged = flatten(finetune.merge_lora(params, trained, 1.0)["text_encoder_2"])
+    for path, value in merged.items():
+        np.testing.assert_allclose(from_file[path], value, rtol=1e-5, atol=1e-6, err_msg="/".join(path))
+
+
 def _header(file: Path) -> str:
     data = file.read_bytes()
     return data[8:8 + int.from_bytes(data[:8], "little")].decode()
@@ -185,6 +269,19 @@ def test_bad_options_are_refused_naming_the_key(tmp_path):
     with pytest.raises(text_encoder.TextEncoderError, match="token ids"):
         text_encoder.check_options(config, _Cache(tmp_path, "f", ids=None))
     text_encoder.check_options(config, _Cache(tmp_path, "f"))
+    # SDXL: both encoders' folders, both tokenizers' ids, no grids while training
+    with pytest.raises(text_encoder.TextEncoderError, match="text_encoder_2/"):
+        text_encoder.check_sdxl_options(config, _Cache(tmp_path, "f"))
+    (tmp_path / "sd" / "text_encoder_2").mkdir()
+    with pytest.raises(text_encoder.TextEncoderError, match="second tokenizer's token ids"):
+        text_encoder.check_sdxl_options(config, _Cache(tmp_path, "f"))
+    cache = _Cache(tmp_path, "f")
+    cache.null_input_ids_2 = EMPTY
+    config.train.sample_every = 100
+    with pytest.raises(text_encoder.TextEncoderError, match="train.sample_every"):
+        text_encoder.check_sdxl_options(config, cache)
+    config.train.sample_every = 0
+    text_encoder.check_sdxl_options(config, cache)
 
 
 # ----------------------------------------------------------------------------- the loop, diffusers (slow)

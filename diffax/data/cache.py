@@ -226,6 +226,14 @@ class _Encoders:
         from diffax.pipelines.text_encoding import tokenize_prompts
         return tokenize_prompts(self.tokenizer, captions, max_length=self.max_length)
 
+    def tokens_2(self, captions: list[str]) -> np.ndarray | None:
+        """SDXL: captions -> the second tokenizer's ids [N, L] int32 (text_encoder_2's input, for runs that
+        train both encoders); None with one text encoder."""
+        from diffax.pipelines.text_encoding import tokenize_prompts
+        if self.pair is None:
+            return None
+        return tokenize_prompts(self.pair.tokenizer_2, captions, max_length=self.max_length)
+
     def captions(self, captions: list[str]) -> dict[str, np.ndarray]:
         """Captions -> {'encoder_hidden_states': [N, L, D] (, 'text_embeds': [N, P])} (float32)."""
         if self.pair is not None:
@@ -335,6 +343,7 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
             logvar = logvar.reshape(mean.shape)
             embeds = encoders.captions([r["caption"] for r in records]) if text else {}
             ids = encoders.tokens([r["caption"] for r in records]) if text else None  # [n, L] int32
+            ids_2 = encoders.tokens_2([r["caption"] for r in records]) if text else None  # SDXL: [n, L] int32
             for j, record in enumerate(records):
                 if writer is None or shards[-1]["count"] == cache.records_per_shard:
                     if writer is not None:
@@ -350,6 +359,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
                         crop_offsets(config.data.image_size, start + j, cache, side), side, cache.flip)
                 if text:
                     entry["input_ids"] = ids[j]
+                if ids_2 is not None:
+                    entry["input_ids_2"] = ids_2[j]
                 if control is not None:
                     entry["conditioning_image"] = control[j]
                 if "caption" in record:
@@ -376,6 +387,8 @@ def build_cache(config: ml_collections.ConfigDict, source: Any = None) -> Path:
             np.savez(tmp / EMPTY_PROMPT, **{k: v[0] for k, v in empty.items()})
             manifest["text"] = {**encoders.text_info, "dtype": cache.dtype,
                                 "empty_input_ids": encoders.tokens([""])[0].tolist()}
+            if encoders.pair is not None:
+                manifest["text"]["empty_input_ids_2"] = encoders.tokens_2([""])[0].tolist()
         if micro:
             manifest["time_ids"] = {"shape": [len(variants), sdxl_cache.NUM_TIME_IDS], "target_size": [side, side]}
         if conditioning:

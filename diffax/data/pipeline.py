@@ -115,8 +115,9 @@ def _to_model_inputs(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {'image': image.astype(np.float32), 'label': batch['label'].astype(np.int32)}  # float: latents as they are
     if 'cond' in batch:  # a latent cache's text conditioning, {'encoder_hidden_states': [b, L, D], ...}
         out['cond'] = {k: np.asarray(v, np.float32) for k, v in batch['cond'].items()}
-    if 'input_ids' in batch:  # a latent cache's token ids [b, L], for a run that trains the text encoder
-        out['input_ids'] = batch['input_ids'].astype(np.int32)
+    for key in ('input_ids', 'input_ids_2'):  # a latent cache's token ids [b, L] (SDXL: both tokenizers'),
+        if key in batch:  # for a run that trains the text encoder(s)
+            out[key] = batch[key].astype(np.int32)
     if 'prior' in batch:  # [2b] bool: the class rows, weighted by train.prior_loss_weight
         out['prior'] = batch['prior'].astype(bool)
     return out
