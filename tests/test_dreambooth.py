@@ -8,6 +8,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -141,9 +142,10 @@ def test_class_images_are_made_once_in_full_batches_and_a_rerun_makes_none(tmp_p
     assert dreambooth.count_images(tmp_path / "class") == 4
 
 
-def _write_cache(folder: Path, count: int, text_value: float) -> None:
+def _write_cache(folder: Path, count: int, text_value: float, token: int | None = None) -> None:
     """A latent cache written as diffax.data.cache writes one: `count` records of 2x2x4 latents, each with the
-    text embedding `text_value` everywhere (a prompt's stand-in)."""
+    text embedding `text_value` everywhere (a prompt's stand-in); with `token`, each record's token ids
+    [token, 1, 1] and the empty prompt's [0, 1, 1], as a cache for text-encoder training stores them."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from diffax.data.latent_cache import FORMAT, VERSION, encode_record
@@ -152,7 +154,8 @@ def _write_cache(folder: Path, count: int, text_value: float) -> None:
     for i in range(count):
         writer.write(encode_record({"mean": np.full((1, 2, 2, 4), i, np.float32),
                                     "logvar": np.full((1, 2, 2, 4), -30.0, np.float32), "label": np.int64(0),
-                                    "encoder_hidden_states": np.full((3, 8), text_value, np.float32)}))
+                                    "encoder_hidden_states": np.full((3, 8), text_value, np.float32),
+                                    **({} if token is None else {"input_ids": np.array([token, 1, 1], np.int32)})}))
     writer.close()
     np.savez(folder / "empty_prompt.npz", encoder_hidden_states=np.zeros((3, 8), np.float32))
     (folder / "manifest.json").write_text(json.dumps({
@@ -160,7 +163,9 @@ def _write_cache(folder: Path, count: int, text_value: float) -> None:
         "shards": [{"file": "shard_00000.array_record", "count": count}], "num_classes": 0, "class_names": [],
         "latent": {"shape": [2, 2, 4], "variants": [{"crop": "center", "flip": False}]},
         "scaling": {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": None, "latents_std": None},
-        "text": {"shapes": {"encoder_hidden_states": [3, 8]}}, "captions": [f"prompt {text_value}"]}))
+        "text": {"shapes": {"encoder_hidden_states": [3, 8]},
+                 **({} if token is None else {"empty_input_ids": [0, 1, 1]})},
+        "captions": [f"prompt {text_value}"]}))
 
 
 def test_dreambooth_source_pairs_every_instance_with_a_class_image(tmp_path):
@@ -184,6 +189,26 @@ def test_dreambooth_source_pairs_every_instance_with_a_class_image(tmp_path):
     np.testing.assert_array_equal(np.round(latent[0::2]), np.round(latent[1::2]) % 2)  # pair k: (k % 2, k % 5)
     row = source[3]
     assert bool(row["prior"]) and row["image"].shape == (2, 2, 4)
+
+
+def test_a_text_encoder_run_gets_the_token_ids_and_prior_flags_of_dreambooth_rows(tmp_path):
+    """train.text_encoder with DreamBooth: the batch the step sees holds each row's token ids and the 'prior'
+    flags, so the prior-preservation loss applies as with a frozen encoder."""
+    import flax.linen as nn
+
+    from diffax.train import text_encoder
+    from diffax.train.loop import model_batch
+    _write_cache(tmp_path / "db" / "instance", 2, 1.0, token=7)
+    _write_cache(tmp_path / "db" / "class", 3, -1.0, token=9)
+    source = DreamBoothSource(tmp_path / "db")
+    batch = next(make_train_iterator(source, global_batch_size=3, seed=0, shard_index=0, shard_count=1))
+    class Unet(nn.Dense):  # model_batch reads the model's type and its U-Net's config only
+        config: Any = None
+    model = text_encoder.WithTextEncoder(Unet(1), nn.Dense(1))
+    out = model_batch(batch, model)
+    assert out["prior"].tolist() == [False, True] * 3
+    np.testing.assert_array_equal(out["cond"]["input_ids"][:, 0], np.where(out["prior"], 9, 7))
+    assert source.null_input_ids.tolist() == [0, 1, 1]  # what label dropout feeds the text encoder
 
 
 def test_dreambooth_source_names_a_missing_cache(tmp_path):

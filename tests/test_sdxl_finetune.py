@@ -192,6 +192,13 @@ def test_model_batch_and_dropout_give_the_sdxl_unet_its_inputs():
 # ----------------------------------------------------------------------------- the cache
 
 
+def _torch_ids(tokenizer: Path, prompts: list[str]) -> np.ndarray:
+    """transformers' token ids [N, 77] of `prompts`, as diffusers' training scripts tokenize them."""
+    import transformers
+    tok = transformers.CLIPTokenizer.from_pretrained(tokenizer)
+    return tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="np").input_ids
+
+
 def _torch_prompt_embeds(folder: Path, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(penultimate hidden states of both encoders concatenated, text_encoder_2's text_embeds) from
     transformers, as diffusers' training script computes them."""
@@ -234,6 +241,11 @@ def test_cache_stores_both_encoders_and_each_images_size_and_crops(sdxl, images,
         np.testing.assert_allclose(record["encoder_hidden_states"], hidden[i], atol=1e-4)
         np.testing.assert_allclose(record["text_embeds"], pooled[i], atol=1e-4)
     assert len({tuple(records[i]["time_ids"][0]) for i in range(3)}) == 3
+    # both tokenizers' ids, which a run training both text encoders feeds them ('!' pads the second's)
+    for key, tok in (("input_ids", "tokenizer"), ("input_ids_2", "tokenizer_2")):
+        ids = _torch_ids(sdxl / tok, [CAPTIONS[n] for n in names] + [""])
+        np.testing.assert_array_equal(np.stack([records[i][key] for i in range(3)]), ids[:3])
+        np.testing.assert_array_equal(manifest["text"]["empty_" + key], ids[3])
     empty = np.load(cache / "empty_prompt.npz")  # the caption "" through both encoders, not zeros
     np.testing.assert_allclose(empty["encoder_hidden_states"], hidden[3], atol=1e-4)
     np.testing.assert_allclose(empty["text_embeds"], pooled[3], atol=1e-4)
@@ -243,6 +255,7 @@ def test_cache_stores_both_encoders_and_each_images_size_and_crops(sdxl, images,
     example = source[0]
     assert example["image"].shape == (6, 6, 4)
     assert set(example["cond"]) == {"encoder_hidden_states", "text_embeds", "time_ids"}
+    assert example["input_ids_2"].shape == (77,) and source.null_input_ids_2.shape == (77,)
     assert any(np.array_equal(example["cond"]["time_ids"], row) for row in records[0]["time_ids"])
 
 
@@ -355,6 +368,55 @@ def test_recipe_trains_from_the_pipeline_and_exports_what_diffusers_loads(sdxl, 
         pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl)
         pipe.load_lora_weights(str(tmp_path / "run" / "export"), weight_name="pytorch_lora_weights.safetensors")
         np.testing.assert_allclose(_torch_unet(pipe.unet, sample, 500.0, cond), want, atol=1e-4)
+
+
+@pytest.mark.slow  # two steps of the tiny SDXL U-Net under both encoders, then diffusers: a minute or more
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_run_trains_both_text_encoders_and_diffusers_loads_them(sdxl, cache, tmp_path, mode):
+    """train.text_encoder on SDXL: lora: the file's `text_encoder.` and `text_encoder_2.` keys, put on the base
+    pipeline by diffusers' load_lora_weights, give both encoders' outputs of diffax's merged weights; full: the
+    exported folder's text_encoder/ and text_encoder_2/ give those of the trained weights."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from diffax import convert
+    from diffax.train import finetune
+    from diffax.train.loop import train_and_evaluate
+
+    c = recipe()
+    c.data.update(dict(path=str(cache), worker_count=0))
+    c.model = ml_collections.ConfigDict(dict(name="UNet2DConditionModel", **UNET))
+    c.mesh.update(dict(data=-1, fsdp=1))
+    c.train.update(dict(init_from=str(sdxl), finetune=mode, text_encoder=mode, steps=2, batch_size=8,
+                        log_every=1, checkpoint_every=2, learning_rate=1e-1 if mode == "lora" else 1e-2))
+    state = train_and_evaluate(c, tmp_path / "run")
+    assert int(state.step) == 2 and int(state.skipped) == 0
+    trained = jax.device_get(state.params)  # the recipe keeps no EMA: the trained weights are the result
+    if mode == "lora":
+        trained = finetune.merge_lora(jax.device_get(state.frozen), trained, c.train.lora.alpha / c.train.lora.rank)
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl)
+    ids = {"text_encoder": _torch_ids(sdxl / "tokenizer", ["a cat"]),
+           "text_encoder_2": _torch_ids(sdxl / "tokenizer_2", ["a cat"])}
+
+    def outputs(name: str) -> list[np.ndarray]:
+        with torch.no_grad():
+            out = getattr(pipe, name)(torch.from_numpy(ids[name]), output_hidden_states=True)
+        return [out.hidden_states[-2].numpy(), out[0].numpy()]
+
+    before = {name: outputs(name) for name in ids}
+    if mode == "lora":
+        pipe.load_lora_weights(str(tmp_path / "run" / "export"), weight_name="pytorch_lora_weights.safetensors")
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "run" / "export")
+    for name in ids:
+        module, _ = convert.load(sdxl, subfolder=name)
+        out = module.apply({"params": trained[name]}, ids[name], output_hidden_states=True)
+        got = outputs(name)
+        np.testing.assert_allclose(got[0], np.asarray(out.hidden_states[-2]), atol=1e-4, err_msg=name)
+        if name == "text_encoder_2":  # the pooled text_embeds the U-Net gets
+            np.testing.assert_allclose(got[1], np.asarray(out.text_embeds), atol=1e-4, err_msg=name)
+        assert np.abs(got[0] - before[name][0]).max() > 1e-3, name  # the run moved this encoder
 
 
 # ----------------------------------------------------------------------------- grids while training

@@ -82,6 +82,8 @@ class DreamBoothSource:
         self.stored = _Pairs(self.instance.stored, self.prior.stored)
         self.manifest = a
         self.null_cond = self.instance.null_cond
+        self.null_input_ids = self.instance.null_input_ids  # train.text_encoder's null conditioning
+        self.null_input_ids_2 = self.instance.null_input_ids_2
         self.num_classes: int = 0
         self.class_names: list[str] = []
 

@@ -132,6 +132,8 @@ class StoredRecords:
             self._shapes.update({k: tuple(v) for k, v in manifest["text"]["shapes"].items()})
             if "empty_input_ids" in manifest["text"]:
                 self._shapes["input_ids"] = (len(manifest["text"]["empty_input_ids"]),)
+            if "empty_input_ids_2" in manifest["text"]:  # SDXL: the second tokenizer's
+                self._shapes["input_ids_2"] = (len(manifest["text"]["empty_input_ids_2"]),)
         if manifest.get("time_ids"):  # an SDXL cache's micro-conditioning, one row per variant
             self._shapes["time_ids"] = tuple(manifest["time_ids"]["shape"])
         if manifest.get("conditioning"):
@@ -175,13 +177,15 @@ class StoredRecords:
 class LatentCacheSource:
     """A grain source over a latent cache: `{'image': float32 latent [h, w, c], 'label': int64,
     'cond': {'encoder_hidden_states': float32 [L, D] (, 'text_embeds': [P])}, 'input_ids': int32 [L]}`
-    ('cond' and 'input_ids' only with text; 'input_ids' in caches that store token ids). A ControlNet cache's
+    ('cond' and 'input_ids' only with text; 'input_ids' in caches that store token ids, and an SDXL cache's
+    'input_ids_2' too, the second tokenizer's). A ControlNet cache's
     'cond' also holds 'controlnet_cond', the conditioning image of the drawn variant ([H, W, 3] in [0, 1]).
 
     `source[i]` draws with the generator of (seed, i); `make_train_iterator` shuffles `stored` and calls
     `draw` after repeating, so each epoch draws afresh. `null_cond` is the empty prompt's conditioning (one
     example's, no batch axis) for classifier-free guidance dropout; None without text. `null_input_ids`
-    [L] int32: the empty prompt's token ids, None in a cache without token ids.
+    [L] int32: the empty prompt's token ids, None in a cache without token ids (`null_input_ids_2`: the second
+    tokenizer's, in an SDXL cache).
     """
 
     def __init__(self, path: str | Path, *, seed: int = 0):
@@ -202,6 +206,8 @@ class LatentCacheSource:
         self._text_keys = sorted(self.manifest["text"]["shapes"]) if self.manifest.get("text") else []
         empty_ids = (self.manifest.get("text") or {}).get("empty_input_ids")
         self.null_input_ids = None if empty_ids is None else np.asarray(empty_ids, np.int32)
+        empty_ids_2 = (self.manifest.get("text") or {}).get("empty_input_ids_2")
+        self.null_input_ids_2 = None if empty_ids_2 is None else np.asarray(empty_ids_2, np.int32)
 
     def __len__(self) -> int:
         return len(self.stored)
@@ -220,6 +226,10 @@ class LatentCacheSource:
         if "conditioning_image" in record:  # the ControlNet's input, in [0, 1]; the prompt's dropout spares it
             control = record["conditioning_image"][v].astype(np.float32) / 255.0  # [H, W, 3]
             out.setdefault("cond", {})["controlnet_cond"] = control
+        if self.null_input_ids is not None:
+            out["input_ids"] = record["input_ids"].astype(np.int32)
+        if self.null_input_ids_2 is not None:
+            out["input_ids_2"] = record["input_ids_2"].astype(np.int32)
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:

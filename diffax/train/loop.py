@@ -66,10 +66,11 @@ def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any
     flags where a DreamBooth source gives them."""
     if autoencoder.is_autoencoder(model):  # an autoencoder reconstructs the images: nothing conditions it
         return {"image": batch["image"]}
-    if isinstance(model, text_encoder.WithTextEncoder):  # the text encoder runs in the step, on token ids
-        return {"image": batch["image"], "cond": text_encoder.model_cond(batch)}
-    if evaluate.takes_text(model.config):
-        out = {"image": batch["image"], "cond": sdxl_cache.unet_cond(batch["cond"], model.config)}
+    if text_encoder.is_composite(model) or evaluate.takes_text(model.config):
+        if text_encoder.is_composite(model):  # the text encoder(s) run in the step, on token ids
+            out = {"image": batch["image"], "cond": text_encoder.model_cond(batch)}
+        else:
+            out = {"image": batch["image"], "cond": sdxl_cache.unet_cond(batch["cond"], model.config)}
         if controlnet.is_controlnet(model):  # the ControlNet's conditioning images, [B, H, W, 3] in [0, 1]
             out["cond"]["controlnet_cond"] = batch["cond"]["controlnet_cond"]
         if "prior" in batch:  # DreamBooth: which rows are class images (diffax.data.dreambooth)
@@ -202,10 +203,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     if not autoencoder.is_autoencoder(model) and evaluate.takes_text(spec) and "cond" not in source[0]:
         raise ValueError(f"model.name={config.model.name!r} is text-conditioned: train it from a latent cache "
                          f"written with a text encoder (data.source='latent_cache', docs/data.md)")
-    if getattr(spec, "addition_embed_type", None) == "text_time" and (tc.sample_every or tc.eval_every):
-        raise ValueError("config keys 'train.sample_every' / 'train.eval_every' must be 0 for an SDXL U-Net "
-                         "(addition_embed_type 'text_time'): its grids are not drawn while training; sample "
-                         "the exported pipeline (python -m diffax.train.pipeline_export)")
     it = make_train_iterator(source, global_batch_size=tc.batch_size, seed=config.seed,
                              worker_count=config.data.worker_count)
 
@@ -245,7 +242,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     view = None if tuning is None else tuning.view
     step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc, loss_fn, view)
     check_fn = jit_health_check(model, objective, mesh, rules, shardings, loss_fn, view)
-    sampler = (text_encoder.Sampler if text_encoder.is_trained(config) else evaluate.Sampler)(
+    sampler = (text_encoder.Sampler if text_encoder.is_trained(config) else
+               controlnet.Sampler if controlnet.is_controlnet(model) else evaluate.Sampler)(
         model, config, mesh, rules, source, param_view=None if view is None else lambda p, t: view(p[0], p[1], t))
     evaluate.check_eval(config, sampler)
 
