@@ -32,8 +32,9 @@ ids stay), SDXL's scaled-linear schedule (0.00085 .. 0.012) with epsilon predict
 (its --gradient_checkpointing), bf16 matmuls with fp32 weights (its fp16 mixed precision), 10,000 steps, a
 checkpoint every 1000; at global batch 32 instead of its 1 x 4 accumulated. The README runs without
 --use_ema, hence `train.ema_decay=0`: the EMA weights that checkpoints, exports and sample.py read are then
-the trained ones (`--config.train.ema_decay=0.9999` is the example's --use_ema). Grids are not drawn while
-training an SDXL U-Net (train.sample_every=0): sample the exported folder. `--config.diffusion.snr_gamma=5`
+the trained ones (`--config.train.ema_decay=0.9999` is the example's --use_ema). Grids are off by default
+(`--config.train.sample_every=500` draws them from the cache's captions, encoded as stored; not while the
+text encoders train): the exported folder samples at full quality. `--config.diffusion.snr_gamma=5`
 turns on min-SNR weighting.
 
 `--config.train.finetune=lora --config.train.learning_rate=1e-4` trains LoRA factors (rank 4 on the attention
@@ -106,7 +107,7 @@ def get_config(stage: str = "train") -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 1000
     c.train.keep_checkpoints = 2
-    c.train.sample_every = 0  # an SDXL U-Net's grids are drawn from the exported pipeline
+    c.train.sample_every = 0  # grids at 1024x1024 cost minutes each; turn them on with --config.train.sample_every
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.sample.sampler = "euler"
