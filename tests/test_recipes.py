@@ -88,6 +88,21 @@ def test_sd15_finetune_is_sd15s_unet_from_a_pipeline():
     assert c.data.source == "latent_cache" and c.data.path == cache.cache.out
 
 
+def test_sd2_finetune_is_sd21s_unet_with_v_prediction():
+    """SD 2.1's UNet (per-level heads, 1024-wide text embeddings, linear projections) at 96x96 latents,
+    v-prediction, 768px cache; the rest is SD 1.5's recipe."""
+    for stage in ("train", "cache"):
+        validate_config(recipe("sd2_finetune", stage))
+    c, sd15 = recipe("sd2_finetune"), recipe("sd15_finetune")
+    model = build_model(c.model)
+    params = jax.eval_shape(lambda k: boxed_init(model.config, k), jax.random.key(0))
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(params)) == 865_910_724  # SD 2.x's UNet
+    assert (c.diffusion.prediction_type, c.model.sample_size, recipe("sd2_finetune", "cache").data.image_size) == (
+        "v_prediction", 96, 768)
+    assert c.train.init_from == c.cache.vae == c.cache.text_encoder and c.data.path == c.cache.out
+    assert c.train.to_dict() | {"init_from": None} == sd15.train.to_dict() | {"init_from": None}
+
+
 @pytest.mark.slow  # a pipeline, a cache and a U-Net compile (about 2 minutes on 2 cores): `make test-slow`
 def test_sd15_finetune_trains_two_steps_at_toy_size(tmp_path):
     """The recipe's stages on a tiny random SD pipeline and four captioned images, its model block swapped for
