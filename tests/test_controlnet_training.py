@@ -9,6 +9,7 @@ embedding has two widths (images 2x the latents, the tiny VAE's factor).
 """
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -33,6 +34,7 @@ from diffax.convert.rules import flax_to_torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+import config_files  # noqa: E402
 from pipeline_fixtures import UNET, randomise, tiny_vae  # noqa: E402
 
 EMBEDDING = (8, 16)  # conditioning_embedding_out_channels: conditioning images 2x the latents
@@ -350,13 +352,7 @@ def test_resume_refuses_a_changed_controlnet(unet_folder, tmp_path):
 # ----------------------------------------------------------------------------- slow: the recipe's two stages
 
 
-def recipe(stage: str) -> ml_collections.ConfigDict:
-    """`get_config(stage)` of configs/controlnet_sd15.py, loaded as train.py loads it."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("controlnet_sd15", ROOT / "configs" / "controlnet_sd15.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+recipe = functools.partial(config_files.recipe, "controlnet_sd15")
 
 
 @pytest.fixture(scope="module")

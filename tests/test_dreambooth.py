@@ -4,7 +4,7 @@ not made again, the instance and class caches drawn in pairs, the loss as diffus
 the recipe trained a few steps, full and LoRA, its LoRA loaded by diffusers."""
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
 import sys
 from pathlib import Path
@@ -25,14 +25,10 @@ from diffax.train.step import Objective, diffusion_loss, prior_preservation_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+import config_files  # noqa: E402
 
 
-def recipe(*args: str):
-    """`get_config(*args)` of configs/dreambooth_sd15.py, loaded as train.py loads it."""
-    spec = importlib.util.spec_from_file_location("dreambooth_sd15", ROOT / "configs" / "dreambooth_sd15.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
+recipe = functools.partial(config_files.recipe, "dreambooth_sd15")
 
 
 def _objective(**kw) -> Objective:

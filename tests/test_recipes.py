@@ -3,7 +3,6 @@ run end to end at toy size: the cache stage through `diffax.data.cache` with a t
 stage through `train_and_evaluate` on that cache with the model shrunk."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -19,15 +18,10 @@ from diffax.train.config import validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from config_files import recipe  # noqa: E402
 from test_latent_cache import _few_digits, encoders  # noqa: E402,F401  (fixtures: a tiny VAE; the first digits)
 
 
-def recipe(name: str, *args: str):
-    """`get_config(*args)` of configs/<name>.py, loaded as train.py loads it."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
 
 
 def test_dit_xl2_imagenet_is_the_papers_recipe():

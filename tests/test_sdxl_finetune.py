@@ -12,7 +12,7 @@ max abs difference 1e-4 on values of order 1); the exported U-Net with diffax's 
 """
 from __future__ import annotations
 
-import importlib.util
+import functools
 import json
 import sys
 from pathlib import Path
@@ -32,6 +32,7 @@ from diffax.train.step import diffusion_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+import config_files  # noqa: E402
 from pipeline_fixtures import randomise, tiny_vae  # noqa: E402
 
 VOCAB = ["!", *"abcdefghijklmnopqrstuvwxyz", *(c + "</w>" for c in "abcdefghijklmnopqrstuvwxyz"), "ca", "cat</w>",
@@ -48,11 +49,7 @@ SIZES = {"wide.png": (16, 24), "tall.png": (30, 20), "odd.png": (30, 51)}
 CAPTIONS = {"wide.png": "a cat", "tall.png": "ab", "odd.png": "cab z"}
 
 
-def recipe(stage: str = "train") -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location("sdxl_finetune", ROOT / "configs" / "sdxl_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+recipe = functools.partial(config_files.recipe, "sdxl_finetune")
 
 
 @pytest.fixture(scope="module")

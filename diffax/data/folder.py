@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -162,13 +163,7 @@ def _read_captions(folder: pathlib.Path, images: list[pathlib.Path], column: str
     metadata = folder / METADATA_FILE
     if metadata.is_file():
         by_name = {}
-        for number, line in enumerate(metadata.read_text(encoding='utf-8').splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f'{metadata}: line {number} is not JSON ({e})') from None
+        for number, row in _metadata_rows(metadata):
             keys = (column,) if column else CAPTION_COLUMNS
             key = next((k for k in keys if isinstance(row, dict) and k in row), None)
             if key is None or 'file_name' not in row or not isinstance(row[key], str):
@@ -192,6 +187,18 @@ def _read_captions(folder: pathlib.Path, images: list[pathlib.Path], column: str
     return [t.read_text(encoding='utf-8').strip() for t in texts]
 
 
+def _metadata_rows(metadata: pathlib.Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) of each non-blank line of a `metadata.jsonl`; ValueError naming the file and
+    the line that is not JSON."""
+    for number, line in enumerate(metadata.read_text(encoding='utf-8').splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{metadata}: line {number} is not JSON ({e})') from None
+
+
 def _decode(path: pathlib.Path, image_size: int, channels: int) -> np.ndarray:
     """`prepare_image` of an image file; ValueError naming the file when it does not decode."""
     try:
@@ -208,13 +215,7 @@ def _read_conditioning(folder: pathlib.Path, column: str) -> dict[str, pathlib.P
         raise ValueError(f"{metadata}: missing; data.conditioning_column={column!r} names each image's "
                          f"conditioning image in it")
     by_name = {}
-    for number, line in enumerate(metadata.read_text(encoding='utf-8').splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{metadata}: line {number} is not JSON ({e})') from None
+    for number, row in _metadata_rows(metadata):
         if not isinstance(row, dict) or 'file_name' not in row or not isinstance(row.get(column), str):
             raise ValueError(f"{metadata}: line {number} needs 'file_name' and a file name under {column!r} "
                              f"(data.conditioning_column)")
