@@ -90,6 +90,7 @@ def test_consistency_boundary_matches_lcm_scheduler():
     assert float(c_skip) == 1.0 and float(c_out) == 0.0
 
 
+@pytest.mark.slow  # LCM-LoRA training steps (about 20 s): `make test-slow`; the LoRA file's loading is tested fast below
 def test_consistency_loss_trains_only_through_the_lora(tiny):
     """The LCM-LoRA loss is finite, starts at the teacher (up factors zero) and has a gradient for the
     factors alone."""

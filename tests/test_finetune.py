@@ -165,6 +165,7 @@ def test_bad_options_and_bases_are_named(base, tmp_path):
         train_and_evaluate(c, tmp_path / "d")
 
 
+@pytest.mark.slow  # a TuneQDM run sampled by sample.py in a subprocess (about 20 s): `make test-slow`
 def test_sample_py_applies_the_scale_set_of_each_timestep(base, tmp_path):
     workdir = tmp_path / "q4"
     overrides = ["--config.model.block_out_channels=(8, 16)",

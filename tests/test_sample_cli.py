@@ -211,6 +211,7 @@ def test_dit_digits_recipe_learns_and_samples(tmp_path):
     np.testing.assert_array_equal(data["labels"], [0, 1, 2, 3])
 
 
+@pytest.mark.slow  # train.py + sample.py in subprocesses (about 20 s): `make test-slow`; the conditional recipe runs above
 def test_unconditional_model_trains_and_samples(tmp_path):
     """A UNet2DModel without a class table trains on the digits (their labels ignored) and samples: the
     loop's grid, and sample.py's N images without labels. Labels and guidance are refused, by name."""

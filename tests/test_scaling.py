@@ -26,6 +26,7 @@ def _run_quick(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.slow  # the whole --quick study (about 50 s on 2 cores): `make test-slow`; its pieces are tested below
 def test_quick_study_measures_plots_and_resumes(tmp_path):
     extra = tmp_path / "distill.json"  # another study's points, drawn as stars
     extra.write_text(json.dumps([dict(model="w8", sampler="distilled", steps=1, cost_flops=4e7, fid=900.0,
