@@ -263,3 +263,30 @@ def test_train_step_drops_conditioning_through_the_models_null_cond():
     never = dataclasses.replace(objective, label_dropout=0.0)
     assert loss(always, batch) == pytest.approx(loss(never, nulled), rel=1e-6)
     assert loss(never, batch) != pytest.approx(loss(never, nulled), rel=1e-6)  # the labels do matter
+
+
+def test_a_run_from_scratch_exports_as_a_diffusers_model_folder(tmp_path, capsys):
+    """pipeline_export writes a from-scratch run's EMA weights as the model's diffusers folder, which diffusers
+    loads and runs to diffax's output; `python -m diffax.convert` on a workdir points at that command."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from diffax.convert.__main__ import main as convert_main
+    from diffax.train.checkpoint import restore_for_sampling
+    from diffax.train.pipeline_export import export_pipeline
+
+    config = tiny_config(steps=2)
+    config.train.sample_every = 0
+    train_and_evaluate(config, tmp_path / "run")
+    out = export_pipeline(tmp_path / "run", tmp_path / "export")
+    _, ema, _ = restore_for_sampling(tmp_path / "run")
+    model = build_model(config.model)
+    x = np.random.default_rng(0).normal(size=(2, *model.config.sample_shape)).astype(np.float32)  # [B, H, W, C]
+    labels = np.array([3, 7])
+    ours = np.asarray(model.apply({"params": ema}, x, np.array([10, 900]), class_labels=labels))
+    with torch.no_grad():
+        theirs = UNet2DModel.from_pretrained(out)(torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor([10, 900]),
+                                                  class_labels=torch.from_numpy(labels)).sample
+    np.testing.assert_allclose(theirs.permute(0, 2, 3, 1).numpy(), ours, atol=1e-4 * np.abs(ours).max())
+    assert convert_main([str(tmp_path / "run"), str(tmp_path / "other")]) == 1 and not (tmp_path / "other").exists()
+    assert "is a diffax training workdir: export it with `python -m diffax.train.pipeline_export" in capsys.readouterr().err

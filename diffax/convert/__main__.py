@@ -155,6 +155,9 @@ def to_single_file(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Loads `args.src` and writes `args.dst`; prints one summary line and any allow_partial warnings."""
+    if (Path(args.src) / "checkpoints").is_dir():  # a training run's Orbax state, not a PyTorch layout
+        raise ValueError(f"{args.src} is a diffax training workdir: export it with `python -m "
+                         f"diffax.train.pipeline_export --workdir={args.src} --out={args.dst}`")
     if args.to == "single_file":
         return to_single_file(args)
     model_type = args.model_type or _single_file_type(args.src)

@@ -1,5 +1,6 @@
 """A fine-tuned U-Net as a whole diffusers pipeline folder: the pipeline the run started from
-(`train.init_from`) with its unet/ replaced by the run's weights.
+(`train.init_from`) with its unet/ replaced by the run's weights; a run trained from scratch (no init_from)
+as its model's diffusers folder (config.json and the weights, e.g. `UNet2DModel.from_pretrained`).
 
     python -m diffax.train.pipeline_export --workdir=runs/sdxl_finetune --out=exports/sdxl_finetune
 
@@ -17,6 +18,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 from diffax import convert
 from diffax.models import build_model
@@ -30,7 +32,7 @@ def export_pipeline(workdir: str | Path, out: str | Path, step: int | None = Non
     """Writes the pipeline folder `out` of the run in `workdir` (see the module docstring); returns it.
 
     Raises:
-        ValueError: `out` exists, train.init_from is not a diffusers pipeline folder with unet/, or the run
+        ValueError: `out` exists, train.init_from is set but not a diffusers pipeline folder with unet/, or the run
             trained TuneQDM scales (a quantized base has no float U-Net to write).
         NoCheckpointError / CorruptCheckpointError: no checkpoint in `workdir` reads back.
     """
@@ -38,6 +40,11 @@ def export_pipeline(workdir: str | Path, out: str | Path, step: int | None = Non
     if out.exists():
         raise ValueError(f"--out: {str(out)!r} exists; remove it or choose another folder")
     config, trainable, saved_step = restore_for_sampling(workdir, step)
+    if not config.train.init_from:  # trained from scratch: nothing else to copy
+        model = build_model(config.model)
+        _write_atomically(out, lambda tmp: convert.save(tmp, model, trainable))
+        print(f"exported step {saved_step} of {workdir} as the model folder {out}", file=sys.stderr, flush=True)
+        return out
     source = Path(config.train.init_from).expanduser()
     if not (source / PIPELINE_INDEX).is_file() or not (source / "unet").is_dir():
         raise ValueError(f"config key 'train.init_from' of {workdir}: {str(source)!r} is not a diffusers pipeline "
@@ -51,17 +58,26 @@ def export_pipeline(workdir: str | Path, out: str | Path, step: int | None = Non
     else:
         raise ValueError(f"config key 'train.finetune' of {workdir} is {mode!r}: only 'full' and 'lora' runs export "
                          f"a float U-Net (a TuneQDM run's result is {finetune.EXPORT_DIR}/{finetune.SCALES_FILE})")
+
+    def fill(tmp: Path) -> None:
+        shutil.copytree(source, tmp, ignore=lambda folder, names: ["unet"] if Path(folder) == source else [])
+        convert.save(tmp / "unet", model, params)
+
+    _write_atomically(out, fill)
+    print(f"exported step {saved_step} of {workdir} ({mode}) as {out}", file=sys.stderr, flush=True)
+    return out
+
+
+def _write_atomically(out: Path, fill: Callable[[Path], Any]) -> None:
+    """`fill(tmp)` writes a folder beside `out`, renamed to `out` once complete (no half-written export)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        shutil.copytree(source, tmp, ignore=lambda folder, names: ["unet"] if Path(folder) == source else [])
-        convert.save(tmp / "unet", model, params)
+        fill(tmp)
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"exported step {saved_step} of {workdir} ({mode}) as {out}", file=sys.stderr, flush=True)
-    return out
 
 
 def main(argv: list[str]) -> None:
@@ -70,7 +86,7 @@ def main(argv: list[str]) -> None:
 
     from diffax.cli import parse_flags, run_reporting_errors
 
-    flags.DEFINE_string("workdir", None, "The fine-tuning run's workdir (train.init_from: a pipeline folder).")
+    flags.DEFINE_string("workdir", None, "The run's workdir (with train.init_from: a pipeline folder is written).")
     flags.DEFINE_string("out", None, "The pipeline folder to write (must not exist).")
     flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the newest good one).")
     flags.mark_flags_as_required(["workdir", "out"])
