@@ -61,6 +61,7 @@ def test_new_process_loads_the_executable_without_tracing(sd_folder, tmp_path):
     np.testing.assert_array_equal(np.load(out), first)
 
 
+@pytest.mark.slow  # two more compiled pipeline programs (about 16 s): `make test-slow`; the hit itself is tested above
 def test_a_different_program_gets_its_own_entry(sd_folder, tmp_path):
     cache_dir = tmp_path / "pipelines"
     _load(sd_folder, cache_dir)(**CALL)

@@ -116,6 +116,7 @@ def test_weights_that_do_not_match_the_saved_config(workdir, tmp_path):
     assert not (tmp_path / "x.npz").exists()
 
 
+@pytest.mark.slow  # sample.py --quantize in subprocesses (about 18 s): `make test-slow`; quantized pipelines: test_quant_switch.py
 def test_quantize(workdir):
     """--quantize: the tiny digits U-Net (2 training steps, so close to random weights, which the sampler's
     3 steps amplify) samples within 32 levels (max) / 3 levels (mean) of its fp32 uint8 samples in int8
@@ -173,6 +174,7 @@ def test_converted_dit_checkpoint(tmp_path):
     assert result.returncode != 0 and "4-channel latents" in result.stderr
 
 
+@pytest.mark.slow  # make demo-dit at toy size (about 18 s): `make test-slow`; DiT training and sampling pieces: test_dit.py
 def test_dit_digits_recipe_learns_and_samples(tmp_path):
     """configs/dit_digits.py, shrunk, trains through the generic loop (loss falls) and sample.py samples
     its workdir with the learned variance (ddpm)."""
