@@ -105,9 +105,16 @@ def diffusion_loss(model_output: jax.Array, x0: jax.Array, noise: jax.Array, t: 
     alphas_cumprod may be None). With snr_gamma, each example's mean error is weighted by `loss_weight`
     before the batch mean; without, the mean is over every element.
     """
-    goal = target(prediction_type, x0.astype(jnp.float32), noise.astype(jnp.float32), alphas_cumprod, t)
-    err = jnp.square(model_output.astype(jnp.float32) - goal)
-    per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B]
+    per_example = per_example_error(model_output, x0, noise, t, alphas_cumprod, prediction_type)
     if snr_gamma is not None:
         per_example = per_example * loss_weight(prediction_type, alphas_cumprod, t, snr_gamma)
     return per_example.mean()
+
+
+def per_example_error(model_output: jax.Array, x0: jax.Array, noise: jax.Array, t: jax.Array,
+                      alphas_cumprod: jax.Array | None, prediction_type: str) -> jax.Array:
+    """Each example's mean squared error between the model output and the target, float32 [B] (unweighted;
+    `diffusion_loss`'s arguments)."""
+    goal = target(prediction_type, x0.astype(jnp.float32), noise.astype(jnp.float32), alphas_cumprod, t)
+    err = jnp.square(model_output.astype(jnp.float32) - goal)
+    return err.reshape(err.shape[0], -1).mean(axis=1)  # [B]

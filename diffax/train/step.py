@@ -125,10 +125,8 @@ def prior_preservation_loss(out: jax.Array, x0: jax.Array, noise: jax.Array, t: 
     (prior True) [B]: the instance rows' mean error (min-SNR weighted with snr_gamma) plus
     `objective.prior_loss_weight` x the class rows' plain mean error. Each mean is over its own rows, so a
     batch of n instance and n class rows gives diffusers' value for its [instances, classes] halves."""
-    goal = objectives.target(objective.prediction_type, x0.astype(jnp.float32), noise.astype(jnp.float32),
-                             objective.alphas_cumprod, t)
-    err = jnp.square(out.astype(jnp.float32) - goal)
-    per_example = err.reshape(err.shape[0], -1).mean(axis=1)  # [B]
+    per_example = objectives.per_example_error(out, x0, noise, t, objective.alphas_cumprod,
+                                               objective.prediction_type)  # [B]
     is_class = prior.astype(jnp.float32)  # [B]
     is_instance = 1.0 - is_class
     weight = is_instance
