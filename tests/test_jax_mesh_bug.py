@@ -1,8 +1,9 @@
 """A jax / XLA SPMD bug, reduced to pure jax: wrong gradients on a (data 2, fsdp 2, tensor 2) mesh.
 
-The U-Net's train step on that mesh of simulated CPU devices gives the right loss and wrong gradients
-(tests/test_mesh_step.py). The pattern, from the up path of the U-Net (a skip concatenation feeding a
-3x3 convolution whose output is scaled by the resnet's `output_scale_factor`): a channel projection,
+The U-Net's train step on that mesh of simulated CPU devices gave the right loss and wrong gradients
+(tests/test_mesh_step.py, until `layers.materialize` changed the program on CPU). The pattern, from the
+up path of the U-Net (a skip concatenation feeding a 3x3 convolution whose output is scaled by the
+resnet's `output_scale_factor`): a channel projection,
 channels padded (or concatenated) to twice their number, a 3x3 convolution whose HWIO kernel is split
 over (fsdp on its input channels, tensor on its output channels), and a scale of the result, with the
 batch split over (data, fsdp). The gradients of the projection and of the input come out wrong by about
@@ -20,8 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BUGGY_FROM = Version("0.10.2")
 
-# Strict: on the first jax where this passes, the XPASS fails the suite; then drop this mark, the one in
-# tests/test_mesh_step.py and the known issue in docs/training.md.
+# Strict: on the first jax where this passes, the XPASS fails the suite; then drop this mark and the known
+# issue in docs/training.md.
 JAX_BUG = pytest.mark.xfail(
     Version(jax.__version__) >= BUGGY_FROM, strict=True, raises=AssertionError,
     reason=f"jax {jax.__version__}: wrong gradients of a channel-padded 3x3 conv on a (2, 2, 2) mesh "

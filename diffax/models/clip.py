@@ -39,7 +39,7 @@ import numpy as np
 
 from diffax.models.attention import BACKENDS, dot_product_attention
 from diffax.models.config_base import DiffusersConfig
-from diffax.models.layers import Embed, LayerNorm, dense
+from diffax.models.layers import Embed, LayerNorm, dense, materialize
 from diffax.models.registry import ModelFamily, register
 from diffax.models.transformer import TOKEN_AXES
 
@@ -273,7 +273,7 @@ class CLIPEncoder(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, list[jax.Array]]:  # [B, L, D]
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, name=f"layers_{i}")(x, mask)
+            x = materialize(CLIPEncoderLayer(self.config, name=f"layers_{i}")(x, mask))
             states.append(x)
         return x, states
 

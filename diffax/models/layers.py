@@ -73,6 +73,24 @@ class _QuantizableKernel:
             _LAYER_INPUT.reset(token)
 
 
+def materialize(x: jax.Array) -> jax.Array:
+    """`x` unchanged, computed once and kept in memory by XLA:CPU instead of being recomputed by each consumer.
+
+    XLA's CPU fusion pass copies cheap elementwise producers into every consumer. Along a residual stream
+    (x + f(x), block after block) it copies the whole chain of earlier blocks' additions into each
+    consumer, in the forward values the backward pass reads and in the gradient flowing back, so a train
+    step's work grows with the square of the depth (DiT-XL/2's step spent most of its time in fusions of
+    500 operands). A division is an op XLA does not duplicate: dividing by a one it cannot fold ends the
+    chain here, in the forward pass and (the cotangent is divided too) in the backward pass. x / 1 is x bit
+    for bit. Call it on the stream between blocks; other backends, and non-float arrays, pass through.
+    """
+    if jax.default_backend() != "cpu" or not jnp.issubdtype(x.dtype, jnp.inexact):
+        return x
+    # 0 * x is not folded for floats (it is NaN at inf); nan_to_num makes it 0 everywhere, so one == 1.
+    one = jax.lax.stop_gradient(1 + jnp.nan_to_num(0 * x, nan=0.0, posinf=0.0, neginf=0.0))
+    return x / one
+
+
 class Dense(_QuantizableKernel, nn.Dense):
     """`nn.Dense` that also runs on a quantized kernel (see `_QuantizableKernel`).
 

@@ -23,6 +23,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
+from diffax.models.layers import materialize
+
 # name -> jax.checkpoint policy (None: nothing saveable). "none" means no remat at all.
 POLICIES: dict[str, Callable[..., bool] | None] = {
     "full": None,
@@ -51,9 +53,11 @@ def remat_call(module: nn.Module, policy: str, *args: Any, train: bool = False) 
     """`module(*args, train=train)`, its activations rematerialised in the backward pass under `policy`.
 
     `train` is static (it switches dropout on, a Python-level choice); `args` are arrays or pytrees of them.
-    The module keeps its name and parameters, so the parameter tree does not depend on the policy.
+    The module keeps its name and parameters, so the parameter tree does not depend on the policy. The
+    outputs go through `layers.materialize`, so XLA:CPU computes each block's output once.
     """
     if policy == "none":
-        return module(*args, train=train)
-    # static_argnums counts the module as argument 0.
-    return nn.remat(_call, policy=POLICIES[policy], static_argnums=(1,))(module, train, *args)
+        out = module(*args, train=train)
+    else:  # static_argnums counts the module as argument 0.
+        out = nn.remat(_call, policy=POLICIES[policy], static_argnums=(1,))(module, train, *args)
+    return jax.tree.map(materialize, out)  # blocks' outputs are where residual streams leave them

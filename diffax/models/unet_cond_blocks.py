@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffax.models.layers import IMAGE_AXES, GroupNorm, conv, dense
+from diffax.models.layers import IMAGE_AXES, GroupNorm, conv, dense, materialize
 from diffax.models.transformer import BasicTransformerBlock
 from diffax.models.unet_blocks import Downsample2D, ResnetBlock2D, Upsample2D
 
@@ -59,10 +59,10 @@ class Transformer2DModel(nn.Module):
         y = GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
         y = project("proj_in", y, inner).reshape(b, h * w, inner)  # [B, HW, inner]
         for j in range(self.num_layers):
-            y = BasicTransformerBlock(self.heads, self.head_dim, cross_attention_dim=self.cross_attention_dim,
-                                      dropout=self.dropout, activation_fn="geglu",
-                                      attention_backend=self.attention_backend, name=f"transformer_blocks_{j}",
-                                      **kw)(y, encoder_hidden_states, train=train)
+            y = materialize(BasicTransformerBlock(
+                self.heads, self.head_dim, cross_attention_dim=self.cross_attention_dim, dropout=self.dropout,
+                activation_fn="geglu", attention_backend=self.attention_backend, name=f"transformer_blocks_{j}",
+                **kw)(y, encoder_hidden_states, train=train))
         y = project("proj_out", y.reshape(b, h, w, inner), c)
         return nn.with_logical_constraint(y + x, IMAGE_AXES)
 
