@@ -5,6 +5,7 @@
     python -m bench.run_all --only=forward,sampling --repeats=9
     python -m bench.run_all --docs           # also rewrite the results section of docs/benchmarks.md and
                                              # docs/images/benchmarks.png
+    python -m bench.run_all --only=train_step --merge --docs   # rerun one module into the last whole run
 
 Each benchmark module runs in its own Python process (`python -m bench.run_all --child=NAME ...`), one after
 the other, so that one module's memory (a full-size SDXL UNet holds 10 GB of fp32 weights) is gone before the
@@ -61,6 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and case (median, spread)")
     parser.add_argument("--only", default="", help="comma-separated module names (default: all)")
     parser.add_argument("--docs", action="store_true", help="rewrite docs/benchmarks.md's results and the plot")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: the modules run replace their own rows in bench/results/run_all.json "
+                             "(a rerun after a change); the other modules' rows are kept")
     parser.add_argument("--docs_only", action="store_true",
                         help="rewrite them from the last run's bench/results/run_all.json, running nothing")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -69,6 +73,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args.module_flags = rest
     names = [m for m, _, _ in MODULES]
     args.only = [n for n in args.only.split(",") if n]
+    if args.merge and not args.only:
+        parser.error("--merge replaces the rows of the modules named by --only")
     unknown = [n for n in args.only if n not in names]
     if unknown:
         parser.error(f"--only: unknown module(s) {unknown}; known: {', '.join(names)}")
@@ -168,6 +174,25 @@ def write_docs(record: dict[str, Any]) -> None:
     print(f"wrote {DOCS} and {PLOT}")
 
 
+def merged(previous: dict[str, Any], rerun: dict[str, Any], modules: Sequence[str]) -> dict[str, Any]:
+    """`previous` (a whole run's record) with the rows of `modules` replaced by `rerun`'s, in the suite's
+    order; the command, date and seconds say what was rerun. The peak stays the previous run's best
+    unless the rerun measured a higher one, and every row's '% of peak' is recomputed against it."""
+    order = [name for name, _, _ in MODULES]
+    rows = [r for r in previous["rows"] if r["_module"] not in modules] + rerun["rows"]
+    rows.sort(key=lambda r: order.index(r["_module"]))
+    peak = max(previous["matmul_peak"], rerun["matmul_peak"], key=lambda p: p["jax_gflops"])
+    for row in rows:
+        if "diffax_gflops" in row:
+            common.set_peak(row, peak)
+    date = rerun["date"]
+    return {**previous, "rows": rows, "matmul_peak": peak,
+            "command": f"{previous['command']}; rerun {date}: {rerun['command']} --only={','.join(modules)}",
+            "seconds": {**previous["seconds"], **{f"{k} (rerun {date})": v for k, v in rerun["seconds"].items()}},
+            "failed": [f for f in previous["failed"] if f.split()[0] not in modules] + rerun["failed"],
+            "columns": {**previous["columns"], **rerun["columns"]}}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the suite (or, with --child, one module inside its own process)."""
     args = parse_args(argv)
@@ -209,10 +234,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         if "diffax_gflops" in row:
             common.set_peak(row, peak)
     elapsed = time.perf_counter() - start
-    record = {"benchmark": "run_all", "date": datetime.date.today().isoformat(),
-              "command": f"python -m bench.run_all{' --quick' if args.quick else ''} --repeats={args.repeats}",
+    command = f"python -m bench.run_all{' --quick' if args.quick else ''} --repeats={args.repeats}"
+    record = {"benchmark": "run_all", "date": datetime.date.today().isoformat(), "command": command,
               "machine": machine, "matmul_peak": peak, "elapsed_s": elapsed, "seconds": seconds,
               "failed": failed, "columns": columns, "rows": rows}
+    if args.merge:
+        record = merged(json.loads((common.RESULTS_DIR / "run_all.json").read_text()), record, args.only)
     print("\n" + summarise(record))
     path = common.write_json("run_all", record)
     print(f"\nwrote {path}")
