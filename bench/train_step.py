@@ -20,9 +20,7 @@ the weight change and the EMA change must agree. Cases that fit twice in memory 
 DiT-XL/2 and SD 1.5 (params + grads + two moments + EMA ~ 5x the weights per library) are timed in two
 phases, diffax first, each library's peak resident memory read from VmHWM, and marked interleaved=False;
 the diffax program is compiled from the state's shapes first and refused (MemoryError) when XLA's buffers
-would not fit in the memory available. SD 1.5's step is compiled with `train.cpu_memory_scheduler` (XLA:CPU's
-memory-optimised scheduler): with the default one it needs 15.6 GiB beyond its weights, which a 24 GiB
-machine does not have; torch's side checkpoints gradients. images/s = batch / median step time.
+would not fit in the memory available. images/s = batch / median step time.
 """
 from __future__ import annotations
 
@@ -71,7 +69,6 @@ class Case:
     context: tuple[int, int] = (77, 768)  # encoder_hidden_states [tokens, dim]
     split: bool = False       # too big for both libraries at once: timed in two phases
     remat: bool = False       # rematerialise each block in the backward pass (both libraries)
-    memory_scheduler: bool = False  # diffax: train.cpu_memory_scheduler (on a CPU)
     check_keys: str = ""      # regex of the torch parameters compared after one step ('' : all)
     opt_in: bool = False      # run only when named in --cases
 
@@ -104,8 +101,7 @@ def cases(quick: bool) -> list[Case]:
         Case("digits", digits_config, digits.train.batch_size, "class_labels", num_labels=10),
         Case("dit-s", _dit("DiT-S/2"), 2, "class_labels", num_labels=1000),
         Case("dit-xl", _dit("DiT-XL/2"), 2, "class_labels", num_labels=1000, split=True, check_keys=_BIG_KEYS),
-        Case("sd15", models.SD15_UNET, 1, "encoder_hidden_states", split=True, remat=True, memory_scheduler=True,
-             check_keys=_BIG_KEYS),
+        Case("sd15", models.SD15_UNET, 1, "encoder_hidden_states", split=True, remat=True, check_keys=_BIG_KEYS),
     ]
 
 
@@ -120,7 +116,6 @@ def run_config(case: Case) -> ml_collections.ConfigDict:
     elif isinstance(case.config, dict):  # SD 1.5's U-Net
         c.diffusion.update(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     c.diffusion.snr_gamma = 0.0
-    c.train.cpu_memory_scheduler = case.memory_scheduler
     return c
 
 

@@ -236,20 +236,6 @@ def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int]) ->
     return P(*spec)
 
 
-# XLA:CPU's memory-optimised instruction scheduler: far fewer temporaries alive at once (SD 1.5's train
-# step, b1: a 6.0 GB arena becomes 3.3 GB, 1.9 GB with remat), at some speed (DiT-XL/2's step: 5% slower
-# and no smaller). docs/performance.md#memory has the measurements.
-CPU_MEMORY_SCHEDULER = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
-def compiler_options(mesh: Mesh, memory_scheduler: bool) -> dict[str, str]:
-    """XLA options (`jax.jit(..., compiler_options=)`) for a program on `mesh`: XLA:CPU's memory-optimised
-    scheduler when `memory_scheduler` and the mesh's devices are CPUs (other backends do not know it)."""
-    if memory_scheduler and mesh.devices.flat[0].platform == "cpu":
-        return dict(CPU_MEMORY_SCHEDULER)
-    return {}
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     """A sharding that keeps a full copy on every device (scalars, RNG keys, small tables)."""
     return NamedSharding(mesh, P())

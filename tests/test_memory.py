@@ -129,30 +129,3 @@ def test_cache_hit_is_placed_without_a_copy(tmp_path: Path) -> None:
     assert all(isinstance(a, np.ndarray) and a.ctypes.data % io.HOST_ALIGNMENT == 0 for a in host)
     placed = jax.device_put(params, jax.devices("cpu")[0])
     assert [a.unsafe_buffer_pointer() for a in jax.tree.leaves(placed)] == [a.ctypes.data for a in host]
-
-
-def test_train_step_takes_the_cpu_memory_scheduler() -> None:
-    """`train.cpu_memory_scheduler` reaches XLA: the same step's temporary arena (XLA's buffer assignment)
-    is smaller with it. The options are CPU-only: other platforms get none."""
-    from diffax import parallel
-    from diffax.models import build_model
-    from diffax.train.config import base_config
-    from diffax.train.loop import jit_train_step, make_objective, train_state_shardings
-    from diffax.train.state import make_optimizer
-
-    model = build_model(dict(name="DiTTransformer2DModel", sample_size=8, patch_size=2, in_channels=4,
-                             num_attention_heads=2, attention_head_dim=16, num_layers=2, num_embeds_ada_norm=4))
-    c = base_config()
-    mesh, rules = parallel.mesh_from_config(c.mesh)
-    tx = make_optimizer(c.train)
-    abstract, shardings = train_state_shardings(model, tx, mesh, rules)
-    batch = {"image": jax.ShapeDtypeStruct((8, 8, 8, 4), np.float32),
-             "cond": {"class_labels": jax.ShapeDtypeStruct((8,), np.int32)}}
-    temp = {}
-    for memory_scheduler in (False, True):
-        c.train.cpu_memory_scheduler = memory_scheduler
-        step = jit_train_step(model, tx, make_objective(c, model), mesh, rules, shardings, c.train)
-        temp[memory_scheduler] = step.lower(abstract, batch, jax.random.key(0)).compile().memory_analysis().temp_size_in_bytes
-    assert temp[True] < temp[False], temp
-    assert parallel.compiler_options(mesh, True) == ({} if jax.default_backend() != "cpu" else parallel.CPU_MEMORY_SCHEDULER)
-    assert parallel.compiler_options(mesh, False) == {}

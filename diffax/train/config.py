@@ -53,9 +53,6 @@ def base_config() -> ml_collections.ConfigDict:
         # Peak FLOP/s of one device (e.g. 989e12: an H100's dense bf16) for the logged model FLOP
         # utilisation, mfu; 0: not logged.
         peak_flops=0.0,
-        # Compile the train step with XLA:CPU's memory-optimised scheduler (CPU meshes only): SD 1.5's step
-        # needs about half the temporary memory, DiT-XL/2's is 5% slower (docs/performance.md#memory).
-        cpu_memory_scheduler=False,
         eval_every=0,  # steps between evaluations (the eval block); 0: none
         prior_loss_weight=1.0,  # data.source='dreambooth': the class (prior-preservation) loss's weight
         # Fine-tuning (diffax.train.finetune, docs/efficiency.md): start from init_from (a training workdir or a
@@ -165,7 +162,6 @@ RANGES = (
     ("mesh.dcn_fsdp", ">= 1", lambda v: v >= 1),
     ("mesh.dcn_tensor", ">= 1", lambda v: v >= 1),
     ("train.peak_flops", ">= 0 (0: no mfu)", lambda v: v >= 0),
-    ("train.cpu_memory_scheduler", "True or False", lambda v: isinstance(v, bool)),
     ("sample.steps", ">= 1", lambda v: v >= 1),
     ("train.eval_every", ">= 0 (0: no evaluation)", lambda v: v >= 0),
     ("train.prior_loss_weight", ">= 0", lambda v: v >= 0),

@@ -107,25 +107,22 @@ def jit_train_step(model: nn.Module, tx, objective: Objective, mesh, rules: para
                    train_config: ml_collections.ConfigDict, loss_fn: LossFn | None = None,
                    view: finetune.View | None = None):
     """The train step jitted for `mesh`: state laid out by `shardings` and donated, batch rows over the data
-    axes, traced under `rules` so the models' activation constraints take effect; compiled with XLA:CPU's
-    memory-optimised scheduler when `train_config.cpu_memory_scheduler`."""
+    axes, traced under `rules` so the models' activation constraints take effect."""
     step = make_train_step(model, tx, objective, ema_max_decay=train_config.ema_decay,
                            ema_warmup=train_config.ema_warmup, loss_fn=loss_fn, view=view)
     return parallel.jit_with_rules(
         step, mesh, rules, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0,
-        compiler_options=parallel.compiler_options(mesh, train_config.cpu_memory_scheduler))
+        out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def jit_health_check(model: nn.Module, objective: Objective, mesh, rules: parallel.Rules, shardings: Any,
-                     loss_fn: LossFn | None = None, view: finetune.View | None = None,
-                     memory_scheduler: bool = False):
+                     loss_fn: LossFn | None = None, view: finetune.View | None = None):
     """`diffax.train.step.make_health_check` jitted for `mesh` like the train step (nothing donated: the
-    state goes on to be saved and trained; `memory_scheduler` as the step's)."""
+    state goes on to be saved and trained)."""
     return parallel.jit_with_rules(
         make_health_check(model, objective, loss_fn, view), mesh, rules,
         in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-        out_shardings=parallel.replicated(mesh), compiler_options=parallel.compiler_options(mesh, memory_scheduler))
+        out_shardings=parallel.replicated(mesh))
 
 
 class PreemptionWatch:
@@ -244,7 +241,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
                                    else getattr(source, "null_cond", None))
     view = None if tuning is None else tuning.view
     step_fn = jit_train_step(model, tx, objective, mesh, rules, shardings, tc, loss_fn, view)
-    check_fn = jit_health_check(model, objective, mesh, rules, shardings, loss_fn, view, tc.cpu_memory_scheduler)
+    check_fn = jit_health_check(model, objective, mesh, rules, shardings, loss_fn, view)
     sampler = (text_encoder.Sampler if text_encoder.is_trained(config) else
                controlnet.Sampler if controlnet.is_controlnet(model) else evaluate.Sampler)(
         model, config, mesh, rules, source, param_view=None if view is None else lambda p, t: view(p[0], p[1], t))
