@@ -36,8 +36,8 @@ MODULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
      ("--quick",)),
     ("unet_sampling", (), ()),
     ("dit_forward", ("--attention=auto",), ("--attention=auto",)),
-    # SDXL's UNet is left out at full size: 6 TFLOP a call, minutes per call on 2 CPU cores (run it alone:
-    # `python -m bench.forward --cases=sdxl`); every other forward case runs.
+    # SDXL's UNet is left out at full size: 6 TFLOP a call (20-36 s on 2 CPU cores) and 22.5 GiB resident
+    # at its peak (run it alone: `python -m bench.forward --cases=sdxl`); every other forward case runs.
     ("forward", ("--cases=dit,sd15,vae,clip,controlnet",), ("--quick",)),
     ("sampling", (), ("--quick",)),
     ("train_step", ("--cases=digits,dit-s",), ("--quick",)),
