@@ -1,6 +1,6 @@
 """The whole benchmark suite: every case against diffusers/torch, one table per group, a plot (`make bench`).
 
-    python -m bench.run_all                  # every case at its full size (about 30 minutes on 2 CPU cores)
+    python -m bench.run_all                  # every case at its full size (about 35 minutes on 2 CPU cores)
     python -m bench.run_all --quick          # the small sizes of every case (a few minutes)
     python -m bench.run_all --only=forward,sampling --repeats=9
     python -m bench.run_all --docs           # also rewrite the results section of docs/benchmarks.md and
@@ -36,8 +36,6 @@ MODULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
      ("--quick",)),
     ("unet_sampling", (), ()),
     ("dit_forward", ("--attention=auto",), ("--attention=auto",)),
-    # SDXL's UNet is left out at full size: 6 TFLOP a call (20-36 s on 2 CPU cores) and 22.5 GiB resident
-    # at its peak (run it alone: `python -m bench.forward --cases=sdxl`); every other forward case runs.
     ("forward", ("--cases=dit,sd15,vae,clip,controlnet",), ("--quick",)),
     ("sampling", (), ("--quick",)),
     ("train_step", ("--cases=digits,dit-s",), ("--quick",)),
@@ -48,6 +46,9 @@ MODULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("train_step", ("--cases=sd15",), ()),
     ("startup", ("--repeats=1",), ("--quick",)),
     ("memory", (), ("--quick",)),
+    # SDXL's UNet last, in a process of its own: 10.3 GB of fp32 weights per library (one library at a time,
+    # 22.5 GiB resident at the peak) and 6 TFLOP a call, about 7 minutes on 2 CPU cores.
+    ("forward", ("--cases=sdxl",), ()),
 )
 GROUPS = ("attention", "forward", "sampling", "train", "startup", "memory")
 ROOT = Path(__file__).resolve().parent.parent
