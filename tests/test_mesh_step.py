@@ -2,8 +2,9 @@
 
 A step on (data, fsdp, tensor) = (8,1,1), (2,4,1), (1,4,2), (4,1,2), (2,2,2) gives the single-device
 result for the tiny U-Net and the tiny DiT (the U-Net on (2,2,2) on CPU: a jax 0.10.2 bug elsewhere, below);
-optimizer state is laid out like the parameters; bf16 compute keeps fp32 master weights; accumulation over micro-batches is one update of their mean gradient; a step
-whose loss or gradient is not finite leaves the state as it was and counts the skip.
+optimizer state is laid out like the parameters; bf16 compute keeps fp32 master weights; accumulation over
+micro-batches is one update of their mean gradient; a step whose loss or gradient is not finite leaves the
+state as it was and counts the skip.
 """
 from __future__ import annotations
 
