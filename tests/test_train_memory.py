@@ -1,0 +1,103 @@
+"""The train step's temporaries hold about one copy of the gradients beside the donated state (XLA's buffer
+assignment of the compiled step, nothing run): clipping multiplies by one scalar (optax's per-element division
+was kept as a second copy of every gradient), and on XLA:CPU a convolution's backward pass neither transposes
+its kernel up front nor keeps its kernel gradient in two memory layouts (`layers.conv_kernel_waits`)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from diffax.models import layers
+from diffax.train.config import base_config
+from diffax.train.state import clip_by_global_norm, init_train_state, make_optimizer
+from diffax.train.step import Objective, make_train_step
+
+
+class _Mlp(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, 512]
+        for _ in range(6):
+            x = jnp.tanh(layers.dense(512)(x))
+        return x
+
+
+class _ConvNet(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, 8, 8, 128]
+        for _ in range(6):
+            x = jax.nn.silu(layers.conv(128, 3, padding=1)(x))
+        return x
+
+
+def _temporaries_over_weights(net: nn.Module, x: jax.Array) -> float:
+    """XLA's temporary arena of diffax's train step (AdamW, clipping at norm 1, EMA, non-finite guard) over
+    the weights' bytes. Weights are far larger than activations here, so ~1 is the gradients alone."""
+    params = net.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(p, batch, key):
+        loss = jnp.mean(net.apply({"params": p}, batch["image"]) ** 2)
+        return loss, {"loss": loss}
+
+    config = base_config().train
+    assert config.grad_clip == 1.0
+    tx = make_optimizer(config)
+    step = make_train_step(None, tx, Objective(alphas_cumprod=np.linspace(0.99, 0.01, 10)), loss_fn=loss_fn)
+    state = jax.eval_shape(lambda: init_train_state(params, tx))
+    compiled = jax.jit(step, donate_argnums=0).lower(state, {"image": x}, jax.random.key(0)).compile()
+    weights = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    return compiled.memory_analysis().temp_size_in_bytes / weights
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the buffer assignment measured is XLA:CPU's")
+@pytest.mark.parametrize("net, x", [(_Mlp(), jnp.zeros((2, 512))), (_ConvNet(), jnp.zeros((1, 8, 8, 128)))],
+                         ids=["dense", "conv"])
+def test_train_step_temporaries_hold_one_copy_of_the_gradients(net: nn.Module, x: jax.Array):
+    # Both were 2.0 before: the clipped gradients (dense), the transposed kernels and the kernel gradients'
+    # second layout (conv).
+    assert _temporaries_over_weights(net, x) < 1.35
+
+
+def _conv_pair(strides: int, padding):
+    kwargs = dict(window_strides=(strides, strides), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    plain = lambda x, w: jax.lax.conv_general_dilated(x, w, **kwargs)
+    waits = lambda x, w: layers.conv_kernel_waits(x, w, **kwargs)
+    return plain, waits
+
+
+@pytest.mark.parametrize("strides, padding", [(1, ((1, 1), (1, 1))), (2, ((1, 1), (1, 1))), (1, "SAME")])
+def test_conv_kernel_waits_is_the_convolution_in_value_and_gradient(strides, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 16)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 16, 24)), jnp.float32)
+    plain, waits = _conv_pair(strides, padding)
+    y, vjp_plain = jax.vjp(plain, x, w)
+    y_waits, vjp_waits = jax.vjp(waits, x, w)
+    np.testing.assert_array_equal(np.asarray(y_waits), np.asarray(y))
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    for got, want in zip(jax.jit(vjp_waits)(dy), jax.jit(vjp_plain)(dy)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-5)
+    # and through rematerialisation, as the models' blocks run it
+    loss = lambda f: (lambda x, w: jnp.sum(jax.checkpoint(f)(x, w) ** 2))
+    for got, want in zip(jax.grad(loss(waits), (0, 1))(x, w), jax.grad(loss(plain), (0, 1))(x, w)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-4)
+
+
+def test_clip_by_global_norm_scales_as_torch_and_leaves_small_gradients_alone():
+    rng = np.random.default_rng(0)
+    grads = {"a": jnp.asarray(rng.standard_normal((4, 5)), jnp.float32), "b": jnp.asarray(rng.standard_normal(7))}
+    norm = float(optax.global_norm(grads))
+    clipped, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    assert float(optax.global_norm(clipped)) == pytest.approx(1.0, rel=1e-6)
+    reference, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    for got, want in zip(jax.tree.leaves(clipped), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+    untouched, _ = clip_by_global_norm(2 * norm).update(grads, optax.EmptyState())
+    for got, want in zip(jax.tree.leaves(untouched), jax.tree.leaves(grads)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    zeros = jax.tree.map(jnp.zeros_like, grads)
+    for leaf in jax.tree.leaves(clip_by_global_norm(1.0).update(zeros, optax.EmptyState())[0]):
+        np.testing.assert_array_equal(np.asarray(leaf), 0.0)
