@@ -53,16 +53,18 @@ class _QuantizableKernel:
     parameters stay integers in device memory; float parameters take flax's own path unchanged."""
 
     def param(self, name: str, init_fn: Any, *init_args: Any, unbox: bool = True, **init_kwargs: Any) -> Any:
+        # XLA:CPU computes with fp32 weights, and its default scheduler converts every weight (int8 or
+        # bf16) as early as it can, at the start of the program, holding all the fp32 copies at once (an
+        # optimization_barrier is stripped before scheduling there). Scaling by a one made from this
+        # layer's input makes each conversion wait until the layer is reached.
         if name == "kernel" and self.has_variable("params", "kernel_scale"):
             stored, scale = (nn.meta.unbox(self.get_variable("params", n)) for n in ("kernel", "kernel_scale"))
-            # Make the float weight depend on this layer's input, so XLA converts it when the layer is
-            # reached: XLA:CPU otherwise converts every weight up front and holds all the float copies at
-            # once (an optimization_barrier is stripped before scheduling there). 0 * x is not folded for
-            # floats (NaN semantics); it costs one scalar multiply, and scale is unchanged for finite x.
-            x = _LAYER_INPUT.get()
-            scale = scale * (1 + 0 * x.reshape(-1)[0].astype(scale.dtype))
+            scale = scale * one_after(_LAYER_INPUT.get(), scale.dtype)
             return dequantize_kernel(stored, scale, init_args[0], self.dtype or jnp.float32)
-        return super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        kernel = super().param(name, init_fn, *init_args, unbox=unbox, **init_kwargs)
+        if name == "kernel" and jax.default_backend() == "cpu" and kernel.dtype in (jnp.bfloat16, jnp.float16):
+            kernel = kernel * one_after(_LAYER_INPUT.get(), kernel.dtype)
+        return kernel
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         """flax's layer, with `inputs` visible to `param` while it runs."""
@@ -71,6 +73,16 @@ class _QuantizableKernel:
             return super().__call__(inputs)
         finally:
             _LAYER_INPUT.reset(token)
+
+
+def one_after(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """[] exactly 1 in `dtype`, computed from `x`, so that XLA cannot compute what it scales before `x` exists.
+
+    0 * x is not folded for floats (it is NaN at inf and NaN); nan_to_num makes it 0 in every case. Scaling
+    by it is exact (w * 1 == w, -0.0 included) and costs one scalar multiply fused into the consumer.
+    """
+    first = x.reshape(-1)[0]
+    return (1 + jnp.nan_to_num(0 * first, nan=0.0, posinf=0.0, neginf=0.0)).astype(dtype)
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -106,14 +118,15 @@ class Dense(_QuantizableKernel, nn.Dense):
 
 def conv_kernel_waits(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
     """`lax.conv_general_dilated(lhs, rhs, *args, **kwargs)` whose backward pass reads the kernel only once
-    the output's cotangent exists.
+    the output's cotangent exists, and writes the kernel gradient once, in the kernel's layout. For XLA:CPU.
 
     The input gradient of a convolution runs on the kernel transposed (and flipped), a copy XLA:CPU makes
     from the parameter alone. Its default scheduler starts such copies as early as it can, at the start of
     the program, so a train step held every conv kernel twice until its layer's backward pass came: 2.5 GiB
-    of SD 1.5's U-Net. Scaling the kernel by a one computed from the cotangent (0 * x is not folded for
-    floats; nan_to_num makes it 0) ties each copy to its layer's backward pass. Values and gradients are
-    exactly those of the plain convolution.
+    of SD 1.5's U-Net. Scaling the kernel by `one_after(dy)` ties each copy to its layer's backward pass.
+    The kernel gradient comes out of YNNPACK as [O, H, W, I]; the train step read it both in that layout
+    and as an HWIO copy, and kept both (2.1 GiB). `materialize` writes it once, as HWIO.
+    Values and gradients are those of the plain convolution.
     """
     def conv(x: jax.Array, w: jax.Array) -> jax.Array:
         return jax.lax.conv_general_dilated(x, w, *args, **kwargs)
@@ -127,8 +140,7 @@ def conv_kernel_waits(lhs: jax.Array, rhs: jax.Array, *args: Any, **kwargs: Any)
 
     def backward(saved: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array, jax.Array]:
         x, w = saved
-        one = 1 + jnp.nan_to_num(0 * dy.reshape(-1)[0], nan=0.0, posinf=0.0, neginf=0.0).astype(w.dtype)
-        dx, dw = jax.vjp(conv, x, w * one)[1](dy)
+        dx, dw = jax.vjp(conv, x, w * one_after(dy, w.dtype))[1](dy)
         return dx, materialize(dw)
 
     call.defvjp(forward, backward)

@@ -1,7 +1,12 @@
-"""The train step's temporaries hold about one copy of the gradients beside the donated state (XLA's buffer
-assignment of the compiled step, nothing run): clipping multiplies by one scalar (optax's per-element division
-was kept as a second copy of every gradient), and on XLA:CPU a convolution's backward pass neither transposes
-its kernel up front nor keeps its kernel gradient in two memory layouts (`layers.conv_kernel_waits`)."""
+"""XLA's buffer assignment of diffax's compiled programs (nothing run): the temporaries they hold beside
+their arguments.
+
+- A train step holds about one copy of the gradients beside the donated state: clipping multiplies by one
+  scalar (optax's per-element division was kept as a second copy of every gradient), and on XLA:CPU a
+  convolution's backward pass neither transposes its kernel up front nor keeps its kernel gradient in two
+  memory layouts (`layers.conv_kernel_waits`).
+- bf16 inference on XLA:CPU converts each weight to fp32 when its layer is reached, not all at the start
+  (`layers.one_after` in the layers' `param`)."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -101,3 +106,24 @@ def test_clip_by_global_norm_scales_as_torch_and_leaves_small_gradients_alone():
     zeros = jax.tree.map(jnp.zeros_like, grads)
     for leaf in jax.tree.leaves(clip_by_global_norm(1.0).update(zeros, optax.EmptyState())[0]):
         np.testing.assert_array_equal(np.asarray(leaf), 0.0)
+
+
+class _Bf16Net(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, 8, 8, 64]
+        kw = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        for _ in range(4):
+            x = jax.nn.silu(layers.conv(64, 3, padding=1, **kw)(x))
+        for _ in range(4):
+            x = jnp.tanh(layers.dense(64, **kw)(x))
+        return x
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the buffer assignment measured is XLA:CPU's")
+def test_bf16_inference_converts_each_weight_when_its_layer_runs():
+    x = jnp.zeros((1, 8, 8, 64), jnp.bfloat16)
+    params = jax.eval_shape(_Bf16Net().init, jax.random.key(0), x)["params"]
+    compiled = jax.jit(lambda p, x: _Bf16Net().apply({"params": p}, x)).lower(params, x).compile()
+    fp32_weights = sum(a.size * 4 for a in jax.tree.leaves(params))
+    # All eight fp32 copies at once before (1.0x the fp32 weights); now about one layer's at a time.
+    assert compiled.memory_analysis().temp_size_in_bytes < 0.4 * fp32_weights
