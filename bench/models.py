@@ -17,8 +17,10 @@ weight matrices at the library's initialisation, which keeps activations at sane
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -201,19 +203,26 @@ def to_diffax(model: Any, **load_kwargs: Any) -> tuple[Any, dict[str, Any]]:
         return convert.load(folder, **load_kwargs)
 
 
-def to_device(params: dict[str, Any]) -> dict[str, Any]:
+def to_device(params: dict[str, Any], copy: bool = False) -> dict[str, Any]:
     """The params as jax arrays on the default device. The nested dict is updated in place, one leaf at a
     time, so each host copy is dropped as soon as its device copy exists: converting a multi-GB model never
-    holds two copies. Returns the same dict."""
+    holds two copies. Returns the same dict. On a CPU the device may take a host array over without a
+    copy; `copy=True` makes every leaf a buffer of XLA's own, which a donating program can update in place."""
     for key, value in params.items():
-        params[key] = to_device(value) if isinstance(value, dict) else jax.device_put(np.asarray(value))
+        if isinstance(value, dict):
+            params[key] = to_device(value, copy)
+        else:
+            params[key] = jax.device_put(np.asarray(value)) if not copy else jax.block_until_ready(jax.numpy.copy(value))
     return params
 
 
 def free() -> None:
-    """Returns the memory of dropped models to the system before the next big one is built."""
+    """Returns the memory of dropped models (and the compiler's freed working memory, which glibc keeps
+    until trimmed) to the system before the next big one is built."""
     gc.collect()
     jax.clear_caches()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -220,9 +220,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     elif init_params is None:
         state, shardings = create_train_state(model, tx, mesh, init_key, rules)
     else:
-        state = init_train_state(init_params, tx)
-        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), state)
-        state = jax.device_put(state, shardings)
+        # Made by a jitted program, so that every buffer of the state is XLA's own: the donating train step
+        # cannot update in place an array a CPU device took over from host memory (as `convert.load`
+        # returns them), and would copy all the weights at its first call.
+        abstract = jax.eval_shape(lambda p: init_train_state(p, tx), init_params)
+        shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
+        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(init_params)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     resume.check_cache(workdir, source, config, resuming=step is not None or manager.latest_step() is not None)
