@@ -48,7 +48,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from bench import common, fresh, models  # importing the bench package first sets OMP_WAIT_POLICY for torch
+from bench import common, fresh  # importing the bench package first sets OMP_WAIT_POLICY for torch
 
 MODULE = "bench.memory"
 MIB = 2.0 ** 20
@@ -117,8 +117,6 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("remat"):
         module = type(module)(dataclasses.replace(module.config, remat=spec["remat"]))
     params = jax.block_until_ready(params)
-    if work == "train":  # buffers of XLA's own, which the donating step updates in place (bench.train_step)
-        params = models.to_device(params, copy=True)
     batch = fresh.inputs(case, batch=1 if work == "train" else None)
     x, t, cond = (jax.device_put(batch[k].astype(dtype) if dtype and batch[k].dtype == np.float32 else batch[k])
                   for k in ("x", "t", "cond"))
