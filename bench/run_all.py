@@ -10,7 +10,8 @@
 Each benchmark module runs in its own Python process (`python -m bench.run_all --child=NAME ...`), one after
 the other, so that one module's memory (a full-size SDXL UNet holds 10 GB of fp32 weights) is gone before the
 next starts and a failing case does not lose the others. Each child measures the matmul peak before its cases;
-the best peak of the run is then shared by every row's '% of peak'. Results: bench/results/<module>.json from
+the best peak of the run is then shared by every row's '% of peak' (a --merge rerun's rows keep the peak of
+their own session). Results: bench/results/<module>.json from
 each module, bench/results/run_all.json with every row, the machine and the peak.
 """
 from __future__ import annotations
@@ -159,12 +160,14 @@ def summarise(record: dict[str, Any]) -> str:
     machine, peak = record["machine"], record["matmul_peak"]
     seconds = ", ".join(f"{k} {v:.0f}" for k, v in record["seconds"].items())
     failed = f" Failed: {', '.join(record['failed'])}." if record["failed"] else ""
+    reruns = "".join(f"; rows of the rerun of {m}: jax {p['jax_gflops']:.0f}, torch {p['torch_gflops']:.0f}"
+                     for m, p in record.get("rerun_peaks", {}).items())
     header = (f"Run of {record['date']}: `{record['command']}`, {record['elapsed_s'] / 60:.0f} min. Machine: "
               f"{machine['cpu']}, {machine['cpu_count']} cores; jax {machine['jax']} ({machine['jax_device']}), "
               f"torch {machine['torch']} ({machine['torch_device']}, {machine['torch_threads']} threads), "
               f"diffusers {machine['diffusers']}. fp32 matmul peak (n={peak['n']}, best of the run): jax "
-              f"{peak['jax_gflops']:.0f} GFLOP/s, torch {peak['torch_gflops']:.0f} GFLOP/s. Seconds per module: "
-              f"{seconds}.{failed}")
+              f"{peak['jax_gflops']:.0f} GFLOP/s, torch {peak['torch_gflops']:.0f} GFLOP/s{reruns}. Seconds per "
+              f"module: {seconds}.{failed}")
     return f"{header}\n\n{group_tables(record['rows'], record['columns'])}"
 
 
@@ -184,17 +187,15 @@ def write_docs(record: dict[str, Any]) -> None:
 
 def merged(previous: dict[str, Any], rerun: dict[str, Any], modules: Sequence[str]) -> dict[str, Any]:
     """`previous` (a whole run's record) with the rows of `modules` replaced by `rerun`'s, in the suite's
-    order; the command, date and seconds say what was rerun. The peak stays the previous run's best
-    unless the rerun measured a higher one, and every row's '% of peak' is recomputed against it."""
+    order; the command, date and seconds say what was rerun. Each row keeps the '% of peak' of its own
+    session: this machine's peak moves from hour to hour, so a rerun's rows are set against the peak the
+    rerun measured (kept in `rerun_peaks`) and the other rows against the whole run's."""
     order = [name for name, _, _ in MODULES]
     rows = [r for r in previous["rows"] if r["_module"] not in modules] + rerun["rows"]
     rows.sort(key=lambda r: order.index(r["_module"]))
-    peak = max(previous["matmul_peak"], rerun["matmul_peak"], key=lambda p: p["jax_gflops"])
-    for row in rows:
-        if "diffax_gflops" in row:
-            common.set_peak(row, peak)
     date = rerun["date"]
-    return {**previous, "rows": rows, "matmul_peak": peak,
+    return {**previous, "rows": rows,
+            "rerun_peaks": {**previous.get("rerun_peaks", {}), **{m: rerun["matmul_peak"] for m in modules}},
             "command": f"{previous['command']}; rerun {date}: {rerun['command']} --only={','.join(modules)}",
             "seconds": {**previous["seconds"], **{f"{k} (rerun {date})": v for k, v in rerun["seconds"].items()}},
             "failed": [f for f in previous["failed"] if f.split()[0] not in modules] + rerun["failed"],
