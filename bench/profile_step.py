@@ -3,6 +3,7 @@
     python -m bench.profile_step --case=dit-xl --layers=12      # DiT-XL/2's width, 12 blocks
     python -m bench.profile_step --case=dit-xl                  # all 28 blocks (13 GB of XLA buffers)
     python -m bench.profile_step --case=digits --steps=3
+    flock /tmp/diffax-big.lock python -m bench.profile_step --case=sd15 --steps=1   # SD 1.5, remat='full'
 
 Builds a case of `bench.train_step` (its diffax side only, as `train.py` builds the step; `--layers` cuts a
 DiT to that many blocks), times `--steps` steps with the process's CPU time and page faults, then runs them
@@ -35,6 +36,7 @@ from bench import models
 from bench.train_step import DiffaxTrainer, cases, make_batch, run_config, torch_model
 from diffax import convert
 from diffax.models.dit import DiTConfig
+from diffax.models.registry import make_module
 
 # Runtime bookkeeping in the trace, not operations of the program.
 _NOT_OPS = ("$", "Thunk", "Pjit", "Common", "Slinky")
@@ -86,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.save_pretrained(folder, max_shard_size=models.MAX_SHARD_SIZE)
         del model
         module, params = convert.load(folder)
+    if case.remat:  # as bench.train_step times it (diffusers' gradient checkpointing)
+        module = make_module(dataclasses.replace(module.config, remat="full"))
     x0, cond = make_batch(case, module.config, np.random.default_rng(0))
     trainer = DiffaxTrainer(module, models.to_device(params), config, x0, cond)
     del params
