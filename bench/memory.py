@@ -39,7 +39,6 @@ runs the way time does).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import json
 import sys
@@ -86,7 +85,7 @@ class _Stages:
         peak = self.peak if self.resets else fresh.rss_mib("VmHWM")
         # What the allocator holds but no object uses: glibc's malloc_trim hands freed pages back, so the
         # resident size after it is what is still live (weights, executable, caches).
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        common.trim_heap()
         return {**self.out, "peak_mib": peak, "delta_mib": peak - self.base, "trimmed_rss_mib": fresh.rss_mib()}
 
 

@@ -17,10 +17,8 @@ weight matrices at the library's initialisation, which keeps activations at sane
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -28,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
+from bench import common
 from diffax import convert
 from diffax.data import tokenizer
 from diffax.models.dit import DiTConfig
@@ -221,8 +220,7 @@ def free() -> None:
     until trimmed) to the system before the next big one is built."""
     gc.collect()
     jax.clear_caches()
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    common.trim_heap()
 
 
 # ----------------------------------------------------------------------------- tokenizer
