@@ -75,14 +75,17 @@ class _QuantizableKernel:
             _LAYER_INPUT.reset(token)
 
 
+def _ones_from(x: jax.Array) -> jax.Array:
+    """Exactly 1 in x's shape, computed from x, which XLA cannot fold: 0 * x is not folded for floats (it
+    is NaN at inf and NaN), and nan_to_num makes it 0 in every case."""
+    return 1 + jnp.nan_to_num(0 * x, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def one_after(x: jax.Array, dtype: Dtype) -> jax.Array:
     """[] exactly 1 in `dtype`, computed from `x`, so that XLA cannot compute what it scales before `x` exists.
-
-    0 * x is not folded for floats (it is NaN at inf and NaN); nan_to_num makes it 0 in every case. Scaling
-    by it is exact (w * 1 == w, -0.0 included) and costs one scalar multiply fused into the consumer.
+    Scaling by it is exact (w * 1 == w, -0.0 included) and costs one scalar multiply fused into the consumer.
     """
-    first = x.reshape(-1)[0]
-    return (1 + jnp.nan_to_num(0 * first, nan=0.0, posinf=0.0, neginf=0.0)).astype(dtype)
+    return _ones_from(x.reshape(-1)[0]).astype(dtype)
 
 
 def materialize(x: jax.Array) -> jax.Array:
@@ -98,9 +101,7 @@ def materialize(x: jax.Array) -> jax.Array:
     """
     if jax.default_backend() != "cpu" or not jnp.issubdtype(x.dtype, jnp.inexact):
         return x
-    # 0 * x is not folded for floats (it is NaN at inf); nan_to_num makes it 0 everywhere, so one == 1.
-    one = jax.lax.stop_gradient(1 + jnp.nan_to_num(0 * x, nan=0.0, posinf=0.0, neginf=0.0))
-    return x / one
+    return x / jax.lax.stop_gradient(_ones_from(x))
 
 
 class Dense(_QuantizableKernel, nn.Dense):
