@@ -33,10 +33,9 @@ import jax
 import numpy as np
 
 from bench import models
-from bench.train_step import DiffaxTrainer, cases, make_batch, run_config, torch_model
+from bench.train_step import DiffaxTrainer, cases, make_batch, rematerialised, run_config, torch_model
 from diffax import convert
 from diffax.models.dit import DiTConfig
-from diffax.models.registry import make_module
 
 # Runtime bookkeeping in the trace, not operations of the program.
 _NOT_OPS = ("$", "Thunk", "Pjit", "Common", "Slinky")
@@ -88,8 +87,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model.save_pretrained(folder, max_shard_size=models.MAX_SHARD_SIZE)
         del model
         module, params = convert.load(folder)
-    if case.remat:  # as bench.train_step times it (diffusers' gradient checkpointing)
-        module = make_module(dataclasses.replace(module.config, remat="full"))
+    module = rematerialised(case, module)  # as bench.train_step times it
     x0, cond = make_batch(case, module.config, np.random.default_rng(0))
     trainer = DiffaxTrainer(module, models.to_device(params), config, x0, cond)
     del params

@@ -41,7 +41,7 @@ import optax
 
 from diffax import convert, parallel
 from diffax.models import build_model
-from diffax.models.registry import get_family, make_module
+from diffax.models.registry import make_module
 from diffax.convert.registry import converter_for
 from diffax.convert.rules import flatten, tensor_to_torch
 from diffax.models.dit import DiTConfig
@@ -121,6 +121,14 @@ def run_config(case: Case) -> ml_collections.ConfigDict:
         # the two gradients' global norms differ, and so would their clipped updates.
         c.train.grad_clip = 0.0
     return c
+
+
+def rematerialised(case: Case, module: Any) -> Any:
+    """`module` with diffax's 'full' policy where the case rematerialises (diffusers' gradient checkpointing
+    recomputes each block in the backward pass) and the model has the field."""
+    if case.remat and "remat" in type(module.config).runtime_fields:
+        return make_module(dataclasses.replace(module.config, remat="full"))
+    return module
 
 
 def torch_model(config: Any) -> Any:
@@ -345,10 +353,9 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     model.save_pretrained(folder, max_shard_size=models.MAX_SHARD_SIZE)
     torch_class = type(model)
     keys = compared_keys(model, case.check_keys)
-    # diffusers' gradient checkpointing recomputes each block in the backward pass: diffax's 'full' policy.
-    remat = "full" if case.remat and "remat" in get_family(torch_class.__name__).config_cls.runtime_fields else "none"
     module, params = convert.load(folder)
-    module = make_module(dataclasses.replace(module.config, remat=remat)) if remat != "none" else module
+    module = rematerialised(case, module)
+    remat = module.config.remat if "remat" in type(module.config).runtime_fields else "none"
     params = models.to_device(params)
     n_params = int(sum(np.size(a) for a in jax.tree.leaves(params)))
     x0, cond = make_batch(case, module.config, np.random.default_rng(0))
