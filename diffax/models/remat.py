@@ -15,6 +15,11 @@ converted checkpoints and config.json are the same for every policy. The policie
                  recompute of `dots_no_batch`, paid in host transfers
 
 Only the memory / compute trade changes, never the math: gradients agree to fp32 rounding.
+
+On XLA:CPU the backward pass's recomputation is tied to the block's output cotangent (`_tied_to_cotangent`):
+its default scheduler otherwise starts each block's recomputation as soon as the block's saved inputs exist,
+in the forward pass, and keeps every block's activations until the backward pass reaches them, which is
+what remat was meant to avoid.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
-from diffax.models.layers import materialize
+from diffax.models.layers import materialize, one_after
 
 # name -> jax.checkpoint policy (None: nothing saveable). "none" means no remat at all.
 POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -49,6 +55,34 @@ def _call(module: nn.Module, train: bool, *args: Any) -> Any:
     return module(*args, train=train)
 
 
+def _tied_to_cotangent(remat_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`remat_fn(module, train, *args)` (an `nn.remat`-wrapped call) whose backward pass cannot start the
+    recomputation before the cotangent of its output exists.
+
+    The forward pass keeps what the remat keeps (the vjp's residuals: the block's parameters, inputs and
+    rng keys, plus the policy's saved values). The backward pass scales every residual but the parameters
+    by `one_after(cotangent)`, so each is a value XLA computes after the cotangent (a multiply by exactly
+    one, fused into its first consumer). XLA:CPU drops `optimization_barrier` before scheduling, so a
+    barrier would not do. Values and gradients are those of `remat_fn`.
+    """
+    tied: list[bool] = []  # per residual leaf: scaled in the backward pass (not a parameter); set in forward
+
+    def forward(module: nn.Module, train: bool, *args: Any) -> tuple[Any, Any]:
+        out, vjp_fn = nn.vjp(lambda m, *a: remat_fn(m, train, *a), module, *args)
+        params = {id(leaf) for leaf in jax.tree.leaves(module.variables)}
+        tied[:] = [id(leaf) not in params and jnp.issubdtype(leaf.dtype, jnp.inexact)
+                   for leaf in jax.tree.leaves(vjp_fn)]
+        return out, vjp_fn
+
+    def backward(train: bool, vjp_fn: Any, cotangent: Any) -> Any:
+        one = one_after(jax.tree.leaves(cotangent)[0], jnp.float32)
+        leaves, treedef = jax.tree.flatten(vjp_fn)
+        leaves = [leaf * one.astype(leaf.dtype) if tie else leaf for leaf, tie in zip(leaves, tied)]
+        return jax.tree.unflatten(treedef, leaves)(cotangent)
+
+    return nn.custom_vjp(remat_fn, forward_fn=forward, backward_fn=backward, nondiff_argnums=(1,))
+
+
 def remat_call(module: nn.Module, policy: str, *args: Any, train: bool = False) -> Any:
     """`module(*args, train=train)`, its activations rematerialised in the backward pass under `policy`.
 
@@ -59,5 +93,8 @@ def remat_call(module: nn.Module, policy: str, *args: Any, train: bool = False) 
     if policy == "none":
         out = module(*args, train=train)
     else:  # static_argnums counts the module as argument 0.
-        out = nn.remat(_call, policy=POLICIES[policy], static_argnums=(1,))(module, train, *args)
+        call = nn.remat(_call, policy=POLICIES[policy], static_argnums=(1,))
+        if jax.default_backend() == "cpu":
+            call = _tied_to_cotangent(call)
+        out = call(module, train, *args)
     return jax.tree.map(materialize, out)  # blocks' outputs are where residual streams leave them
