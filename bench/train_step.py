@@ -92,8 +92,7 @@ def cases(quick: bool) -> list[Case]:
             Case("digits", digits_config, 16, "class_labels", num_labels=10),
             Case("dit-tiny", _dit("DiT-S/2", num_layers=2, num_attention_heads=2, num_embeds_ada_norm=10), 2,
                  "class_labels", num_labels=10),
-            # Opt-in: XLA:CPU compiled this U-Net's train step for over 7 CPU-minutes and 10 GB of memory
-            # without finishing (with or without remat, xla or auto attention).
+            # Opt-in: its train step takes about 40 s to compile on 2 cores, longer than the rest of --quick.
             Case("sd15-small", models.SMALL_SD15_UNET, 1, "encoder_hidden_states", context=(77, 64), remat=True,
                  opt_in=True),
         ]
@@ -312,7 +311,9 @@ def agreement(before: dict, d_after: dict, t_after: dict, d_loss: float, t_loss:
     Adam's first update is lr x g / (|g| + eps) plus the decay: where |g| is near eps it swings between
     -lr and lr with the gradient's rounding, so the changes are compared where torch's first moment
     exceeds `mu_floor` and 1% of its layer's largest, that is where the update is set by the gradient
-    rather than by its rounding (the gradients themselves are compared everywhere).
+    rather than by its rounding. The gradients themselves are compared in every layer whose first moment
+    reaches `mu_floor` somewhere: below it a layer's gradient is rounding noise (a small U-Net's outer layers
+    get gradients of 1e-9 at initialisation, whose relative error between the libraries is of order 1).
     A change of ~lr is known only to the rounding of the stored fp32 weight (1e-7 x |w|, ~1e-3 of the
     change), so each element's difference is counted beyond two units in the last place of its weight.
     """
@@ -321,7 +322,8 @@ def agreement(before: dict, d_after: dict, t_after: dict, d_loss: float, t_loss:
         for name, want in t_after[what].items():
             got = d_after[what][name]
             if what == "mu":
-                errs.append(common.rel_err(got, want))
+                if np.abs(want).max() > mu_floor:
+                    errs.append(common.rel_err(got, want))
                 continue
             mu = np.abs(t_after["mu"][name])
             keep = mu > max(mu_floor, 1e-2 * mu.max())
