@@ -18,13 +18,11 @@ What is measured, and how (docs/benchmarks.md says the same for readers of the t
 """
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -238,13 +236,6 @@ def proc_kib(path: str, field: str) -> int | None:
     except OSError:
         pass
     return None
-
-
-def trim_heap() -> None:
-    """Hands the pages glibc's allocator holds but no object uses back to the system (`malloc_trim`):
-    freed model arrays and the compiler's working memory stay resident otherwise. Linux only."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def reset_peak_rss() -> bool:

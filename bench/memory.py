@@ -23,9 +23,11 @@ Work:
                       `inference_mode`).
   train               one step on batch 1: MSE of the predicted noise, gradients, AdamW (lr 1e-4, weight
                       decay 1e-2), fp32. diffax: one jitted program with the params and optimizer state
-                      donated; torch: `loss.backward()` + `torch.optim.AdamW.step()` (its default foreach
-                      implementation). With `remat` (diffax's config field, when the model has one) the
-                      blocks are rematerialised ('full'), against torch's `enable_gradient_checkpointing()`.
+                      donated, the compiler's freed memory handed back before it runs
+                      (`host_memory.release_freed`, as the train loop does); torch: `loss.backward()` +
+                      `torch.optim.AdamW.step()` (its default foreach implementation). With `remat`
+                      (diffax's config field, when the model has one) the blocks are rematerialised
+                      ('full'), against torch's `enable_gradient_checkpointing()`.
 Scheduler: XLA:CPU's default instruction scheduler ('default', concurrency-optimised) may start independent
 work early: in bf16 it converts every weight to fp32 at the start of the program and keeps all the copies
 (a temporary arena of about the fp32 weights). 'memory' compiles diffax's program with
@@ -48,6 +50,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench import common, fresh  # importing the bench package first sets OMP_WAIT_POLICY for torch
+from diffax import host_memory
 
 MODULE = "bench.memory"
 MIB = 2.0 ** 20
@@ -85,7 +88,7 @@ class _Stages:
         peak = self.peak if self.resets else fresh.rss_mib("VmHWM")
         # What the allocator holds but no object uses: glibc's malloc_trim hands freed pages back, so the
         # resident size after it is what is still live (weights, executable, caches).
-        common.trim_heap()
+        host_memory.release_freed()
         return {**self.out, "peak_mib": peak, "delta_mib": peak - self.base, "trimmed_rss_mib": fresh.rss_mib()}
 
 
@@ -129,6 +132,7 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
         args = (params, opt_state, x, t, cond, target)
         compiled = jax.jit(_train_step(apply, tx), donate_argnums=(0, 1)).lower(*args).compile(
             compiler_options=options)
+        host_memory.release_freed()  # as diffax's train loop does between compiling its step and running it
         stages.end("compile")
         _, _, y = jax.block_until_ready(compiled(*args))
     else:

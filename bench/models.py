@@ -26,8 +26,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from bench import common
-from diffax import convert
+from diffax import convert, host_memory
 from diffax.data import tokenizer
 from diffax.models.dit import DiTConfig
 
@@ -220,7 +219,7 @@ def free() -> None:
     until trimmed) to the system before the next big one is built."""
     gc.collect()
     jax.clear_caches()
-    common.trim_heap()
+    host_memory.release_freed()
 
 
 # ----------------------------------------------------------------------------- tokenizer
