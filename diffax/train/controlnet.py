@@ -39,7 +39,7 @@ from diffax.models.controlnet import ControlNetConfig, ControlNetModel, params_f
 from diffax.models.unet2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from diffax.train import evaluate
 from diffax.train.finetune import EXPORT_DIR, Finetune, FinetuneError
-from diffax.train.state import TrainState, init_train_state
+from diffax.train.state import TrainState, init_train_state, place_train_state
 
 Params = dict[str, Any]
 EXPORT_NAME = "controlnet"  # WORKDIR/export/controlnet, diffusers' train_controlnet output folder's content
@@ -151,7 +151,7 @@ class ControlNetTuning(Finetune):
                                jax.random.key(0))
         shardings = parallel.logical_shardings(nn.get_partition_spec(boxed), mesh, rules, shapes=nn.meta.unbox(boxed))
         frozen = parallel.logical_shardings(self.frozen_specs, mesh, rules, shapes=self.frozen)
-        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(self.trainable)
+        state = place_train_state(self.trainable, tx, shardings)
         return state.replace(frozen=jax.device_put(self.frozen, frozen)), shardings.replace(frozen=frozen)
 
     def export(self, workdir: str | Path, trainable: Any, config: ml_collections.ConfigDict,

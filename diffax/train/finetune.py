@@ -48,7 +48,7 @@ from diffax.models import abstract_params, logical_specs
 from diffax.models.registry import family_of
 from diffax.quant.quantize import QuantizedParams, flatten, quantize_params, quantized_specs, selected, unflatten
 from diffax.quant.tuneqdm import apply_scales, init_scales, load_scales, save_scales, timestep_group
-from diffax.train.state import TrainState, init_train_state
+from diffax.train.state import TrainState, init_train_state, place_train_state
 
 MODES = ("full", "lora", "tuneqdm", "controlnet")
 # Kernel-path patterns (re.search over 'down_blocks_1/attentions_0/to_q/kernel') for train.lora.targets.
@@ -245,8 +245,7 @@ class Finetune:
         if self.mode == "full":
             from diffax.train.loop import train_state_shardings
             _, shardings = train_state_shardings(model, tx, mesh, rules)
-            state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(self.trainable)
-            return state, shardings
+            return place_train_state(self.trainable, tx, shardings), shardings
         rep = parallel.replicated(mesh)
         frozen_shardings = parallel.logical_shardings(self.frozen_specs, mesh, rules,
                                                       shapes=_plain(self.frozen))
@@ -254,8 +253,7 @@ class Finetune:
             frozen_shardings = self.frozen.replace(params=frozen_shardings)
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx), self.trainable)
         shardings = jax.tree.map(lambda _: rep, abstract).replace(frozen=frozen_shardings)
-        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings.replace(frozen=None))(
-            self.trainable)
+        state = place_train_state(self.trainable, tx, shardings.replace(frozen=None))
         return state.replace(frozen=jax.device_put(self.frozen, frozen_shardings)), shardings
 
     def check_workdir(self, workdir: str | Path) -> None:

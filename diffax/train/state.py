@@ -89,3 +89,11 @@ def init_train_state(params: Any, tx: optax.GradientTransformation) -> TrainStat
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params),
                       skipped=jnp.zeros((), jnp.int32))
+
+
+def place_train_state(params: Any, tx: optax.GradientTransformation, shardings: Any) -> TrainState:
+    """`init_train_state(params, tx)` made by one jitted program, laid out by `shardings` (a TrainState of
+    shardings). Every buffer of the result is XLA's own: a donating train step cannot update in place an
+    array that a CPU device took over from host memory (as `convert.load` returns them without `device=`),
+    and would copy all the weights at its first call."""
+    return jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(params)

@@ -53,7 +53,7 @@ from diffax import parallel
 from diffax.models import boxed_init, logical_specs
 from diffax.pipelines.text_encoding import encode_prompt_sdxl
 from diffax.train import evaluate, finetune
-from diffax.train.state import TrainState, init_train_state
+from diffax.train.state import TrainState, init_train_state, place_train_state
 
 MODES = ("frozen", "full", "lora")
 # The text encoder's LoRA'd kernels: its attention projections, diffusers' text_encoder_target_modules.
@@ -202,7 +202,7 @@ class TextEncoderFinetune(finetune.Finetune):
         abstract_boxed = jax.eval_shape(lambda k: init_train_state(boxed(k), tx), jax.random.key(0))
         abstract = nn.meta.unbox(abstract_boxed)
         shardings = parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules, shapes=abstract)
-        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(self.trainable)
+        state = place_train_state(self.trainable, tx, shardings)
         return state, shardings
 
     def export(self, workdir: str | Path, trainable: Any, config: ml_collections.ConfigDict,
