@@ -23,17 +23,18 @@ Work:
                       `inference_mode`).
   train               one step on batch 1: MSE of the predicted noise, gradients, AdamW (lr 1e-4, weight
                       decay 1e-2), fp32. diffax: one jitted program with the params and optimizer state
-                      donated, the compiler's freed memory handed back before it runs
-                      (`host_memory.release_freed`, as the train loop does); torch: `loss.backward()` +
-                      `torch.optim.AdamW.step()` (its default foreach implementation). With `remat`
-                      (diffax's config field, when the model has one) the blocks are rematerialised
-                      ('full'), against torch's `enable_gradient_checkpointing()`.
+                      donated; torch: `loss.backward()` + `torch.optim.AdamW.step()` (its default
+                      foreach implementation). With `remat` (diffax's config field, when the model has
+                      one) the blocks are rematerialised ('full'), against torch's
+                      `enable_gradient_checkpointing()`.
 Scheduler: XLA:CPU's default instruction scheduler ('default', concurrency-optimised) may start independent
 work early: in bf16 it converts every weight to fp32 at the start of the program and keeps all the copies
 (a temporary arena of about the fp32 weights). 'memory' compiles diffax's program with
 `compiler_options={'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}` (the same as
 `XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`); torch's row is measured again
 beside it.
+diffax's process hands the compiler's freed memory back after each compile, as its train loop and pipelines
+do (`diffax.host_memory.release_after_compiles`).
 Outputs (inference) and losses (train) are compared between the libraries before anything is reported.
 `--repeats` is accepted for the suite's sake; memory is measured once per case (it does not vary between
 runs the way time does).
@@ -113,6 +114,7 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
     case, work = fresh.CASES[spec["case"]], spec["work"]
     dtype = jnp.bfloat16 if work == "infer bf16" else None
     options = SCHEDULERS[spec.get("scheduler") or "default"]
+    host_memory.release_after_compiles()  # as diffax's train loop and pipelines do
     stages = _Stages()
     # Each tensor is placed as it is converted: the host holds one tensor at a time beside the placed ones.
     module, params = convert.load(spec["folder"], dtype=dtype, param_dtype=dtype, device=jax.devices()[0])
@@ -132,7 +134,6 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
         args = (params, opt_state, x, t, cond, target)
         compiled = jax.jit(_train_step(apply, tx), donate_argnums=(0, 1)).lower(*args).compile(
             compiler_options=options)
-        host_memory.release_freed()  # as diffax's train loop does between compiling its step and running it
         stages.end("compile")
         _, _, y = jax.block_until_ready(compiled(*args))
     else:

@@ -1,14 +1,21 @@
 """Host memory the process's allocator keeps after it is freed.
 
-XLA's compiler works in host memory: compiling SD 1.5's train step on a CPU takes a few GiB that glibc's
-allocator keeps once they are freed, so a process that compiles and then runs its step holds both peaks
-at once (1.4 GiB above torch's train step, measured in `bench.memory`). `release_freed` hands such pages
-back; the train loop calls it after compiling its step.
+XLA's compiler works in host memory: compiling SD 1.5's train step on a CPU takes a few GiB, which glibc's
+allocator keeps once they are freed, so a process that compiles and then runs holds the compiler's peak
+and the program's at once (1.4 GiB of SD 1.5's train step, 227 MiB of its fp32 forward: `bench.memory`).
+`release_freed` hands such pages back; `release_after_compiles`, which the train loop and the pipelines
+call, does it after every long compile.
 """
 from __future__ import annotations
 
 import ctypes
 import sys
+
+import jax
+
+# jax's event for one XLA compile (jax._src.dispatch.BACKEND_COMPILE_EVENT), recorded when it returns.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_min_seconds: list[float] = []  # the threshold of the registered listener; empty until registered
 
 
 def release_freed() -> None:
@@ -23,3 +30,18 @@ def release_freed() -> None:
     trim = getattr(libc, "malloc_trim", None)
     if trim is not None:
         trim(0)
+
+
+def _after_event(event: str, seconds: float, **_: object) -> None:
+    if event == _COMPILE_EVENT and seconds >= _min_seconds[0]:
+        release_freed()
+
+
+def release_after_compiles(min_seconds: float = 1.0) -> None:
+    """From now on, in this process, `release_freed` runs after every XLA compile of at least `min_seconds`
+    (a trim costs milliseconds; a compile that short frees little). Idempotent: a later call only changes
+    the threshold."""
+    if not _min_seconds:
+        _min_seconds.append(min_seconds)
+        jax.monitoring.register_event_duration_secs_listener(_after_event)
+    _min_seconds[0] = min_seconds

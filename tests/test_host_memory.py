@@ -1,10 +1,13 @@
-"""`host_memory.release_freed`: pages the allocator keeps after they are freed go back to the system."""
+"""`host_memory`: pages the allocator keeps after they are freed go back to the system, by hand or after
+each long compile."""
 from __future__ import annotations
 
 import ctypes
 import os
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from diffax import host_memory
@@ -34,3 +37,18 @@ def test_release_freed_returns_freed_heap_pages():
     after = _resident_bytes()
     assert before - after > 150 * 2**20, (before, after)
     assert all(len(b) == 100 * 1024 and not any(b[:64]) for b in kept)  # live blocks untouched
+
+
+def test_release_after_compiles_trims_after_each_long_compile(monkeypatch):
+    x = jax.block_until_ready(jnp.zeros(7))  # made first: making it compiles a program too
+    calls = []
+    monkeypatch.setattr(host_memory, "release_freed", lambda: calls.append(1))
+    host_memory.release_after_compiles(min_seconds=0.0)
+    try:
+        jax.jit(lambda x: jnp.sin(x) * 3.0).lower(x).compile()
+        assert len(calls) == 1
+        host_memory.release_after_compiles(min_seconds=3600.0)  # a later call changes the threshold only
+        jax.jit(lambda x: jnp.cos(x) * 5.0).lower(x).compile()
+        assert len(calls) == 1
+    finally:
+        host_memory.release_after_compiles()

@@ -34,7 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from diffax import parallel, quant
+from diffax import host_memory, parallel, quant
 from diffax.models.registry import logical_specs
 from diffax.pipelines.executables import ExecutableCache
 from diffax.pipelines.lora import LoraMixin
@@ -221,6 +221,7 @@ class Pipeline(LoraMixin):
         `as_scheduler`; tokenizers: {name: transformers tokenizer}; mesh: default every local device on
         'data'; dtype: the compute dtype the components were loaded with (None: their own); config: the
         model_index.json's other keys (e.g. `force_zeros_for_empty_prompt`); source: where it was loaded from."""
+        host_memory.release_after_compiles()  # each program's compiler memory, before the program runs
         self.source = source
         where = source or type(self).__name__
         missing = [n for n in self.required_components if n not in components]

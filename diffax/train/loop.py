@@ -33,7 +33,7 @@ from diffax.train import autoencoder, checkpoint, evaluate, resume
 from diffax.train import controlnet, finetune, text_encoder
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
-from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule
+from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule, place_train_state
 from diffax.train.step import LossFn, Objective, make_health_check, make_train_step
 
 
@@ -180,6 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     (then `params` are not the model's weights, and train.sample_every must stay 0).
     """
     validate_config(config)
+    host_memory.release_after_compiles()  # the compiler's freed memory, before the step allocates its own
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh, rules = parallel.mesh_from_config(config.mesh)
@@ -220,12 +221,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
     elif init_params is None:
         state, shardings = create_train_state(model, tx, mesh, init_key, rules)
     else:
-        # Made by a jitted program, so that every buffer of the state is XLA's own: the donating train step
-        # cannot update in place an array a CPU device took over from host memory (as `convert.load`
-        # returns them), and would copy all the weights at its first call.
         abstract = jax.eval_shape(lambda p: init_train_state(p, tx), init_params)
         shardings = jax.tree.map(lambda _: parallel.replicated(mesh), abstract)
-        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(init_params)
+        state = place_train_state(init_params, tx, shardings)
     manager = checkpoint.make_manager(workdir, max_to_keep=tc.keep_checkpoints, keep_every=tc.keep_every)
     abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
     resume.check_cache(workdir, source, config, resuming=step is not None or manager.latest_step() is not None)
@@ -263,7 +261,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, s
                 batch = parallel.shard_batch(model_batch(next(it), model), mesh)
                 if step == start:  # compile ahead (the call reuses it) so throughput excludes compilation
                     step_flops = compiled_flops(step_fn, state, batch, step_key)
-                    host_memory.release_freed()  # the compiler's working memory, before the step's own
                     t0 = time.perf_counter()
                 state, metrics = step_fn(state, batch, step_key)
                 done = step + 1
