@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffax import xla_options
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -190,8 +192,9 @@ def _peak_bytes(compiled: Any) -> int | None:
 
 
 def compile_jax(fn: Callable[..., Any], *args: Any) -> CompiledProgram:
-    """jit, lower and compile fn for these arguments (arrays or pytrees of arrays), timing each stage."""
-    return compile_jitted(jax.jit(fn), *args)
+    """jit, lower and compile fn for these arguments (arrays or pytrees of arrays), timing each stage; with
+    the compiler options diffax's own programs get (`diffax.xla_options`)."""
+    return compile_jitted(jax.jit(fn, compiler_options=xla_options.program_options()), *args)
 
 
 def count_flops(fn: Callable[..., Any], *args: Any) -> float:

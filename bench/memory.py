@@ -34,7 +34,8 @@ work early: in bf16 it converts every weight to fp32 at the start of the program
 `XLA_FLAGS=--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`); torch's row is measured again
 beside it.
 diffax's process hands the compiler's freed memory back after each compile, as its train loop and pipelines
-do (`diffax.host_memory.release_after_compiles`).
+do (`diffax.host_memory.release_after_compiles`), and compiles with diffax's program options
+(`diffax.xla_options`).
 Outputs (inference) and losses (train) are compared between the libraries before anything is reported.
 `--repeats` is accepted for the suite's sake; memory is measured once per case (it does not vary between
 runs the way time does).
@@ -51,7 +52,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench import common, fresh  # importing the bench package first sets OMP_WAIT_POLICY for torch
-from diffax import host_memory
+from diffax import host_memory, xla_options
 
 MODULE = "bench.memory"
 MIB = 2.0 ** 20
@@ -133,12 +134,12 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
         target = jax.device_put(np.random.default_rng(1).standard_normal(batch["x"].shape).astype(np.float32))
         args = (params, opt_state, x, t, cond, target)
         compiled = jax.jit(_train_step(apply, tx), donate_argnums=(0, 1)).lower(*args).compile(
-            compiler_options=options)
+            compiler_options={**xla_options.program_options(), **options})
         stages.end("compile")
         _, _, y = jax.block_until_ready(compiled(*args))
     else:
         compiled = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond).compile(
-            compiler_options=options)
+            compiler_options={**xla_options.program_options(), **options})
         stages.end("compile")
         y = jax.block_until_ready(compiled(params, x, t, cond))
     stages.end("run")
@@ -187,7 +188,8 @@ def _xla_phase(spec: dict[str, Any]) -> dict[str, Any]:
                                                              jax.ShapeDtypeStruct(batch["x"].shape, jnp.float32))
     else:
         lowered = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond)
-    return _xla_stats(lowered.compile(compiler_options=SCHEDULERS[spec.get("scheduler") or "default"]))
+    return _xla_stats(lowered.compile(compiler_options={**xla_options.program_options(),
+                                                        **SCHEDULERS[spec.get("scheduler") or "default"]}))
 
 
 def _torch_phase(spec: dict[str, Any]) -> dict[str, Any]:

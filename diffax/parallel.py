@@ -31,6 +31,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from diffax import xla_options
+
 MESH_AXES = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 Rules = tuple[tuple[str, MeshAxes], ...]
@@ -180,7 +182,9 @@ def use_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES):
 
 def jit_with_rules(fn: Callable, mesh: Mesh, rules: Rules = DEFAULT_RULES, **jit_kwargs: Any) -> Callable:
     """`jax.jit(fn, **jit_kwargs)` traced (on call and on `.lower`) under `use_rules(mesh, rules)`, so the
-    models' activation constraints are part of the program."""
+    models' activation constraints are part of the program, and compiled with diffax's options for the
+    mesh's platform (`xla_options.program_options`) unless `jit_kwargs` has compiler_options."""
+    jit_kwargs.setdefault("compiler_options", xla_options.program_options(mesh.devices.flat[0].platform))
     jitted = jax.jit(fn, **jit_kwargs)
 
     @functools.wraps(fn)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffax import parallel
+from diffax import parallel, xla_options
 from diffax.data import sdxl_cache
 from diffax.data.digits import NUM_CLASSES, NUMBER_WORDS
 from diffax.image_io import save_grid
@@ -145,7 +145,7 @@ class Sampler:
             images = module.apply({"params": params}, module.config.unscale_latents(latents), method=module.decode)
             return to_uint8(images)
 
-        return jax.jit(decode)
+        return jax.jit(decode, compiler_options=xla_options.program_options())
 
     def images(self, params: Any, key: jax.Array, *, labels: Sequence[int] | None = None,
                prompts: Sequence[str] | None = None, num_samples: int | None = None) -> np.ndarray:
