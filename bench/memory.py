@@ -94,6 +94,11 @@ class _Stages:
         return {**self.out, "peak_mib": peak, "delta_mib": peak - self.base, "trimmed_rss_mib": fresh.rss_mib()}
 
 
+def _compiler_options(spec: dict[str, Any]) -> dict[str, str]:
+    """diffax's program options (`diffax.xla_options`) with the spec's scheduler's on top."""
+    return {**xla_options.program_options(), **SCHEDULERS[spec.get("scheduler") or "default"]}
+
+
 def _xla_stats(compiled: Any) -> dict[str, float]:
     stats = compiled.memory_analysis()
     return {"xla_args_mib": stats.argument_size_in_bytes / MIB, "xla_out_mib": stats.output_size_in_bytes / MIB,
@@ -114,7 +119,7 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
     jax.devices()
     case, work = fresh.CASES[spec["case"]], spec["work"]
     dtype = jnp.bfloat16 if work == "infer bf16" else None
-    options = SCHEDULERS[spec.get("scheduler") or "default"]
+    options = _compiler_options(spec)
     host_memory.release_after_compiles()  # as diffax's train loop and pipelines do
     stages = _Stages()
     # Each tensor is placed as it is converted: the host holds one tensor at a time beside the placed ones.
@@ -134,12 +139,12 @@ def _diffax_phase(spec: dict[str, Any]) -> dict[str, Any]:
         target = jax.device_put(np.random.default_rng(1).standard_normal(batch["x"].shape).astype(np.float32))
         args = (params, opt_state, x, t, cond, target)
         compiled = jax.jit(_train_step(apply, tx), donate_argnums=(0, 1)).lower(*args).compile(
-            compiler_options={**xla_options.program_options(), **options})
+            compiler_options=options)
         stages.end("compile")
         _, _, y = jax.block_until_ready(compiled(*args))
     else:
         compiled = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond).compile(
-            compiler_options={**xla_options.program_options(), **options})
+            compiler_options=options)
         stages.end("compile")
         y = jax.block_until_ready(compiled(params, x, t, cond))
     stages.end("run")
@@ -188,8 +193,7 @@ def _xla_phase(spec: dict[str, Any]) -> dict[str, Any]:
                                                              jax.ShapeDtypeStruct(batch["x"].shape, jnp.float32))
     else:
         lowered = jax.jit(fresh.diffax_apply(module, case)).lower(params, x, t, cond)
-    return _xla_stats(lowered.compile(compiler_options={**xla_options.program_options(),
-                                                        **SCHEDULERS[spec.get("scheduler") or "default"]}))
+    return _xla_stats(lowered.compile(compiler_options=_compiler_options(spec)))
 
 
 def _torch_phase(spec: dict[str, Any]) -> dict[str, Any]:
