@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -94,9 +95,14 @@ def check_agreement(what: str, err: float, tol: float) -> None:
 
 @dataclasses.dataclass
 class Timing:
-    """Wall-clock seconds of the timed calls, and of the untimed warm-up calls before them."""
+    """Wall-clock seconds of the timed calls, and of the untimed warm-up calls before them; and the
+    process's system CPU seconds and minor page faults during each timed call. A library whose buffers
+    come fresh from the kernel on every call pays for them in system time, which moves with the machine's
+    state far more than the arithmetic does."""
     times: list[float]
     warmup: list[float]
+    system_s: list[float] = dataclasses.field(default_factory=list)
+    faults: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -151,9 +157,14 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], *, repeats: int, wa
     for phase, n in (("warmup", warmup), ("times", repeats)):
         for _ in range(n):
             for name, call in calls.items():
+                before = resource.getrusage(resource.RUSAGE_SELF)
                 start = time.perf_counter()
                 call()
                 getattr(results[name], phase).append(time.perf_counter() - start)
+                if phase == "times":
+                    after = resource.getrusage(resource.RUSAGE_SELF)
+                    results[name].system_s.append(after.ru_stime - before.ru_stime)
+                    results[name].faults.append(after.ru_minflt - before.ru_minflt)
     return results
 
 
@@ -344,9 +355,17 @@ def case_row(case: str, *, diffax: Timing, torch: Timing, program: CompiledProgr
         "torch_peak_mib": None if torch_peak is None else torch_peak / mib,
         "max_rel_err": max_rel_err,
         "diffax_times_s": diffax.times, "torch_times_s": torch.times,
+        "diffax_system_s": _median_or_none(diffax.system_s), "torch_system_s": _median_or_none(torch.system_s),
+        "diffax_faults": _median_or_none(diffax.faults), "torch_faults": _median_or_none(torch.faults),
     }
+    if row["diffax_system_s"] is not None and row["torch_system_s"] is not None:
+        row["system_s"] = f"{row['diffax_system_s']:.2f}/{row['torch_system_s']:.2f}"
     set_peak(row, peak)
     return row
+
+
+def _median_or_none(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
 
 
 def set_peak(row: dict[str, Any], peak: Mapping[str, Any]) -> None:
@@ -362,6 +381,7 @@ SUMMARY_COLUMNS = (
     ("diffax ms", "diffax_ms", "{:.1f}"),
     ("torch ms", "torch_ms", "{:.1f}"),
     ("spread d/t", "spread", "{}"),
+    ("system s d/t", "system_s", "{}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("compile s", "compile_s", "{:.1f}"),
     ("GFLOP", "gflop", "{:.1f}"),
