@@ -255,19 +255,13 @@ class Sampler(evaluate.Sampler):
         if self.null_cond is None:
             raise ValueError("a ControlNet run's grids are guided by the latent cache's empty prompt: train from a "
                              "latent cache written with a text encoder (data.source='latent_cache')")
-        s = self.config.sample
-        guided = s.guidance_scale not in (None, 1.0)
         text = {k: v for k, v in cond.items() if k != "controlnet_cond"}
         # The empty prompt's embeddings; what it has none of (SDXL's time ids) stays each row's own.
         null = {**text, **{k: np.broadcast_to(v, text[k].shape) for k, v in self.null_cond.items() if k in text}}
         control = np.asarray(cond["controlnet_cond"], np.float32)  # [N, fh, fw, 3], both halves of guidance
         model_cond = {**sdxl_cache.unet_cond(text, self.model.config), "controlnet_cond": control}
         uncond = {**sdxl_cache.unet_cond(null, self.model.config), "controlnet_cond": control}
-        args = parallel.global_array((model_cond, uncond, jax.random.key_data(key), np.float32(s.guidance_scale)),
-                                     parallel.replicated(self.mesh))
-        latents = self._text_program(s.steps, guided)(params, *args)
-        _, vae_params = self._decoder()
-        images = np.asarray(jax.device_get(self._decode(vae_params, latents)))  # [N, H, W, C]
+        images = self.decode(self.text_latents(params, key, model_cond, uncond))  # [N, H, W, C]
         if not show_conditioning:
             return images
         n, h, w, c = images.shape

@@ -164,17 +164,28 @@ class Sampler:
             null = {k: np.broadcast_to(v, embeds[k].shape) for k, v in self.null_cond.items() if k in embeds}
             if self.sdxl is not None:  # both halves at the same size, as SDXL's pipeline does
                 embeds["time_ids"] = null["time_ids"] = sdxl_cache.sample_time_ids(self.manifest, len(prompts))
-            cond = sdxl_cache.unet_cond(embeds, self.model.config)
-            uncond = sdxl_cache.unet_cond(null, self.model.config)
-            rep = parallel.replicated(self.mesh)
-            args = parallel.global_array((cond, uncond, jax.random.key_data(key), np.float32(s.guidance_scale)), rep)
-            latents = self._text_program(s.steps, guided)(params, *args)
+            latents = self.text_latents(params, key, sdxl_cache.unet_cond(embeds, self.model.config),
+                                        sdxl_cache.unet_cond(null, self.model.config))
         else:
             guided = guided and self.model.config.has_null_cond
             latents = self.pipe(params, key, labels=labels, num_samples=num_samples, num_inference_steps=s.steps,
                                 guidance_scale=s.guidance_scale if guided else None)
             if self.manifest is None:
                 return latents  # pixels already
+        return self.decode(latents)
+
+    def text_latents(self, params: Any, key: jax.Array, cond: dict[str, np.ndarray],
+                     uncond: dict[str, np.ndarray]) -> jax.Array:
+        """Latents [N, h, w, c] from the U-Net's text conditioning `cond` and the empty prompt's `uncond`
+        (keyword -> [N, ...], as the train step gets them), with the config's steps and guidance scale."""
+        s = self.config.sample
+        guided = s.guidance_scale not in (None, 1.0)
+        args = parallel.global_array((cond, uncond, jax.random.key_data(key), np.float32(s.guidance_scale)),
+                                     parallel.replicated(self.mesh))
+        return self._text_program(s.steps, guided)(params, *args)
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        """uint8 images [N, H, W, C] of diffusion-scale latents [N, h, w, c], through the cache's VAE."""
         _, vae_params = self._decoder()
         return np.asarray(jax.device_get(self._decode(vae_params, latents)))
 
