@@ -9,8 +9,10 @@ Builds a case of `bench.train_step` (its diffax side only, as `train.py` builds 
 DiT to that many blocks), times `--steps` steps with the process's CPU time and page faults, then runs them
 again under `jax.profiler.trace(..., create_perfetto_trace=True)`. XLA's CPU runtime records every
 operation (thunk) it runs; their durations are summed per step by name, with the trailing `.N` dropped, so
-`ynn_fusion` is every matmul/convolution fusion and `add_multiply_fusion` every elementwise fusion XLA
-named so. It also prints the largest fusions of the compiled program by operand count: a fusion whose
+`ynn_fusion` is every YNNPACK matmul and reduction fusion and `add_multiply_fusion` every elementwise
+fusion XLA named so. Convolutions on XLA's own kernels (`diffax.xla_options`) run asynchronously on the
+thread pool: their events (`convolution`, `conv_general_dilated`) last only as long as the launch, so their
+time is the CPU time the table does not account for (user + system CPU seconds less the operations' sum). It also prints the largest fusions of the compiled program by operand count: a fusion whose
 operands grow with the depth recomputes a chain of producers (docs/performance.md, "Train step on CPU").
 Random weights; nothing is compared with torch. Not part of `make bench`.
 """
@@ -106,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for _ in range(args.steps):
                 trainer.step()
         ms, calls = op_times(Path(trace_dir), args.steps)
-    print(f"operations: {sum(ms.values()):.0f} ms a step (summed over threads)")
+    print(f"operations: {sum(ms.values()):.0f} ms a step (summed over threads; not counting the time of "
+          f"convolutions on XLA's own kernels, which run asynchronously)")
     print("| operation kind | ms a step | calls a step |\n|---|---|---|")
     for kind, value in ms.most_common(args.top):
         print(f"| {kind} | {value:.1f} | {calls[kind]:.0f} |")
