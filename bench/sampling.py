@@ -86,12 +86,12 @@ SAMPLERS = (  # (case name, diffusers scheduler class, its config, steps)
 )
 
 COLUMNS = (
-    *common.SUMMARY_COLUMNS[:5],
+    *common.SUMMARY_COLUMNS[:6],
     ("diffax model ms", "diffax_model_ms", "{:.1f}"),
     ("torch model ms", "torch_model_ms", "{:.1f}"),
     ("diffax overhead", "diffax_overhead_pct", "{:+.1f}%"),
     ("torch overhead", "torch_overhead_pct", "{:+.1f}%"),
-    *common.SUMMARY_COLUMNS[5:],
+    *common.SUMMARY_COLUMNS[6:],
 )
 
 

@@ -435,6 +435,7 @@ COLUMNS = (
     ("diffax ms", "diffax_ms", "{:.0f}"),
     ("torch ms", "torch_ms", "{:.0f}"),
     ("spread d/t", "spread", "{}"),
+    ("system s d/t", "system_s", "{}"),
     ("speedup", "speedup", "{:.2f}x"),
     ("interleaved", "interleaved", "{}"),
     ("compile s", "compile_s", "{:.1f}"),
