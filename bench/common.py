@@ -202,15 +202,11 @@ def _peak_bytes(compiled: Any) -> int | None:
                - stats.alias_size_in_bytes)
 
 
-def jit(fn: Callable[..., Any]) -> Any:
-    """`jax.jit(fn)` with the compiler options diffax's own programs get (`diffax.xla_options`), so that a
-    benchmark times the program a user's pipeline or train step runs."""
-    return jax.jit(fn, compiler_options=xla_options.program_options())
-
-
 def compile_jax(fn: Callable[..., Any], *args: Any) -> CompiledProgram:
-    """jit (`jit`), lower and compile fn for these arguments (arrays or pytrees of arrays), timing each stage."""
-    return compile_jitted(jit(fn), *args)
+    """jit, lower and compile fn for these arguments (arrays or pytrees of arrays), timing each stage; with
+    the compiler options diffax's own programs get (`diffax.xla_options.jit`), so that a benchmark times the
+    program a user's pipeline or train step runs."""
+    return compile_jitted(xla_options.jit(fn), *args)
 
 
 def count_flops(fn: Callable[..., Any], *args: Any) -> float:

@@ -12,8 +12,9 @@ operation (thunk) it runs; their durations are summed per step by name, with the
 `ynn_fusion` is every YNNPACK matmul and reduction fusion and `add_multiply_fusion` every elementwise
 fusion XLA named so. Convolutions on XLA's own kernels (`diffax.xla_options`) run asynchronously on the
 thread pool: their events (`convolution`, `conv_general_dilated`) last only as long as the launch, so their
-time is the CPU time the table does not account for (user + system CPU seconds less the operations' sum). It also prints the largest fusions of the compiled program by operand count: a fusion whose
-operands grow with the depth recomputes a chain of producers (docs/performance.md, "Train step on CPU").
+time is the CPU time the table does not account for (user + system CPU seconds less the operations' sum).
+It also prints the largest fusions of the compiled program by operand count: a fusion whose operands grow
+with the depth recomputes a chain of producers (docs/performance.md, "Train step on CPU").
 Random weights; nothing is compared with torch. Not part of `make bench`.
 """
 from __future__ import annotations

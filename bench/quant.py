@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench import common
 from bench.common import RESULTS_DIR
+from diffax import xla_options
 from diffax.models import (AutoencoderKLConfig, CLIPTextConfig, CLIPTextWithProjectionConfig, DiTConfig,
                            UNet2DConditionConfig, UNet2DConfig, abstract_params, init_params, make_module)
 from diffax.quant import abstract_quantized, device_bytes, quantize_params
@@ -118,7 +118,7 @@ def measure(name: str, config: Any, *, batch: int, spatial: int | None, repeats:
     for variant, (module, p) in runs.items():
         apply = (forward(module) if forward else
                  (lambda module: lambda p, a, k: module.apply({"params": p}, *a, **k))(module))
-        fns[variant] = (common.jit(apply), p)
+        fns[variant] = (xla_options.jit(apply), p)
     outputs = {v: _output(f(p, args, kwargs)) for v, (f, p) in fns.items()}  # also the warm-up (compile)
     jax.block_until_ready(outputs)
     times: dict[str, list[float]] = {v: [] for v in fns}

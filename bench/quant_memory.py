@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import jax
 
-from bench import common
 from bench.quant import SD_SMALL_UNET, _random_inputs, random_weights
+from diffax import xla_options
 from diffax.models import DiTConfig, UNet2DConditionConfig, make_module
 from diffax.quant import quantize_params
 
@@ -21,7 +21,7 @@ def main() -> None:
             ("SD-shaped U-Net", UNet2DConditionConfig.from_diffusers(SD_SMALL_UNET), 32, 77)]:
         module, params = make_module(config), random_weights(config)
         args, kwargs = _random_inputs(config, 2, jax.random.key(0), spatial, tokens)
-        forward = common.jit(lambda p, a, k: module.apply({"params": p}, *a, **k))
+        forward = xla_options.jit(lambda p, a, k: module.apply({"params": p}, *a, **k))
         for variant, p in [("fp32", params), ("int8", quantize_params(params, 8).params),
                            ("int4", quantize_params(params, 4).params)]:
             m = forward.lower(p, args, kwargs).compile().memory_analysis()

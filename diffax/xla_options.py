@@ -12,6 +12,7 @@ program of a process.
 from __future__ import annotations
 
 import functools
+from typing import Any, Callable
 
 import jax
 
@@ -33,3 +34,9 @@ def program_options(platform: str | None = None) -> dict[str, str]:
     except Exception:  # the option's name or values are unknown to this jaxlib
         return {}
     return dict(_CPU)
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """`jax.jit(fn)` compiled with `program_options()` of jax's default backend: for a model program that
+    is not sharded through `parallel.jit_with_rules` (which adds the options for its mesh's platform)."""
+    return jax.jit(fn, compiler_options=program_options())

@@ -50,5 +50,10 @@ def test_programs_compiled_by_jit_with_rules_carry_the_options():
     assert _ops(hlo)[0] == 1
 
 
+def test_xla_options_jit_carries_the_options():
+    hlo = xla_options.jit(_conv_then_dot).lower(*_args()).compile().as_text()
+    assert _ops(hlo)[0] == 1
+
+
 def test_no_options_off_cpu():
     assert xla_options.program_options("gpu") == {} and xla_options.program_options("tpu") == {}

@@ -145,7 +145,7 @@ class Sampler:
             images = module.apply({"params": params}, module.config.unscale_latents(latents), method=module.decode)
             return to_uint8(images)
 
-        return jax.jit(decode, compiler_options=xla_options.program_options())
+        return xla_options.jit(decode)
 
     def images(self, params: Any, key: jax.Array, *, labels: Sequence[int] | None = None,
                prompts: Sequence[str] | None = None, num_samples: int | None = None) -> np.ndarray:
