@@ -3,7 +3,7 @@
     python -m bench.attention                                   # every shape below (needs the memory lock:)
     flock /tmp/diffax-big.lock python -m bench.attention        # the 4096-token cases hold ~3 GB of scores
     python -m bench.attention --quick                           # the short shapes, well under a minute
-    python -m bench.attention --case=dit --case=sd15_32 --repeats=9
+    python -m bench.attention --cases=dit,sd15_32 --repeats=9
 
 Each shape is one attention call of a model diffax ships, fp32, in diffax's [B, L, H, D] layout; torch gets
 the same arrays as diffusers' attention processor hands them over (a [B, H, L, D] view of [B, L, H, D]).
@@ -47,7 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line flags; `parse_args([])` gives the defaults `bench.run_all` uses."""
     parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", choices=CASES, help="shapes to run (repeatable); default all")
+    common.cases_flag(parser, tuple(CASES), help="default: all (--quick: " + ", ".join(QUICK) + ")")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed interleaved calls per variant (median)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     """Runs the chosen shapes, writes bench/results/attention.json and returns the rows."""
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
-    names = args.case or (QUICK if args.quick else tuple(CASES))
+    names = args.cases or (QUICK if args.quick else tuple(CASES))
     rows = [row for name in names for row in run_case(name, args, peak, device)]
     common.write_json("attention", {"benchmark": "attention", "args": vars(args), "machine": common.machine_info(),
                                     "matmul_peak": peak, "rows": rows})

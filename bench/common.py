@@ -18,6 +18,7 @@ What is measured, and how (docs/benchmarks.md says the same for readers of the t
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -116,6 +117,19 @@ class Timing:
     def spread(self) -> float:
         """(slowest - fastest) / median of the timed calls: how much one measurement can be trusted."""
         return (max(self.times) - min(self.times)) / self.median
+
+
+def cases_flag(parser: argparse.ArgumentParser, known: Sequence[str], default: str = "", help: str = "") -> None:
+    """Adds a module's `--cases=a,b` flag: comma-separated case names, checked against `known` when parsed.
+    Every module that has cases takes them in this one form, so `bench.run_all --cases` can pass them on."""
+    def names(text: str) -> list[str]:
+        chosen = [c for c in text.split(",") if c]
+        unknown = sorted(set(chosen) - set(known))
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; known: {', '.join(known)}")
+        return chosen
+    parser.add_argument("--cases", type=names, default=default,
+                        help=f"comma-separated, of {', '.join(known)}" + (f"; {help}" if help else ""))
 
 
 def jax_blocking(fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:

@@ -50,19 +50,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.forward", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small widths (and latents) of every case")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    common.cases_flag(parser, tuple(CASES), default=",".join(CASES))
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and case (median)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute of both libraries (bfloat16: what GPU and TPU runs use)")
     parser.add_argument("--torch_compile", action="store_true",
                         help="time torch.compile'd models (the compilation is the untimed first call)")
-    args = parser.parse_args(argv)
-    args.cases = [c for c in args.cases.split(",") if c]
-    unknown = sorted(set(args.cases) - set(CASES))
-    if unknown:
-        parser.error(f"--cases: unknown {unknown}; known: {', '.join(CASES)}")
-    return args
+    return parser.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -250,8 +250,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small UNet2DConditionModel and the digits U-Net")
-    parser.add_argument("--cases", nargs="*", choices=sorted(fresh.CASES), default=None,
-                        help="default: sd15 (--quick: sd-small digits)")
+    common.cases_flag(parser, sorted(fresh.CASES), help="default: sd15 (--quick: sd-small,digits)")
     parser.add_argument("--skip_train", action="store_true", help="inference only")
     parser.add_argument("--schedulers", nargs="+", choices=sorted(SCHEDULERS), default=["default"],
                         help="XLA:CPU schedulers diffax's programs are compiled with, a row each (module doc)")
@@ -261,7 +260,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.cases is None:
+    if not args.cases:
         args.cases = ["sd-small", "digits"] if args.quick else ["sd15"]
     return args
 

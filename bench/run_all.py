@@ -6,6 +6,7 @@
     python -m bench.run_all --docs           # also rewrite the results section of docs/benchmarks.md and
                                              # docs/images/benchmarks.png
     python -m bench.run_all --only=train_step --merge --docs   # rerun one module into the last whole run
+    python -m bench.run_all --only=forward --cases=sd15 --merge --docs   # rerun some cases of one module
 
 Each benchmark module runs in its own Python process (`python -m bench.run_all --child=NAME ...`), one after
 the other, so that one module's memory (a full-size SDXL UNet holds 10 GB of fp32 weights) is gone before the
@@ -33,8 +34,7 @@ from bench import common
 # flags come after the suite's --repeats, so they may override it (start-up's full-size repeats are whole
 # SD 1.5 forwards in fresh processes, and the medians there are of compile and load times, not calls).
 MODULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("attention", tuple(f"--case={c}" for c in ("dit", "sd15_32", "sd2_64", "sd15_64", "sdxl_128", "vae_512")),
-     ("--quick",)),
+    ("attention", ("--cases=dit,sd15_32,sd2_64,sd15_64,sdxl_128,vae_512",), ("--quick",)),
     ("unet_sampling", (), ()),
     ("dit_forward", ("--attention=auto",), ("--attention=auto",)),
     ("forward", ("--cases=dit,sd15,vae,clip,controlnet",), ("--quick",)),
@@ -51,6 +51,8 @@ MODULES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     # 22.5 GiB resident at the peak) and 6 TFLOP a call, about 7 minutes on 2 CPU cores.
     ("forward", ("--cases=sdxl",), ()),
 )
+# The modules that take `--cases=a,b`, the form `--cases` here passes on.
+CASED = ("attention", "forward", "train_step", "startup", "memory")
 GROUPS = ("attention", "forward", "sampling", "train", "startup", "memory")
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -69,12 +71,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--merge", action="store_true",
                         help="with --only: the modules run replace their own rows in bench/results/run_all.json "
                              "(a rerun after a change); the other modules' rows are kept")
+    parser.add_argument("--cases", default="",
+                        help="with --only naming one module of " + ", ".join(CASED) + ": run only these of its "
+                             "cases (comma-separated, the module's own names), in one process; with --merge only "
+                             "their rows are replaced")
     parser.add_argument("--docs_only", action="store_true",
                         help="rewrite them from the last run's bench/results/run_all.json, running nothing")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     parser.add_argument("--rows_out", default="", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     args.module_flags = rest
+    if args.child:  # the module's own flags, `--cases` among them
+        args.module_flags += [f"--cases={args.cases}"] if args.cases else []
+        return args
     names = [m for m, _, _ in MODULES]
     args.only = [n for n in args.only.split(",") if n]
     if args.merge and not args.only:
@@ -82,6 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [n for n in args.only if n not in names]
     if unknown:
         parser.error(f"--only: unknown module(s) {unknown}; known: {', '.join(names)}")
+    if args.cases and (len(args.only) != 1 or args.only[0] not in CASED):
+        parser.error(f"--cases needs --only naming one module of {', '.join(CASED)}")
     return args
 
 
@@ -185,18 +196,26 @@ def write_docs(record: dict[str, Any]) -> None:
     print(f"wrote {DOCS} and {PLOT}")
 
 
-def merged(previous: dict[str, Any], rerun: dict[str, Any], modules: Sequence[str]) -> dict[str, Any]:
+def merged(previous: dict[str, Any], rerun: dict[str, Any], modules: Sequence[str], cases: str = "") -> dict[str, Any]:
     """`previous` (a whole run's record) with the rows of `modules` replaced by `rerun`'s, in the suite's
-    order; the command, date and seconds say what was rerun. Each row keeps the '% of peak' of its own
-    session: this machine's peak moves from hour to hour, so a rerun's rows are set against the peak the
+    order; with `cases` (a rerun of some cases of one module) only the rows with the same case names, each
+    in its place. The command, date and seconds say what was rerun. Each row keeps the '% of peak' of its
+    own session: this machine's peak moves from hour to hour, so a rerun's rows are set against the peak the
     rerun measured (kept in `rerun_peaks`) and the other rows against the whole run's."""
     order = [name for name, _, _ in MODULES]
-    rows = [r for r in previous["rows"] if r["_module"] not in modules] + rerun["rows"]
+    if cases:
+        new = {(r["_module"], r["case"]): r for r in rerun["rows"]}
+        rows = [new.pop((r["_module"], r["case"]), r) for r in previous["rows"]] + list(new.values())
+    else:
+        rows = [r for r in previous["rows"] if r["_module"] not in modules] + rerun["rows"]
     rows.sort(key=lambda r: order.index(r["_module"]))
     date = rerun["date"]
-    return {**previous, "rows": rows,
-            "rerun_peaks": {**previous.get("rerun_peaks", {}), **{m: rerun["matmul_peak"] for m in modules}},
-            "command": f"{previous['command']}; rerun {date}: {rerun['command']} --only={','.join(modules)}",
+    rerun_of = ",".join(modules) + (f" --cases={cases}" if cases else "")
+    # A whole module's rerun replaces its rows and so the peaks of its earlier reruns, cases' included.
+    peaks = {k: v for k, v in previous.get("rerun_peaks", {}).items() if cases or k.split()[0] not in modules}
+    peaks.update({rerun_of: rerun["matmul_peak"]} if cases else {m: rerun["matmul_peak"] for m in modules})
+    return {**previous, "rows": rows, "rerun_peaks": peaks,
+            "command": f"{previous['command']}; rerun {date}: {rerun['command']} --only={rerun_of}",
             "seconds": {**previous["seconds"], **{f"{k} (rerun {date})": v for k, v in rerun["seconds"].items()}},
             "failed": [f for f in previous["failed"] if f.split()[0] not in modules] + rerun["failed"],
             "columns": {**previous["columns"], **rerun["columns"]}}
@@ -248,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
               "machine": machine, "matmul_peak": peak, "elapsed_s": elapsed, "seconds": seconds,
               "failed": failed, "columns": columns, "rows": rows}
     if args.merge:
-        record = merged(json.loads((common.RESULTS_DIR / "run_all.json").read_text()), record, args.only)
+        record = merged(json.loads((common.RESULTS_DIR / "run_all.json").read_text()), record, args.only,
+                        args.cases)
     print("\n" + summarise(record))
     path = common.write_json("run_all", record)
     print(f"\nwrote {path}")

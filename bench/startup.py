@@ -174,8 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.startup", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small UNet2DConditionModel and the digits U-Net")
-    parser.add_argument("--cases", nargs="*", choices=sorted(fresh.CASES), default=None,
-                        help="default: sd15 (--quick: sd-small digits)")
+    common.cases_flag(parser, sorted(fresh.CASES), help="default: sd15 (--quick: sd-small,digits)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of fresh processes per case, each with a new cache (median; default 1: "
                              "a round is four processes, ~30 s for a --quick case on an idle 2-core machine, "
@@ -187,7 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.cases is None:
+    if not args.cases:
         args.cases = ["sd-small", "digits"] if args.quick else ["sd15"]
     if args.rounds < 1 or args.repeats < 1:
         parser.error(f"--rounds and --repeats must be >= 1, got {args.rounds}, {args.repeats}")
