@@ -96,8 +96,10 @@ def _one_shot(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.
     if mask is not None:
         logits = jnp.where(mask, logits, _MASKED)
     # The scale rides in the exponent (max commutes with a positive scale) instead of a multiply of its own,
-    # and the normalisation divides the [Lq, D] output, not the [Lq, Lk] probabilities.
-    p = jnp.exp((logits - logits.max(-1, keepdims=True)) * scale)
+    # and the normalisation divides the [Lq, D] output, not the [Lq, Lk] probabilities. The max only keeps
+    # exp in range (the output does not depend on it), so no gradient flows through it: differentiated, it
+    # cost a mask and two more passes over the [Lq, Lk] scores for a gradient that is exactly zero.
+    p = jnp.exp((logits - jax.lax.stop_gradient(logits).max(-1, keepdims=True)) * scale)
     out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out / p.sum(-1, keepdims=True)
 
@@ -137,7 +139,7 @@ def _online(q: jax.Array, blocks: dict[str, jax.Array], scale: float) -> jax.Arr
             logits = jnp.where(x["mask"], logits, _MASKED)
         if "valid" in x:
             logits = jnp.where(x["valid"], logits, -jnp.inf)  # padding keys get no weight, even in masked rows
-        new_top = jnp.maximum(top, logits.max(-1))
+        new_top = jnp.maximum(top, jax.lax.stop_gradient(logits).max(-1))  # no gradient, as in `_one_shot`
         p = jnp.exp((logits - new_top[..., None]) * scale)
         rescale = jnp.exp((top - new_top) * scale)  # exp(-inf) = 0 on the first block
         total = total * rescale + p.sum(-1)
