@@ -315,10 +315,16 @@ def matmul_peak(device: Any, n: int | None = None, repeats: int = 10) -> dict[st
 
 
 def _cpu_model() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them: cloud machines
+    name different generations alike ("AMD EPYC" is family 25 for Zen 3/4 and 26 for Zen 5), and the
+    ratios move with the generation (docs/benchmarks.md)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30]
+                      if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        if "model name" in fields:
+            numbers = f" (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else ""
+            return fields["model name"] + numbers
     except OSError:
         pass
     return platform.processor() or platform.machine()
