@@ -185,7 +185,7 @@ def summarise(record: dict[str, Any]) -> str:
 def write_docs(record: dict[str, Any]) -> None:
     """Rewrites the text between the results markers of docs/benchmarks.md and the plot."""
     machine = record["machine"]
-    plot(record["rows"], PLOT, f"diffax vs diffusers/torch, {machine['cpu']} x{machine['cpu_count']}, "
+    plot(record["rows"], PLOT, f"diffax vs diffusers/torch\n{machine['cpu']} x{machine['cpu_count']}, "
                                f"{record['date']}")
     text = DOCS.read_text()
     if BEGIN not in text or END not in text:
