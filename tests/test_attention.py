@@ -6,6 +6,7 @@ import pytest
 
 from diffax.models import attention
 from diffax.models.attention import dot_product_attention
+from tests.jaxprs import equations
 
 
 def _numpy_attention(q, k, v, mask=None):
@@ -95,17 +96,6 @@ def test_gradients_match_plain_softmax(backend, chunk_size, key_chunk_size):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
-def _equations(jaxpr: jax.extend.core.Jaxpr):
-    """Every equation of `jaxpr` and of the jaxprs nested in it (scan bodies, remat)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (list, tuple)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if isinstance(inner, jax.extend.core.Jaxpr):
-                    yield from _equations(inner)
-
-
 @pytest.mark.parametrize("backend, chunk_size, key_chunk_size", CASES[:2])
 def test_gradient_skips_the_softmax_max(backend, chunk_size, key_chunk_size):
     """The max that keeps exp in range does not change the output, so its gradient (exactly zero) is not
@@ -117,7 +107,7 @@ def test_gradient_skips_the_softmax_max(backend, chunk_size, key_chunk_size):
                                              key_chunk_size=key_chunk_size))
 
     jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr
-    masks = [e for e in _equations(jaxpr) if e.primitive.name == "eq"]
+    masks = [e for e in equations(jaxpr) if e.primitive.name == "eq"]
     assert not masks, f"{backend}: the gradient compares the scores with their max: {masks[:2]}"
 
 

@@ -18,6 +18,7 @@ from diffax.quant import (QuantizationError, abstract_quantized, dequantize, dev
                           load_safetensors, quantize_params, quantized_specs, save_orbax, save_safetensors)
 from diffax.quant.quantize import quantize_table, stored_rows
 from diffax.quant.tuneqdm import apply_scales, init_scales
+from tests.jaxprs import equations
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, projection_dim=24, num_hidden_layers=1,
             num_attention_heads=4, max_position_embeddings=16, hidden_act="gelu")
@@ -48,16 +49,6 @@ def _rel_l2(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def _eqns(jaxpr):
-    """Every equation of a jaxpr and of the jaxprs nested in it (jitted jnp functions, control flow)."""
-    for eqn in jaxpr.eqns:
-        yield eqn
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, (tuple, list)) else (value,):
-                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                    yield from _eqns(sub if hasattr(sub, "eqns") else sub.jaxpr)
-
-
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 12)])
 def test_table_error_is_at_most_half_a_step_per_row(bits, group_size):
     n, d = 50, 40
@@ -86,7 +77,7 @@ def test_lookup_gathers_rows_and_never_dequantises_the_table():
     vocabulary is made."""
     config, module, params, ids, _ = _clip()
     qp = quantize_params(params, 8)
-    eqns = list(_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, ids))(qp.params).jaxpr))
+    eqns = list(equations(jax.make_jaxpr(lambda p: module.apply({"params": p}, ids))(qp.params).jaxpr))
     v = TINY["vocab_size"]
     float_shapes = {tuple(var.aval.shape) for eqn in eqns for var in eqn.outvars
                     if jnp.issubdtype(var.aval.dtype, jnp.floating)}
@@ -94,7 +85,7 @@ def test_lookup_gathers_rows_and_never_dequantises_the_table():
     gathered = {e.invars[0].aval.dtype for e in eqns if e.primitive.name == "gather"}
     assert jnp.dtype(jnp.int8) in gathered, gathered
     # The float model does make the float table (so the check above can fail).
-    eqns = list(_eqns(jax.make_jaxpr(lambda p: module.apply({"params": p}, ids))(params).jaxpr))
+    eqns = list(equations(jax.make_jaxpr(lambda p: module.apply({"params": p}, ids))(params).jaxpr))
     assert any(e.primitive.name == "gather" and tuple(e.invars[0].aval.shape) == (v, TINY["hidden_size"])
                for e in eqns)
 
