@@ -319,9 +319,8 @@ def _cpu_model() -> str:
     name different generations alike ("AMD EPYC" is family 25 for Zen 3/4 and 26 for Zen 5), and the
     ratios move with the generation (docs/benchmarks.md)."""
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:30]
-                      if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]  # the first processor's block
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
         if "model name" in fields:
             numbers = f" (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else ""
             return fields["model name"] + numbers
