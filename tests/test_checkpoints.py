@@ -47,19 +47,36 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
     return workdir
 
 
-def _largest_array_file(workdir: Path, step: int, item: str = "ema_params") -> Path:
-    files = (workdir / "checkpoints" / str(step) / item / "ocdbt.process_0" / "d").iterdir()
-    return max(files, key=lambda p: p.stat().st_size)
-
-
-def _raw_ema(workdir: Path, step: int) -> list[np.ndarray]:
-    """The EMA params as Orbax alone reads them: no checksums."""
+def _raw(workdir: Path, step: int, item: str = "ema_params") -> list[np.ndarray]:
+    """The leaves of one saved item as Orbax alone reads them: no checksums."""
     manager = checkpoint.make_manager(workdir, read_only=True)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                          sharding=checkpoint.replicated_everywhere()),
-                          manager.item_metadata(step)["ema_params"])
-    restored = manager.restore(step, args=ocp.args.Composite(ema_params=ocp.args.StandardRestore(target)))
-    return [np.asarray(x) for x in jax.tree.leaves(restored["ema_params"])]
+                          manager.item_metadata(step)[item])
+    restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+    return [np.asarray(x) for x in jax.tree.leaves(restored[item])]
+
+
+def _raw_ema(workdir: Path, step: int) -> list[np.ndarray]:
+    """The EMA params as Orbax alone reads them."""
+    return _raw(workdir, step, "ema_params")
+
+
+def _largest_array_file(workdir: Path, step: int, item: str = "ema_params") -> Path:
+    """The largest OCDBT data file of `item` that a read of it needs. OCDBT keeps the files of superseded
+    writes beside the live ones, and which file is largest varies from run to run: each candidate is moved
+    aside in turn until Orbax's own read of the item fails without it."""
+    files = (workdir / "checkpoints" / str(step) / item / "ocdbt.process_0" / "d").iterdir()
+    for path in sorted(files, key=lambda p: p.stat().st_size, reverse=True):
+        aside = path.with_name(path.name + ".aside")
+        path.rename(aside)
+        try:
+            _raw(workdir, step, item)
+        except Exception:  # noqa: BLE001 - Orbax raises bare Exceptions for missing chunks
+            return path
+        finally:
+            aside.rename(path)
+    raise AssertionError(f"no data file of {workdir}/checkpoints/{step}/{item} is read")
 
 
 def _our_lines(stderr: str) -> list[str]:
