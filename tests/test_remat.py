@@ -12,6 +12,7 @@ import optax
 import pytest
 
 from diffax.models import build_model
+from diffax.models.registry import init_params
 from diffax.models.remat import NAMES
 from diffax.train.config import base_config
 from diffax.train.loop import make_objective
@@ -53,9 +54,10 @@ def _setup(name: str, policy: str):
 
 @functools.cache
 def _params(name: str):
+    """Initialised by one jitted program (registry.init_params): the same values as an eager `model.init`,
+    which compiles every operation on its own (13 s against 7 s for the conditional U-Net)."""
     model, _ = _setup(name, "none")
-    args, kwargs = model.config.init_inputs()
-    return model.init(jax.random.key(0), *args, **kwargs)["params"]
+    return init_params(model.config, jax.random.key(0))
 
 
 @functools.cache
