@@ -30,6 +30,7 @@ OVERRIDES = ["--config.model.block_out_channels=(8, 16)",
              "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
              "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
              f"--config.train.steps={STEPS}", "--config.train.batch_size=16", "--config.train.warmup_steps=2",
+             "--config.train.lr_schedule=constant",
              "--config.train.checkpoint_every=5", "--config.train.log_every=1", "--config.train.sample_every=0"]
 
 

@@ -40,6 +40,7 @@ def read_scalars(logdir: Path) -> dict[str, dict[int, float]]:
 def run(tmp_path_factory) -> tuple[Path, object]:
     workdir = tmp_path_factory.mktemp("run")
     config = tiny_config(steps=4)  # logs at 2 and 4; the checkpoint at 3 reads the metrics but logs nothing
+    config.train.lr_schedule = "cosine"  # the default schedule's logged learning rates
     config.train.peak_flops = 1e12
     train_and_evaluate(config, workdir)
     return workdir, config

@@ -117,7 +117,8 @@ TINY = ["--config.model.block_out_channels=(8, 16)",
         "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
         "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
         "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
-        "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.log_every=2",
+        "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.lr_schedule=constant",
+        "--config.train.log_every=2",
         "--config.train.checkpoint_every=2", "--config.sample.steps=2"]
 
 

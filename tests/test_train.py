@@ -39,6 +39,9 @@ def tiny_config(steps: int = 6) -> ml_collections.ConfigDict:
     c.train.steps = steps
     c.train.batch_size = 16
     c.train.warmup_steps = 2
+    # Constant after warm-up: the cosine schedule bakes `train.steps` into the step's program, so each run
+    # length compiled its own; now runs of any length (here and in train.py flags) share one cached program.
+    c.train.lr_schedule = "constant"
     c.train.log_every = 2
     c.train.checkpoint_every = 3
     c.train.sample_every = 0
@@ -93,6 +96,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
                  "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
                  "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
                  "--config.train.steps=12", "--config.train.batch_size=16", "--config.train.warmup_steps=2",
+                 "--config.train.lr_schedule=constant",
                  "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.sample_every=0"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
