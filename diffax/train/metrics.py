@@ -41,7 +41,7 @@ class MetricsWriter:
             path.write_text("".join(line + "\n" for line in kept))
         self._jsonl = open(path, "a" if resume_step else "w")
         self._tb = _tensorboardx().SummaryWriter(logdir=str(workdir / TENSORBOARD_DIR),
-                                              purge_step=resume_step + 1 if resume_step else None)
+                                                 purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, scalars: Mapping[str, float], section: str = "train") -> None:
         """Record `scalars` (name -> number) at `step`, in TensorBoard under `section/` ('train', or 'eval'
@@ -65,7 +65,7 @@ class MetricsWriter:
 def _tensorboardx():
     """The tensorboardX module, imported without torch unless torch is already loaded. tensorboardX imports
     torch whenever it is installed (diffax's conversion extra), only to accept torch tensors as values, and
-    that import doubled a training process's start-up (3.5 s against 1.7 s) and its resident memory;
+    that import doubled a training process's start-up (3.5 s against 1.8 s) and its resident memory;
     diffax logs Python floats."""
     if "torch" in sys.modules:
         import tensorboardX
