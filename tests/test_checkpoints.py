@@ -22,16 +22,11 @@ from diffax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import tiny_config  # noqa: E402
+from test_train import TINY_FLAGS as TINY_MODEL_FLAGS, tiny_config  # noqa: E402
 
-# The tiny config of tests/test_train.py as train.py overrides.
-TINY_FLAGS = ["--config.model.block_out_channels=(8, 16)",
-              "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
-              "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
-              "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
-              "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.lr_schedule=constant",
-              "--config.train.log_every=2",
-              "--config.train.checkpoint_every=3", "--config.train.sample_every=0", "--config.sample.steps=3"]
+# The whole tiny config of tests/test_train.py as train.py overrides.
+TINY_FLAGS = [*TINY_MODEL_FLAGS, "--config.train.log_every=2", "--config.train.checkpoint_every=3",
+              "--config.train.sample_every=0", "--config.sample.steps=3"]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def _copy(trained: Path, tmp_path: Path) -> Path:
     return workdir
 
 
-def _raw(workdir: Path, step: int, item: str = "ema_params") -> list[np.ndarray]:
+def _raw(workdir: Path, step: int, item: str) -> list[np.ndarray]:
     """The leaves of one saved item as Orbax alone reads them: no checksums."""
     manager = checkpoint.make_manager(workdir, read_only=True)
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,

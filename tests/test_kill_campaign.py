@@ -18,20 +18,15 @@ from diffax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import _params, tiny_config  # noqa: E402
+from test_train import TINY_FLAGS, _params, tiny_config  # noqa: E402
 
 STEPS = 150
 MIN_KILLS = 10
 SEED = 20261126  # the campaign's delays and kinds of kill; the moments they land on still vary with load
 
 # tiny_config(STEPS) with a checkpoint every 5 steps, as command-line overrides.
-OVERRIDES = ["--config.model.block_out_channels=(8, 16)",
-             "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
-             "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
-             "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
-             f"--config.train.steps={STEPS}", "--config.train.batch_size=16", "--config.train.warmup_steps=2",
-             "--config.train.lr_schedule=constant",
-             "--config.train.checkpoint_every=5", "--config.train.log_every=1", "--config.train.sample_every=0"]
+OVERRIDES = [*TINY_FLAGS, f"--config.train.steps={STEPS}", "--config.train.checkpoint_every=5",
+             "--config.train.log_every=1", "--config.train.sample_every=0"]
 
 
 def _writing(workdir: Path) -> list[Path]:

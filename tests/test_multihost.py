@@ -19,6 +19,8 @@ from diffax import parallel
 from diffax.image_io import read_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import TINY_FLAGS, tiny_config  # noqa: E402
 
 CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
                 "SLURM_LOCALID", "OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST",
@@ -113,13 +115,7 @@ def test_detection_reads_the_variables_jax_reads():
 # ---------------------------------------------------------------------------------------------------------
 # Two local processes (4 CPU devices each) through train.py's real start-up path.
 
-TINY = ["--config.model.block_out_channels=(8, 16)",
-        "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
-        "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
-        "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
-        "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.lr_schedule=constant",
-        "--config.train.log_every=2",
-        "--config.train.checkpoint_every=2", "--config.sample.steps=2"]
+TINY = [*TINY_FLAGS, "--config.train.log_every=2", "--config.train.checkpoint_every=2", "--config.sample.steps=2"]
 
 
 def _free_port() -> int:
@@ -162,8 +158,6 @@ def _finish(procs: list[subprocess.Popen]) -> list[str]:
 
 def _tiny_config(steps: int):
     """The in-process twin of train.py with TINY."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import tiny_config
     config = tiny_config(steps)
     config.train.checkpoint_every = 2
     config.sample.steps = 2

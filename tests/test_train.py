@@ -49,6 +49,15 @@ def tiny_config(steps: int = 6) -> ml_collections.ConfigDict:
     return c
 
 
+# tiny_config's model and optimizer as train.py flags (the tests that run train.py add their steps, logging
+# and checkpoint flags): the same programs as an in-process run, so the compilation cache serves both.
+TINY_FLAGS = ["--config.model.block_out_channels=(8, 16)",
+              "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
+              "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
+              "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
+              "--config.train.batch_size=16", "--config.train.warmup_steps=2", "--config.train.lr_schedule=constant"]
+
+
 def _params(workdir: Path) -> list[np.ndarray]:
     manager = checkpoint.make_manager(workdir, read_only=True)
     step = manager.latest_step()
@@ -91,13 +100,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     Both runs use the same 8 simulated devices (the child inherits XLA_FLAGS), so they are bit-identical
     when resuming is exact; the tolerance only absorbs nothing-but-rounding."""
     config = tiny_config(steps=12)
-    overrides = [f"--config.model.block_out_channels=(8, 16)",
-                 "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
-                 "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
-                 "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
-                 "--config.train.steps=12", "--config.train.batch_size=16", "--config.train.warmup_steps=2",
-                 "--config.train.lr_schedule=constant",
-                 "--config.train.checkpoint_every=3", "--config.train.log_every=1", "--config.train.sample_every=0"]
+    overrides = [*TINY_FLAGS, "--config.train.steps=12", "--config.train.checkpoint_every=3",
+                 "--config.train.log_every=1", "--config.train.sample_every=0"]
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
                              f"--workdir={killed}", *overrides], cwd=tmp_path,
