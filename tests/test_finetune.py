@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from test_train import tiny_config  # noqa: E402
+from test_train import TINY_FLAGS, tiny_config  # noqa: E402
 
 from diffax.convert.lora import read_lora  # noqa: E402
 from diffax.data.pipeline import make_source  # noqa: E402
@@ -35,8 +35,7 @@ from diffax.train.loop import train_and_evaluate  # noqa: E402
 
 
 def _config(steps: int, **train):
-    c = tiny_config(steps=steps)
-    c.train.batch_size = 8
+    c = tiny_config(steps=steps)  # its batch size too: the base's programs are the other tiny runs' (cached)
     c.train.checkpoint_every = 2
     c.train.log_every = 2
     for key, value in train.items():
@@ -168,12 +167,8 @@ def test_bad_options_and_bases_are_named(base, tmp_path):
 @pytest.mark.slow  # a TuneQDM run sampled by sample.py in a subprocess (about 20 s): `make test-slow`
 def test_sample_py_applies_the_scale_set_of_each_timestep(base, tmp_path):
     workdir = tmp_path / "q4"
-    overrides = ["--config.model.block_out_channels=(8, 16)",
-                 "--config.model.down_block_types=('DownBlock2D', 'AttnDownBlock2D')",
-                 "--config.model.up_block_types=('AttnUpBlock2D', 'UpBlock2D')",
-                 "--config.model.attention_head_dim=8", "--config.model.norm_num_groups=4",
-                 "--config.train.steps=2", "--config.train.batch_size=8", "--config.train.warmup_steps=2",
-                 "--config.train.checkpoint_every=2", f"--config.train.init_from={base}",
+    overrides = [*TINY_FLAGS, "--config.train.steps=2", "--config.train.checkpoint_every=2",
+                 f"--config.train.init_from={base}",
                  "--config.train.tuneqdm.groups=2", "--config.data.classes=(5, 6, 7, 8, 9)"]
     run = subprocess.run([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs/digits.py'}",
                           f"--workdir={workdir}", "--quantize=int4", *overrides], capture_output=True, text=True,
