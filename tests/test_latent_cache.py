@@ -300,6 +300,9 @@ def text_unet_config(cache: Path, steps: int = 2) -> ml_collections.ConfigDict:
     return c
 
 
+# The same run at the latent-diffusion recipe's sizes (a text U-Net from a cache, prompt grid, digits accuracy)
+# is tests/test_ldm_digits.py's, by default; this one (about 80 s of compiles on 2 cores) with `-m slow`.
+@pytest.mark.slow
 def test_loop_trains_a_text_unet_from_the_cache_with_grids_and_evaluation(text_cache, tmp_path):
     from PIL import Image
 

@@ -43,7 +43,9 @@ def tiny_vae_config(workdir: Path, steps: int = 16) -> ml_collections.ConfigDict
 
 
 def tiny_unet_config(root: Path, steps: int = 4) -> ml_collections.ConfigDict:
-    """configs/ldm_digits.py on the tiny VAE's 4x4x4 latents, a 16-wide text encoder, paths under `root`."""
+    """configs/ldm_digits.py on the tiny VAE's 4x4x4 latents, a 16-wide text encoder, paths under `root`,
+    with one cross-attention level of two (half the compile), a grid of two prompts and a digits-accuracy
+    evaluation at the last step."""
     c = ldm_digits.get_config()
     c.data.path = str(root / "cache")
     c.cache.vae = str(root / "vae" / autoencoder.EXPORT_DIR)
@@ -54,13 +56,17 @@ def tiny_unet_config(root: Path, steps: int = 4) -> ml_collections.ConfigDict:
     c.model.block_out_channels = (16, 32)
     c.model.norm_num_groups = 8
     c.model.cross_attention_dim = 16
+    c.model.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
+    c.model.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D")
     c.train.steps = steps
     c.train.batch_size = 16
     c.train.warmup_steps = 1
     c.train.log_every = 2
     c.train.checkpoint_every = steps
     c.train.label_dropout = 0.5
-    c.sample.steps = 2
+    c.train.sample_every = c.train.eval_every = steps
+    c.sample.update(dict(steps=2, prompts=("a handwritten one", "a handwritten two")))
+    c.eval.update(dict(kind="digits_accuracy", num_samples=20))  # the grid's count: the same programs
     return c
 
 
@@ -159,6 +165,17 @@ def test_unet_trains_on_the_cache_with_empty_prompt_dropout(recipe):
     assert objective.label_dropout == 0.5 and objective.null_cond["encoder_hidden_states"].shape == (6, 16)
     losses = _losses(recipe / "unet", "loss")
     assert losses and np.isfinite(losses).all()
+
+
+def test_unet_run_writes_prompt_grids_and_evaluates_its_samples(recipe):
+    from PIL import Image
+
+    lines = [json.loads(line) for line in (recipe / "unet" / "metrics.jsonl").read_text().splitlines()]
+    (evaluation,) = [line for line in lines if "digits_accuracy" in line]
+    assert evaluation["step"] == 4 and 0.0 <= evaluation["digits_accuracy"] <= 1.0
+    grid = np.asarray(Image.open(recipe / "unet" / "samples" / "step_000004.png"))
+    # Two prompts x 10 samples, decoded by the VAE to 8 px, 1 px apart, upscaled 8x.
+    assert grid.shape == ((2 * 9 + 1) * 8, (10 * 9 + 1) * 8, 3)
 
 
 def test_exported_pipeline_samples_the_same_in_diffusers_and_diffax(recipe):
