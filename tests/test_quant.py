@@ -125,7 +125,10 @@ def test_group_layout():
     assert stored_rows(320, 4, 128) == (324, 3)   # 3 groups of 108
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+# The plain U-Net's layers (convolutions, attention, the float class table) are the conditional U-Net's and
+# DiT's: it runs with `-m slow` (about 25 s of compiles on 2 cores).
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f == "unet2d" else [])
+                                    for f in FAMILIES])
 def test_quantized_family_output(family):
     config = FAMILIES[family]
     module, params = make_module(config), random_weights(config)
