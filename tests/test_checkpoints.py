@@ -92,6 +92,42 @@ def test_checksums_are_exact_and_sharding_independent():
     assert checkpoint.checksums({"x": x[::-1]})["x"] != whole["x"]  # the same values at other positions
 
 
+def test_small_replicated_arrays_save_without_slice_programs(tmp_path):
+    """A replicated state of small leaves on 8 devices is written by one replica: the save compiles nothing
+    (Orbax's replica-parallel default compiled a slice program per leaf shape and offset: 192 for
+    tiny_config's state) and reads back exactly, also where a large leaf is still split over the replicas."""
+    from jax import monitoring
+
+    compiles, counting = [], [False]
+    monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: compiles.append(event) if counting[0] and event.endswith(
+            "backend_compile_duration") else None)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("d",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rng = np.random.default_rng(0)
+    small = {f"w{i}": jax.device_put(rng.standard_normal((16, 8 + i)).astype(np.float32), replicated)
+             for i in range(6)}
+    state = {"step": jax.device_put(np.int32(1), replicated), "params": small, "opt_state": (),
+             "skipped": jax.device_put(np.int32(0), replicated)}
+    for tree in state.values():
+        checkpoint.checksums(tree)  # their own programs, compiled before counting
+    manager = checkpoint.make_manager(tmp_path)
+    counting[0] = True
+    manager.save(1, args=ocp.args.Composite(train_state=ocp.args.StandardSave(state)))
+    manager.wait_until_finished()
+    counting[0] = False
+    assert compiles == []
+    large = jax.device_put(rng.standard_normal((1024, 2048)).astype(np.float32), replicated)  # 1 MiB slices
+    bigger = {**state, "params": {**small, "large": large}}
+    manager.save(2, args=ocp.args.Composite(train_state=ocp.args.StandardSave(bigger)))
+    manager.wait_until_finished()
+    for step, tree in ((1, state), (2, bigger)):
+        want, got = jax.tree.leaves(jax.device_get(tree)), _raw(tmp_path, step, "train_state")
+        assert len(got) == len(want)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(b, a)
+
+
 def test_flipped_bytes_are_detected_and_sample_py_uses_the_previous_step(trained, tmp_path):
     workdir = _copy(trained, tmp_path)
     before = _raw_ema(workdir, 6)
