@@ -62,6 +62,68 @@ def test_auto_on_cpu_blocks_long_keys_only():
                                    atol=1e-5)
 
 
+def _masks(kind, heads):
+    """None, or a mask [B|1, H|1, 23, 19] shared by every batch element and head, per batch element, per head."""
+    if kind is None:
+        return None
+    if kind == "per_batch":
+        return _mask(23, 19)
+    band = _mask(23, 19)[:1, :1]
+    if kind == "shared":
+        return band
+    return np.concatenate([np.roll(band, h, axis=-1) | (np.arange(19) == h) for h in range(heads)], axis=1)
+
+
+@pytest.mark.parametrize("step_rows, group", [(6, 1), (12, 2)])
+@pytest.mark.parametrize("mask_kind", [None, "shared", "per_batch", "per_head"])
+def test_blocked_steps_by_head_group_match_numpy(monkeypatch, step_rows, group, mask_kind):
+    """On a CPU the blocked path runs per batch element and per group of heads, with steps sized to
+    CPU_STEP_BYTES; the mask is sliced along the axes it has. Same numbers as the float64 softmax."""
+    heads = 4
+    # 7-query chunks of 23 queries are 6 long; blocks of 5 of 19 keys are 5 long; D = 8.
+    monkeypatch.setattr(attention, "CPU_STEP_BYTES", 4 * (5 + 8) * step_rows)
+    assert attention.step_shape(heads, 23, 19, 8, chunk=7, key_chunk=5) == (group, 6)
+    q, k, v = _qkv(23, 19, heads=heads)
+    mask = _masks(mask_kind, heads)
+    out = jax.jit(lambda q, k, v: dot_product_attention(
+        q, k, v, backend="chunked", chunk_size=7, key_chunk_size=5,
+        mask=None if mask is None else jnp.asarray(mask)))(q, k, v)
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_step_shape_fills_the_step_budget():
+    """The step sizes the CPU path picks at SD's shapes: every query of a head at once up to 4096 queries of
+    64 channels, heads grouped at 1024 queries, and fewer queries for the VAE's 512-channel head."""
+    assert attention.step_shape(8, 4096, 4096, 40) == (1, 4096)  # SD 1.5 at 64x64 latents
+    assert attention.step_shape(10, 4096, 4096, 64) == (1, 4096)  # SDXL at 128x128 latents
+    assert attention.step_shape(8, 1024, 1024, 40) == (4, 1024)
+    assert attention.step_shape(20, 1024, 1024, 64) == (4, 1024)
+    assert attention.step_shape(1, 4096, 4096, 512) == (1, 1366)  # three chunks; 1024 + 512 channels a row
+    assert attention.step_shape(8, 4096, 4096, 40, chunk=512) == (8, 512)  # a given chunk is kept
+
+
+def test_blocked_path_runs_per_shard_under_a_mesh(num_devices):
+    """Under a mesh the CPU's loops over batch elements and heads run per shard (a loop along a split axis
+    would gather it first); the output keeps the sharding and the numbers of the unsharded call."""
+    from diffax import parallel
+
+    if num_devices < 4:
+        pytest.skip("needs 4 devices")
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, devices=jax.devices()[:4])
+    q, k, v = _qkv(23, 19, heads=4)
+    mask = jnp.asarray(_mask(23, 19))  # per batch element: split along data with q
+
+    def attend(q, k, v):
+        return dot_product_attention(q, k, v, backend="chunked", chunk_size=7, key_chunk_size=5, mask=mask)
+
+    with parallel.use_rules(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(attend)(q, k, v))
+    out = parallel.jit_with_rules(attend, mesh)(q, k, v)
+    assert out.sharding.spec[0] in ("data", ("data", "fsdp")) and out.sharding.spec[2] == "tensor"
+    np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, np.asarray(mask)), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_bf16_inputs_give_bf16_close_to_numpy():
     q, k, v = _qkv(23, 19, dtype=jnp.bfloat16)
     want = _numpy_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))

@@ -18,7 +18,8 @@ backends:
              a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
              TPU: 'splash' for unmasked calls with at least `SPLASH_MIN_QUERIES` queries, else 'xla'.
              CPU: 'chunked' with the CPU block sizes: one shot (heads-major) up to `CPU_KEY_CHUNK` keys and
-             `CPU_QUERY_CHUNK` queries, blocked past that, where the score matrix no longer fits in cache.
+             `CPU_QUERY_CHUNK` queries; past `CPU_KEY_CHUNK` keys, where the score matrix no longer fits in
+             cache, blocked, one group of heads after the other (`step_shape`).
              Other platforms: 'xla'.
 Softmax always runs in fp32. An optional boolean `mask` (True: attend) serves causal and padding masks
 (CLIP's text encoder); every backend takes it. docs/performance.md has the measurements behind the choices.
@@ -27,22 +28,29 @@ from __future__ import annotations
 
 import math
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from diffax import parallel
 from diffax.models.splash_attention import splash_attention
 
 BACKENDS = ("auto", "xla", "cudnn", "chunked", "splash")
 
-# CPU sizes, measured with XLA's CPU backend on a 2-core x86 machine with a 32 MiB L3 cache
-# (docs/performance.md): one-shot attention wins while the scores are small; above that, 256-key blocks and
-# 1024-query chunks keep each step's scores (B * H MiB in fp32) in cache instead of streaming the whole
-# [B, H, Lq, Lk] matrix (64 MiB-1 GiB) through memory, at 0.4-0.6x the one-shot time at 1024-4096 tokens.
+# CPU sizes, measured with XLA's CPU backend on 2-core x86 machines (docs/performance.md): one-shot attention
+# wins while the scores are small; above that, blocks of 256 keys keep each step's scores in cache instead of
+# streaming the whole [B, H, Lq, Lk] matrix (64 MiB-1 GiB) through memory, at 0.4-0.6x the one-shot time at
+# 1024-4096 tokens. One-shot calls on more queries (cross-attention) run in chunks of `CPU_QUERY_CHUNK`.
 ONE_SHOT_MAX_KEYS = 256
 CPU_KEY_CHUNK = 256
 CPU_QUERY_CHUNK = 1024
+# A blocked step's fp32 scores and running output, [rows, key block + D] with one row per query and head,
+# stay under this many bytes: the step runs on a group of heads and a chunk of queries sized to it, one
+# group after the other. Steps over every head at once (B * H MiB of scores at 1024 queries) took 1.1-1.4x
+# the time forward and up to 1.3x differentiated at SD's shapes: each pass over the scores left the cache.
+CPU_STEP_BYTES = 5 << 20
 
 # TPU: below this many queries 'auto' keeps XLA's fused one-shot attention, whose [Lq, Lk] scores are small
 # there, and spares the kernel's block padding. A guess from maxdiffusion's practice (its
@@ -153,8 +161,8 @@ def _online(q: jax.Array, blocks: dict[str, jax.Array], scale: float) -> jax.Arr
     return acc / total[..., None]
 
 
-def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
-             chunk: int, key_chunk: int) -> jax.Array:
+def _query_chunks(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
+                  chunk: int, key_chunk: int) -> jax.Array:
     """q [B, H, Lq, D] in query chunks of at most `chunk`, each an online softmax over key blocks of at most
     `key_chunk` (or one shot when one block holds every key) -> fp32 [B, H, Lq, D]."""
     b, h, lq, d = q.shape
@@ -181,6 +189,63 @@ def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.A
     return jnp.moveaxis(out, 0, 2).reshape(b, h, n * qc, d)[:, :, :lq]
 
 
+def step_shape(heads: int, lq: int, lk: int, head_dim: int, chunk: int | None = None,
+               key_chunk: int = CPU_KEY_CHUNK) -> tuple[int, int]:
+    """(heads per group, queries per chunk) of the blocked CPU path for one batch element's q [lq, heads,
+    head_dim] over `lk` keys: the largest chunk (`chunk` if given), then the largest group of heads, whose
+    steps, [group, chunk, key block + head_dim] in fp32, fit in `CPU_STEP_BYTES` (at least one head)."""
+    kc = _even_chunks(lk, key_chunk)[1]
+    rows = max(1, CPU_STEP_BYTES // (4 * (kc + head_dim)))  # query-head rows of one step
+    qc = _even_chunks(lq, chunk or rows)[1]
+    group = max(g for g in range(1, heads + 1) if heads % g == 0 and (g == 1 or g * qc <= rows))
+    return group, qc
+
+
+def _map_slices(fn: Callable[..., jax.Array], axis: int, size: int, q: jax.Array, k: jax.Array, v: jax.Array,
+                mask: jax.Array | None) -> jax.Array:
+    """fn(q, k, v, mask) -> [B, H, Lq, D] on slices of `size` along `axis` (0: batch, 1: heads) of q, k, v,
+    one after the other (`lax.map`); the mask is sliced where it has the axis, else every call takes it whole."""
+    n = q.shape[axis] // size
+    if n == 1:
+        return fn(q, k, v, mask)
+
+    def split(x: jax.Array) -> jax.Array:  # [..., n * size, ...] -> [n, ..., size, ...]
+        return jnp.moveaxis(x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1:]), axis, 0)
+
+    sliced_mask = mask is not None and mask.shape[axis] > 1
+    out = jax.lax.map(lambda x: fn(*x[:3], x[3] if sliced_mask else mask),
+                      (split(q), split(k), split(v), split(mask) if sliced_mask else None))
+    return jnp.moveaxis(out, 0, axis).reshape(q.shape)
+
+
+def _chunked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask: jax.Array | None,
+             chunk: int | None, key_chunk: int) -> jax.Array:
+    """q [B, H, Lq, D], k = v [B, H, Lk, D] -> fp32 [B, H, Lq, D] in query chunks of at most `chunk` (default
+    `CPU_QUERY_CHUNK`), each over key blocks of at most `key_chunk`. On a CPU a call with more than one key
+    block runs per batch element and group of heads, one after the other, in steps sized by `step_shape`."""
+    if jax.default_backend() != "cpu" or k.shape[2] <= key_chunk:
+        return _query_chunks(q, k, v, scale, mask, chunk or CPU_QUERY_CHUNK, key_chunk)
+
+    def per_shard(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+        group, qc = step_shape(q.shape[1], q.shape[2], k.shape[2], q.shape[3], chunk, key_chunk)
+
+        def heads(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+            return _query_chunks(q, k, v, scale, mask, qc, key_chunk)
+
+        return _map_slices(lambda *x: _map_slices(heads, 1, group, *x), 0, 1, q, k, v, mask)
+
+    # Under a mesh the loops run per shard: a loop along a split axis would gather it first.
+    spec = parallel.activation_spec(("batch", "heads", None, None), q.shape)
+    if spec is None:
+        return per_shard(q, k, v, mask)
+    args, specs = (q, k, v), (spec, spec, spec)
+    if mask is not None:  # [B|1, H|1, Lq|1, Lk]: split along the axes it has
+        args, specs = args + (mask,), specs + (P(*(a if n > 1 else None for a, n in zip(spec[:2], mask.shape))),)
+    # check_vma off: the scans' fresh initial carries are not marked as varying over the mesh axes.
+    return jax.shard_map(lambda *x: per_shard(*x[:3], x[3] if mask is not None else None), in_specs=specs,
+                         out_specs=spec, check_vma=False)(*args)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str = "auto",
                           scale: float | None = None, chunk_size: int | None = None,
                           key_chunk_size: int | None = None, mask: jax.Array | None = None) -> jax.Array:
@@ -190,7 +255,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     mask: booleans broadcastable to [B, H, Lq, Lk], True where a query may attend to a key (a causal mask
     [1, 1, Lq, Lk] and a padding mask [B, 1, 1, Lk] combine with `&`); None attends everywhere.
     chunk_size, key_chunk_size: the 'chunked' backend's queries per chunk and keys per block (default
-    `CPU_QUERY_CHUNK` and `CPU_KEY_CHUNK`); smaller blocks bound memory tighter. For 'splash', the kernel's
+    `CPU_KEY_CHUNK` keys; queries: `CPU_QUERY_CHUNK`, or on a CPU past one key block as many as fit
+    `CPU_STEP_BYTES`, see `step_shape`); smaller blocks bound memory tighter. For 'splash', the kernel's
     query and key block sizes (multiples of 128; default `splash_attention.block_sizes`).
     """
     if q.ndim != 4 or k.shape != v.shape or q.shape[::2] != k.shape[::2] or q.shape[-1] != k.shape[-1]:
@@ -204,10 +270,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if not scale > 0:
         raise ValueError(f"attention scale must be positive, got {scale}")
-    chunk = CPU_QUERY_CHUNK if chunk_size is None else chunk_size
     key_chunk = CPU_KEY_CHUNK if key_chunk_size is None else key_chunk_size
-    if chunk < 1 or key_chunk < 1:
-        raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk}, {key_chunk}")
+    if (chunk_size is not None and chunk_size < 1) or key_chunk < 1:
+        raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk_size}, {key_chunk}")
     backend = _resolve(backend, q, mask is not None)
     if backend == "splash":
         return splash_attention(q, k, v, scale=scale, block_q=chunk_size, block_kv=key_chunk_size)
@@ -222,7 +287,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     # transposed layouts for k, v and the output and scales and normalises the whole [Lq, Lk] matrix.
     qh, kh, vh = (x.swapaxes(1, 2) for x in (q, k, v))
     if backend == "chunked":
-        out = _chunked(qh, kh, vh, scale, mask, chunk, key_chunk)
+        out = _chunked(qh, kh, vh, scale, mask, chunk_size, key_chunk)
     else:
         out = _one_shot(qh, kh, vh, scale, mask)
     return out.swapaxes(1, 2).astype(q.dtype)
