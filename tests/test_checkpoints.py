@@ -4,6 +4,8 @@ milestones outlive keep-N, a preempted run saves and resumes exactly, and a stat
 devices restores bit for bit onto 4 data-parallel devices."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import shutil
@@ -92,16 +94,59 @@ def test_checksums_are_exact_and_sharding_independent():
     assert checkpoint.checksums({"x": x[::-1]})["x"] != whole["x"]  # the same values at other positions
 
 
+_COMPILES: list[list[str]] = []  # the lists that `_counting_compiles` blocks are filling
+
+
+@functools.cache
+def _compile_listener() -> None:
+    """One process-wide listener of XLA compiles (jax has no public way to remove one)."""
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: [c.append(event) for c in _COMPILES]
+        if event.endswith("backend_compile_duration") else None)
+
+
+@contextlib.contextmanager
+def _counting_compiles():
+    """Yields a list that collects the XLA compiles made inside the block."""
+    _compile_listener()
+    compiles: list[str] = []
+    _COMPILES.append(compiles)
+    try:
+        yield compiles
+    finally:
+        _COMPILES.remove(compiles)
+
+
+def _dtypes_tree(sharding) -> dict:
+    """Small leaves of every dtype a train state holds, placed with `sharding`."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    leaves = {"f32": x, "bf16": x.astype(jax.numpy.bfloat16), "f16": x.astype(np.float16),
+              "i8": (x * 50).astype(np.int8), "u8": (x * 50).astype(np.uint8), "i32": (x * 1e6).astype(np.int32),
+              "u32": (x * 1e6).astype(np.uint32), "bool": x > 0, "scalar": np.int32(7)}
+    whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    tree = {k: jax.device_put(v, sharding if np.ndim(v) else whole) for k, v in leaves.items()}
+    return {**tree, "key": jax.random.key(3)}
+
+
+def test_small_leaves_are_checksummed_on_the_host_with_the_same_sums(monkeypatch):
+    """Small leaves this process holds are summed in numpy, compiling nothing; the sums equal the jitted
+    checksum's (forced by a threshold below every leaf) for every dtype, sharded or replicated."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("d",))
+    for spec in (jax.sharding.PartitionSpec("d"), jax.sharding.PartitionSpec()):
+        tree = _dtypes_tree(jax.sharding.NamedSharding(mesh, spec))
+        with _counting_compiles() as compiles:
+            host = checkpoint.checksums(tree)
+        assert compiles == [], spec
+        monkeypatch.setattr(checkpoint, "HOST_CHECKSUM_BYTES", -1)
+        assert checkpoint.checksums(tree) == host, spec
+        monkeypatch.undo()
+
+
 def test_small_replicated_arrays_save_without_slice_programs(tmp_path):
     """A replicated state of small leaves on 8 devices is written by one replica: the save compiles nothing
     (Orbax's replica-parallel default compiled a slice program per leaf shape and offset: 192 for
     tiny_config's state) and reads back exactly, also where a large leaf is still split over the replicas."""
-    from jax import monitoring
-
-    compiles, counting = [], [False]
-    monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: compiles.append(event) if counting[0] and event.endswith(
-            "backend_compile_duration") else None)
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("d",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rng = np.random.default_rng(0)
@@ -110,10 +155,9 @@ def test_small_replicated_arrays_save_without_slice_programs(tmp_path):
     state = {"step": jax.device_put(np.int32(1), replicated), "params": small, "opt_state": (),
              "skipped": jax.device_put(np.int32(0), replicated)}
     manager = checkpoint.make_manager(tmp_path)
-    counting[0] = True
-    manager.save(1, args=ocp.args.Composite(train_state=ocp.args.StandardSave(state)))
-    manager.wait_until_finished()
-    counting[0] = False
+    with _counting_compiles() as compiles:
+        manager.save(1, args=ocp.args.Composite(train_state=ocp.args.StandardSave(state)))
+        manager.wait_until_finished()
     assert compiles == []
     large = jax.device_put(rng.standard_normal((1024, 2048)).astype(np.float32), replicated)  # 1 MiB slices
     bigger = {**state, "params": {**small, "large": large}}
