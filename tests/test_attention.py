@@ -89,6 +89,18 @@ def test_blocked_steps_by_head_group_match_numpy(monkeypatch, step_rows, group, 
         q, k, v, backend="chunked", chunk_size=7, key_chunk_size=5,
         mask=None if mask is None else jnp.asarray(mask)))(q, k, v)
     np.testing.assert_allclose(np.asarray(out), _numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+    if group == 1:  # and the gradients through the loops equal the plain softmax's
+        w = jax.random.normal(jax.random.key(3), q.shape)
+        full = jnp.ones((1, 1, 23, 19), bool) if mask is None else jnp.asarray(mask)
+
+        def loss(q, k, v):
+            return jnp.sum(dot_product_attention(q, k, v, backend="chunked", chunk_size=7, key_chunk_size=5,
+                                                 mask=None if mask is None else full) * w)
+
+        got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        want = jax.grad(_reference_loss, argnums=(0, 1, 2))(q, k, v, full, w)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
 
 
 def test_step_shape_fills_the_step_budget():
