@@ -7,8 +7,9 @@ their arguments.
   memory layouts (`layers.conv_kernel_waits`).
 - Rematerialised blocks recompute their activations in the backward pass when it reaches them, so the
   temporaries shrink (`remat._tied_to_cotangent`); XLA:CPU's scheduler used to recompute them all early.
-- bf16 inference on XLA:CPU converts each weight to fp32 when its layer is reached, not all at the start
-  (`layers.one_after` in the layers' `param`)."""
+- bf16 inference on XLA:CPU converts each convolution weight to fp32 when its layer is reached, not all at
+  the start (`layers.one_after` in the layers' `param`); dense layers keep theirs in bf16
+  (`layers.dot_general_f32`)."""
 from __future__ import annotations
 
 import flax.linen as nn
