@@ -117,6 +117,10 @@ def step_dir(manager: ocp.CheckpointManager, step: int) -> Path:
 HOST_CHECKSUM_BYTES = 1 << 20
 
 
+# The unsigned type of a leaf's words by item size: 8- and 16-bit values are widened, 64-bit ones split in two.
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}
+
+
 def _fmix32(h: Any) -> Any:
     """MurmurHash3's finalizer on uint32 (jax or numpy arrays): a bijection that spreads every input bit over
     the output."""
@@ -127,14 +131,18 @@ def _fmix32(h: Any) -> Any:
     return h ^ (h >> 16)
 
 
+def _terms(words: Any, index: Any) -> Any:
+    """The summed terms, fmix32(word + flat position * golden ratio), of uint32 words (jax or numpy)."""
+    return _fmix32(words + index * np.uint32(0x9E3779B9))
+
+
 def _words(x: jax.Array) -> jax.Array:
     """The bits of `x` as uint32 words (8- and 16-bit values widened, 64-bit values split in two)."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
 
 
 def _leaf_checksum(x: jax.Array) -> jax.Array:
@@ -146,7 +154,7 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
         for axis in reversed(range(words.ndim)):
             index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
             stride *= words.shape[axis]
-    return jnp.sum(_fmix32(words + index * jnp.uint32(0x9E3779B9)), dtype=jnp.uint32)
+    return jnp.sum(_terms(words, index), dtype=jnp.uint32)
 
 
 def _host_value(x: Any) -> np.ndarray | None:
@@ -165,9 +173,8 @@ def _host_value(x: Any) -> np.ndarray | None:
 def _host_checksum(x: np.ndarray) -> np.uint32:
     """`_leaf_checksum` of a host array in numpy (uint32 arithmetic wraps mod 2**32 as XLA's does)."""
     x = np.ascontiguousarray(x.astype(np.uint8) if x.dtype == np.bool_ else x).reshape(-1)
-    words = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}[x.dtype.itemsize]).astype(np.uint32)
-    index = np.arange(words.size, dtype=np.uint32)  # 64-bit values: two words each, low word first, as XLA
-    return _fmix32(words + index * np.uint32(0x9E3779B9)).sum(dtype=np.uint32)
+    words = x.view(_UNSIGNED[x.dtype.itemsize]).astype(np.uint32)  # 64-bit: low word first, as XLA splits them
+    return _terms(words, np.arange(words.size, dtype=np.uint32)).sum(dtype=np.uint32)
 
 
 @functools.cache
