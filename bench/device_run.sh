@@ -5,6 +5,8 @@
 #
 #     bash bench/device_run.sh 1      # forward fp32, whole sampling runs, full-size train steps, attention
 #     bash bench/device_run.sh 2      # forward bf16, SDXL, torch.compile
+#     bash bench/device_run.sh 3      # SD 1.5 train step, whole pipeline call, SDXL, attention, start-up,
+#                                     # torch.compile of the SD 1.5 UNet: the rows 1 and 2 leave out
 #
 # Results land in bench/results/*.json as on a CPU; the machine's name is in each file.
 set -u
@@ -33,5 +35,13 @@ case "${1:-1}" in
     step 70 bench.forward --cases=dit,sd15 --dtype=bfloat16
     step 60 bench.forward --cases=sdxl
     step 80 bench.forward --cases=dit,sd15 --torch_compile
+    ;;
+3)
+    step 120 bench.train_step --cases=sd15
+    step 90 bench.sampling --full --skip_loops
+    step 110 bench.forward --cases=sdxl
+    step 50 bench.attention
+    step 100 bench.startup
+    step 70 bench.forward --cases=sd15 --torch_compile
     ;;
 esac

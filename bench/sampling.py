@@ -7,6 +7,7 @@
                                                # (860 M + 84 M + 123 M parameters: 4.3 GB of fp32
                                                # weights per library): for a GPU
     python -m bench.sampling --skip_pipeline   # the two sampling loops only
+    python -m bench.sampling --full --skip_loops   # the pipeline call only (writes sampling_full_pipeline.json)
 
 Cases (group "sampling"), each compared for agreement before it is timed, both libraries interleaved:
   DDIM-50, DPM++2M-20  a whole sampling run of one image with classifier-free guidance (scale 7.5; the
@@ -104,7 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     size.add_argument("--full", action="store_true", help="SD 1.5's sizes (for a GPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per library and case (median, spread)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
-    parser.add_argument("--skip_pipeline", action="store_true", help="time the sampling loops only")
+    skip = parser.add_mutually_exclusive_group()
+    skip.add_argument("--skip_pipeline", action="store_true", help="time the sampling loops only")
+    skip.add_argument("--skip_loops", action="store_true", help="time the whole pipeline call only")
     return parser.parse_args(argv)
 
 
@@ -307,18 +310,19 @@ def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -
 
 
 def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Runs every case, writes bench/results/sampling[_quick|_full].json and returns the table rows.
+    """Runs every case, writes bench/results/sampling[_quick|_full][_pipeline].json and returns the table rows.
     `peak` is `common.matmul_peak(device)` when the caller has measured it already."""
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
-    rows = loop_cases(args, device, peak)
+    rows = [] if args.skip_loops else loop_cases(args, device, peak)
     models.free()  # the loops' models are gone before the pipeline's are built
     if not args.skip_pipeline:
         print("  pipeline ...", flush=True)
         rows.append(pipeline_case(args, device, peak))
     size = size_name(args)
     unet, vae, text = PIPELINE_SIZES[size]
-    common.write_json("sampling" if size == "default" else f"sampling_{size}", {
+    name = "sampling" if size == "default" else f"sampling_{size}"
+    common.write_json(name + ("_pipeline" if args.skip_loops else ""), {
         "benchmark": "sampling", "args": vars(args), "guidance_scale": GUIDANCE, "unet_config": UNET_SIZES[size],
         "pipeline_configs": {"unet": unet, "vae": vae, "text_encoder": text}, "prompt": PROMPT,
         "machine": common.machine_info(), "matmul_peak": peak, "rows": rows})
