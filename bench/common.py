@@ -151,6 +151,20 @@ def torch_blocking(fn: Callable[[], Any], device: Any) -> Callable[[], Any]:
     return call
 
 
+class Stopwatch:
+    """Prints each stage of a long case as it ends, with its seconds: a run stopped by a time limit (the
+    device scripts give every module one) still says where its time went."""
+
+    def __init__(self, case: str):
+        self.case, self.last = case, time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Print the seconds since the last lap (or since the case began) under the name of the stage."""
+        now = time.perf_counter()
+        print(f"  {self.case}: {stage} {now - self.last:.1f} s", flush=True)
+        self.last = now
+
+
 def timed(call: Callable[[], Any]) -> tuple[Any, float]:
     """(result, seconds) of one blocking call: the first call of each library, which pays torch's kernel
     selection and allocator warm-up (jax has paid compilation before it)."""

@@ -239,6 +239,7 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
                                          f"{config['sample_size']} b1 (not interleaved)"
     inp = _unet_inputs(config, 1, seed=3)
     start = time.perf_counter()
+    watch = common.Stopwatch("sdxl")
     model = models.torch_unet(config).to(device)
     dtype = _torch_dtype(args)
     with models.saved(model) as folder:
@@ -250,6 +251,7 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
         want = _nhwc(want)
         del model, call, torch_call
         models.free()
+        watch.lap("torch built, saved, reference computed")
 
         # Phase 2, diffax: load the same weights, check, time; then freed.
         module, params = convert.load(folder, dtype=args.dtype, param_dtype=args.dtype)
@@ -257,7 +259,9 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
         parameters = _count(params)
         jargs = _unet_jax_args(params, inp)
         del params
+        watch.lap("converted and placed (convert.load)")
         program = common.compile_jax(_unet_jax(module), *jargs)
+        watch.lap("diffax compiled")
         diffax_call = common.jax_blocking(program.compiled, *jargs)
         got, d_first = common.timed(diffax_call)
         err = common.rel_err(np.asarray(got), want)
@@ -267,6 +271,7 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
         program = dataclasses.replace(program, compiled=None)  # keeps the measurements, drops the executable
         del diffax_call, jargs
         models.free()
+        watch.lap("diffax checked and timed")
 
         # Phase 3, torch again, from the folder diffax read: a fresh model gets one untimed warm-up call.
         model = diffusers.UNet2DConditionModel.from_pretrained(folder).eval().to(device, dtype)

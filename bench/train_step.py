@@ -350,15 +350,18 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
              ) -> dict[str, Any]:
     """Builds both sides of one case, checks them against each other, times them; returns the table row."""
     case_start = time.perf_counter()
+    watch = common.Stopwatch(case.name)
     config = run_config(case)
     model = torch_model(case.config)
     model.save_pretrained(folder, max_shard_size=models.MAX_SHARD_SIZE)
+    watch.lap("torch model built and saved")
     torch_class = type(model)
     keys = compared_keys(model, case.check_keys)
     module, params = convert.load(folder)
     module = rematerialised(case, module)
     remat = module.config.remat if "remat" in type(module.config).runtime_fields else "none"
     params = models.to_device(params)
+    watch.lap("converted and placed (convert.load)")
     n_params = int(sum(np.size(a) for a in jax.tree.leaves(params)))
     x0, cond = make_batch(case, module.config, np.random.default_rng(0))
     if case.split:
@@ -369,6 +372,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     # diffax: compile, one step from the shared initial state (kept for the check), then timing if interleaved.
     common.reset_peak_rss()
     d = DiffaxTrainer(module, params, config, x0, cond)
+    watch.lap("diffax step compiled, state made")
     del params
     before = d.leaves(d.state.params, keys)
     t, noise = step_draws(d.key, 0, case.batch, x0.shape, d.num_t)
@@ -376,6 +380,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     d_loss = float(d.step()["loss"])
     d_first = time.perf_counter() - start
     d_after = d.snapshot(keys)
+    watch.lap("diffax first step")
     program = d.program
     timings: dict[str, common.Timing] = {}
     if case.split:
@@ -395,6 +400,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     mu_floor = (1 - config.train.adam_b1) * 100 * config.train.adam_eps  # gradients 100x Adam's eps
     errs = agreement(before, d_after, tr.snapshot(keys), d_loss, t_loss, mu_floor)
     err = max(errs.values())
+    watch.lap("torch first step and the check")
     print(f"{case.name}: loss diffax {d_loss:.6f} torch {t_loss:.6f}; max relative errors "
           + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()), flush=True)
     # One fp32 step: the forward's 1e-4 bound (the update is AdamW's, ~lr x sign(grad), so its relative
