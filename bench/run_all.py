@@ -107,6 +107,23 @@ def run_child(name: str, flags: Sequence[str], rows_out: str) -> None:
                                           "columns": columns and [list(c) for c in columns]}, default=str))
 
 
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(module, label, flags) of each child process to run, in MODULES order. A module with several entries
+    (forward, train_step) is labelled by its entry's flags after the first. With `--cases` the one module
+    named by --only runs once, with those cases in place of its entries' own."""
+    runs, seen = [], set()
+    for name, full, quick in MODULES:
+        if (args.only and name not in args.only) or (args.cases and name in seen):
+            continue
+        if args.quick and not quick and name in seen:
+            continue  # a full-size-only entry
+        own = [f"--cases={args.cases}"] if args.cases else list(quick if args.quick else full)
+        label = name if name not in seen else f"{name} {' '.join(own)}"
+        runs.append((name, label, [f"--repeats={args.repeats}", *own, *args.module_flags]))
+        seen.add(name)
+    return runs
+
+
 def run_module(name: str, flags: Sequence[str]) -> dict[str, Any]:
     """Runs one module in a fresh process; returns {peak, rows, columns, seconds} or {error, seconds}."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,15 +252,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"machine: {machine['cpu']} x{machine['cpu_count']}, jax {machine['jax']} on {machine['jax_device']}, "
           f"torch {machine['torch']} on {machine['torch_device']} ({machine['torch_threads']} threads)", flush=True)
     rows, columns, seconds, failed, peaks = [], {}, {}, [], []
-    for name, full, quick in MODULES:
-        if args.only and name not in args.only:
-            continue
-        flags = [f"--repeats={args.repeats}", *(quick if args.quick else full), *args.module_flags]
-        if args.quick and not quick and name in seconds:
-            continue  # a full-size-only entry
+    for name, label, flags in planned_runs(args):
         print(f"\n== {name} {' '.join(flags)}", flush=True)
         result = run_module(name, flags)
-        label = name if name not in seconds else f"{name} {' '.join(quick if args.quick else full)}"
         seconds[label] = result["seconds"]
         if "error" in result:
             failed.append(label)
