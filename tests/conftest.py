@@ -23,18 +23,20 @@ def num_devices() -> int:
     return jax.device_count()
 
 
-# Modules whose module-scoped fixture trains or builds for 30-150 s on 2 cores, heaviest first. `make test`
-# runs `-n 2 --dist worksteal`, which hands each worker a contiguous half of the collection and later moves
-# the tail of one worker's queue to the other: a module cut in two builds its fixture on both workers. At the
-# front of the collection these modules stay whole on the first worker, and their long set-ups start first.
+# Modules whose module-scoped fixture took 8-140 s to build in a run from an empty compilation cache on 2
+# cores, heaviest first. `make test` runs `-n 2 --dist worksteal`, which hands each worker a contiguous half
+# of the collection and later moves the tail of one worker's queue to the other: a module cut in two builds
+# its fixture on both workers. At the front of the collection these modules stay whole on the first worker,
+# and their long set-ups start first.
 HEAVY_FIXTURE_MODULES = (
     "test_ldm_digits.py",
     "test_checkpoints.py",
-    "test_finetune.py",
     "test_metrics.py",
+    "test_sample_cli.py",
+    "test_finetune.py",
+    "test_single_file.py",
     "test_controlnet_training.py",
-    "test_dreambooth.py",
-    "test_latent_cache.py",
+    "test_distill.py",
 )
 
 
