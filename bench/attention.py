@@ -107,9 +107,14 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
     names = args.cases or (QUICK if args.quick else tuple(CASES))
-    rows = [row for name in names for row in run_case(name, args, peak, device)]
-    common.write_json("attention", {"benchmark": "attention", "args": vars(args), "machine": common.machine_info(),
-                                    "matmul_peak": peak, "rows": rows})
+    watch = common.Stopwatch("attention")
+    rows = []
+    for name in names:
+        rows += run_case(name, args, peak, device)
+        watch.lap(name)
+        # Rewritten after each shape: a run stopped by a time limit keeps the shapes it finished.
+        common.write_json("attention", {"benchmark": "attention", "args": vars(args),
+                                        "machine": common.machine_info(), "matmul_peak": peak, "rows": rows})
     return rows
 
 

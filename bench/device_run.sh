@@ -21,8 +21,9 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.5
 step() {
     local limit=$1
     shift
-    echo "== python -m $* (limit ${limit} s)"
+    echo "== python -m $* (limit ${limit} s; ${SECONDS} s into the run)"
     timeout "$limit" python3 -m "$@" || echo "== stopped or failed: python -m $*"
+    echo "== ${SECONDS} s into the run"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -277,12 +277,15 @@ def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -
     import diffusers
 
     size = size_name(args)
+    watch = common.Stopwatch("pipeline")
     with tempfile.TemporaryDirectory(prefix="diffax-bench-sd-") as tmp:
         folder = save_pipeline(Path(tmp) / "sd", size)
+        watch.lap("torch pipeline built and saved")
         # No parameter cache and no persistent compilation cache: the first call compiles, as on a fresh
         # machine, and nothing is written outside the temporary folder.
         dpipe = pipelines.load(folder, safety_checker=False, cache_dir=False, compilation_cache=False)
         tpipe = diffusers.StableDiffusionPipeline.from_pretrained(folder).to(device)
+        watch.lap("both pipelines loaded")
     tpipe.set_progress_bar_config(disable=True)
     h, w = dpipe.default_size()
     latents = np.random.default_rng(1).standard_normal(
@@ -296,7 +299,9 @@ def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -
     torch_call = common.torch_blocking(lambda: tpipe(PROMPT, latents=tlatents, **call).images, device)
     with compile_seconds() as jit_s:
         got, d_first = common.timed(diffax_call)
+    watch.lap("diffax first call (compiles)")
     want, t_first = common.timed(torch_call)
+    watch.lap("torch first call")
     err = common.rel_err(got, want)
     common.check_agreement(f"pipeline call ({PIPELINE_STEPS} DDIM steps)", err,
                            common.agreement_tolerance(device, steps=PIPELINE_STEPS))
