@@ -6,11 +6,14 @@
 #     bash bench/device_run.sh 1      # forward fp32, whole sampling runs, full-size train steps, attention
 #     bash bench/device_run.sh 2      # forward bf16, SDXL, torch.compile
 #     bash bench/device_run.sh 3      # SD 1.5 train step, whole SD 1.5 pipeline call
-#     bash bench/device_run.sh 4      # SDXL, attention shapes, start-up, torch.compile of the SD 1.5 UNet
+#     bash bench/device_run.sh 4      # SDXL, torch.compile of the SD 1.5 UNet
+#     bash bench/device_run.sh 5      # start-up, bfloat16 for CLIP, the VAE and ControlNet
 #
-# Each run fits one call of the device tool (under 10 minutes). On an H200 with a 16-core host, SD 1.5's
-# train step had not printed its first result after 225 s, nor had the 90-110 s limits of the others been
-# enough (2026-11-27): the limits of 3 and 4 are sized from that.
+# Each run fits one call of the device tool (under 10 minutes). The limits come from the stages the long
+# cases print on an H200 with a 16-core host (2026-11-28): SD 1.5's train step took 248 s (174 s of it
+# compiling), the pipeline call 130 s; SDXL spent 67 s building and running the torch reference, 32 s
+# converting and 44 s compiling, and was still reloading torch's model at 165 s; start-up had not finished
+# in 130 s; the twelve attention shapes took 73 s.
 #
 # Results land in bench/results/*.json as on a CPU; the machine's name is in each file.
 set -u
@@ -46,9 +49,11 @@ case "${1:-1}" in
     step 200 bench.sampling --full --skip_loops
     ;;
 4)
-    step 180 bench.forward --cases=sdxl
-    step 90 bench.attention
-    step 150 bench.startup
-    step 100 bench.forward --cases=sd15 --torch_compile
+    step 280 bench.forward --cases=sdxl
+    step 250 bench.forward --cases=sd15 --torch_compile
+    ;;
+5)
+    step 300 bench.startup
+    step 250 bench.forward --cases=clip,vae,controlnet --dtype=bfloat16
     ;;
 esac
