@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from flax.traverse_util import flatten_dict
 from tqdm import tqdm
 
-from diffax import parallel
+from diffax import compile_time, parallel
 from diffax.cli import run_reporting_errors
 from diffax.image_io import save_grid, save_npz
 from diffax import convert
@@ -136,11 +136,6 @@ def quantize_for_sampling(params: Any, mode: str, group_size: int | None) -> Any
     return qp.params
 
 
-# XLA's lowering and compilation of a program (jax.monitoring events): the part of the first batch that is
-# not sampling. Tracing is left out: its events nest, one per inner jit.
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
-
-
 def sample_in_batches(pipe, params, key: jax.Array, labels: np.ndarray | None, num_samples: int,
                       batch_size: int, **options) -> tuple[np.ndarray, float, float]:
     """(images [N, ...], compile seconds, sampling seconds): `pipe` called on `batch_size` images at a time
@@ -149,25 +144,17 @@ def sample_in_batches(pipe, params, key: jax.Array, labels: np.ndarray | None, n
     if batch_size < 1:
         raise ValueError(f"--batch_size must be positive, got {batch_size}")
     n = len(labels) if labels is not None else num_samples
-    compile_seconds = 0.0
-
-    def on_duration(event: str, seconds: float, **_) -> None:
-        nonlocal compile_seconds
-        if event in COMPILE_EVENTS:
-            compile_seconds += seconds
-
-    jax.monitoring.register_event_duration_secs_listener(on_duration)
     start_time, chunks = time.perf_counter(), []
-    try:
+    with compile_time.compile_seconds() as seconds:
         starts = range(0, n, batch_size)
         for start in tqdm(starts, desc="sample", unit="batch", dynamic_ncols=True,
                           disable=not sys.stderr.isatty() or jax.process_index() != 0):
             stop = min(start + batch_size, n)
             chunks.append(pipe(params, key, num_samples=stop - start, first_index=start,
                                labels=None if labels is None else labels[start:stop], **options))
-    finally:
-        jax.monitoring.unregister_event_duration_listener(on_duration)
     total = time.perf_counter() - start_time
+    # Lowering and XLA's compile: the part of the first batch that is not sampling (traces nest, so not them).
+    compile_seconds = seconds["lower"] + seconds["compile"]
     return np.concatenate(chunks), compile_seconds, total - compile_seconds
 
 

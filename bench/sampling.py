@@ -45,11 +45,9 @@ diffax from that folder. Agreement before timing: 1e-4 x steps max relative erro
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +55,7 @@ import numpy as np
 
 from bench import common  # importing the bench package first sets OMP_WAIT_POLICY for torch
 from bench import models
-from diffax import pipelines
+from diffax import compile_time, pipelines
 from diffax.sampling import sample
 from diffax.schedulers import from_diffusers_config
 
@@ -252,26 +250,6 @@ def save_pipeline(folder: Path, size: str) -> Path:
     return folder
 
 
-@contextlib.contextmanager
-def compile_seconds() -> Iterator[dict[str, float]]:
-    """Within: seconds jax spends tracing / lowering ('lower') and in XLA compilation ('compile'), summed over
-    every program compiled, from jax's monitoring events."""
-    totals: dict[str, float] = collections.defaultdict(float)
-    kinds = {"/jax/core/compile/jaxpr_trace_duration": "lower",
-             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-             "/jax/core/compile/backend_compile_duration": "compile"}
-
-    def listen(event: str, seconds: float, **_: Any) -> None:
-        if event in kinds:
-            totals[kinds[event]] += seconds
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        yield totals
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-
-
 def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> dict[str, Any]:
     """Prompt -> image with both libraries' StableDiffusionPipeline on one saved folder; returns the row."""
     import diffusers
@@ -297,7 +275,7 @@ def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -
         return dpipe(PROMPT, latents=latents, **call).images
 
     torch_call = common.torch_blocking(lambda: tpipe(PROMPT, latents=tlatents, **call).images, device)
-    with compile_seconds() as jit_s:
+    with compile_time.compile_seconds() as jit_s:
         got, d_first = common.timed(diffax_call)
     watch.lap("diffax first call (compiles)")
     want, t_first = common.timed(torch_call)
@@ -306,7 +284,7 @@ def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -
     common.check_agreement(f"pipeline call ({PIPELINE_STEPS} DDIM steps)", err,
                            common.agreement_tolerance(device, steps=PIPELINE_STEPS))
     timing = common.time_interleaved({"diffax": diffax_call, "torch": torch_call}, repeats=args.repeats, warmup=0)
-    program = common.CompiledProgram(None, jit_s["lower"], jit_s["compile"], None, None)
+    program = common.CompiledProgram(None, jit_s["trace"] + jit_s["lower"], jit_s["compile"], None, None)
     return common.case_row(
         f"{size} SD pipeline {h}x{w} DDIM-{PIPELINE_STEPS} CFG", diffax=timing["diffax"], torch=timing["torch"],
         program=program, flops=None, peak=peak, max_rel_err=err, first_call_s=(d_first, t_first),

@@ -13,8 +13,8 @@ import sys
 
 import jax
 
-# jax's event for one XLA compile (jax._src.dispatch.BACKEND_COMPILE_EVENT), recorded when it returns.
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+from diffax import compile_time
+
 _min_seconds: list[float] = []  # the threshold of the registered listener; empty until registered
 
 
@@ -33,7 +33,7 @@ def release_freed() -> None:
 
 
 def _after_event(event: str, seconds: float, **_: object) -> None:
-    if event == _COMPILE_EVENT and seconds >= _min_seconds[0]:
+    if event == compile_time.COMPILE_EVENT and seconds >= _min_seconds[0]:
         release_freed()
 
 

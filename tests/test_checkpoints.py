@@ -4,8 +4,6 @@ milestones outlive keep-N, a preempted run saves and resumes exactly, and a stat
 devices restores bit for bit onto 4 data-parallel devices."""
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
 import os
 import shutil
@@ -19,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from diffax import compile_time
 from diffax.train import checkpoint, resume
 from diffax.train.loop import train_and_evaluate
 
@@ -94,29 +93,6 @@ def test_checksums_are_exact_and_sharding_independent():
     assert checkpoint.checksums({"x": x[::-1]})["x"] != whole["x"]  # the same values at other positions
 
 
-_COMPILES: list[list[str]] = []  # the lists that `_counting_compiles` blocks are filling
-
-
-@functools.cache
-def _compile_listener() -> None:
-    """One process-wide listener of XLA compiles (jax has no public way to remove one)."""
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: [c.append(event) for c in _COMPILES]
-        if event.endswith("backend_compile_duration") else None)
-
-
-@contextlib.contextmanager
-def _counting_compiles():
-    """Yields a list that collects the XLA compiles made inside the block."""
-    _compile_listener()
-    compiles: list[str] = []
-    _COMPILES.append(compiles)
-    try:
-        yield compiles
-    finally:
-        _COMPILES.remove(compiles)
-
-
 def _dtypes_tree(sharding) -> dict:
     """Small leaves of every dtype a train state holds, placed with `sharding`."""
     rng = np.random.default_rng(0)
@@ -135,9 +111,9 @@ def test_small_leaves_are_checksummed_on_the_host_with_the_same_sums(monkeypatch
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("d",))
     for spec in (jax.sharding.PartitionSpec("d"), jax.sharding.PartitionSpec()):
         tree = _dtypes_tree(jax.sharding.NamedSharding(mesh, spec))
-        with _counting_compiles() as compiles:
+        with compile_time.compile_seconds() as seconds:
             host = checkpoint.checksums(tree)
-        assert compiles == [], spec
+        assert seconds["compile"] == 0.0, spec
         monkeypatch.setattr(checkpoint, "HOST_CHECKSUM_BYTES", -1)
         assert checkpoint.checksums(tree) == host, spec
         monkeypatch.undo()
@@ -155,10 +131,10 @@ def test_small_replicated_arrays_save_without_slice_programs(tmp_path):
     state = {"step": jax.device_put(np.int32(1), replicated), "params": small, "opt_state": (),
              "skipped": jax.device_put(np.int32(0), replicated)}
     manager = checkpoint.make_manager(tmp_path)
-    with _counting_compiles() as compiles:
+    with compile_time.compile_seconds() as seconds:
         manager.save(1, args=ocp.args.Composite(train_state=ocp.args.StandardSave(state)))
         manager.wait_until_finished()
-    assert compiles == []
+    assert seconds["compile"] == 0.0
     large = jax.device_put(rng.standard_normal((1024, 2048)).astype(np.float32), replicated)  # 1 MiB slices
     bigger = {**state, "params": {**small, "large": large}}
     manager.save(2, args=ocp.args.Composite(train_state=ocp.args.StandardSave(bigger)))
