@@ -4,12 +4,14 @@
     flock /tmp/diffax-big.lock python -m bench.attention        # the 4096-token cases hold ~3 GB of scores
     python -m bench.attention --quick                           # the short shapes, well under a minute
     python -m bench.attention --cases=dit,sd15_32 --repeats=9
+    python -m bench.attention --cases=sd15_64 --blocks=1024x1024,4096x512   # 'chunked' at other block sizes
 
 Each shape is one attention call of a model diffax ships, fp32, in diffax's [B, L, H, D] layout; torch gets
 the same arrays as diffusers' attention processor hands them over (a [B, H, L, D] view of [B, L, H, D]).
 Every diffax backend is checked against torch, then all of them and torch are timed interleaved. One row per
 backend: 'auto' (what the models run), 'xla' (one shot), 'chunked' (blocked online softmax) and 'einsum
-[B,L,H,D]', the formulation diffax used before its CPU attention work (kept here as the baseline).
+[B,L,H,D]', the formulation diffax used before its CPU attention work (kept here as the baseline);
+`--blocks` adds 'chunked' rows at the given query x key block sizes (its defaults are sized for a CPU).
 """
 from __future__ import annotations
 
@@ -50,8 +52,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     common.cases_flag(parser, tuple(CASES), help="default: all (--quick: " + ", ".join(QUICK) + ")")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--repeats", type=int, default=5, help="timed interleaved calls per variant (median)")
+    parser.add_argument("--blocks", type=block_sizes, default=(),
+                        help="comma-separated QxK: one more 'chunked' row per pair, with chunk_size=Q and "
+                             "key_chunk_size=K (e.g. 1024x1024)")
     parser.add_argument("--torch_threads", type=int, default=None, help="default: the machine's cores")
     return parser.parse_args(argv)
+
+
+def block_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """'1024x1024,4096x512' -> ((1024, 1024), (4096, 512)): the --blocks flag."""
+    try:
+        pairs = tuple(tuple(int(n) for n in item.split("x")) for item in text.split(",") if item)
+    except ValueError:
+        pairs = ((),)
+    if any(len(pair) != 2 or min(pair) < 1 for pair in pairs):
+        raise argparse.ArgumentTypeError(f"expected positive QxK pairs such as 1024x512, got {text!r}")
+    return pairs
 
 
 def einsum_blhd(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -76,6 +92,9 @@ def run_case(name: str, args: argparse.Namespace, peak: dict[str, Any], device: 
 
     variants = {f"diffax {backend}": (lambda q, k, v, backend=backend: dot_product_attention(
         q, k, v, backend=backend, mask=jmask)) for backend in BACKENDS}
+    for qc, kc in args.blocks:
+        variants[f"diffax chunked {qc}x{kc}"] = lambda q, k, v, qc=qc, kc=kc: dot_product_attention(
+            q, k, v, backend="chunked", chunk_size=qc, key_chunk_size=kc, mask=jmask)
     variants["einsum [B,L,H,D] (before)"] = lambda q, k, v: einsum_blhd(q, k, v, jmask)
     programs = {label: common.compile_jax(fn, jq, jk, jv) for label, fn in variants.items()}
     calls = {label: common.jax_blocking(p.compiled, jq, jk, jv) for label, p in programs.items()}
@@ -103,7 +122,8 @@ def run_case(name: str, args: argparse.Namespace, peak: dict[str, Any], device: 
 
 
 def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Runs the chosen shapes, writes bench/results/attention.json and returns the rows."""
+    """Runs the chosen shapes, writes bench/results/attention.json (attention_blocks.json with --blocks) and
+    returns the rows."""
     device = common.setup_torch(args.torch_threads)
     peak = peak or common.matmul_peak(device)
     names = args.cases or (QUICK if args.quick else tuple(CASES))
@@ -113,8 +133,9 @@ def run(args: argparse.Namespace, peak: dict[str, Any] | None = None) -> list[di
         rows += run_case(name, args, peak, device)
         watch.lap(name)
         # Rewritten after each shape: a run stopped by a time limit keeps the shapes it finished.
-        common.write_json("attention", {"benchmark": "attention", "args": vars(args),
-                                        "machine": common.machine_info(), "matmul_peak": peak, "rows": rows})
+        common.write_json("attention_blocks" if args.blocks else "attention", {
+            "benchmark": "attention", "args": vars(args), "machine": common.machine_info(), "matmul_peak": peak,
+            "rows": rows})
     return rows
 
 

@@ -7,7 +7,7 @@
 #     bash bench/device_run.sh 2      # forward bf16, SDXL, torch.compile
 #     bash bench/device_run.sh 3      # SD 1.5 train step, whole SD 1.5 pipeline call
 #     bash bench/device_run.sh 4      # SDXL, torch.compile of the SD 1.5 UNet
-#     bash bench/device_run.sh 5      # start-up, bfloat16 for CLIP, the VAE and ControlNet
+#     bash bench/device_run.sh 5      # GPU-sized 'chunked' blocks, start-up, bfloat16 for CLIP, VAE, ControlNet
 #
 # Each run fits one call of the device tool (under 10 minutes). The limits come from the stages the long
 # cases print on an H200 with a 16-core host (2026-11-28): SD 1.5's train step took 248 s (174 s of it
@@ -53,7 +53,8 @@ case "${1:-1}" in
     step 250 bench.forward --cases=sd15 --torch_compile
     ;;
 5)
-    step 300 bench.startup
-    step 250 bench.forward --cases=clip,vae,controlnet --dtype=bfloat16
+    step 60 bench.attention --cases=sd15_64,sdxl_128,vae_512 --blocks=1024x1024,4096x1024,4096x4096
+    step 280 bench.startup
+    step 220 bench.forward --cases=clip,vae,controlnet --dtype=bfloat16
     ;;
 esac
