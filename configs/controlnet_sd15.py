@@ -33,9 +33,9 @@ them, with no optimizer state (3.4 GB). The UNet's `remat` policy applies to the
 """
 import ml_collections
 
+from configs.sd15_finetune import get_config as sd15_config
 from diffax.train.config import base_config
 
-PIPELINE = "models/stable-diffusion-v1-5"  # a diffusers StableDiffusionPipeline folder the user supplies
 PAIRS = "data/my_pairs"
 CACHE = "data/my_pairs_sd15"
 
@@ -43,56 +43,25 @@ CACHE = "data/my_pairs_sd15"
 def get_config(stage: str = "train") -> ml_collections.ConfigDict:
     if stage not in ("train", "cache"):
         raise ValueError(f"configs/controlnet_sd15.py: the argument must be 'train' or 'cache', got {stage!r}")
-    c = base_config()
+    c = sd15_config(stage)  # SD 1.5's model, schedule, cache and optimizer; what differs follows
     if stage == "cache":
-        c.data.source = "folder"
         c.data.path = PAIRS
-        c.data.image_size = 512
-        c.data.channels = 3
         c.data.caption_column = "text"
         c.data.conditioning_column = "conditioning_image"
-        c.data.worker_count = 4
     else:
-        c.data.source = "latent_cache"
         c.data.path = CACHE
-        c.data.worker_count = 4
-    c.cache.vae = PIPELINE
-    c.cache.text_encoder = PIPELINE  # its tokenizer/ too
     c.cache.out = CACHE
     c.cache.flip = False  # the example does not flip: a mirrored edge map would still fit, a pose's left/right not
-    c.cache.dtype = "float16"
-    c.cache.batch_size = 32
-    c.model = ml_collections.ConfigDict(dict(
-        name="UNet2DConditionModel", sample_size=64, in_channels=4, out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-        dtype="bfloat16", param_dtype="float32", remat="full"))
-    c.diffusion.num_train_timesteps = 1000
-    c.diffusion.beta_schedule = "scaled_linear"
-    c.diffusion.beta_start = 0.00085
-    c.diffusion.beta_end = 0.012
-    c.diffusion.prediction_type = "epsilon"
-    c.train.init_from = PIPELINE
     c.train.finetune = "controlnet"
     c.train.controlnet_embedding_channels = (16, 32, 96, 256)  # images 8x the latents: SD's VAE factor
     c.train.steps = 5_000
-    c.train.batch_size = 32
-    c.train.learning_rate = 1e-5
-    c.train.lr_schedule = "constant"
-    c.train.warmup_steps = 0
-    c.train.weight_decay = 1e-2
-    c.train.grad_clip = 1.0
     c.train.ema_decay = 0.0
+    c.train.ema_warmup = base_config().train.ema_warmup
     c.train.label_dropout = 0.0
-    c.train.log_every = 50
     c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 2
     # The example's validation images: every 500 steps WORKDIR/samples/step_*.png, a row per the first four
     # cached examples (the conditioning image, then 9 samples of its caption), UniPC, 20 steps, guidance 7.5.
     c.train.sample_every = 500
     c.sample.sampler = "unipc"
     c.sample.steps = 20
-    c.sample.guidance_scale = 7.5
     return c

@@ -44,7 +44,8 @@ def get_config(stage: str = "full") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/dreambooth_sd15.py: the argument must be 'full', 'lora' or 'prepare', got "
                          f"{stage!r}")
     c = base_config()
-    c.model = sd15_config().model
+    sd15 = sd15_config()
+    c.model, c.diffusion = sd15.model, sd15.diffusion
     c.dreambooth.instance_data = INSTANCE_IMAGES
     c.dreambooth.instance_prompt = "a photo of sks dog"
     c.dreambooth.class_data = CLASS_IMAGES
@@ -63,11 +64,6 @@ def get_config(stage: str = "full") -> ml_collections.ConfigDict:
     c.cache.out = CACHE
     c.cache.dtype = "float16"
     c.cache.batch_size = 8
-    c.diffusion.num_train_timesteps = 1000
-    c.diffusion.beta_schedule = "scaled_linear"
-    c.diffusion.beta_start = 0.00085
-    c.diffusion.beta_end = 0.012
-    c.diffusion.prediction_type = "epsilon"
     c.train.init_from = PIPELINE
     c.train.finetune = "lora" if stage == "lora" else "full"
     c.train.lora.rank = 4
