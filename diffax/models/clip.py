@@ -29,7 +29,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -95,8 +95,37 @@ class TransformersConfig(DiffusersConfig):
         return {"architectures": [self.class_name], "model_type": self.model_type, **out}
 
 
+class CLIPTowerConfig(TransformersConfig):
+    """What the configs of CLIP's text and image towers share (no fields of its own): the checks of their
+    transformer's keys and the width of a head."""
+
+    def check_transformer(self, bad: Callable[[str, str], ValueError]) -> None:
+        """Raises `bad(key, expected)` for the first unsupported value among the keys both towers have:
+        hidden_size (a multiple of num_attention_heads), hidden_act, layer_norm_eps, the dropouts, the
+        initializer scales and attention_backend."""
+        if self.hidden_size % self.num_attention_heads:
+            raise bad("hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise bad("hidden_act", " or ".join(repr(a) for a in ACTIVATIONS))
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise bad("layer_norm_eps", "a float in (0, 1)")
+        for key in ("attention_dropout", "dropout"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise bad(key, "a float in [0, 1)")
+        for key in ("initializer_range", "initializer_factor"):
+            if not (isinstance(getattr(self, key), (int, float)) and math.isfinite(getattr(self, key))):
+                raise bad(key, "a finite float")
+        if self.attention_backend not in BACKENDS:
+            raise bad("attention_backend", " or ".join(repr(b) for b in BACKENDS))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
 @dataclasses.dataclass(frozen=True)
-class _CLIPTextFields(TransformersConfig):
+class _CLIPTextFields(CLIPTowerConfig):
     """The keys of transformers' `CLIPTextConfig` (same defaults: OpenAI CLIP ViT-B/32's text tower)."""
     model_type: ClassVar[str] = MODEL_TYPE
     description: ClassVar[str] = "a CLIP text encoder"
@@ -132,38 +161,20 @@ class _CLIPTextFields(TransformersConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(key, "a positive int")
-        if self.hidden_size % self.num_attention_heads:
-            raise bad("hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads}")
+        self.check_transformer(bad)
         projection = self.projection_dim
         if projection is not None and (not isinstance(projection, int) or projection < 1):
             raise bad("projection_dim", "a positive int")
         if self.with_projection and projection is None:
             raise bad("projection_dim", f"a positive int ({self.class_name} projects to it)")
-        if self.hidden_act not in ACTIVATIONS:
-            raise bad("hidden_act", " or ".join(repr(a) for a in ACTIVATIONS))
-        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
-            raise bad("layer_norm_eps", "a float in (0, 1)")
-        for key in ("attention_dropout", "dropout"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise bad(key, "a float in [0, 1)")
-        for key in ("initializer_range", "initializer_factor"):
-            if not (isinstance(getattr(self, key), (int, float)) and math.isfinite(getattr(self, key))):
-                raise bad(key, "a finite float")
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise bad(key, "a non-negative int" + ("" if key == "eos_token_id" else " or null"))
-        if self.attention_backend not in BACKENDS:
-            raise bad("attention_backend", " or ".join(repr(b) for b in BACKENDS))
 
     def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """((input_ids [1, max_position_embeddings] int32,), {})."""
         return (jnp.zeros((1, self.max_position_embeddings), jnp.int32),), {}
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,6 @@ unprefixed names transformers 5 writes for a bare `CLIPVisionModel`. The encoder
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -33,8 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffax.models.attention import BACKENDS
-from diffax.models.clip import ACTIVATIONS, CLIPEncoder, TransformersConfig
+from diffax.models.clip import CLIPEncoder, CLIPTowerConfig
 from diffax.models.layers import LayerNorm, conv, dense
 from diffax.models.registry import ModelFamily, register
 from diffax.models.transformer import TOKEN_AXES
@@ -45,7 +43,7 @@ MODEL_TYPE = "clip_vision_model"
 
 
 @dataclasses.dataclass(frozen=True)
-class _CLIPVisionFields(TransformersConfig):
+class _CLIPVisionFields(CLIPTowerConfig):
     """The keys of transformers' `CLIPVisionConfig` (same defaults: OpenAI CLIP ViT-B/32's image tower)."""
     model_type: ClassVar[str] = MODEL_TYPE
     description: ClassVar[str] = "a CLIP image encoder"
@@ -81,31 +79,13 @@ class _CLIPVisionFields(TransformersConfig):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(key, "a positive int")
-        if self.hidden_size % self.num_attention_heads:
-            raise bad("hidden_size", f"a multiple of num_attention_heads={self.num_attention_heads}")
+        self.check_transformer(bad)
         if self.image_size % self.patch_size:
             raise bad("image_size", f"a multiple of patch_size={self.patch_size}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise bad("hidden_act", " or ".join(repr(a) for a in ACTIVATIONS))
-        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
-            raise bad("layer_norm_eps", "a float in (0, 1)")
-        for key in ("attention_dropout", "dropout"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise bad(key, "a float in [0, 1)")
-        for key in ("initializer_range", "initializer_factor"):
-            if not (isinstance(getattr(self, key), (int, float)) and math.isfinite(getattr(self, key))):
-                raise bad(key, "a finite float")
-        if self.attention_backend not in BACKENDS:
-            raise bad("attention_backend", " or ".join(repr(b) for b in BACKENDS))
 
     def init_inputs(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """((pixel_values [1, image_size, image_size, num_channels],), {})."""
         return (jnp.zeros((1, self.image_size, self.image_size, self.num_channels), jnp.float32),), {}
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
     @property
     def num_patches(self) -> int:
