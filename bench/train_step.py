@@ -67,7 +67,7 @@ class Case:
     cond: str                 # 'class_labels' | 'encoder_hidden_states'
     num_labels: int = 0       # class_labels drawn from [0, num_labels)
     context: tuple[int, int] = (77, 768)  # encoder_hidden_states [tokens, dim]
-    split: bool = False       # too big for both libraries at once: timed in two phases
+    split: bool = False       # too big for both libraries at once on a CPU: timed in two phases there
     remat: bool = False       # rematerialise each block in the backward pass (both libraries)
     check_keys: str = ""      # regex of the torch parameters compared after one step ('' : all)
     opt_in: bool = False      # run only when named in --cases
@@ -351,6 +351,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     """Builds both sides of one case, checks them against each other, times them; returns the table row."""
     case_start = time.perf_counter()
     watch = common.Stopwatch(case.name)
+    split = case.split and device.type == "cpu"  # a GPU holds both libraries' states: interleaved there
     config = run_config(case)
     model = torch_model(case.config)
     model.save_pretrained(folder, max_shard_size=models.MAX_SHARD_SIZE)
@@ -364,7 +365,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     watch.lap("converted and placed (convert.load)")
     n_params = int(sum(np.size(a) for a in jax.tree.leaves(params)))
     x0, cond = make_batch(case, module.config, np.random.default_rng(0))
-    if case.split:
+    if split:
         del model
         models.free()
     rss = {}
@@ -383,7 +384,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     watch.lap("diffax first step")
     program = d.program
     timings: dict[str, common.Timing] = {}
-    if case.split:
+    if split:
         timings["diffax"] = common.time_interleaved({"diffax": d.step}, repeats=case_repeats(case, args),
                                                     warmup=0)["diffax"]
         rss["diffax"] = common.peak_rss_bytes()
@@ -406,7 +407,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     # One fp32 step: the forward's 1e-4 bound (the update is AdamW's, ~lr x sign(grad), so its relative
     # error is the gradient's where the gradient is well above eps).
     common.check_agreement(f"{case.name} train step", err, common.agreement_tolerance(device))
-    if case.split:
+    if split:
         timings["torch"] = common.time_interleaved({"torch": tr.step}, repeats=case_repeats(case, args),
                                                    warmup=0)["torch"]
         rss["torch"] = common.peak_rss_bytes()
@@ -419,7 +420,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     row = common.case_row(
         f"{case.name} {side}x{side} train step b{case.batch}", diffax=timings["diffax"], torch=timings["torch"],
         program=program, flops=program.flops, peak=peak, max_rel_err=err, first_call_s=(d_first, t_first),
-        group="train", interleaved=not case.split, batch=case.batch,
+        group="train", interleaved=not split, batch=case.batch,
         diffax_images_s=case.batch / timings["diffax"].median, torch_images_s=case.batch / timings["torch"].median,
         diffax_remat=remat, torch_remat=case.remat, loss_diffax=d_loss, loss_torch=t_loss,
         **{f"err_{k}": v for k, v in errs.items()},
