@@ -10,9 +10,10 @@ Cases (`--cases`, comma-separated; default all), full size / `--quick`:
   sd15        SD 1.5's UNet2DConditionModel (860 M) / the same layout at widths (32, 64, 128, 128), on
               64x64 / 32x32 latents with 77 text tokens, batch 1 and batch 2.
   sdxl        SDXL base's UNet (2.6 B) / small widths, on 128x128 / 32x32 latents with 77 tokens and the
-              'text_time' embeddings, batch 1. Its fp32 weights are 10.3 GB per library, so the libraries run
-              in turn (`interleaved=False`): torch computes the reference output and is freed, diffax is
-              loaded, checked against it and timed, freed, then torch is reloaded from the same folder and timed.
+              'text_time' embeddings, batch 1. Its fp32 weights are 10.3 GB per library, so on a CPU the
+              libraries run in turn (`interleaved=False`): torch computes the reference output and is freed,
+              diffax is loaded, checked against it and timed, freed, then torch is reloaded from the same
+              folder and timed. A GPU holds both: there they are timed interleaved, with no reload.
   vae         SD's VAE decoder (AutoencoderKL.decode): 64x64x4 latents -> 512x512 images / 32 -> 256 at small
               widths, batch 1.
   clip        CLIP-L's text encoder (openai/clip-vit-large-patch14, 123 M) / small widths, 77 tokens, batch 1
@@ -231,29 +232,33 @@ def sd15_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
 
 
 def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> list[dict[str, Any]]:
-    """SDXL base's U-Net, batch 1, one library at a time (see the module docstring)."""
+    """SDXL base's U-Net, batch 1: on a CPU one library at a time (see the module docstring), interleaved on
+    a GPU, which holds both."""
     import diffusers
 
+    one_at_a_time = device.type == "cpu"
     config = models.SMALL_SDXL_UNET if args.quick else models.SDXL_UNET
-    side, name = config["sample_size"], f"{_label(args, 'SDXL', 'SDXL-small')} UNet {config['sample_size']}x" \
-                                         f"{config['sample_size']} b1 (not interleaved)"
+    side = config["sample_size"]
+    name = f"{_label(args, 'SDXL', 'SDXL-small')} UNet {side}x{side} b1" + (" (not interleaved)" if one_at_a_time
+                                                                             else "")
     inp = _unet_inputs(config, 1, seed=3)
     start = time.perf_counter()
     watch = common.Stopwatch("sdxl")
     model = models.torch_unet(config).to(device)
     dtype = _torch_dtype(args)
     with models.saved(model) as folder:
-        # Phase 1, torch: the reference output and the first call's time; then the model is freed.
+        # Phase 1, torch: the reference output and the first call's time; on a CPU the model is then freed.
         targs = _unet_torch_args(inp, device, dtype)
         call = _compiled(model.to(dtype), args)
         torch_call = common.torch_blocking(lambda: call(*targs[:3], added_cond_kwargs=targs[3]).sample, device)
         want, t_first = common.timed(torch_call)
         want = _nhwc(want)
-        del model, call, torch_call
-        models.free()
+        if one_at_a_time:
+            del model, call, torch_call
+            models.free()
         watch.lap("torch built, saved, reference computed")
 
-        # Phase 2, diffax: load the same weights, check, time; then freed.
+        # Phase 2, diffax: load the same weights, check, time (on a GPU beside torch); on a CPU then freed.
         module, params = convert.load(folder, dtype=args.dtype, param_dtype=args.dtype)
         params = models.to_device(params)
         parameters = _count(params)
@@ -267,23 +272,29 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
         err = common.rel_err(np.asarray(got), want)
         del got, want
         common.check_agreement(name, err, _tolerance(args, device))
-        d_timing = common.time_interleaved({"diffax": diffax_call}, repeats=args.repeats, warmup=0)["diffax"]
+        if not one_at_a_time:
+            timing = common.time_interleaved({"diffax": diffax_call, "torch": torch_call}, repeats=args.repeats,
+                                             warmup=0)
+            d_timing, t_timing = timing["diffax"], timing["torch"]
+        else:
+            d_timing = common.time_interleaved({"diffax": diffax_call}, repeats=args.repeats, warmup=0)["diffax"]
         program = dataclasses.replace(program, compiled=None)  # keeps the measurements, drops the executable
         del diffax_call, jargs
         models.free()
         watch.lap("diffax checked and timed")
 
-        # Phase 3, torch again, from the folder diffax read: a fresh model gets one untimed warm-up call.
-        model = diffusers.UNet2DConditionModel.from_pretrained(folder).eval().to(device, dtype)
-        call = _compiled(model, args)
-        torch_call = common.torch_blocking(lambda: call(*targs[:3], added_cond_kwargs=targs[3]).sample, device)
-        t_timing = common.time_interleaved({"torch": torch_call}, repeats=args.repeats, warmup=1)["torch"]
+        if one_at_a_time:  # Phase 3, torch again, from the folder diffax read: one untimed warm-up call.
+            model = diffusers.UNet2DConditionModel.from_pretrained(folder).eval().to(device, dtype)
+            call = _compiled(model, args)
+            torch_call = common.torch_blocking(lambda: call(*targs[:3], added_cond_kwargs=targs[3]).sample,
+                                               device)
+            t_timing = common.time_interleaved({"torch": torch_call}, repeats=args.repeats, warmup=1)["torch"]
         torch_peak = common.torch_peak_bytes(torch_call, device)
         del model, call, torch_call
     models.free()
     return [common.case_row(
         name, diffax=d_timing, torch=t_timing, program=program, flops=program.flops, peak=peak, max_rel_err=err,
-        first_call_s=(d_first, t_first), torch_peak=torch_peak, group="forward", interleaved=False,
+        first_call_s=(d_first, t_first), torch_peak=torch_peak, group="forward", interleaved=not one_at_a_time,
         parameters=parameters, case_s=time.perf_counter() - start, dtype=args.dtype,
         torch_compile=args.torch_compile)]
 
