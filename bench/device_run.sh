@@ -13,7 +13,8 @@
 # cases print on an H200 with a 16-core host (2026-11-28): SD 1.5's train step took 248 s (174 s of it
 # compiling), the pipeline call 130 s; SDXL spent 67 s building and running the torch reference, 32 s
 # converting and 44 s compiling, and was still reloading torch's model at 165 s; start-up had not finished
-# in 130 s; the twelve attention shapes took 73 s.
+# in 130 s; the twelve attention shapes took 73 s. Since then SDXL and the big train steps keep both
+# libraries on a GPU and interleave them, so the reloads of torch's model are gone.
 #
 # Results land in bench/results/*.json as on a CPU; the machine's name is in each file.
 set -u
