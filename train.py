@@ -6,11 +6,14 @@ Re-running the same command resumes from the latest checkpoint in the workdir (-
 
 Fine-tuning a pretrained model (docs/efficiency.md): --config.train.init_from=WORKDIR_OR_DIFFUSERS_FOLDER with
 --config.train.finetune=full|lora|tuneqdm; --quantize=int8|int4 is TuneQDM on an int8 / int4 base.
+
+Compiled programs are kept in XLA's persistent cache (~/.cache/diffax/xla, or JAX_COMPILATION_CACHE_DIR), so
+a resumed or repeated run skips XLA's compiler; DIFFAX_XLA_CACHE=0 turns that off.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffax import parallel
+from diffax import compilation, parallel
 from diffax.cli import parse_flags, run_reporting_errors
 from diffax.quant import mode_bits
 from diffax.train.loop import train_and_evaluate
@@ -39,6 +42,7 @@ def main(argv):
         config.train.tuneqdm.bits = mode_bits(FLAGS.quantize, "--quantize")
     parallel.initialize_distributed()
     logging.set_verbosity(logging.WARNING)
+    compilation.enable_persistent_cache()
     train_and_evaluate(config, FLAGS.workdir, step=FLAGS.step)
 
 

@@ -55,7 +55,7 @@ import numpy as np
 
 from bench import common  # importing the bench package first sets OMP_WAIT_POLICY for torch
 from bench import models
-from diffax import compile_time, pipelines
+from diffax import compilation, pipelines
 from diffax.sampling import sample
 from diffax.schedulers import from_diffusers_config
 
@@ -275,7 +275,7 @@ def pipeline_case(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -
         return dpipe(PROMPT, latents=latents, **call).images
 
     torch_call = common.torch_blocking(lambda: tpipe(PROMPT, latents=tlatents, **call).images, device)
-    with compile_time.compile_seconds() as jit_s:
+    with compilation.compile_seconds() as jit_s:
         got, d_first = common.timed(diffax_call)
     watch.lap("diffax first call (compiles)")
     want, t_first = common.timed(torch_call)

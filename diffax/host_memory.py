@@ -13,7 +13,7 @@ import sys
 
 import jax
 
-from diffax import compile_time
+from diffax import compilation
 
 _min_seconds: list[float] = []  # the threshold of the registered listener; empty until registered
 
@@ -33,7 +33,7 @@ def release_freed() -> None:
 
 
 def _after_event(event: str, seconds: float, **_: object) -> None:
-    if event == compile_time.COMPILE_EVENT and seconds >= _min_seconds[0]:
+    if event == compilation.COMPILE_EVENT and seconds >= _min_seconds[0]:
         release_freed()
 
 

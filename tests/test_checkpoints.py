@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from diffax import compile_time
+from diffax import compilation
 from diffax.train import checkpoint, resume
 from diffax.train.loop import train_and_evaluate
 
@@ -111,7 +111,7 @@ def test_small_leaves_are_checksummed_on_the_host_with_the_same_sums(monkeypatch
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:8]), ("d",))
     for spec in (jax.sharding.PartitionSpec("d"), jax.sharding.PartitionSpec()):
         tree = _dtypes_tree(jax.sharding.NamedSharding(mesh, spec))
-        with compile_time.compile_seconds() as seconds:
+        with compilation.compile_seconds() as seconds:
             host = checkpoint.checksums(tree)
         assert seconds["compile"] == 0.0, spec
         monkeypatch.setattr(checkpoint, "HOST_CHECKSUM_BYTES", -1)
@@ -131,7 +131,7 @@ def test_small_replicated_arrays_save_without_slice_programs(tmp_path):
     state = {"step": jax.device_put(np.int32(1), replicated), "params": small, "opt_state": (),
              "skipped": jax.device_put(np.int32(0), replicated)}
     manager = checkpoint.make_manager(tmp_path)
-    with compile_time.compile_seconds() as seconds:
+    with compilation.compile_seconds() as seconds:
         manager.save(1, args=ocp.args.Composite(train_state=ocp.args.StandardSave(state)))
         manager.wait_until_finished()
     assert seconds["compile"] == 0.0

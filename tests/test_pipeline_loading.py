@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import diffax.pipelines
-from diffax import parallel
+from diffax import compilation, parallel
 from diffax.convert import api
 from diffax.convert.io import CheckpointError
 from diffax.convert.rules import flatten
@@ -190,16 +190,13 @@ def test_clear_errors(sd_folder, tmp_path):
         diffax.pipelines.load(bad, cache_dir=False)
 
 
-def test_compilation_cache_defaults_under_the_diffax_cache(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    code = ("import jax; from diffax.pipelines.loading import enable_compilation_cache as e; "
-            f"print(e({str(tmp_path / 'pipelines')!r})); print(jax.config.jax_compilation_cache_dir)")
-    out = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
-                         text=True, check=True).stdout.split()
-    assert out == [str(tmp_path / "xla")] * 2
-    off = subprocess.run([sys.executable, "-c", code], env={**env, "JAX_PLATFORMS": "cpu", "DIFFAX_XLA_CACHE": "0"},
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert off == ["None", "None"]
+def test_compilation_cache_is_turned_on_beside_the_conversion_cache(tmp_path, monkeypatch):
+    turned_on = []
+    monkeypatch.setattr(compilation, "enable_persistent_cache", turned_on.append)
+    for off in (False, True):  # a missing path fails after the cache is (or is not) turned on
+        with pytest.raises(CheckpointError, match="no such file or folder"):
+            diffax.pipelines.load(tmp_path / "missing", cache_dir=tmp_path / "pipelines", compilation_cache=not off)
+    assert turned_on == [tmp_path / "xla"]
 
 
 # ----------------------------------------------------------------------------- DiT, DDPM, DDIM

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from diffax import compile_time
+from diffax import compilation
 from diffax.image_io import save_png
 from diffax.pipelines.base import PIPELINES, Pipeline, PipelineInputError
 
@@ -204,7 +204,7 @@ def generate(pipe: Pipeline, request: Request, out: str | Path, *, refiner: Pipe
         if p is not None:
             p.progress = progress
     paths, nsfw, start = [], [], time.perf_counter()
-    with compile_time.compile_seconds() as seconds, contextlib.closing(progress.bar):
+    with compilation.compile_seconds() as seconds, contextlib.closing(progress.bar):
         for first in range(0, len(seeds), request.batch_size):
             batch = seeds[first:first + request.batch_size]
             if refiner is None:

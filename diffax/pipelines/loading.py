@@ -23,10 +23,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from diffax import compilation
 from diffax.convert.io import CheckpointError
 from diffax.models.config_base import read_config_json
 from diffax.models.registry import get_family, make_module
@@ -106,18 +106,6 @@ def load_tokenizer(folder: str | os.PathLike) -> Any:
                          ) from None
 
 
-def enable_compilation_cache(cache_dir: str | os.PathLike | None = None) -> str | None:
-    """Turns on XLA's persistent compilation cache under the diffax cache folder unless the user has set
-    one (jax_compilation_cache_dir / JAX_COMPILATION_CACHE_DIR) or DIFFAX_XLA_CACHE=0; returns the folder."""
-    if jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return jax.config.jax_compilation_cache_dir or os.environ["JAX_COMPILATION_CACHE_DIR"]
-    if os.environ.get("DIFFAX_XLA_CACHE", "1") == "0":
-        return None
-    folder = cache.cache_root(cache_dir).parent / "xla"
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    return str(folder)
-
-
 def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str = "auto",
          safety_checker: bool = True, cache_dir: str | os.PathLike | None | bool = None, mesh: Mesh | None = None,
          tokenizer: str | os.PathLike | None = None, tokenizer_2: str | os.PathLike | None = None,
@@ -145,7 +133,8 @@ def load(path: str | os.PathLike, *, dtype: Any = None, attention_backend: str =
         missing component, a model config diffax does not support.
     """
     if compilation_cache:
-        enable_compilation_cache(cache_dir if cache_dir is not False else None)
+        compilation.enable_persistent_cache(cache.cache_root(cache_dir if cache_dir is not False else None).parent
+                                            / "xla")
     local = Path(path).expanduser()
     if not local.exists():
         local = _download(str(path))
