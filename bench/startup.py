@@ -18,7 +18,7 @@ Weight loading (diffax: `convert.load` + `bench.models.to_device`; torch: `from_
 call (one forward pass, the same work in every phase) are timed apart from compilation, so warm / cold and
 AOT / cold are ratios of compilation alone; time to a first result is reported beside. The persistent
 cache writes every entry here (`jax_persistent_cache_min_compile_time_secs=0`, min entry size off); diffax's
-`enable_compilation_cache` keeps jax's defaults, under which a program that compiles in < 1 s is not cached.
+`compilation.enable_persistent_cache` keeps jax's defaults, under which a program that compiles in < 1 s is not cached.
 The first calls' outputs of every phase are compared with torch's before anything is reported.
 """
 from __future__ import annotations
