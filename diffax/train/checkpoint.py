@@ -302,13 +302,16 @@ def _quiet_orbax_failures() -> None:
 
 
 def _ignore_closed_loop_callbacks() -> None:
-    """Silence TensorStore's late callbacks into the asyncio loop of a failed Orbax read.
+    """Silence what a failed Orbax read leaves behind in flight.
 
     When one of many concurrent reads fails, Orbax's `asyncio.run` returns and closes its loop while the
-    other TensorStore futures are still in flight; each one finishing later calls the closed loop and
-    prints a "RuntimeError: Event loop is closed" traceback through `sys.unraisablehook` (hundreds of lines
-    after the one-line report). Those and only those are dropped; the hook stays for the process's life
-    because the callbacks arrive at any later time.
+    other reads are still pending, and each reports later through `sys.unraisablehook`, hundreds of lines
+    after the one-line report:
+    - a TensorStore future finishing calls the closed loop: "RuntimeError: Event loop is closed";
+    - an Orbax read coroutine collected while it waits is closed, and Orbax's `except BaseException` turns
+      the GeneratorExit of that close into its own "Encountered error while reading array index" exception.
+    Those and only those are dropped; the hook stays for the process's life because they arrive at any
+    later time (the second at whichever garbage collection finds the coroutine).
     """
     previous = sys.unraisablehook
     if getattr(previous, "_diffax_closed_loop_filter", False):
@@ -317,6 +320,9 @@ def _ignore_closed_loop_callbacks() -> None:
     def hook(unraisable):
         value = unraisable.exc_value
         if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        code = getattr(unraisable.object, "cr_code", None)  # a coroutine's code object
+        if code is not None and "/orbax/" in code.co_filename and isinstance(value.__cause__, GeneratorExit):
             return
         previous(unraisable)
 
