@@ -236,7 +236,7 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
     a GPU, which holds both."""
     import diffusers
 
-    one_at_a_time = device.type == "cpu"
+    one_at_a_time = common.one_library_at_a_time(device)
     config = models.SMALL_SDXL_UNET if args.quick else models.SDXL_UNET
     side = config["sample_size"]
     name = f"{_label(args, 'SDXL', 'SDXL-small')} UNet {side}x{side} b1" + (" (not interleaved)" if one_at_a_time
@@ -272,12 +272,12 @@ def sdxl_rows(args: argparse.Namespace, device: Any, peak: dict[str, Any]) -> li
         err = common.rel_err(np.asarray(got), want)
         del got, want
         common.check_agreement(name, err, _tolerance(args, device))
-        if not one_at_a_time:
+        if one_at_a_time:
+            d_timing = common.time_interleaved({"diffax": diffax_call}, repeats=args.repeats, warmup=0)["diffax"]
+        else:
             timing = common.time_interleaved({"diffax": diffax_call, "torch": torch_call}, repeats=args.repeats,
                                              warmup=0)
             d_timing, t_timing = timing["diffax"], timing["torch"]
-        else:
-            d_timing = common.time_interleaved({"diffax": diffax_call}, repeats=args.repeats, warmup=0)["diffax"]
         program = dataclasses.replace(program, compiled=None)  # keeps the measurements, drops the executable
         del diffax_call, jargs
         models.free()

@@ -67,7 +67,7 @@ class Case:
     cond: str                 # 'class_labels' | 'encoder_hidden_states'
     num_labels: int = 0       # class_labels drawn from [0, num_labels)
     context: tuple[int, int] = (77, 768)  # encoder_hidden_states [tokens, dim]
-    split: bool = False       # too big for both libraries at once on a CPU: timed in two phases there
+    split: bool = False       # too big for both at once: one library at a time (common.one_library_at_a_time)
     remat: bool = False       # rematerialise each block in the backward pass (both libraries)
     check_keys: str = ""      # regex of the torch parameters compared after one step ('' : all)
     opt_in: bool = False      # run only when named in --cases
@@ -351,7 +351,7 @@ def run_case(case: Case, args: argparse.Namespace, device: Any, peak: dict[str, 
     """Builds both sides of one case, checks them against each other, times them; returns the table row."""
     case_start = time.perf_counter()
     watch = common.Stopwatch(case.name)
-    split = case.split and device.type == "cpu"  # a GPU holds both libraries' states: interleaved there
+    split = case.split and common.one_library_at_a_time(device)
     config = run_config(case)
     model = torch_model(case.config)
     model.save_pretrained(folder, max_shard_size=models.MAX_SHARD_SIZE)
