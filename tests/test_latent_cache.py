@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from diffax.data import FolderSource, LatentCacheError, LatentCacheSource, make_source, make_train_iterator
-from diffax.data.cache import build_cache, load_text_encoder, load_vae
+from diffax.data.cache import build_cache
+from diffax.data.encoders import load_text_encoder, load_vae
 from diffax.data.digits import DigitsSource
 from diffax.data.latent_cache import MANIFEST, StoredRecords, read_manifest
 from diffax.train.config import base_config

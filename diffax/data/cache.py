@@ -34,74 +34,11 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from diffax import parallel
 from diffax.data.latent_cache import EMPTY_PROMPT, FORMAT, MANIFEST, VERSION, encode_record, read_manifest
 from diffax.data import sdxl_cache
+from diffax.data.encoders import (component, config_sha256, load_text_encoder, load_vae, max_text_length,
+                                  tokenizer_folder)
 from diffax.data.pipeline import make_source
-from diffax.models.config_base import CONFIG_NAME
 
-PIPELINE_INDEX = "model_index.json"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_GRID_PROMPTS = 10
-
-
-def _component(path: str, subfolder: str, key: str) -> tuple[Path, str | None]:
-    """(folder, subfolder or None): a model folder as it is, a diffusers pipeline folder's `subfolder`."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise ValueError(f"config key {key!r}: {str(folder)!r} is not a folder")
-    if (folder / PIPELINE_INDEX).is_file() and not (folder / CONFIG_NAME).is_file():
-        if not (folder / subfolder).is_dir():
-            raise ValueError(f"config key {key!r}: pipeline folder {str(folder)!r} has no {subfolder}/")
-        return folder.resolve(), subfolder
-    return folder.resolve(), None
-
-
-def _sha256_files(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def load_vae(path: str, subfolder: str | None = None) -> tuple[Any, Any]:
-    """(AutoencoderKL module, params) of a diffusers AutoencoderKL folder or a pipeline folder's vae/."""
-    from diffax.convert import load
-    module, params = load(path, subfolder=subfolder)
-    if type(module).__name__ != "AutoencoderKL":
-        raise ValueError(f"{path}: holds a {module.config.class_name}, not an AutoencoderKL (cache.vae)")
-    return module, params
-
-
-def load_text_encoder(path: str, subfolder: str | None, tokenizer: str) -> tuple[Any, Any, Any]:
-    """(CLIP text module, params, tokenizer) of a transformers CLIP text folder (or a pipeline's
-    text_encoder/) and a tokenizer folder."""
-    from diffax.convert import load
-    from diffax.pipelines.loading import load_tokenizer
-    module, params = load(path, subfolder=subfolder)
-    if not type(module).__name__.startswith("CLIPText"):
-        raise ValueError(f"{path}: holds a {module.config.class_name}, not a CLIP text encoder (cache.text_encoder)")
-    return module, params, load_tokenizer(tokenizer)
-
-
-def _tokenizer_folder(config: ml_collections.ConfigDict, encoder: Path, subfolder: str | None) -> Path:
-    """cache.tokenizer, or the pipeline's tokenizer/, or the text encoder's own folder when it holds one."""
-    if config.tokenizer:
-        folder = Path(config.tokenizer).expanduser()
-    elif subfolder is not None:
-        folder = encoder / "tokenizer"
-    else:
-        folder = encoder
-    if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
-        raise ValueError(f"config key 'cache.tokenizer': {str(folder)!r} holds no CLIP tokenizer (vocab.json + "
-                         f"merges.txt, or tokenizer.json); set cache.tokenizer to its folder")
-    return folder.resolve()
-
-
-def max_text_length(tokenizer: Any, module: Any) -> int:
-    """Tokens per caption: the tokenizer's model_max_length (77 for Stable Diffusion's), at most what the
-    text encoder's position table holds."""
-    length = int(getattr(tokenizer, "model_max_length", 77))
-    if length > 4096:  # transformers' "no limit" sentinel for a tokenizer saved without one
-        length = 77
-    return min(length, module.config.max_position_embeddings)
 
 
 def _variants(crops: int, flip: bool) -> list[dict[str, Any]]:
@@ -157,7 +94,7 @@ class _Encoders:
     def __init__(self, config: ml_collections.ConfigDict, mesh: Any, rules: Any):
         cache = config.cache
         self.mesh = mesh
-        vae_path, vae_sub = _component(cache.vae, "vae", "cache.vae")
+        vae_path, vae_sub = component(cache.vae, "vae", "cache.vae")
         self.vae, vae_params = load_vae(str(vae_path), vae_sub)
         rep, rows = parallel.replicated(mesh), parallel.batch_sharding(mesh)
         self.vae_params = jax.device_put(vae_params, rep)
@@ -173,7 +110,7 @@ class _Encoders:
                                                       out_shardings=(rows, rows))
         cfg = vae.config
         self.vae_info = {"path": str(vae_path), "subfolder": vae_sub,
-                         "config_sha256": _sha256_files([(vae_path / (vae_sub or "")) / CONFIG_NAME])}
+                         "config_sha256": config_sha256([(vae_path, vae_sub)])}
         self.scaling = {"scaling_factor": cfg.scaling_factor, "shift_factor": cfg.shift_factor,
                         "latents_mean": None if cfg.latents_mean is None else list(cfg.latents_mean),
                         "latents_std": None if cfg.latents_std is None else list(cfg.latents_std)}
@@ -185,8 +122,8 @@ class _Encoders:
             self.tokenizer, self.max_length = self.pair.tokenizer_1, self.pair.max_length  # tokens(): the first's
             self.text_info = self.pair.info
             return
-        te_path, te_sub = _component(cache.text_encoder, "text_encoder", "cache.text_encoder")
-        tok_folder = _tokenizer_folder(cache, te_path, te_sub)
+        te_path, te_sub = component(cache.text_encoder, "text_encoder", "cache.text_encoder")
+        tok_folder = tokenizer_folder(cache, te_path, te_sub)
         self.text, text_params, self.tokenizer = load_text_encoder(str(te_path), te_sub, str(tok_folder))
         self.text_params = jax.device_put(text_params, rep)
         self.max_length = max_text_length(self.tokenizer, self.text)
@@ -204,8 +141,7 @@ class _Encoders:
         shapes = jax.eval_shape(encode_text, text_params, jax.ShapeDtypeStruct((1, self.max_length), jnp.int32))
         self.text_info = {
             "encoder": str(te_path), "subfolder": te_sub, "tokenizer": str(tok_folder),
-            "config_sha256": _sha256_files([(te_path / (te_sub or "")) / CONFIG_NAME] +
-                                           [tok_folder / n for n in TOKENIZER_FILES if (tok_folder / n).is_file()]),
+            "config_sha256": config_sha256([(te_path, te_sub)], (tok_folder,)),
             "max_length": self.max_length,
             "shapes": {k: list(v.shape[1:]) for k, v in shapes.items()}}
 

@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image
 
 from diffax import parallel
+from diffax.data.encoders import component, config_sha256, load_text_encoder, max_text_length, tokenizer_folder
 from diffax.data.folder import FolderSource
 from diffax.pipelines.stable_diffusion_xl import time_ids
 from diffax.pipelines.text_encoding import encode_prompt_sdxl, tokenize_prompts
@@ -75,9 +76,8 @@ def _sdxl_pipeline_folder(path: str) -> Path | None:
 def second_encoder(cache: ml_collections.ConfigDict) -> tuple[Path, str | None, str] | None:
     """(folder, subfolder or None, config key) of SDXL's second text encoder: `cache.text_encoder_2`, or the
     text_encoder_2/ of the SDXL pipeline folder `cache.text_encoder`; None for a one-encoder cache."""
-    from diffax.data.cache import _component
     if cache.get("text_encoder_2"):
-        return (*_component(cache.text_encoder_2, "text_encoder_2", "cache.text_encoder_2"), "cache.text_encoder_2")
+        return (*component(cache.text_encoder_2, "text_encoder_2", "cache.text_encoder_2"), "cache.text_encoder_2")
     if cache.text_encoder and _sdxl_pipeline_folder(cache.text_encoder) is not None:
         return Path(cache.text_encoder).expanduser().resolve(), "text_encoder_2", "cache.text_encoder"
     return None
@@ -106,13 +106,9 @@ class PromptEncoder:
             ValueError: a folder that holds no CLIP text encoder or tokenizer, a second encoder without a
                 projection, or tokenizers of different lengths.
         """
-        from diffax.data.cache import (TOKENIZER_FILES, _component, _sha256_files, _tokenizer_folder, load_text_encoder,
-                                       max_text_length)
-        from diffax.models.config_base import CONFIG_NAME
-
         self.mesh, self.batch = mesh, batch
-        path_1, sub_1 = _component(cache.text_encoder, "text_encoder", "cache.text_encoder")
-        tok_1 = _tokenizer_folder(cache, path_1, sub_1)
+        path_1, sub_1 = component(cache.text_encoder, "text_encoder", "cache.text_encoder")
+        tok_1 = tokenizer_folder(cache, path_1, sub_1)
         path_2, sub_2, key_2 = second_encoder(cache)
         tok_2 = _tokenizer_2_folder(cache, path_2, sub_2)
         module_1, params_1, self.tokenizer_1 = load_text_encoder(str(path_1), sub_1, str(tok_1))
@@ -136,12 +132,11 @@ class PromptEncoder:
                                                out_shardings=rows)
         ids = jax.ShapeDtypeStruct((1, self.max_length), jnp.int32)
         shapes = jax.eval_shape(encode, (params_1, params_2), ids, ids)
-        files = [(path_1 / (sub_1 or "")) / CONFIG_NAME, (path_2 / (sub_2 or "")) / CONFIG_NAME]
-        files += [t / n for t in (tok_1, tok_2) for n in TOKENIZER_FILES if (t / n).is_file()]
         self.info = {
             "encoder": str(path_1), "subfolder": sub_1, "tokenizer": str(tok_1),
             "encoder_2": str(path_2), "subfolder_2": sub_2, "tokenizer_2": str(tok_2),
-            "config_sha256": _sha256_files(files), "max_length": self.max_length,
+            "config_sha256": config_sha256([(path_1, sub_1), (path_2, sub_2)], (tok_1, tok_2)),
+            "max_length": self.max_length,
             "shapes": {k: list(v.shape[1:]) for k, v in shapes.items()}}
 
     def __call__(self, captions: list[str]) -> dict[str, np.ndarray]:

@@ -327,7 +327,7 @@ def ldm_images(config: ml_collections.ConfigDict, params: Any, view: Any, labels
     """uint8 [N, 16, 16, 3] samples of the latent model, prompted with each label's caption: DDIM with
     classifier-free guidance against the empty prompt, then the VAE's decoder. `view` (params, t) -> the
     weights at timestep t (a TuneQDM scale set), as the text-to-image pipeline cannot take one."""
-    from diffax.data.cache import load_vae
+    from diffax.data.encoders import load_vae
     from diffax.sampling import sample
     from diffax.train.latent_diffusion import SD_SCHEDULER_FIXES
     unet = build_model(config.model)

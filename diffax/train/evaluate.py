@@ -37,6 +37,7 @@ import numpy as np
 from diffax import parallel, xla_options
 from diffax.data import sdxl_cache
 from diffax.data.digits import NUM_CLASSES, NUMBER_WORDS
+from diffax.data.encoders import load_text_encoder, load_vae
 from diffax.image_io import save_grid
 from diffax.pipelines.generation import GenerationPipeline, to_uint8
 from diffax.sampling import sample
@@ -84,7 +85,6 @@ class Sampler:
 
     def _decoder(self) -> tuple[nn.Module, Any]:
         if self._vae is None:
-            from diffax.data.cache import load_vae
             vae = self.manifest["vae"]
             module, params = load_vae(vae["path"], vae["subfolder"])
             self._vae = (module, jax.device_put(params, parallel.replicated(self.mesh)))
@@ -98,7 +98,6 @@ class Sampler:
             self._embeddings.update(self.sdxl(missing))
             missing = []
         if missing:
-            from diffax.data.cache import load_text_encoder
             from diffax.pipelines.text_encoding import tokenize_prompts
             text = self.manifest["text"]
             if self._text_encoder is None:
