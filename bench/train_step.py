@@ -47,8 +47,8 @@ from diffax.convert.rules import flatten, tensor_to_torch
 from diffax.models.dit import DiTConfig
 from diffax.models.unet2d import UNet2DConfig
 from diffax.train.config import base_config
-from diffax.train.loop import jit_train_step, make_objective, train_state_shardings
-from diffax.train.state import init_train_state, make_optimizer
+from diffax.train.loop import jit_train_step, make_objective
+from diffax.train.state import init_train_state, make_optimizer, train_state_shardings
 
 from bench import models
 from bench.unet_sampling import load_recipe, torch_unet

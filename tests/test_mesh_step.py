@@ -23,9 +23,8 @@ import pytest
 from diffax import parallel
 from diffax.models import build_model
 from diffax.train.config import base_config
-from diffax.train.loop import (create_train_state, jit_train_step, make_objective, model_batch,
-                               train_state_shardings)
-from diffax.train.state import init_train_state, make_optimizer
+from diffax.train.loop import create_train_state, jit_train_step, make_objective, model_batch
+from diffax.train.state import init_train_state, make_optimizer, train_state_shardings
 from diffax.train.step import diffusion_loss, make_train_step
 
 ROOT = Path(__file__).resolve().parents[1]

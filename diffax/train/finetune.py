@@ -48,7 +48,7 @@ from diffax.models import abstract_params, logical_specs
 from diffax.models.registry import family_of
 from diffax.quant.quantize import QuantizedParams, flatten, quantize_params, quantized_specs, selected, unflatten
 from diffax.quant.tuneqdm import apply_scales, init_scales, load_scales, save_scales, timestep_group
-from diffax.train.state import TrainState, init_train_state, place_train_state
+from diffax.train.state import TrainState, init_train_state, place_train_state, train_state_shardings
 
 MODES = ("full", "lora", "tuneqdm", "controlnet")
 # Kernel-path patterns (re.search over 'down_blocks_1/attentions_0/to_q/kernel') for train.lora.targets.
@@ -243,7 +243,6 @@ class Finetune:
         model's logical axes as a fresh run does; the LoRA factors and scales are small and replicated, and
         the frozen base follows the model's logical axes."""
         if self.mode == "full":
-            from diffax.train.loop import train_state_shardings
             _, shardings = train_state_shardings(model, tx, mesh, rules)
             return place_train_state(self.trainable, tx, shardings), shardings
         rep = parallel.replicated(mesh)

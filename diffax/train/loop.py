@@ -33,7 +33,8 @@ from diffax.train import autoencoder, checkpoint, evaluate, resume
 from diffax.train import controlnet, finetune, text_encoder
 from diffax.train.config import validate_config
 from diffax.train.metrics import MetricsWriter, compiled_flops, step_scalars
-from diffax.train.state import TrainState, init_train_state, make_optimizer, make_schedule, place_train_state
+from diffax.train.state import (TrainState, init_train_state, make_optimizer, make_schedule, place_train_state,
+                                train_state_shardings)
 from diffax.train.step import LossFn, Objective, make_health_check, make_train_step
 
 
@@ -78,19 +79,6 @@ def model_batch(batch: dict[str, np.ndarray], model: nn.Module) -> dict[str, Any
         return out
     cond = {"class_labels": batch["label"]} if model.config.num_classes else {}
     return {"image": batch["image"], "cond": cond}
-
-
-def train_state_shardings(model: nn.Module, tx, mesh, rules: parallel.Rules = parallel.DEFAULT_RULES
-                          ) -> tuple[TrainState, Any]:
-    """(the TrainState as ShapeDtypeStructs, its NamedShardings on `mesh`) from the parameters' logical axes
-    through `rules`, without computing anything: what placing or restoring a state on a mesh needs.
-
-    The optimizer state inherits the parameters' partitioning boxes (optax maps over them), so one
-    `nn.get_partition_spec` gives shardings for params, EMA and Adam moments alike.
-    """
-    abstract_boxed = jax.eval_shape(lambda k: init_train_state(boxed_init(model.config, k), tx), jax.random.key(0))
-    abstract = nn.meta.unbox(abstract_boxed)
-    return abstract, parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules, shapes=abstract)
 
 
 def create_train_state(model: nn.Module, tx, mesh, key: jax.Array,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+
+from diffax import parallel
+from diffax.models import boxed_init
 
 
 @flax.struct.dataclass
@@ -97,3 +101,16 @@ def place_train_state(params: Any, tx: optax.GradientTransformation, shardings: 
     array that a CPU device took over from host memory (as `convert.load` returns them without `device=`),
     and would copy all the weights at its first call."""
     return jax.jit(lambda p: init_train_state(p, tx), out_shardings=shardings)(params)
+
+
+def train_state_shardings(model: nn.Module, tx, mesh, rules: parallel.Rules = parallel.DEFAULT_RULES
+                          ) -> tuple[TrainState, Any]:
+    """(the TrainState as ShapeDtypeStructs, its NamedShardings on `mesh`) from the parameters' logical axes
+    through `rules`, without computing anything: what placing or restoring a state on a mesh needs.
+
+    The optimizer state inherits the parameters' partitioning boxes (optax maps over them), so one
+    `nn.get_partition_spec` gives shardings for params, EMA and Adam moments alike.
+    """
+    abstract_boxed = jax.eval_shape(lambda k: init_train_state(boxed_init(model.config, k), tx), jax.random.key(0))
+    abstract = nn.meta.unbox(abstract_boxed)
+    return abstract, parallel.logical_shardings(nn.get_partition_spec(abstract_boxed), mesh, rules, shapes=abstract)
