@@ -210,6 +210,27 @@ def test_auto_picks_cudnn_only_for_heads_it_takes():
     assert pick(jnp.float32, 64) == "xla"
 
 
+def test_auto_on_gpu_runs_chunked_once_one_shot_scores_crowd_the_device():
+    """fp32 (and cuDNN-refused) attention runs one shot on a GPU while its fp32 scores take at most
+    1/GPU_SCORE_SHARE of the device's memory, then 'chunked': SD 1.5's 4096 tokens stay one shot on an
+    80 GB device, its 16384 tokens at 1024x1024 (16 GiB of scores at batch 2) do not."""
+    device = 80 << 30
+
+    def pick(q_shape, dtype=jnp.float32, keys=None, device_bytes=device):
+        return attention.auto_backend("gpu", dtype, q_shape, keys=keys, device_bytes=device_bytes)
+
+    assert pick((2, 4096, 8, 40)) == "xla"
+    assert pick((2, 16384, 8, 40)) == "chunked"
+    assert pick((2, 16384, 8, 40), keys=77) == "xla"  # cross-attention: 77 keys
+    assert pick((2, 16384, 8, 40), jnp.bfloat16) == "cudnn"
+    assert pick((1, 65536, 1, 512), jnp.bfloat16) == "chunked"  # a VAE mid-block at 2048x2048
+    assert pick((2, 16384, 8, 40), device_bytes=None) == "xla"  # a runtime that does not say
+    # the boundary: scores * share against the device
+    share, scores = attention.GPU_SCORE_SHARE, 4 * 2 * 8 * 4096 * 4096
+    assert pick((2, 4096, 8, 40), device_bytes=scores * share) == "xla"
+    assert pick((2, 4096, 8, 40), device_bytes=scores * share - 1) == "chunked"
+
+
 # Splash attention runs jax's Pallas TPU kernel in interpret mode here (no TPU): the kernel's own code, so
 # these check diffax's padding, scaling, layout and sharding around it, not its TPU speed.
 # (Lq, Lk, head dim, block sizes): 77 tokens in one padded block with 40-wide heads padded to 128; 300
@@ -288,8 +309,8 @@ def test_auto_picks_splash_on_tpu_for_long_unmasked_attention():
 
 def test_splash_with_a_mask_runs_xla_and_block_sizes_are_checked():
     q, k, v = _splash_inputs(23, 19, 8)
-    assert attention._resolve("splash", q, masked=True) == "xla"
-    assert attention._resolve("splash", q, masked=False) == "splash"
+    assert attention._resolve("splash", q, k.shape[1], masked=True) == "xla"
+    assert attention._resolve("splash", q, k.shape[1], masked=False) == "splash"
     with pytest.raises(ValueError, match="splash attention chunk_size .* multiple of 128"):
         dot_product_attention(q, k, v, backend="splash", chunk_size=100)
     from diffax.models import splash_attention

@@ -15,7 +15,8 @@ backends:
              not the boolean arrays this function takes, so a call with a `mask` runs 'xla' instead.
   'auto'     `auto_backend(platform, ...)`:
              GPU: 'cudnn' for half-precision inputs and heads cuDNN's flash attention takes (at most 128 wide,
-             a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla'.
+             a multiple of 8; SD 1.x's 160-wide and the VAE's 512-wide heads are not), else 'xla' while its
+             fp32 scores take at most 1/`GPU_SCORE_SHARE` of the device's memory, else 'chunked'.
              TPU: 'splash' for unmasked calls with at least `SPLASH_MIN_QUERIES` queries, else 'xla'.
              CPU: 'chunked' with the CPU block sizes: one shot (heads-major) up to `CPU_KEY_CHUNK` keys and
              `CPU_QUERY_CHUNK` queries; past `CPU_KEY_CHUNK` keys, where the score matrix no longer fits in
@@ -57,27 +58,46 @@ CPU_STEP_BYTES = 5 << 20
 # `flash_min_seq_length`: 512 for Flux, 4096 for Wan), not measured: no TPU was available.
 SPLASH_MIN_QUERIES = 1024
 
+# GPU: 'auto' runs fp32 (and cuDNN-refused) attention one shot while its [B, H, Lq, Lk] fp32 scores take at
+# most this share of the device's memory; the program holds them about twice (with their exponentials).
+# One shot is 1.4-1.6x torch's fp32 SDPA at 4096 tokens on an H200, 'chunked' 0.6-0.8x but with 40-180 MiB
+# of buffers (docs/benchmarks.md): past this share speed yields to fitting, as SD 1.5 at 1024x1024 (16 GiB
+# of scores with guidance) or a VAE decode at 2048x2048 (16 GiB a batch element) would otherwise not.
+GPU_SCORE_SHARE = 16
+
 _MASKED = float(jnp.finfo(jnp.float32).min)  # finite: a fully masked row gives uniform weights, not NaN
 
 
-def auto_backend(platform: str, dtype: jnp.dtype, q_shape: Sequence[int], masked: bool = False) -> str:
-    """The backend 'auto' runs for queries q [B, Lq, H, D] of `dtype` (with a mask or not, any keys) on
-    `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()` names it)."""
+def auto_backend(platform: str, dtype: jnp.dtype, q_shape: Sequence[int], masked: bool = False,
+                 keys: int | None = None, device_bytes: int | None = None) -> str:
+    """The backend 'auto' runs for queries q [B, Lq, H, D] of `dtype` (with a mask or not) over `keys` keys
+    (None: as many as queries) on `platform` ('cpu', 'gpu', 'tpu', as `jax.default_backend()` names it), on
+    a device of `device_bytes` of memory (None: unknown, no limit)."""
     if platform == "gpu":
-        head_dim = q_shape[-1]
+        batch, queries, heads, head_dim = q_shape
         half = dtype in (jnp.bfloat16, jnp.float16)
-        flash_head = head_dim <= 128 and head_dim % 8 == 0
-        return "cudnn" if half and flash_head else "xla"
+        if half and head_dim <= 128 and head_dim % 8 == 0:
+            return "cudnn"
+        scores = 4 * batch * heads * queries * (queries if keys is None else keys)  # fp32 [B, H, Lq, Lk]
+        return "chunked" if device_bytes and scores * GPU_SCORE_SHARE > device_bytes else "xla"
     if platform == "tpu":
         return "splash" if not masked and q_shape[1] >= SPLASH_MIN_QUERIES else "xla"
     return "chunked" if platform == "cpu" else "xla"
 
 
-def _resolve(backend: str, q: jax.Array, masked: bool) -> str:
+def _device_bytes() -> int | None:
+    """The memory XLA may use on this process's first device, None where the runtime does not say."""
+    stats = jax.local_devices()[0].memory_stats()
+    return stats.get("bytes_limit") if stats else None
+
+
+def _resolve(backend: str, q: jax.Array, keys: int, masked: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return auto_backend(jax.default_backend(), q.dtype, q.shape, masked)
+        platform = jax.default_backend()
+        device_bytes = _device_bytes() if platform == "gpu" else None
+        return auto_backend(platform, q.dtype, q.shape, masked, keys, device_bytes)
     if backend == "splash" and masked:
         return "xla"
     return backend
@@ -273,7 +293,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: 
     key_chunk = CPU_KEY_CHUNK if key_chunk_size is None else key_chunk_size
     if (chunk_size is not None and chunk_size < 1) or key_chunk < 1:
         raise ValueError(f"attention chunk_size and key_chunk_size must be >= 1, got {chunk_size}, {key_chunk}")
-    backend = _resolve(backend, q, mask is not None)
+    backend = _resolve(backend, q, k.shape[1], mask is not None)
     if backend == "splash":
         return splash_attention(q, k, v, scale=scale, block_q=chunk_size, block_kv=key_chunk_size)
     if backend == "cudnn":
