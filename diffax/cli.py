@@ -1,13 +1,15 @@
-"""What train.py and sample.py share: bad input ends with one line naming the problem, not a traceback."""
+"""What the command lines (train.py, sample.py, the studies) share: bad input ends with one line naming the
+problem, not a traceback."""
 from __future__ import annotations
 
 import difflib
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import ml_collections
-from absl import flags
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from diffax.train.checkpoint import CheckpointSaveError
 
@@ -91,3 +93,22 @@ def _load_config(name: str, argv: Sequence[str]) -> ml_collections.ConfigDict | 
             config = flags.FLAGS[name].parser.parse(value)
             return config if isinstance(config, ml_collections.ConfigDict) else None
     return None
+
+
+def run_config_study(run_study: Callable[[ml_collections.ConfigDict], Any],
+                     quick_config: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+                     example: str, quick_help: str) -> None:
+    """The command line of a study run from one config file: `--config=FILE [--config.key=value ...]
+    [--quick]`, where `--quick` runs `quick_config(config)` instead. Its flags are defined here, only when
+    the study runs as a program, since the studies import one another."""
+    config_flags.DEFINE_config_file("config", None, f"Study file, e.g. {example}.", lock_config=True)
+    flags.DEFINE_bool("quick", False, quick_help)
+    flags.mark_flags_as_required(["config"])
+
+    def main(argv: Sequence[str]) -> None:
+        del argv
+        logging.set_verbosity(logging.WARNING)
+        config = flags.FLAGS.config
+        run_study(quick_config(config) if flags.FLAGS.quick else config)
+
+    app.run(run_reporting_errors(main), flags_parser=parse_flags)

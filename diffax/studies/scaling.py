@@ -30,11 +30,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
 
 from diffax import parallel
-from diffax.cli import parse_flags, run_reporting_errors
+from diffax.cli import run_config_study
 from diffax.evaluation.digits_classifier import class_accuracy
 from diffax.evaluation.fid import digits_fid
 from diffax.models import build_model
@@ -350,22 +348,6 @@ def quick_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     return c
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """The command line's flags, defined only when run as a program: the studies import side by side."""
-    config_flags.DEFINE_config_file("config", None, "Study file, e.g. configs/scaling_digits.py.", lock_config=True)
-    flags.DEFINE_bool("quick", False, "Two tiny models, a few steps, everything under WORKDIR/quick: a smoke run.")
-    flags.mark_flags_as_required(["config"])
-
-
-def main(argv: Sequence[str]) -> None:
-    del argv
-    logging.set_verbosity(logging.WARNING)
-    run_study(quick_config(FLAGS.config) if FLAGS.quick else FLAGS.config)
-
-
 if __name__ == "__main__":
-    define_flags()
-    app.run(run_reporting_errors(main), flags_parser=parse_flags)
+    run_config_study(run_study, quick_config, "configs/scaling_digits.py",
+                     "Two tiny models, a few steps, everything under WORKDIR/quick: a smoke run.")
