@@ -15,7 +15,7 @@ import pytest
 
 from diffax.data import FolderSource, LatentCacheError, LatentCacheSource, make_source, make_train_iterator
 from diffax.data.cache import build_cache
-from diffax.data.encoders import load_text_encoder, load_vae
+from diffax.data.encoders import load_text_encoder, load_vae, tokenizer_folder
 from diffax.data.digits import DigitsSource
 from diffax.data.latent_cache import MANIFEST, StoredRecords, read_manifest
 from diffax.train.config import base_config
@@ -329,6 +329,23 @@ def test_a_text_model_without_text_is_refused(tmp_path):
     config.model.in_channels = config.model.out_channels = 1
     with pytest.raises(ValueError, match="is text-conditioned: train it from a latent cache written with a text"):
         train_and_evaluate(config, tmp_path / "run")
+
+
+def test_tokenizer_folders_of_both_encoders(tmp_path):
+    """cache.tokenizer / cache.tokenizer_2 when set, else the pipeline's tokenizer/ / tokenizer_2/, else the
+    encoder's own folder; a folder without a tokenizer is refused naming the key."""
+    pipeline, model = tmp_path / "pipe", tmp_path / "model"
+    for folder in (pipeline / "tokenizer", pipeline / "tokenizer_2", model, tmp_path / "own"):
+        write_tokenizer(folder)
+    cache = ml_collections.ConfigDict({"tokenizer": "", "tokenizer_2": ""})
+    assert tokenizer_folder(cache, pipeline, "text_encoder") == (pipeline / "tokenizer").resolve()
+    assert tokenizer_folder(cache, pipeline, "text_encoder_2", "tokenizer_2") == (pipeline / "tokenizer_2").resolve()
+    assert tokenizer_folder(cache, model, None, "tokenizer_2") == model.resolve()
+    cache.tokenizer_2 = str(tmp_path / "own")
+    assert tokenizer_folder(cache, pipeline, "text_encoder_2", "tokenizer_2") == (tmp_path / "own").resolve()
+    for key in ("tokenizer", "tokenizer_2"):
+        with pytest.raises(ValueError, match=f"config key 'cache.{key}': .* holds no CLIP tokenizer"):
+            tokenizer_folder(ml_collections.ConfigDict({key: str(tmp_path)}), pipeline, None, key)
 
 
 @pytest.mark.slow  # a whole run (train, sample, decode, classify): `make test-slow`; the text run above is the default

@@ -69,21 +69,22 @@ def load_text_encoder(path: str, subfolder: str | None, tokenizer: str) -> tuple
     return module, params, load_tokenizer(tokenizer)
 
 
-def tokenizer_folder(cache: ml_collections.ConfigDict, encoder: Path, subfolder: str | None) -> Path:
-    """cache.tokenizer, or the pipeline's tokenizer/, or the text encoder's own folder when it holds one.
+def tokenizer_folder(cache: ml_collections.ConfigDict, encoder: Path, subfolder: str | None,
+                     key: str = "tokenizer") -> Path:
+    """The CLIP tokenizer folder of an encoder: `cache.<key>` ('tokenizer', or SDXL's second 'tokenizer_2'),
+    else the pipeline's `<key>/` when the encoder came from a pipeline folder (`subfolder` not None), else the
+    encoder's own folder.
 
     Raises:
-        ValueError: naming 'cache.tokenizer' when the folder holds no CLIP tokenizer.
+        ValueError: naming 'cache.<key>' when the folder holds no CLIP tokenizer.
     """
-    if cache.tokenizer:
-        folder = Path(cache.tokenizer).expanduser()
-    elif subfolder is not None:
-        folder = encoder / "tokenizer"
+    if cache.get(key):
+        folder = Path(cache[key]).expanduser()
     else:
-        folder = encoder
+        folder = encoder / key if subfolder is not None else encoder
     if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
-        raise ValueError(f"config key 'cache.tokenizer': {str(folder)!r} holds no CLIP tokenizer (vocab.json + "
-                         f"merges.txt, or tokenizer.json); set cache.tokenizer to its folder")
+        raise ValueError(f"config key 'cache.{key}': {str(folder)!r} holds no CLIP tokenizer (vocab.json + "
+                         f"merges.txt, or tokenizer.json); set cache.{key} to the tokenizer's folder")
     return folder.resolve()
 
 

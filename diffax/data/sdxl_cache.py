@@ -83,18 +83,6 @@ def second_encoder(cache: ml_collections.ConfigDict) -> tuple[Path, str | None, 
     return None
 
 
-def _tokenizer_2_folder(cache: ml_collections.ConfigDict, encoder: Path, subfolder: str | None) -> Path:
-    """cache.tokenizer_2, or the pipeline's tokenizer_2/, or the second encoder's own folder."""
-    if cache.get("tokenizer_2"):
-        folder = Path(cache.tokenizer_2).expanduser()
-    else:
-        folder = encoder / "tokenizer_2" if subfolder is not None else encoder
-    if not any((folder / name).is_file() for name in ("vocab.json", "tokenizer.json")):
-        raise ValueError(f"config key 'cache.tokenizer_2': {str(folder)!r} holds no CLIP tokenizer (vocab.json + "
-                         f"merges.txt, or tokenizer.json); set cache.tokenizer_2 to text_encoder_2's tokenizer")
-    return folder.resolve()
-
-
 class PromptEncoder:
     """SDXL's two frozen CLIP text encoders, jitted on fixed-size batches with rows split over the mesh:
     captions -> {'encoder_hidden_states': [N, L, D1 + D2], 'text_embeds': [N, P]} (float32)."""
@@ -110,7 +98,7 @@ class PromptEncoder:
         path_1, sub_1 = component(cache.text_encoder, "text_encoder", "cache.text_encoder")
         tok_1 = tokenizer_folder(cache, path_1, sub_1)
         path_2, sub_2, key_2 = second_encoder(cache)
-        tok_2 = _tokenizer_2_folder(cache, path_2, sub_2)
+        tok_2 = tokenizer_folder(cache, path_2, sub_2, "tokenizer_2")
         module_1, params_1, self.tokenizer_1 = load_text_encoder(str(path_1), sub_1, str(tok_1))
         module_2, params_2, self.tokenizer_2 = load_text_encoder(str(path_2), sub_2, str(tok_2))
         if not module_2.config.with_projection:
